@@ -1,0 +1,52 @@
+"""The `stainctl` Typer app. Only light imports here: `stainctl --help` must stay instant
+(no torch, dask, pyvips or numpy at start-up; checked by a test)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from stainctl import __version__
+from stainctl.cli import filter as filter_cmd
+from stainctl.cli import planned, status, tile
+
+app = typer.Typer(
+    name="stainctl",
+    help="Turn H&E whole-slide images into virtual IHC slides, in batches.\n\n"
+         "Steps share one workspace (-w DIR): tile -> filter -> embed -> translate -> stitch "
+         "-> evaluate. Exit codes: 0 all done, 1 some slides failed (the others finished), "
+         "2 usage error.",
+    no_args_is_help=True,
+    add_completion=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"stainctl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True, help="Print the version and exit.")]
+    = False,
+) -> None:
+    """Turn H&E whole-slide images into virtual IHC slides, in batches."""
+
+
+app.command("tile")(tile.tile)
+app.command("filter")(filter_cmd.filter_tiles)
+for _name, _what in planned.PLANNED.items():
+    app.command(_name, context_settings={"allow_extra_args": True,
+                                         "ignore_unknown_options": True})(
+        planned.make(_name, _what))
+app.command("status")(status.status)
+
+
+def main() -> None:
+    app()

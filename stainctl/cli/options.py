@@ -1,0 +1,18 @@
+"""Options shared by the subcommands, so every command spells them the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Workspace = Annotated[Path, typer.Option(
+    "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
+    help="Workspace directory (manifest, tiles, outputs).")]
+Json = Annotated[bool, typer.Option(
+    "--json", help="Print one JSON document on stdout for scripts.")]
+Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and errors.")]
+Verbose = Annotated[int, typer.Option(
+    "-v", "--verbose", count=True, help="More detail; -vv adds tracebacks.")]
+Force = Annotated[bool, typer.Option("--force", help="Redo everything, even what is done.")]

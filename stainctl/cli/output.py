@@ -1,0 +1,142 @@
+"""What the person or the script sees: rich progress on a terminal, plain timestamped lines when
+not on one (cron), one JSON document with --json. Exit codes: 0 done, 1 some slides failed,
+2 usage error."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+import typer
+
+from stainctl.errors import StainctlError, UsageError
+
+log = logging.getLogger("stainctl")
+
+
+@dataclass
+class Output:
+    json: bool = False
+    quiet: bool = False
+    verbose: int = 0
+
+    def __post_init__(self) -> None:
+        level = logging.WARNING if self.quiet else (
+            logging.DEBUG if self.verbose else logging.INFO)
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                               "%Y-%m-%dT%H:%M:%S"))
+        root = logging.getLogger("stainctl")
+        root.handlers[:] = [handler]
+        root.setLevel(level)
+        root.propagate = False
+
+    @property
+    def interactive(self) -> bool:
+        return sys.stderr.isatty() and not self.json and not self.quiet
+
+    @contextmanager
+    def progress(self) -> Iterator[Any]:
+        if self.interactive:
+            with _RichProgress() as p:
+                yield p
+        else:
+            yield _LogProgress(quiet=self.quiet or self.json)
+
+    def error(self, message: str) -> None:
+        if self.json:
+            print(json.dumps({"ok": False, "error": message}))
+        typer.echo(f"error: {message}", err=True)
+
+    def emit(self, data: dict[str, Any], human: Callable[[], None]) -> None:
+        if self.json:
+            print(json.dumps(data, indent=2, default=str))
+        elif not self.quiet:
+            human()
+
+
+def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
+    """Run a command body; turn stainctl errors into a message and an exit code."""
+    try:
+        code = body()
+    except UsageError as err:
+        out.error(str(err))
+        raise typer.Exit(2) from None
+    except StainctlError as err:
+        out.error(str(err))
+        raise typer.Exit(1) from None
+    except KeyboardInterrupt:
+        out.error("interrupted; what finished is saved, run the same command to resume")
+        raise typer.Exit(130) from None
+    raise typer.Exit(code)
+
+
+class _LogProgress:
+    """Plain lines for logs: a start line, a line every ~10 % or 30 s, per-slide lines."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet = quiet
+        self.total = self.done = 0
+        self.name = ""
+        self.last = 0.0
+        self.next_pct = 10
+
+    def start(self, description: str, total: int) -> None:
+        self.name, self.total, self.done, self.last, self.next_pct = description, total, 0, \
+            time.monotonic(), 10
+        if not self.quiet:
+            log.info("%s: %d to do", description, total)
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+        pct = 100 * self.done // max(self.total, 1)
+        now = time.monotonic()
+        if not self.quiet and self.done < self.total and (
+                pct >= self.next_pct or now - self.last > 30):
+            log.info("%s: %d/%d (%d%%)", self.name, self.done, self.total, pct)
+            self.next_pct = pct - pct % 10 + 10
+            self.last = now
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            log.info("%s", message)
+
+
+class _RichProgress:
+    def __enter__(self) -> _RichProgress:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
+                            console=self.console)
+        self.bar.__enter__()
+        self.task: Any = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.__exit__(None, None, None)
+
+    def start(self, description: str, total: int) -> None:
+        self.task = self.bar.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        if self.task is not None:
+            self.bar.advance(self.task, n)
+
+    def log(self, message: str) -> None:
+        self.console.print(message, highlight=False, markup=False)

@@ -1,0 +1,25 @@
+"""Subcommands whose capability is not built yet: they say so and exit 2, never pretend."""
+
+from __future__ import annotations
+
+import typer
+
+PLANNED = {
+    "embed": "foundation-model embeddings of kept tiles (UNI2-h and others)",
+    "train-lora": "LoRA adaptation of a generator to a new marker from unpaired IHC tiles",
+    "translate": "virtual IHC generation of kept tiles",
+    "stitch": "seam-free pyramidal OME-TIFF output of translated tiles",
+    "evaluate": "FID/KID/CropFID, DAB stain metrics and a QC report",
+}
+
+
+def make(name: str, what: str) -> typer.models.CommandFunctionType:
+    def command(ctx: typer.Context) -> None:
+        from stainctl import __version__
+
+        typer.echo(f"error: `stainctl {name}` ({what}) is not built yet in stainctl "
+                   f"{__version__}; nothing was done.", err=True)
+        raise typer.Exit(2)
+
+    command.__doc__ = f"(not built yet) {what[0].upper()}{what[1:]}."
+    return command

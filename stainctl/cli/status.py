@@ -1,0 +1,58 @@
+"""`stainctl status`: what is done, pending and failed, per slide. Reads only; takes no lock."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import typer
+
+from stainctl.cli import options as opt
+from stainctl.cli.output import Output, run_command
+
+
+def status(workspace: opt.Workspace, json_out: opt.Json = False) -> None:
+    """Show per slide: tiles total / on tissue / kept, the last step done, and errors."""
+    out = Output(json_out)
+
+    def body() -> int:
+        from stainctl.workspace import Workspace
+
+        ws = Workspace.open(workspace)
+        slides = ws.manifest.slide_summaries()
+        failed = sum(1 for s in slides if s["errors"])
+        data = {"workspace": str(ws.root), "slides": slides, "failed": failed}
+        out.emit(data, lambda: _print(slides))
+        return 1 if failed else 0
+
+    run_command(out, body)
+
+
+def _print(slides: list[dict[str, Any]]) -> None:
+    if not slides:
+        typer.echo("no slides yet: add some with `stainctl tile SLIDES -w WS`")
+        return
+    rows = []
+    for s in slides:
+        kept = s["tiles_kept"] if s["steps"].get("filter") == "done" else "-"
+        pending = s["tiles_tissue"] - s["tiles_measured"]
+        steps = ", ".join(f"{k}:{v}" for k, v in s["steps"].items())
+        error = "; ".join(f"{k}: {v}" for k, v in s["errors"].items())
+        rows.append((s["slide"], str(s["tiles_total"]), str(s["tiles_tissue"]), str(kept),
+                     str(pending) if s["steps"].get("filter") else "-",
+                     s["last_done"] or "-", steps, error))
+    head = ("slide", "tiles", "tissue", "kept", "unfiltered", "last done", "steps", "error")
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table()
+        for h in head:
+            table.add_column(h, overflow="fold")
+        for r in rows:
+            table.add_row(*r)
+        Console().print(table)
+    else:
+        typer.echo("\t".join(head))
+        for r in rows:
+            typer.echo("\t".join(r))

@@ -1,0 +1,1 @@
+"""Tile informativeness metrics and their parallel runner."""

@@ -1,0 +1,43 @@
+"""The tile quality metrics of the CK7 study: blur, stain and background.
+
+Computed with OpenCV reductions on float32/uint8 buffers; `Laplacian(...).var()` in float64
+is 4x slower for the same numbers (NOTES.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+SATURATED_LEVEL = 30  # HSV saturation (0-255) above which a pixel counts as stained
+WHITE_LEVEL = 235  # mean RGB above which a pixel counts as near-white background
+
+
+@dataclass(frozen=True)
+class FilterThresholds:
+    min_laplacian: float = 100.0
+    min_saturated: float = 0.10
+    max_white: float = 0.60
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def keep(self, laplacian_var: float, saturated_frac: float, white_frac: float) -> bool:
+        return (laplacian_var >= self.min_laplacian and saturated_frac >= self.min_saturated
+                and white_frac <= self.max_white)
+
+
+def tile_metrics(rgb: np.ndarray) -> tuple[float, float, float]:
+    """(Laplacian variance of the grey image, saturated fraction, near-white fraction)."""
+    import cv2
+
+    n = rgb.shape[0] * rgb.shape[1]
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
+    sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
+    saturated = cv2.countNonZero(cv2.compare(sat, SATURATED_LEVEL, cv2.CMP_GT)) / n
+    # mean(R, G, B) > 235  <=>  R + G + B > 705, summed exactly in int32.
+    rgb_sum = cv2.reduce(rgb.reshape(n, 3), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)
+    white = cv2.countNonZero(cv2.compare(rgb_sum, 3 * WHITE_LEVEL, cv2.CMP_GT)) / n
+    return float(std[0, 0]) ** 2, saturated, white

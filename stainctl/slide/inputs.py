@@ -1,0 +1,85 @@
+"""Turn the SLIDES arguments (paths, globs, directories, CSV lists) into slide requests."""
+
+from __future__ import annotations
+
+import csv
+import glob
+from dataclasses import dataclass
+from pathlib import Path
+
+from stainctl.errors import UsageError
+from stainctl.slide.reader import SLIDE_SUFFIXES
+
+
+@dataclass(frozen=True)
+class SlideRequest:
+    path: Path
+    mpp: float | None = None  # an override from --mpp or the CSV
+
+
+def expand_slides(args: list[str], mpp: float | None = None) -> list[SlideRequest]:
+    """Expand arguments in order, dropping duplicates. `mpp` applies where the CSV gives none."""
+    found: dict[Path, SlideRequest] = {}
+    for arg in args:
+        for req in _expand_one(arg, mpp):
+            found.setdefault(req.path, req)
+    if not found:
+        raise UsageError(f"no slides found in: {' '.join(args)}")
+    return list(found.values())
+
+
+def _expand_one(arg: str, mpp: float | None) -> list[SlideRequest]:
+    path = Path(arg)
+    if path.suffix.lower() == ".csv" and path.is_file():
+        return _read_csv(path, mpp)
+    if path.is_dir():
+        return [SlideRequest(p, mpp) for p in _walk(path.resolve())]
+    if path.exists():
+        return [SlideRequest(path.resolve(), mpp)]
+    if glob.has_magic(arg):
+        matches = sorted(Path(p) for p in glob.glob(arg, recursive=True))
+        return [SlideRequest(p.resolve(), mpp) for p in matches
+                if (p.is_file() and _is_slide(p)) or (p.is_dir() and any(p.glob("*.dcm")))]
+    # A missing path is reported as a failed slide, not a usage error, so the batch goes on.
+    return [SlideRequest(path.absolute(), mpp)]
+
+
+def _walk(folder: Path) -> list[Path]:
+    """Slides under `folder`, recursively; a folder holding .dcm files is one DICOM slide."""
+    if any(folder.glob("*.dcm")):
+        return [folder]
+    out: list[Path] = []
+    for p in sorted(folder.iterdir()):
+        if p.is_dir() and not p.name.startswith("."):
+            out.extend(_walk(p))
+        elif p.is_file() and _is_slide(p):
+            out.append(p)
+    return out
+
+
+def _is_slide(path: Path) -> bool:
+    # MRXS keeps its data in a sibling folder; only the .mrxs index is the slide.
+    return path.suffix.lower() in SLIDE_SUFFIXES and not path.name.startswith(".")
+
+
+def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
+    """`path[,mpp]` rows, with or without a header; relative paths are relative to the CSV."""
+    with path.open(newline="") as fh:
+        rows = [r for r in csv.reader(fh) if r and r[0].strip() and not r[0].startswith("#")]
+    if rows and rows[0][0].strip().lower() == "path":
+        header = [h.strip().lower() for h in rows.pop(0)]
+        col_mpp = header.index("mpp") if "mpp" in header else None
+    else:
+        col_mpp = 1
+    out = []
+    for n, row in enumerate(rows, start=1):
+        p = Path(row[0].strip())
+        if not p.is_absolute():
+            p = path.parent / p
+        value = row[col_mpp].strip() if col_mpp is not None and len(row) > col_mpp else ""
+        try:
+            row_mpp = float(value) if value else default_mpp
+        except ValueError:
+            raise UsageError(f"{path}, row {n}: mpp {value!r} is not a number") from None
+        out.append(SlideRequest(p.resolve(), row_mpp))
+    return out

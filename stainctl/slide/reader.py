@@ -1,0 +1,238 @@
+"""Open a slide with the first reader that accepts it, and read regions as RGB arrays.
+
+OpenSlide first (SVS, NDPI, MRXS, DICOM, SCN, generic tiled TIFF, ...); tiffslide for the TIFFs
+OpenSlide refuses (OME-TIFF); plain PNG/JPEG as one-level slides. Coordinates are level-0 pixels,
+top-left. Areas outside the slide and transparent pixels read as white glass.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from stainctl.errors import SlideError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+SLIDE_SUFFIXES = {
+    ".svs", ".tif", ".tiff", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".svslide", ".bif",
+    ".dcm", *IMAGE_SUFFIXES,
+}
+# Above this a plain image is not loaded whole (decoding would need its full size in memory).
+MAX_PLAIN_IMAGE_PIXELS = 400_000_000
+
+
+class _Backend(Protocol):
+    level_dimensions: tuple[tuple[int, int], ...]
+    level_downsamples: tuple[float, ...]
+    properties: Any
+
+    def read_region(self, location: tuple[int, int], level: int,
+                    size: tuple[int, int]) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Slide:
+    path: Path
+    backend: str
+    handle: _Backend
+    vendor: str | None
+    mpp: float | None
+    mpp_source: str | None
+    objective_power: float | None
+    properties: dict[str, str] = field(repr=False, default_factory=dict)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.handle.level_dimensions[0]
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(tuple(d) for d in self.handle.level_dimensions)  # type: ignore[misc]
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(float(d) for d in self.handle.level_downsamples)
+
+    def require_mpp(self) -> float:
+        if self.mpp is None:
+            raise SlideError(self.path, "the slide has no pixel size (mpp) in its metadata; "
+                             "give it with --mpp, or an `mpp` column in a CSV slide list")
+        return self.mpp
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level that is still at least as fine as `downsample`."""
+        best = 0
+        for i, d in enumerate(self.level_downsamples):
+            if d <= downsample * 1.01:
+                best = i
+        return best
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 (height, width, 3) at `level`; (x, y) are level-0 pixels."""
+        lw, lh = self.level_dimensions[level]
+        ds = self.level_downsamples[level]
+        lx, ly = math.floor(x / ds), math.floor(y / ds)
+        out = np.full((height, width, 3), 255, np.uint8)
+        # Clip to the level so no reader is asked for pixels outside the image.
+        x0, y0 = max(lx, 0), max(ly, 0)
+        x1, y1 = min(lx + width, lw), min(ly + height, lh)
+        if x1 <= x0 or y1 <= y0:
+            return out
+        loc = (x if lx >= 0 else 0, y if ly >= 0 else 0)
+        try:
+            region = self.handle.read_region(loc, level, (x1 - x0, y1 - y0))
+        except Exception as err:  # readers raise their own error types for corrupt data
+            raise SlideError(self.path, f"could not read pixels ({type(err).__name__}: {err}); "
+                             "the file may be truncated or corrupt") from err
+        out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = _to_rgb_on_white(region)
+        return out
+
+    def close(self) -> None:
+        self.handle.close()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path), "backend": self.backend, "vendor": self.vendor,
+            "width": self.dimensions[0], "height": self.dimensions[1],
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "mpp": self.mpp, "mpp_source": self.mpp_source,
+            "objective_power": self.objective_power,
+        }
+
+
+def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
+    """Open `path`; `mpp` (µm/px) overrides the metadata. Raises SlideError with the reason."""
+    path = Path(path)
+    if not path.exists():
+        raise SlideError(path, "no such file or directory")
+    target = _dicom_member(path) if path.is_dir() else path
+    if path.is_file() and path.suffix.lower() not in SLIDE_SUFFIXES:
+        raise SlideError(path, f"unsupported file type {path.suffix!r}; stainctl reads "
+                         "whole-slide formats (SVS, NDPI, MRXS, DICOM, TIFF/OME-TIFF) and PNG/JPEG")
+    if target.suffix.lower() in IMAGE_SUFFIXES:
+        slide = _open_plain(path)
+    else:
+        slide = _open_wsi(path, target)
+    if mpp is not None:
+        if not mpp > 0:
+            raise SlideError(path, f"--mpp must be positive, got {mpp}")
+        slide.mpp, slide.mpp_source = float(mpp), "override"
+    return slide
+
+
+def _dicom_member(folder: Path) -> Path:
+    members = sorted(folder.glob("*.dcm"))
+    if not members:
+        raise SlideError(folder, "a folder is read as a DICOM slide, but it has no .dcm files")
+    return members[0]
+
+
+def _open_wsi(path: Path, target: Path) -> Slide:
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(str(target))
+    except openslide.OpenSlideUnsupportedFormatError:
+        return _open_tiffslide(path, target)
+    except openslide.OpenSlideError as err:
+        raise SlideError(path, f"OpenSlide cannot read it ({err}); the file may be truncated "
+                         "or corrupt") from err
+    props = dict(handle.properties)
+    return Slide(
+        path=path, backend="openslide", handle=handle, vendor=props.get("openslide.vendor"),
+        mpp=_mpp(props.get("openslide.mpp-x"), props.get("openslide.mpp-y"), path),
+        mpp_source="metadata" if props.get("openslide.mpp-x") else None,
+        objective_power=_float(props.get("openslide.objective-power")), properties=props)
+
+
+def _open_tiffslide(path: Path, target: Path) -> Slide:
+    import tiffslide
+
+    try:
+        handle = tiffslide.TiffSlide(str(target))
+        props = {k: str(v) for k, v in handle.properties.items() if v is not None}
+        handle.level_dimensions  # noqa: B018  (forces tifffile to parse the pyramid now)
+    except Exception as err:
+        raise SlideError(path, f"neither OpenSlide nor tiffslide can read it ({err}); "
+                         "the format is unsupported or the file is corrupt") from err
+    mpp = _mpp(props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y"), path)
+    return Slide(
+        path=path, backend="tiffslide", handle=handle,
+        vendor=props.get("tiffslide.vendor") or ("ome" if ".ome." in path.name.lower() else None),
+        mpp=mpp, mpp_source="metadata" if mpp else None,
+        objective_power=_float(props.get("tiffslide.objective-power")), properties=props)
+
+
+class _PlainImage:
+    """A PNG/JPEG held in memory, with the reader interface of a one-level slide."""
+
+    def __init__(self, rgb: np.ndarray) -> None:
+        self.rgb = rgb
+        self.level_dimensions = ((rgb.shape[1], rgb.shape[0]),)
+        self.level_downsamples = (1.0,)
+        self.properties: dict[str, str] = {}
+
+    def read_region(self, location: tuple[int, int], level: int,
+                    size: tuple[int, int]) -> np.ndarray:
+        x, y = location
+        return self.rgb[y:y + size[1], x:x + size[0]]
+
+    def close(self) -> None:
+        pass
+
+
+def _open_plain(path: Path) -> Slide:
+    import cv2
+    from PIL import Image, UnidentifiedImageError
+
+    # Pillow reads only the header here, so an oversized image is refused before decoding.
+    try:
+        with Image.open(path) as im:
+            width, height = im.size
+    except (UnidentifiedImageError, OSError) as err:
+        raise SlideError(path, f"cannot read the image header ({err})") from err
+    if width * height > MAX_PLAIN_IMAGE_PIXELS:
+        raise SlideError(path, "plain image too large to hold in memory; convert it to a "
+                         "tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)")
+    bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.shape[:2] != (height, width):
+        raise SlideError(path, "cannot decode the image (truncated or corrupt?)")
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    return Slide(path=path, backend="image", handle=_PlainImage(rgb), vendor=None, mpp=None,
+                 mpp_source=None, objective_power=None)
+
+
+def _to_rgb_on_white(region: Any) -> np.ndarray:
+    arr = np.asarray(region)
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.shape[2] == 4:
+        # OpenSlide returns premultiplied RGBA: compose over white.
+        rgb = arr[..., :3].astype(np.uint16) + (255 - arr[..., 3:4].astype(np.uint16))
+        return np.minimum(rgb, 255).astype(np.uint8)
+    return arr[..., :3]
+
+
+def _float(value: Any) -> float | None:
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) and out > 0 else None
+
+
+def _mpp(mx: Any, my: Any, path: Path) -> float | None:
+    x, y = _float(mx), _float(my)
+    if x is None:
+        return None
+    y = y or x
+    if abs(x - y) / x > 0.02:
+        raise SlideError(path, f"non-square pixels ({x} x {y} µm) are not supported")
+    return (x + y) / 2

@@ -1,0 +1,69 @@
+"""How core steps tell the caller what is happening, and what they return."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Progress(Protocol):
+    def start(self, description: str, total: int) -> None: ...
+    def advance(self, n: int = 1) -> None: ...
+    def log(self, message: str) -> None: ...
+
+
+class SilentProgress:
+    def start(self, description: str, total: int) -> None:
+        pass
+
+    def advance(self, n: int = 1) -> None:
+        pass
+
+    def log(self, message: str) -> None:
+        pass
+
+
+@dataclass
+class SlideOutcome:
+    slide: str  # workspace key, or the path when the slide never got one
+    path: str
+    state: str  # "done", "skipped" (already done, same parameters) or "failed"
+    message: str = ""
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchResult:
+    step: str
+    slides: list[SlideOutcome] = field(default_factory=list)
+
+    @property
+    def failed(self) -> list[SlideOutcome]:
+        return [s for s in self.slides if s.state == "failed"]
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "ok": not self.failed,
+            "slides": [vars(s) for s in self.slides],
+        }
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    blob = json.dumps(params, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def unexpected(err: BaseException) -> str:
+    """The reason recorded for an error no check anticipated."""
+    import errno
+
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+        return f"disk full while writing ({err.filename}); free space and run again"
+    return f"unexpected error ({type(err).__name__}: {err}); run again with -v for details"

@@ -1,0 +1,77 @@
+"""One writer per workspace.
+
+An advisory `flock` on `WS/.lock` does the locking, so a writer killed with SIGKILL releases it
+at once (no stale-lock clean-up). The file's content (pid, host, start time, command) only serves
+the message shown to a second writer.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from stainctl.errors import WorkspaceLocked
+
+
+class WriterLock:
+    def __init__(self, path: Path, command: str) -> None:
+        self.path = path
+        self.command = command
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _read_holder(fd)
+            os.close(fd)
+            raise WorkspaceLocked(
+                f"workspace {self.path.parent} is being written by another stainctl run "
+                f"({_describe(holder)}); wait for it to finish, or stop it and run again"
+            ) from None
+        info = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": self.command,
+        }
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self) -> WriterLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _read_holder(fd: int) -> dict[str, Any]:
+    try:
+        data = json.loads(os.pread(fd, 4096, 0) or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _describe(holder: dict[str, Any]) -> str:
+    if not holder:
+        return "holder unknown"
+    return (
+        f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('since')}, "
+        f"`{holder.get('command')}`"
+    )

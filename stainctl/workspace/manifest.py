@@ -1,0 +1,252 @@
+"""The workspace manifest: one SQLite file (WAL mode), the single source of truth.
+
+Only the driver process writes it; workers hand their results back. Bulk arrays live in files
+beside it and are referenced from the `artifacts` table.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from stainctl.errors import UsageError
+from stainctl.workspace.schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
+
+# Pipeline order, used to report the last step done for a slide.
+STEP_ORDER = ("tile", "filter", "embed", "translate", "stitch", "evaluate")
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+class Manifest:
+    def __init__(self, path: Path, *, create: bool = False) -> None:
+        if not path.exists() and not create:
+            raise UsageError(
+                f"{path.parent} is not a stainctl workspace (no manifest.sqlite); "
+                "create one with `stainctl tile SLIDES -w DIR`"
+            )
+        self.path = path
+        # Autocommit mode: transactions are explicit (see `transaction`).
+        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise UsageError(
+                f"{self.path} was written by a newer stainctl (schema {version}, this one "
+                f"knows {SCHEMA_VERSION}); upgrade stainctl to use this workspace"
+            )
+        if version == SCHEMA_VERSION:
+            return
+        with self.transaction():
+            if version == 0:
+                for stmt in _statements(SCHEMA_V1):
+                    self.db.execute(stmt)
+                version = 1
+            while version < SCHEMA_VERSION:
+                for stmt in _statements(MIGRATIONS[version]):
+                    self.db.execute(stmt)
+                version += 1
+            self.db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        self.db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self.db
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        self.db.execute("COMMIT")
+
+    # --- runs -------------------------------------------------------------------------------
+    def start_run(self, command: str, params: dict[str, Any], versions: dict[str, str],
+                  host: str, pid: int) -> int:
+        with self.transaction():
+            cur = self.db.execute(
+                "INSERT INTO runs (command, params, versions, host, pid, started) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (command, json.dumps(params, default=str), json.dumps(versions), host, pid, now()),
+            )
+        return int(cur.lastrowid or 0)
+
+    def end_run(self, run_id: int, outcome: str) -> None:
+        with self.transaction():
+            self.db.execute("UPDATE runs SET ended=?, outcome=? WHERE id=?",
+                            (now(), outcome, run_id))
+
+    # --- slides -----------------------------------------------------------------------------
+    def slide_by_path(self, path: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.db.execute(
+            "SELECT * FROM slides WHERE path=?", (path,)).fetchone()
+        return row
+
+    def slides(self) -> list[sqlite3.Row]:
+        return list(self.db.execute("SELECT * FROM slides ORDER BY id"))
+
+    def add_slide(self, path: str, stem: str, fingerprint: str) -> sqlite3.Row:
+        """Register a slide (or return the existing row); its key is unique in the workspace."""
+        row = self.slide_by_path(path)
+        if row is not None:
+            return row
+        taken = {r[0] for r in self.db.execute("SELECT key FROM slides")}
+        key, n = stem, 1
+        while key in taken:
+            n += 1
+            key = f"{stem}-{n}"
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO slides (key, path, fingerprint, added) VALUES (?, ?, ?, ?)",
+                (key, path, fingerprint, now()))
+        row = self.slide_by_path(path)
+        assert row is not None
+        return row
+
+    def update_slide(self, slide_id: int, **fields: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        with self.transaction():
+            self.db.execute(f"UPDATE slides SET {cols} WHERE id=?", (*fields.values(), slide_id))
+
+    # --- steps ------------------------------------------------------------------------------
+    def step(self, slide_id: int, step: str) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.db.execute(
+            "SELECT * FROM steps WHERE slide_id=? AND step=?", (slide_id, step)).fetchone()
+        return row
+
+    def set_step(self, slide_id: int, step: str, state: str, *, params_hash: str | None = None,
+                 params: dict[str, Any] | None = None, error: str | None = None,
+                 run_id: int | None = None) -> None:
+        stamp = now()
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO steps (slide_id, step, params_hash, params, state, error, run_id, "
+                "started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (slide_id, step) DO UPDATE SET params_hash=excluded.params_hash, "
+                "params=excluded.params, state=excluded.state, error=excluded.error, "
+                "run_id=excluded.run_id, "
+                "started=CASE WHEN excluded.state='running' THEN excluded.started ELSE started END,"
+                " finished=excluded.finished",
+                (slide_id, step, params_hash, json.dumps(params) if params else None, state,
+                 error, run_id, stamp, None if state == "running" else stamp))
+
+    # --- grid and tiles ---------------------------------------------------------------------
+    def grid(self, slide_id: int) -> sqlite3.Row | None:
+        row: sqlite3.Row | None = self.db.execute(
+            "SELECT * FROM grids WHERE slide_id=?", (slide_id,)).fetchone()
+        return row
+
+    def replace_grid(self, slide_id: int, grid: dict[str, Any],
+                     tiles: Iterable[Sequence[Any]]) -> None:
+        """Replace the slide's grid and tiles; whatever was made from the old grid goes stale."""
+        with self.transaction():
+            self.db.execute("DELETE FROM tiles WHERE slide_id=?", (slide_id,))
+            self.db.execute("DELETE FROM grids WHERE slide_id=?", (slide_id,))
+            self.db.execute("DELETE FROM steps WHERE slide_id=? AND step != 'tile'", (slide_id,))
+            self.db.execute("UPDATE artifacts SET stale=1 WHERE slide_id=? AND kind NOT IN "
+                            "('thumbnail', 'tissue_mask')", (slide_id,))
+            cols = ", ".join(grid)
+            marks = ", ".join("?" for _ in grid)
+            self.db.execute(f"INSERT INTO grids (slide_id, {cols}) VALUES (?, {marks})",
+                            (slide_id, *grid.values()))
+            self.db.executemany(
+                "INSERT INTO tiles (slide_id, col, row, x, y, tissue, in_tissue) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                ((slide_id, *t) for t in tiles))
+
+    def tiles(self, slide_id: int, *, in_tissue: bool | None = None) -> list[sqlite3.Row]:
+        sql = "SELECT * FROM tiles WHERE slide_id=?"
+        if in_tissue is not None:
+            sql += f" AND in_tissue={int(in_tissue)}"
+        return list(self.db.execute(sql + " ORDER BY id", (slide_id,)))
+
+    def unmeasured_tiles(self, slide_id: int) -> list[tuple[int, int, int]]:
+        """(id, x, y) of tissue tiles that have no filter metrics yet."""
+        return [tuple(r) for r in self.db.execute(  # type: ignore[misc]
+            "SELECT id, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 "
+            "AND laplacian_var IS NULL ORDER BY id", (slide_id,))]
+
+    def store_metrics(self, rows: Iterable[Sequence[float]]) -> None:
+        """rows: (tile_id, laplacian_var, saturated_frac, white_frac)."""
+        with self.transaction():
+            self.db.executemany(
+                "UPDATE tiles SET laplacian_var=?, saturated_frac=?, white_frac=? WHERE id=?",
+                ((lap, sat, white, int(tid)) for tid, lap, sat, white in rows))
+
+    def judge_tiles(self, slide_id: int, min_laplacian: float, min_saturated: float,
+                    max_white: float) -> tuple[int, int]:
+        """Set keep/reject from the stored metrics; return (kept, measured)."""
+        with self.transaction():
+            self.db.execute(
+                "UPDATE tiles SET keep = (laplacian_var >= ? AND saturated_frac >= ? "
+                "AND white_frac <= ?) WHERE slide_id=? AND laplacian_var IS NOT NULL",
+                (min_laplacian, min_saturated, max_white, slide_id))
+        kept, measured = self.db.execute(
+            "SELECT COALESCE(SUM(keep), 0), COUNT(laplacian_var) FROM tiles WHERE slide_id=? "
+            "AND in_tissue=1", (slide_id,)).fetchone()
+        return int(kept), int(measured)
+
+    # --- artifacts --------------------------------------------------------------------------
+    def record_artifact(self, slide_id: int | None, kind: str, path: str,
+                        params_hash: str | None = None) -> None:
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO artifacts (slide_id, kind, path, params_hash, created, stale) "
+                "VALUES (?, ?, ?, ?, ?, 0) ON CONFLICT (path) DO UPDATE SET "
+                "slide_id=excluded.slide_id, kind=excluded.kind, "
+                "params_hash=excluded.params_hash, created=excluded.created, stale=0",
+                (slide_id, kind, path, params_hash, now()))
+
+    def artifacts(self, slide_id: int) -> list[sqlite3.Row]:
+        return list(self.db.execute(
+            "SELECT * FROM artifacts WHERE slide_id=? ORDER BY id", (slide_id,)))
+
+    # --- status -----------------------------------------------------------------------------
+    def slide_summaries(self) -> list[dict[str, Any]]:
+        """Per slide: tile counts, each step's state, the last step done and any error."""
+        counts = {
+            r["slide_id"]: r for r in self.db.execute(
+                "SELECT slide_id, COUNT(*) AS total, SUM(in_tissue) AS tissue, "
+                "COUNT(laplacian_var) AS measured, SUM(keep) AS kept "
+                "FROM tiles GROUP BY slide_id")
+        }
+        steps: dict[int, dict[str, sqlite3.Row]] = {}
+        for r in self.db.execute("SELECT * FROM steps"):
+            steps.setdefault(r["slide_id"], {})[r["step"]] = r
+        out = []
+        for s in self.slides():
+            c = counts.get(s["id"])
+            st = steps.get(s["id"], {})
+            done = [name for name in STEP_ORDER if name in st and st[name]["state"] == "done"]
+            errors = {name: r["error"] for name, r in st.items() if r["state"] == "failed"}
+            out.append({
+                "slide": s["key"],
+                "path": s["path"],
+                "mpp": s["mpp"],
+                "tiles_total": int(c["total"]) if c else 0,
+                "tiles_tissue": int(c["tissue"] or 0) if c else 0,
+                "tiles_measured": int(c["measured"]) if c else 0,
+                "tiles_kept": int(c["kept"] or 0) if c else 0,
+                "steps": {name: r["state"] for name, r in st.items()},
+                "last_done": done[-1] if done else None,
+                "errors": errors,
+            })
+        return out
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]

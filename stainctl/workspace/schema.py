@@ -1,0 +1,86 @@
+"""Manifest schema and its migrations. Bump SCHEMA_VERSION and add a migration for each change."""
+
+SCHEMA_VERSION = 1
+
+# Version 1. Coordinates are level-0 pixels, top-left. Filter metrics are NULL until measured;
+# `keep` is NULL until the filter step has judged the tile.
+SCHEMA_V1 = """
+CREATE TABLE slides (
+    id              INTEGER PRIMARY KEY,
+    key             TEXT NOT NULL UNIQUE,
+    path            TEXT NOT NULL UNIQUE,
+    fingerprint     TEXT NOT NULL,
+    backend         TEXT,
+    vendor          TEXT,
+    width           INTEGER,
+    height          INTEGER,
+    levels          TEXT,
+    mpp             REAL,
+    mpp_source      TEXT,
+    objective_power REAL,
+    added           TEXT NOT NULL
+);
+CREATE TABLE grids (
+    slide_id    INTEGER PRIMARY KEY REFERENCES slides(id) ON DELETE CASCADE,
+    params_hash TEXT NOT NULL,
+    target_mpp  REAL NOT NULL,
+    tile_size   INTEGER NOT NULL,
+    overlap     INTEGER NOT NULL,
+    extent0     REAL NOT NULL,
+    stride0     REAL NOT NULL,
+    cols        INTEGER NOT NULL,
+    rows        INTEGER NOT NULL,
+    min_tissue  REAL NOT NULL
+);
+CREATE TABLE tiles (
+    id             INTEGER PRIMARY KEY,
+    slide_id       INTEGER NOT NULL REFERENCES slides(id) ON DELETE CASCADE,
+    col            INTEGER NOT NULL,
+    row            INTEGER NOT NULL,
+    x              INTEGER NOT NULL,
+    y              INTEGER NOT NULL,
+    tissue         REAL NOT NULL,
+    in_tissue      INTEGER NOT NULL,
+    laplacian_var  REAL,
+    saturated_frac REAL,
+    white_frac     REAL,
+    keep           INTEGER,
+    UNIQUE (slide_id, col, row)
+);
+CREATE INDEX tiles_pending ON tiles (slide_id, in_tissue, laplacian_var);
+CREATE TABLE steps (
+    slide_id    INTEGER NOT NULL REFERENCES slides(id) ON DELETE CASCADE,
+    step        TEXT NOT NULL,
+    params_hash TEXT,
+    params      TEXT,
+    state       TEXT NOT NULL CHECK (state IN ('running', 'done', 'failed')),
+    error       TEXT,
+    run_id      INTEGER REFERENCES runs(id),
+    started     TEXT,
+    finished    TEXT,
+    PRIMARY KEY (slide_id, step)
+);
+CREATE TABLE runs (
+    id       INTEGER PRIMARY KEY,
+    command  TEXT NOT NULL,
+    params   TEXT,
+    versions TEXT,
+    host     TEXT,
+    pid      INTEGER,
+    started  TEXT NOT NULL,
+    ended    TEXT,
+    outcome  TEXT
+);
+CREATE TABLE artifacts (
+    id          INTEGER PRIMARY KEY,
+    slide_id    INTEGER REFERENCES slides(id) ON DELETE CASCADE,
+    kind        TEXT NOT NULL,
+    path        TEXT NOT NULL UNIQUE,
+    params_hash TEXT,
+    created     TEXT NOT NULL,
+    stale       INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+# MIGRATIONS[v] upgrades a manifest from version v to v + 1.
+MIGRATIONS: dict[int, str] = {}

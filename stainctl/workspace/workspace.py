@@ -1,0 +1,68 @@
+"""A workspace directory: its layout, its manifest, and one writer run at a time."""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stainctl.workspace.lock import WriterLock
+from stainctl.workspace.manifest import Manifest
+
+MANIFEST = "manifest.sqlite"
+
+
+@dataclass
+class Workspace:
+    root: Path
+    manifest: Manifest
+    run_id: int | None = None
+
+    @classmethod
+    def open(cls, root: str | os.PathLike[str], *, create: bool = False) -> Workspace:
+        root = Path(root).resolve()
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        return cls(root, Manifest(root / MANIFEST, create=create))
+
+    def slide_dir(self, key: str) -> Path:
+        return self.root / "slides" / key
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root))
+
+    @contextmanager
+    def writing(self, command: str, params: dict[str, Any]) -> Iterator[Workspace]:
+        """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error."""
+        with WriterLock(self.root / ".lock", command):
+            self.run_id = self.manifest.start_run(
+                command, params, _versions(), socket.gethostname(), os.getpid())
+            outcome = "interrupted"
+            try:
+                yield self
+                outcome = "ok"
+            except Exception as err:
+                outcome = f"error: {err}"
+                raise
+            finally:
+                self.manifest.end_run(self.run_id, outcome)
+
+    def close(self) -> None:
+        self.manifest.close()
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in ("stainctl", "openslide-python", "openslide-bin", "tiffslide", "tifffile",
+                 "opencv-python-headless", "numpy", "dask"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
