@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import typer
 
 PLANNED = {
@@ -13,7 +15,7 @@ PLANNED = {
 }
 
 
-def make(name: str, what: str) -> typer.models.CommandFunctionType:
+def make(name: str, what: str) -> Callable[[typer.Context], None]:
     def command(ctx: typer.Context) -> None:
         from stainctl import __version__
 

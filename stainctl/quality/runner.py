@@ -80,5 +80,5 @@ def _run_distributed(tasks: list[MeasureTask], address: str) -> Iterator[Measure
             from None
     with client:
         futures = client.map(measure, tasks, pure=False)
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             yield fut.result()

@@ -26,9 +26,10 @@ MAX_PLAIN_IMAGE_PIXELS = 400_000_000
 
 
 class _Backend(Protocol):
-    level_dimensions: tuple[tuple[int, int], ...]
-    level_downsamples: tuple[float, ...]
-    properties: Any
+    @property
+    def level_dimensions(self) -> Any: ...
+    @property
+    def level_downsamples(self) -> Any: ...
 
     def read_region(self, location: tuple[int, int], level: int,
                     size: tuple[int, int]) -> Any: ...
@@ -53,7 +54,7 @@ class Slide:
 
     @property
     def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return tuple(tuple(d) for d in self.handle.level_dimensions)  # type: ignore[misc]
+        return tuple((int(d[0]), int(d[1])) for d in self.handle.level_dimensions)
 
     @property
     def level_downsamples(self) -> tuple[float, ...]:

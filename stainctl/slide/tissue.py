@@ -65,7 +65,7 @@ def tissue_mask(thumb: np.ndarray, mpp: float, params: TissueParams,
     m = mask.astype(np.uint8)
     m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _disk(params.close_um / mpp))
     m = cv2.morphologyEx(m, cv2.MORPH_OPEN, _disk(params.open_um / mpp))
-    n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
+    _n, labels, stats, _ = cv2.connectedComponentsWithStats(m, connectivity=8)
     small = np.flatnonzero(stats[:, cv2.CC_STAT_AREA] < params.min_object_um2 / (mpp * mpp))
     small = small[small > 0]  # label 0 is the background
     if small.size:
@@ -76,5 +76,5 @@ def tissue_mask(thumb: np.ndarray, mpp: float, params: TissueParams,
 def _disk(diameter_px: float) -> np.ndarray:
     import cv2
 
-    k = max(1, int(round(diameter_px)) | 1)
+    k = max(1, round(diameter_px) | 1)
     return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (k, k))

@@ -63,12 +63,14 @@ def filter_slides(ws: Workspace, options: FilterOptions,
 
     measured_now = {t.slide_id for t in tasks}
     errors: dict[int, str] = {}
+    measured_count: dict[int, int] = {}
     progress.start("filter", sum(len(t.tiles) for t in tasks))
     for res in runner.run(tasks, options.scheduler, options.workers):
         if res.error is not None or res.metrics is None:
             errors.setdefault(res.slide_id, res.error or "no result")
         elif res.slide_id not in errors:
             m.store_metrics(res.metrics.tolist())
+            measured_count[res.slide_id] = measured_count.get(res.slide_id, 0) + len(res.metrics)
         progress.advance(len(res.metrics) if res.metrics is not None else 0)
 
     t = options.thresholds
@@ -90,7 +92,8 @@ def filter_slides(ws: Workspace, options: FilterOptions,
             outcome = SlideOutcome(
                 s["key"], s["path"], "skipped" if unchanged else "done",
                 f"{kept} of {measured} tissue tiles kept",
-                {"tiles_measured": measured, "tiles_kept": kept})
+                {"tiles_measured": measured, "tiles_kept": kept,
+                 "tiles_measured_now": measured_count.get(s["id"], 0)})
         result.slides.append(outcome)
         progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
     return result

@@ -164,7 +164,7 @@ def _stem(req: SlideRequest) -> str:
     for suffix in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
-    return req.path.stem if req.path.is_file() else name
+    return name if req.path.is_dir() else req.path.stem
 
 
 def _line(o: SlideOutcome) -> str:

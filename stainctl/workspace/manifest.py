@@ -176,7 +176,7 @@ class Manifest:
 
     def unmeasured_tiles(self, slide_id: int) -> list[tuple[int, int, int]]:
         """(id, x, y) of tissue tiles that have no filter metrics yet."""
-        return [tuple(r) for r in self.db.execute(  # type: ignore[misc]
+        return [(int(r[0]), int(r[1]), int(r[2])) for r in self.db.execute(
             "SELECT id, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 "
             "AND laplacian_var IS NULL ORDER BY id", (slide_id,))]
 

@@ -1,0 +1,36 @@
+"""Shared fixtures. Real data comes from ../shared/data beside the checkout (as in CI)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data"
+CMU1 = DATA / "wsi" / "aperio" / "CMU-1-Small-Region.svs"
+NDPI_DAPI = DATA / "wsi" / "hamamatsu" / "test3-DAPI-2-387.ndpi"
+OME_HE = DATA / "tiles" / "he" / "OS-1-detail_HE.ome.tif"
+OME_KI67 = [DATA / "tiles" / "ihc" / "OS-2-ndpi_Ki67.ome.tif",
+            DATA / "tiles" / "ihc" / "OS-2-vsi_Ki67.ome.tif"]
+PNG_IHC = DATA / "tiles" / "ihc" / "skimage_ihc_FHL2-DAB_colon.png"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _real_data_present() -> None:
+    assert CMU1.exists(), f"real test data missing: expected {DATA} beside the checkout"
+
+
+@pytest.fixture
+def cli():
+    """Invoke the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""
+    from typer.testing import CliRunner
+
+    from stainctl.cli.app import app
+
+    runner = CliRunner()
+
+    def invoke(*args: object):
+        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+    return invoke

@@ -1,0 +1,268 @@
+"""`tile`, `filter` and `status` on real slides, through the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import cv2
+import numpy as np
+import openslide
+import pytest
+from conftest import CMU1, NDPI_DAPI, OME_HE, PNG_IHC
+
+from stainctl.quality.metrics import tile_metrics
+
+
+def _db(ws):
+    db = sqlite3.connect(ws / "manifest.sqlite")
+    db.row_factory = sqlite3.Row
+    return db
+
+
+def test_cmu1_grid_and_tissue_fractions_match_an_independent_computation(cli, tmp_path):
+    ws = tmp_path / "ws"
+    r = cli("tile", CMU1, "-w", ws, "--json")
+    assert r.exit_code == 0, r.output
+    db = _db(ws)
+    tiles = db.execute("SELECT * FROM tiles ORDER BY row, col").fetchall()
+
+    # Independent: grid from the slide's own numbers; tissue from the saved mask resampled to
+    # the target resolution, then averaged over each 512-px tile (outside the slide = glass).
+    ref = openslide.OpenSlide(str(CMU1))
+    w0, h0 = ref.dimensions
+    mpp0 = float(ref.properties["openslide.mpp-x"])
+    scale = 0.5 / mpp0
+    cols = math.ceil(w0 / scale / 512 - 1e-9)
+    rows = math.ceil(h0 / scale / 512 - 1e-9)
+    assert len(tiles) == cols * rows
+    mask = cv2.imread(str(ws / "slides" / "CMU-1-Small-Region" / "tissue_mask.png"), 0) > 0
+    tw, th = round(w0 / scale), round(h0 / scale)
+    big = np.zeros((rows * 512, cols * 512), np.float32)
+    big[:th, :tw] = cv2.resize(mask.astype(np.float32), (tw, th),
+                               interpolation=cv2.INTER_NEAREST)
+    for t in tiles:
+        assert (t["x"], t["y"]) == (round(t["col"] * 512 * scale), round(t["row"] * 512 * scale))
+        expect = big[t["row"] * 512:(t["row"] + 1) * 512,
+                     t["col"] * 512:(t["col"] + 1) * 512].mean()
+        assert t["tissue"] == pytest.approx(expect, abs=0.03), (t["col"], t["row"])
+        assert t["in_tissue"] == (t["tissue"] >= 0.25)
+    kept = sum(t["in_tissue"] for t in tiles)
+    assert 8 <= kept <= 20  # the strip of skin on CMU-1-Small-Region
+    out = json.loads(r.stdout)
+    assert out["slides"][0]["details"] == {"tiles_total": len(tiles), "tiles_tissue": kept}
+
+
+def test_tile_is_idempotent_and_regrid_invalidates_downstream(cli, tmp_path):
+    ws = tmp_path / "ws"
+    assert cli("tile", CMU1, "-w", ws).exit_code == 0
+    assert cli("filter", "-w", ws).exit_code == 0
+    db = _db(ws)
+    ids = [r[0] for r in db.execute("SELECT id FROM tiles")]
+    r = cli("tile", CMU1, "-w", ws, "--json")
+    assert json.loads(r.stdout)["slides"][0]["state"] == "skipped"
+    assert [r[0] for r in db.execute("SELECT id FROM tiles")] == ids  # untouched, no duplicates
+    steps = {r[0] for r in db.execute("SELECT step FROM steps")}
+    assert steps == {"tile", "filter"}
+
+    r = cli("tile", CMU1, "-w", ws, "--tile-size", "256", "--json")
+    assert json.loads(r.stdout)["slides"][0]["state"] == "done"
+    assert db.execute("SELECT COUNT(*) FROM tiles").fetchone()[0] > len(ids)
+    assert db.execute("SELECT tile_size FROM grids").fetchone()[0] == 256
+    # The old filter results described tiles that no longer exist.
+    assert {r[0] for r in db.execute("SELECT step FROM steps")} == {"tile"}
+    assert db.execute("SELECT COUNT(*) FROM tiles WHERE laplacian_var IS NOT NULL"
+                      ).fetchone()[0] == 0
+
+
+def test_bad_slides_fail_cleanly_while_good_ones_finish(cli, tmp_path):
+    truncated = tmp_path / "truncated.svs"
+    data = CMU1.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])  # loses the IFDs at the end of the file
+    # Tile data lost but the directory intact (an interrupted copy): fails when pixels are read.
+    import tifffile
+
+    with tifffile.TiffFile(CMU1) as tf:
+        page = tf.pages[0]
+        start = page.dataoffsets[40]
+        end = page.dataoffsets[-1] + page.databytecounts[-1]
+    holes = tmp_path / "holes.svs"
+    holes.write_bytes(data[:start] + bytes(end - start) + data[end:])
+    ws = tmp_path / "ws"
+    r = cli("tile", truncated, holes, CMU1, NDPI_DAPI, PNG_IHC, tmp_path / "missing.svs", "-w", ws,
+            "--json")
+    assert r.exit_code == 1
+    out = {s["slide"]: s for s in json.loads(r.stdout)["slides"]}
+    assert out["CMU-1-Small-Region"]["state"] == "done"
+    assert out["truncated"]["state"] == "failed"
+    assert "corrupt" in out["truncated"]["message"]
+    assert "could not read pixels" in out["holes"]["message"]
+    assert "--allow-dark" in out["test3-DAPI-2-387"]["message"]
+    assert "--mpp" in out["skimage_ihc_FHL2-DAB_colon"]["message"]
+    assert "no such file" in out["missing"]["message"]
+    assert "Traceback" not in r.output
+
+    status = json.loads(cli("status", "-w", ws, "--json").stdout)
+    by = {s["slide"]: s for s in status["slides"]}
+    assert status["failed"] == 5
+    assert by["CMU-1-Small-Region"]["last_done"] == "tile"
+    assert "corrupt" in by["truncated"]["errors"]["tile"]
+
+    # The fluorescence slide goes through when allowed; the filter skips failed slides.
+    assert cli("tile", NDPI_DAPI, "-w", ws, "--allow-dark").exit_code == 0
+    r = cli("filter", "-w", ws, "--json")
+    assert r.exit_code == 0
+    assert {s["slide"] for s in json.loads(r.stdout)["slides"]} == {
+        "CMU-1-Small-Region", "test3-DAPI-2-387"}
+
+
+def test_inputs_from_csv_glob_and_directory(cli, tmp_path):
+    folder = tmp_path / "slides"
+    (folder / "case1").mkdir(parents=True)
+    shutil.copy(OME_HE, folder / "case1" / OME_HE.name)
+    shutil.copy(PNG_IHC, folder / "ihc.png")
+    (folder / "readme.txt").write_text("not a slide")
+    csv = tmp_path / "list.csv"
+    csv.write_text(f"path,mpp\nslides/ihc.png,0.5\n{CMU1},\n")
+    r = cli("tile", csv, "-w", tmp_path / "a", "--json")
+    assert r.exit_code == 0, r.output
+    mpps = {s["slide"]: s["mpp"] for s in
+            json.loads(cli("status", "-w", tmp_path / "a", "--json").stdout)["slides"]}
+    assert mpps == {"ihc": 0.5, "CMU-1-Small-Region": pytest.approx(0.499)}
+
+    r = cli("tile", folder, "-w", tmp_path / "b", "--mpp", "0.5", "--json")
+    names = {s["slide"] for s in json.loads(r.stdout)["slides"]}
+    assert names == {"OS-1-detail_HE", "ihc"}
+    r = cli("tile", str(folder / "**" / "*.tif"), "-w", tmp_path / "c", "--json")
+    assert [s["slide"] for s in json.loads(r.stdout)["slides"]] == ["OS-1-detail_HE"]
+
+
+def test_filter_metrics_match_direct_computation_and_rejudge_without_rereading(cli, tmp_path):
+    ws = tmp_path / "ws"
+    cli("tile", CMU1, "-w", ws)
+    assert cli("filter", "-w", ws).exit_code == 0
+    db = _db(ws)
+    rows = db.execute("SELECT * FROM tiles WHERE in_tissue=1").fetchall()
+    ref = openslide.OpenSlide(str(CMU1))
+    scale = 0.5 / float(ref.properties["openslide.mpp-x"])
+    n = math.ceil(512 * scale - 1e-6)
+    for t in rows:
+        rgba = np.asarray(ref.read_region((t["x"], t["y"]), 0, (n, n))).astype(np.float64)
+        rgb = rgba[..., :3] + (255 - rgba[..., 3:])  # outside the slide reads as white
+        tile = cv2.resize(rgb.astype(np.uint8), (512, 512), interpolation=cv2.INTER_AREA)
+        grey = cv2.cvtColor(tile, cv2.COLOR_RGB2GRAY)
+        lap = cv2.Laplacian(grey, cv2.CV_64F).var()
+        sat = (cv2.cvtColor(tile, cv2.COLOR_RGB2HSV)[..., 1] > 30).mean()
+        white = (tile.astype(np.float64).mean(axis=2) > 235).mean()
+        assert t["laplacian_var"] == pytest.approx(lap, rel=1e-4)
+        assert t["saturated_frac"] == pytest.approx(sat, abs=1e-9)
+        assert t["white_frac"] == pytest.approx(white, abs=1e-9)
+        assert t["keep"] == int(lap >= 100 and sat >= 0.10 and white <= 0.60)
+    assert 0 < sum(t["keep"] for t in rows) < len(rows)  # some background-heavy tiles go
+
+    before = [tuple(r) for r in db.execute("SELECT laplacian_var FROM tiles ORDER BY id")]
+    r = cli("filter", "-w", ws, "--max-white", "1.0", "--min-saturated", "0", "--min-laplacian",
+            "0", "--json")
+    assert json.loads(r.stdout)["slides"][0]["details"]["tiles_measured_now"] == 0
+    assert [tuple(r) for r in db.execute("SELECT laplacian_var FROM tiles ORDER BY id")] == before
+    assert db.execute("SELECT SUM(keep) FROM tiles").fetchone()[0] == len(rows)
+
+
+def test_metrics_of_blank_and_textured_tiles():
+    blank = np.full((64, 64, 3), 250, np.uint8)
+    assert tile_metrics(blank) == (0.0, 0.0, 1.0)
+    rng = np.random.default_rng(0)
+    noisy = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    lap, sat, white = tile_metrics(noisy)
+    assert lap > 1000 and sat > 0.5 and white < 0.1
+
+
+@pytest.mark.slow
+def test_filter_killed_mid_run_resumes_where_it_stopped(cli, tmp_path):
+    ws = tmp_path / "ws"
+    # Small tiles at high resolution: ~10k tissue tiles, a run of a few seconds.
+    assert cli("tile", CMU1, "-w", ws, "--tile-size", "32", "--target-mpp", "0.25").exit_code == 0
+    db = _db(ws)
+    tissue = db.execute("SELECT COUNT(*) FROM tiles WHERE in_tissue=1").fetchone()[0]
+    assert tissue > 5000
+    proc = subprocess.Popen([sys.executable, "-m", "stainctl", "filter", "-w", str(ws), "-q",
+                             "--batch-size", "20"])
+    measured = 0
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        measured = db.execute("SELECT COUNT(laplacian_var) FROM tiles").fetchone()[0]
+        if measured > 0:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    at_kill = db.execute("SELECT COUNT(laplacian_var) FROM tiles").fetchone()[0]
+    assert 0 < at_kill < tissue, "the kill should land mid-run"
+    assert db.execute("SELECT state FROM steps WHERE step='filter'").fetchone()[0] == "running"
+
+    r = cli("filter", "-w", ws, "--json", "--batch-size", "20")
+    assert r.exit_code == 0
+    details = json.loads(r.stdout)["slides"][0]["details"]
+    assert details["tiles_measured_now"] == tissue - at_kill  # only what was missing
+    assert details["tiles_measured"] == tissue
+    missing = db.execute("SELECT COUNT(*) FROM tiles WHERE in_tissue=1 AND "
+                         "(laplacian_var IS NULL OR keep IS NULL)").fetchone()[0]
+    assert missing == 0
+    dupes = db.execute("SELECT COUNT(*) - COUNT(DISTINCT slide_id || ':' || col || ':' || row) "
+                       "FROM tiles").fetchone()[0]
+    assert dupes == 0
+
+
+def test_filter_on_a_dask_distributed_cluster(tmp_path):
+    from distributed import LocalCluster
+
+    from stainctl.quality.metrics import FilterThresholds
+    from stainctl.slide.inputs import SlideRequest
+    from stainctl.steps.filter import FilterOptions, filter_slides
+    from stainctl.steps.tile import TileOptions, tile_slides
+    from stainctl.workspace import Workspace
+
+    ws = Workspace.open(tmp_path, create=True)
+    tile_slides(ws, [SlideRequest(CMU1)], TileOptions())
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
+                      dashboard_address=None, protocol="tcp") as cluster:
+        result = filter_slides(ws, FilterOptions(FilterThresholds(), cluster.scheduler_address,
+                                                 batch_size=3))
+    assert result.exit_code == 0
+    local = Workspace.open(tmp_path / "local", create=True)
+    tile_slides(local, [SlideRequest(CMU1)], TileOptions())
+    filter_slides(local, FilterOptions())
+    q = "SELECT laplacian_var, saturated_frac, white_frac, keep FROM tiles ORDER BY id"
+    assert ws.manifest.db.execute(q).fetchall() == local.manifest.db.execute(q).fetchall()
+
+
+def test_filter_before_tile_is_a_usage_error(cli, tmp_path):
+    cli("tile", tmp_path / "missing.svs", "-w", tmp_path)
+    r = cli("filter", "-w", tmp_path)
+    assert r.exit_code == 2
+    assert "run `stainctl tile" in r.output
+
+
+def test_status_reports_per_slide_counts(cli, tmp_path):
+    ws = tmp_path / "ws"
+    cli("tile", CMU1, OME_HE, "-w", ws)
+    cli("filter", "-w", ws)
+    r = cli("status", "-w", ws, "--json")
+    assert r.exit_code == 0
+    data = json.loads(r.stdout)
+    db = _db(ws)
+    for s in data["slides"]:
+        sid = db.execute("SELECT id FROM slides WHERE key=?", (s["slide"],)).fetchone()[0]
+        total, tissue, kept = db.execute(
+            "SELECT COUNT(*), SUM(in_tissue), SUM(keep) FROM tiles WHERE slide_id=?",
+            (sid,)).fetchone()
+        assert (s["tiles_total"], s["tiles_tissue"], s["tiles_kept"]) == (total, tissue, kept)
+        assert s["last_done"] == "filter" and s["errors"] == {}
+    text = cli("status", "-w", ws).stdout
+    assert "CMU-1-Small-Region" in text and "OS-1-detail_HE" in text

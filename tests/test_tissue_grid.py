@@ -1,0 +1,83 @@
+"""Tissue detection and grid geometry on real slides, against independent computations."""
+
+from __future__ import annotations
+
+import math
+
+import cv2
+import numpy as np
+import pytest
+from conftest import CMU1, NDPI_DAPI, OME_HE, OME_KI67
+
+from stainctl.errors import SlideError
+from stainctl.slide import open_slide
+from stainctl.slide.grid import GridParams, make_grid
+from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
+from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
+
+
+def _mask(path):
+    s = open_slide(path)
+    mpp = thumbnail_mpp(s.mpp, *s.dimensions)
+    thumb = read_thumbnail(s, mpp)
+    return thumb, tissue_mask(thumb, mpp, TissueParams())
+
+
+def test_thumbnail_matches_a_direct_downsample():
+    s = open_slide(CMU1)
+    mpp = thumbnail_mpp(s.mpp, *s.dimensions)
+    thumb = read_thumbnail(s, mpp)
+    full = s.read_region(0, 0, 0, *s.dimensions)
+    ref = cv2.resize(full, (thumb.shape[1], thumb.shape[0]), interpolation=cv2.INTER_AREA)
+    assert thumb.shape[1] == round(s.dimensions[0] * s.mpp / mpp)
+    assert np.abs(thumb.astype(int) - ref).mean() < 1.0
+
+
+def test_thumbnail_in_strips_equals_one_piece(monkeypatch):
+    import stainctl.slide.thumbnail as th
+
+    s = open_slide(CMU1)
+    whole = th.read_thumbnail(s, 4.0)
+    monkeypatch.setattr(th, "STRIP_PIXELS", 50_000)  # force many strips
+    strips = th.read_thumbnail(s, 4.0)
+    assert np.abs(strips.astype(int) - whole).mean() < 1.5
+
+
+def test_cmu1_tissue_is_the_stained_region():
+    thumb, mask = _mask(CMU1)
+    sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[..., 1]
+    # Tissue pixels are stained; glass is not. The mask must separate them clearly.
+    assert 0.25 < mask.mean() < 0.55
+    assert np.median(sat[mask]) > 40 and np.median(sat[~mask]) < 10
+
+
+@pytest.mark.parametrize("path", [OME_HE, *OME_KI67], ids=lambda p: p.name)
+def test_pale_ihc_and_dense_he_crops_are_mostly_tissue(path):
+    _, mask = _mask(path)
+    assert mask.mean() > 0.6  # these crops are tissue with a few lumens
+
+
+def test_fluorescence_is_refused_unless_allowed():
+    s = open_slide(NDPI_DAPI)
+    thumb = read_thumbnail(s, 8.0)
+    with pytest.raises(SlideError, match="--allow-dark"):
+        check_brightfield(thumb, NDPI_DAPI, allow_dark=False)
+    assert check_brightfield(thumb, NDPI_DAPI, allow_dark=True) is True
+    h_e = read_thumbnail(open_slide(CMU1), 8.0)
+    assert check_brightfield(h_e, CMU1, allow_dark=False) is False
+
+
+@pytest.mark.parametrize("width,mpp,target,size,overlap", [
+    (2220, 0.499, 0.5, 512, 0), (2220, 0.499, 0.5, 512, 64), (1101, 0.2271, 0.5, 256, 0),
+    (1000, 0.25, 1.0, 250, 0),  # exactly one tile
+])
+def test_grid_covers_the_slide_with_no_gap(width, mpp, target, size, overlap):
+    g = make_grid(width, width, mpp, GridParams(target, size, overlap))
+    assert g.extent0 == pytest.approx(size * target / mpp)
+    assert g.stride0 == pytest.approx((size - overlap) * target / mpp)
+    xs, _ = g.origins()
+    last = xs.max()
+    assert last + g.extent0 >= width  # covers the right edge
+    assert last < width  # and no tile lies wholly outside
+    expected = 1 + max(0, math.ceil((width - g.extent0) / g.stride0))
+    assert g.cols == expected
