@@ -48,9 +48,9 @@ def test_second_writer_in_another_process_is_refused(tmp_path):
     """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        with pytest.raises(WorkspaceLocked, match=rf"pid {holder.pid} .*`tile slides`"):
-            with ws.writing("filter", {}):
-                pass
+        locked = pytest.raises(WorkspaceLocked, match=rf"pid {holder.pid} .*`tile slides`")
+        with locked, ws.writing("filter", {}):
+            pass
     finally:
         holder.communicate("\n", timeout=10)
     with ws.writing("filter", {}):  # free again once the holder exits

@@ -49,4 +49,11 @@ app.command("status")(status.status)
 
 
 def main() -> None:
-    app()
+    import os
+
+    if "_STAINCTL_COMPLETE" in os.environ:
+        # Shell completion is answered by typer's classes; load them only when asked.
+        from typer.completion import completion_init
+
+        completion_init()
+    app(prog_name="stainctl")

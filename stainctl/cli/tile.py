@@ -24,6 +24,7 @@ def tile(
     tissue_threshold: Annotated[int, typer.Option(
         help="HSV saturation (0-255) above which a thumbnail pixel is tissue.")] = 15,
     allow_dark: Annotated[bool, typer.Option(
+        "--allow-dark",
         help="Process slides with a dark background (fluorescence), normally refused.")] = False,
     force: opt.Force = False,
     json_out: opt.Json = False,

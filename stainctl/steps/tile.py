@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,8 @@ from stainctl.steps.report import (
     unexpected,
 )
 from stainctl.workspace import Workspace, atomic_path
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,7 @@ def tile_slides(ws: Workspace, requests: list[SlideRequest], options: TileOption
             outcome = _tile_one(ws, req, options)
         except Exception as err:  # one bad slide must not stop the batch
             reason = err.reason if isinstance(err, SlideError) else unexpected(err)
+            log.debug("%s failed", req.path, exc_info=not isinstance(err, SlideError))
             slide = (ws.manifest.slide_by_path(str(req.path))
                      or ws.manifest.add_slide(str(req.path), _stem(req), ""))
             ws.manifest.set_step(slide["id"], "tile", "failed", error=reason, run_id=ws.run_id)

@@ -1,0 +1,1 @@
+complete --command stainctl --no-files --arguments "(env _STAINCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) stainctl)" --condition "env _STAINCTL_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) stainctl"

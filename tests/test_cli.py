@@ -1,0 +1,90 @@
+"""CLI conventions: fast start-up, version, exit codes, generated man page and completions."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import ROOT
+
+from stainctl import __version__
+from stainctl.cli.docs import expected_files
+
+HEAVY = ("torch", "dask", "distributed", "pyvips", "numpy", "cv2", "openslide", "tiffslide")
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["tile", "--help"], ["filter", "--help"],
+                                  ["status", "--help"], ["--version"]])
+def test_startup_imports_no_heavy_module(argv):
+    code = textwrap.dedent(f"""
+        import sys
+        sys.argv = ["stainctl", *{argv!r}]
+        from stainctl.cli.app import main
+        try:
+            main()
+        except SystemExit:
+            pass
+        heavy = sorted({{m.split(".")[0] for m in sys.modules}} & set({HEAVY!r}))
+        print("HEAVY:", ",".join(heavy))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.strip().splitlines()[-1] == "HEAVY:"
+
+
+def test_version(cli):
+    r = cli("--version")
+    assert r.exit_code == 0 and r.stdout.strip() == f"stainctl {__version__}"
+
+
+@pytest.mark.parametrize("name", ["embed", "train-lora", "translate", "stitch", "evaluate"])
+def test_unbuilt_commands_say_so_and_exit_2(cli, name):
+    r = cli(name, "slide.svs", "--marker", "ck7")
+    assert r.exit_code == 2
+    assert "not built yet" in r.stderr and "nothing was done" in r.stderr
+
+
+def test_usage_errors_exit_2(cli, tmp_path):
+    assert cli("tile", "x.svs", "-w", tmp_path, "--overlap", "600").exit_code == 2
+    assert cli("tile", "-w", tmp_path).exit_code == 2  # no slides
+    assert cli("status", "-w", tmp_path / "nowhere").exit_code == 2
+    assert cli("frobnicate").exit_code == 2
+
+
+def test_json_error_is_machine_readable(cli, tmp_path):
+    import json
+
+    r = cli("status", "-w", tmp_path / "nowhere", "--json")
+    assert r.exit_code == 2
+    data = json.loads(r.stdout)
+    assert data["ok"] is False and "not a stainctl workspace" in data["error"]
+
+
+def test_man_page_and_completions_are_up_to_date():
+    stale = [rel for rel, text in expected_files().items()
+             if not (ROOT / rel).exists() or (ROOT / rel).read_text() != text]
+    assert not stale, f"regenerate with `python -m stainctl.cli.docs`: {stale}"
+
+
+def test_man_page_documents_every_command_and_option():
+    from stainctl.cli.docs import command_tree, man_page
+
+    page = man_page()
+    root = command_tree()
+    for name, cmd in root.commands.items():
+        assert f".SS stainctl {name}" in page
+        for p in cmd.params:
+            for opt in getattr(p, "opts", []):
+                if opt.startswith("-"):
+                    assert opt.replace("-", "\\-") in page, (name, opt)
+
+
+def test_shell_completion_answers_from_the_cli():
+    env = {**os.environ, "COMP_WORDS": "stainctl filter --max", "COMP_CWORD": "2",
+           "_STAINCTL_COMPLETE": "complete_bash"}
+    out = subprocess.run([sys.executable, "-m", "stainctl"], env=env, capture_output=True,
+                         text=True).stdout
+    assert out.split() == ["--max-white"]
