@@ -37,7 +37,8 @@ def tile_metrics(rgb: np.ndarray) -> tuple[float, float, float]:
     _, std = cv2.meanStdDev(cv2.Laplacian(grey, cv2.CV_32F))
     sat = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[..., 1]
     saturated = cv2.countNonZero(cv2.compare(sat, SATURATED_LEVEL, cv2.CMP_GT)) / n
-    # mean(R, G, B) > 235  <=>  R + G + B > 705, summed exactly in int32.
-    rgb_sum = cv2.reduce(rgb.reshape(n, 3), 1, cv2.REDUCE_SUM, dtype=cv2.CV_32S)
+    # mean(R, G, B) > 235  <=>  R + G + B > 705, summed exactly in uint16.
+    r, g, b = cv2.split(rgb)
+    rgb_sum = cv2.add(cv2.add(r, g, dtype=cv2.CV_16U), b, dtype=cv2.CV_16U)
     white = cv2.countNonZero(cv2.compare(rgb_sum, 3 * WHITE_LEVEL, cv2.CMP_GT)) / n
     return float(std[0, 0]) ** 2, saturated, white
