@@ -266,3 +266,21 @@ def test_status_reports_per_slide_counts(cli, tmp_path):
         assert s["last_done"] == "filter" and s["errors"] == {}
     text = cli("status", "-w", ws).stdout
     assert "CMU-1-Small-Region" in text and "OS-1-detail_HE" in text
+
+
+def test_full_disk_gives_one_clear_message(cli, tmp_path, monkeypatch):
+    import stainctl.workspace.manifest as manifest
+
+    ws = tmp_path / "ws"
+    cli("tile", CMU1, "-w", ws)
+
+    def full(*args, **kwargs):
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(manifest.Manifest, "store_metrics", full)
+    r = cli("filter", "-w", ws)
+    assert r.exit_code == 1
+    assert "disk full" in r.stderr and "run the same command again" in r.stderr
+    assert "Traceback" not in r.output
+    monkeypatch.undo()
+    assert cli("filter", "-w", ws).exit_code == 0  # resumes once there is space

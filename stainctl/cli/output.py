@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sqlite3
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -71,10 +72,24 @@ def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
     except StainctlError as err:
         out.error(str(err))
         raise typer.Exit(1) from None
+    except (OSError, sqlite3.OperationalError) as err:
+        if not _disk_full(err):
+            raise
+        out.error(f"disk full ({err}); free space and run the same command again: finished "
+                  "work is kept and skipped")
+        raise typer.Exit(1) from None
     except KeyboardInterrupt:
         out.error("interrupted; what finished is saved, run the same command to resume")
         raise typer.Exit(130) from None
     raise typer.Exit(code)
+
+
+def _disk_full(err: BaseException) -> bool:
+    import errno
+
+    if isinstance(err, OSError):
+        return err.errno == errno.ENOSPC
+    return "disk is full" in str(err) or "disk I/O error" in str(err)
 
 
 class _LogProgress:

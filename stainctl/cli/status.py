@@ -36,19 +36,22 @@ def _print(slides: list[dict[str, Any]]) -> None:
     for s in slides:
         kept = s["tiles_kept"] if s["steps"].get("filter") == "done" else "-"
         pending = s["tiles_tissue"] - s["tiles_measured"]
-        steps = ", ".join(f"{k}:{v}" for k, v in s["steps"].items())
+        running = [k for k, v in s["steps"].items() if v == "running"]
+        last = s["last_done"] or "-"
+        if running:  # an interrupted step: the same command resumes it
+            last += f" ({', '.join(running)} interrupted)"
         error = "; ".join(f"{k}: {v}" for k, v in s["errors"].items())
         rows.append((s["slide"], str(s["tiles_total"]), str(s["tiles_tissue"]), str(kept),
-                     str(pending) if s["steps"].get("filter") else "-",
-                     s["last_done"] or "-", steps, error))
-    head = ("slide", "tiles", "tissue", "kept", "unfiltered", "last done", "steps", "error")
+                     str(pending) if s["steps"].get("filter") else "-", last, error))
+    head = ("slide", "tiles", "tissue", "kept", "unfiltered", "last done", "error")
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
 
         table = Table()
         for h in head:
-            table.add_column(h, overflow="fold")
+            table.add_column(h, no_wrap=h == "slide", overflow="fold",
+                             ratio=3 if h == "error" else None)
         for r in rows:
             table.add_row(*r)
         Console().print(table)
