@@ -108,6 +108,8 @@ def test_bad_slides_fail_cleanly_while_good_ones_finish(cli, tmp_path):
     assert "no such file" in out["missing"]["message"]
     assert "Traceback" not in r.output
 
+    outcome = _db(ws).execute("SELECT command, outcome FROM runs").fetchall()
+    assert [tuple(o) for o in outcome] == [("tile", "partial")]
     status = json.loads(cli("status", "-w", ws, "--json").stdout)
     by = {s["slide"]: s for s in status["slides"]}
     assert status["failed"] == 5

@@ -45,6 +45,7 @@ def filter_tiles(
         ws = Workspace.open(workspace)
         with ws.writing("filter", vars(options)), out.progress() as p:
             result = filter_slides(ws, options, p)
+            ws.partial = bool(result.failed)
         out.emit(result.as_dict(), lambda: batch_summary(result))
         return result.exit_code
 

@@ -51,6 +51,7 @@ def tile(
         ws = Workspace.open(workspace, create=True)
         with ws.writing("tile", {"slides": slides, **vars(options)}), out.progress() as p:
             result = tile_slides(ws, requests, options, p)
+            ws.partial = bool(result.failed)
         out.emit(result.as_dict(), lambda: batch_summary(result))
         return result.exit_code
 

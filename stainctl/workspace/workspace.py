@@ -21,6 +21,8 @@ class Workspace:
     root: Path
     manifest: Manifest
     run_id: int | None = None
+    # Set by the caller when some slides failed: the run is then recorded as "partial".
+    partial: bool = False
 
     @classmethod
     def open(cls, root: str | os.PathLike[str], *, create: bool = False) -> Workspace:
@@ -42,9 +44,10 @@ class Workspace:
             self.run_id = self.manifest.start_run(
                 command, params, _versions(), socket.gethostname(), os.getpid())
             outcome = "interrupted"
+            self.partial = False
             try:
                 yield self
-                outcome = "ok"
+                outcome = "partial" if self.partial else "ok"
             except Exception as err:
                 outcome = f"error: {err}"
                 raise
