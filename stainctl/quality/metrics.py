@@ -23,10 +23,6 @@ class FilterThresholds:
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 
-    def keep(self, laplacian_var: float, saturated_frac: float, white_frac: float) -> bool:
-        return (laplacian_var >= self.min_laplacian and saturated_frac >= self.min_saturated
-                and white_frac <= self.max_white)
-
 
 def tile_metrics(rgb: np.ndarray) -> tuple[float, float, float]:
     """(Laplacian variance of the grey image, saturated fraction, near-white fraction)."""

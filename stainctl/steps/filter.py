@@ -42,9 +42,7 @@ def filter_slides(ws: Workspace, options: FilterOptions,
             continue
         ready.append(s)
         if options.force:
-            with m.transaction():
-                m.db.execute("UPDATE tiles SET laplacian_var=NULL, saturated_frac=NULL, "
-                             "white_frac=NULL, keep=NULL WHERE slide_id=?", (s["id"],))
+            m.clear_metrics(s["id"])
 
     if not ready:
         raise UsageError(f"nothing to filter in {ws.root}: no slide has been tiled; "

@@ -77,7 +77,7 @@ def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions) -> SlideOu
     if (not options.force and done is not None and done["state"] == "done"
             and done["params_hash"] == phash):
         return SlideOutcome(row["key"], str(req.path), "skipped", "already tiled",
-                            _counts(ws, row["id"]))
+                            m.tile_counts(row["id"]))
 
     m.set_step(row["id"], "tile", "running", params_hash=phash, params=params,
                run_id=ws.run_id)
@@ -98,7 +98,7 @@ def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions) -> SlideOu
               mask.astype(np.uint8) * 255, "tissue_mask")
     m.replace_grid(row["id"], {**grid_row, "params_hash": phash}, tiles)
     m.set_step(row["id"], "tile", "done", params_hash=phash, params=params, run_id=ws.run_id)
-    counts = _counts(ws, row["id"])
+    counts = m.tile_counts(row["id"])
     return SlideOutcome(row["key"], str(req.path), "done",
                         f"{counts['tiles_tissue']} of {counts['tiles_total']} tiles on tissue",
                         counts)
@@ -147,13 +147,6 @@ def _save_png(ws: Workspace, slide_id: int, path: Any, image: np.ndarray, kind: 
         if not cv2.imwrite(str(tmp), bgr):
             raise SlideError(path, "could not write the PNG (disk full or not writable?)")
     ws.manifest.record_artifact(slide_id, kind, ws.relative(path))
-
-
-def _counts(ws: Workspace, slide_id: int) -> dict[str, int]:
-    row = ws.manifest.db.execute(
-        "SELECT COUNT(*), COALESCE(SUM(in_tissue), 0) FROM tiles WHERE slide_id=?",
-        (slide_id,)).fetchone()
-    return {"tiles_total": int(row[0]), "tiles_tissue": int(row[1])}
 
 
 def _levels_json(info: dict[str, Any]) -> str:

@@ -168,11 +168,16 @@ class Manifest:
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 ((slide_id, *t) for t in tiles))
 
-    def tiles(self, slide_id: int, *, in_tissue: bool | None = None) -> list[sqlite3.Row]:
-        sql = "SELECT * FROM tiles WHERE slide_id=?"
-        if in_tissue is not None:
-            sql += f" AND in_tissue={int(in_tissue)}"
-        return list(self.db.execute(sql + " ORDER BY id", (slide_id,)))
+    def tile_counts(self, slide_id: int) -> dict[str, int]:
+        total, tissue = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(in_tissue), 0) FROM tiles WHERE slide_id=?",
+            (slide_id,)).fetchone()
+        return {"tiles_total": int(total), "tiles_tissue": int(tissue)}
+
+    def clear_metrics(self, slide_id: int) -> None:
+        with self.transaction():
+            self.db.execute("UPDATE tiles SET laplacian_var=NULL, saturated_frac=NULL, "
+                            "white_frac=NULL, keep=NULL WHERE slide_id=?", (slide_id,))
 
     def unmeasured_tiles(self, slide_id: int) -> list[tuple[int, int, int]]:
         """(id, x, y) of tissue tiles that have no filter metrics yet."""
@@ -210,10 +215,6 @@ class Manifest:
                 "slide_id=excluded.slide_id, kind=excluded.kind, "
                 "params_hash=excluded.params_hash, created=excluded.created, stale=0",
                 (slide_id, kind, path, params_hash, now()))
-
-    def artifacts(self, slide_id: int) -> list[sqlite3.Row]:
-        return list(self.db.execute(
-            "SELECT * FROM artifacts WHERE slide_id=? ORDER BY id", (slide_id,)))
 
     # --- status -----------------------------------------------------------------------------
     def slide_summaries(self) -> list[dict[str, Any]]:
