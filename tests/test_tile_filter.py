@@ -154,6 +154,7 @@ def test_filter_metrics_match_direct_computation_and_rejudge_without_rereading(c
     ref = openslide.OpenSlide(str(CMU1))
     scale = 0.5 / float(ref.properties["openslide.mpp-x"])
     n = math.ceil(512 * scale - 1e-6)
+    expected = {"blurry": 0, "faint": 0, "background": 0}
     for t in rows:
         rgba = np.asarray(ref.read_region((t["x"], t["y"]), 0, (n, n))).astype(np.float64)
         rgb = rgba[..., :3] + (255 - rgba[..., 3:])  # outside the slide reads as white
@@ -166,7 +167,14 @@ def test_filter_metrics_match_direct_computation_and_rejudge_without_rereading(c
         assert t["saturated_frac"] == pytest.approx(sat, abs=1e-9)
         assert t["white_frac"] == pytest.approx(white, abs=1e-9)
         assert t["keep"] == int(lap >= 100 and sat >= 0.10 and white <= 0.60)
+        expected["blurry"] += lap < 100
+        expected["faint"] += sat < 0.10
+        expected["background"] += white > 0.60
     assert 0 < sum(t["keep"] for t in rows) < len(rows)  # some background-heavy tiles go
+    again = json.loads(cli("filter", "-w", ws, "--json").stdout)["slides"][0]
+    assert again["state"] == "skipped"
+    assert again["details"]["rejected_for"] == expected
+    assert f"{len(rows) - sum(t['keep'] for t in rows)} rejected" in again["message"]
 
     before = [tuple(r) for r in db.execute("SELECT laplacian_var FROM tiles ORDER BY id")]
     r = cli("filter", "-w", ws, "--max-white", "1.0", "--min-saturated", "0", "--min-laplacian",

@@ -52,7 +52,13 @@ def tile(
         with ws.writing("tile", {"slides": slides, **vars(options)}), out.progress() as p:
             result = tile_slides(ws, requests, options, p)
             ws.partial = bool(result.failed)
-        out.emit(result.as_dict(), lambda: batch_summary(result))
+        def human() -> None:
+            batch_summary(result)
+            if any(s.state != "failed" for s in result.slides):
+                typer.echo(f"Thumbnails and tissue masks: {ws.root / 'slides'}/<slide>/ "
+                           "(thumbnail.png, tissue_mask.png)")
+
+        out.emit(result.as_dict(), human)
         return result.exit_code
 
     run_command(out, body)

@@ -80,8 +80,8 @@ def filter_slides(ws: Workspace, options: FilterOptions,
             outcome = SlideOutcome(s["key"], s["path"], "failed", reason)
         else:
             before = m.step(s["id"], "filter")
-            kept, measured = m.judge_tiles(s["id"], t.min_laplacian, t.min_saturated,
-                                           t.max_white)
+            verdict = m.judge_tiles(s["id"], t.min_laplacian, t.min_saturated, t.max_white)
+            kept, measured = verdict["kept"], verdict["measured"]
             unchanged = (not options.force and s["id"] not in measured_now
                           and before is not None and before["state"] == "done"
                           and before["params_hash"] == phash)
@@ -89,9 +89,20 @@ def filter_slides(ws: Workspace, options: FilterOptions,
                        run_id=ws.run_id)
             outcome = SlideOutcome(
                 s["key"], s["path"], "skipped" if unchanged else "done",
-                f"{kept} of {measured} tissue tiles kept",
+                f"{kept} of {measured} tissue tiles kept" + _reasons(verdict),
                 {"tiles_measured": measured, "tiles_kept": kept,
-                 "tiles_measured_now": measured_count.get(s["id"], 0)})
+                 "tiles_measured_now": measured_count.get(s["id"], 0),
+                 "rejected_for": {k: verdict[k] for k in ("blurry", "faint", "background")}})
         result.slides.append(outcome)
         progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
     return result
+
+
+def _reasons(verdict: dict[str, int]) -> str:
+    """Why tiles were rejected, in words a technician can act on."""
+    rejected = verdict["measured"] - verdict["kept"]
+    if not rejected:
+        return ""
+    words = {"background": "mostly glass", "blurry": "blurred", "faint": "weakly stained"}
+    parts = [f"{verdict[k]} {w}" for k, w in words.items() if verdict[k]]
+    return f"; {rejected} rejected: " + ", ".join(parts)

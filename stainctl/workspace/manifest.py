@@ -193,17 +193,21 @@ class Manifest:
                 ((lap, sat, white, int(tid)) for tid, lap, sat, white in rows))
 
     def judge_tiles(self, slide_id: int, min_laplacian: float, min_saturated: float,
-                    max_white: float) -> tuple[int, int]:
-        """Set keep/reject from the stored metrics; return (kept, measured)."""
+                    max_white: float) -> dict[str, int]:
+        """Set keep/reject from the stored metrics; return counts of kept, measured, and of
+        tiles failing each criterion (a tile may fail several)."""
         with self.transaction():
             self.db.execute(
                 "UPDATE tiles SET keep = (laplacian_var >= ? AND saturated_frac >= ? "
                 "AND white_frac <= ?) WHERE slide_id=? AND laplacian_var IS NOT NULL",
                 (min_laplacian, min_saturated, max_white, slide_id))
-        kept, measured = self.db.execute(
-            "SELECT COALESCE(SUM(keep), 0), COUNT(laplacian_var) FROM tiles WHERE slide_id=? "
-            "AND in_tissue=1", (slide_id,)).fetchone()
-        return int(kept), int(measured)
+        row = self.db.execute(
+            "SELECT COALESCE(SUM(keep), 0), COUNT(laplacian_var), "
+            "COALESCE(SUM(laplacian_var < ?), 0), COALESCE(SUM(saturated_frac < ?), 0), "
+            "COALESCE(SUM(white_frac > ?), 0) FROM tiles WHERE slide_id=? AND in_tissue=1",
+            (min_laplacian, min_saturated, max_white, slide_id)).fetchone()
+        keys = ("kept", "measured", "blurry", "faint", "background")
+        return {k: int(v) for k, v in zip(keys, row, strict=True)}
 
     # --- artifacts --------------------------------------------------------------------------
     def record_artifact(self, slide_id: int | None, kind: str, path: str,
