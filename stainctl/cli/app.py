@@ -9,7 +9,7 @@ import typer
 
 from stainctl import __version__
 from stainctl.cli import filter as filter_cmd
-from stainctl.cli import planned, status, tile
+from stainctl.cli import planned, status, stitch, tile
 
 app = typer.Typer(
     name="stainctl",
@@ -45,6 +45,7 @@ for _name, _what in planned.PLANNED.items():
     app.command(_name, context_settings={"allow_extra_args": True,
                                          "ignore_unknown_options": True})(
         planned.make(_name, _what))
+app.command("stitch")(stitch.stitch)
 app.command("status")(status.status)
 
 

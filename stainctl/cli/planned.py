@@ -10,7 +10,6 @@ PLANNED = {
     "embed": "foundation-model embeddings of kept tiles (UNI2-h and others)",
     "train-lora": "LoRA adaptation of a generator to a new marker from unpaired IHC tiles",
     "translate": "virtual IHC generation of kept tiles",
-    "stitch": "seam-free pyramidal OME-TIFF output of translated tiles",
     "evaluate": "FID/KID/CropFID, DAB stain metrics and a QC report",
 }
 

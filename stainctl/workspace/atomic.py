@@ -26,3 +26,13 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def remove_stale(final: str | os.PathLike[str]) -> None:
+    """Delete temporaries that killed runs left beside `final` (the caller holds the writer
+    lock, so none of them is still being written)."""
+    final = Path(final)
+    if final.parent.is_dir():
+        for tmp in final.parent.glob(f".{final.stem}.tmp-*{final.suffix}"):
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()

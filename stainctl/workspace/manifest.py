@@ -236,7 +236,9 @@ class Manifest:
         for s in self.slides():
             c = counts.get(s["id"])
             st = steps.get(s["id"], {})
-            done = [name for name in STEP_ORDER if name in st and st[name]["state"] == "done"]
+            # Per-marker steps are named like "stitch:ck7".
+            done = sorted((n for n, r in st.items() if r["state"] == "done"),
+                          key=lambda n: _step_rank(n))
             errors = {name: r["error"] for name, r in st.items() if r["state"] == "failed"}
             out.append({
                 "slide": s["key"],
@@ -251,6 +253,11 @@ class Manifest:
                 "errors": errors,
             })
         return out
+
+
+def _step_rank(step: str) -> int:
+    base = step.split(":", 1)[0]
+    return STEP_ORDER.index(base) if base in STEP_ORDER else len(STEP_ORDER)
 
 
 def _statements(script: str) -> list[str]:

@@ -34,8 +34,21 @@ class Workspace:
     def slide_dir(self, key: str) -> Path:
         return self.root / "slides" / key
 
+    def tile_store_path(self, key: str, marker: str) -> Path:
+        """Where `translate` writes a slide's generated tiles for one marker."""
+        return self.slide_dir(key) / "translated" / f"{marker}.zarr"
+
+    def tile_stores(self, key: str) -> dict[str, Path]:
+        """marker -> tile store path, for the stores a slide has."""
+        base = self.slide_dir(key) / "translated"
+        if not base.is_dir():
+            return {}
+        return {p.stem: p for p in sorted(base.glob("*.zarr")) if p.is_dir()}
+
     def relative(self, path: Path) -> str:
-        return str(path.relative_to(self.root))
+        """Path relative to the workspace when inside it, else absolute."""
+        path = Path(path).resolve()
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     @contextmanager
     def writing(self, command: str, params: dict[str, Any]) -> Iterator[Workspace]:

@@ -1,0 +1,1 @@
+"""Evaluation of generated slides: image-quality and stain metrics, seams, QC report."""

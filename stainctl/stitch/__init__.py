@@ -1,0 +1,1 @@
+"""Stitching translated tiles into pyramidal slides."""

@@ -1,0 +1,117 @@
+"""Blending stored tiles into the output canvas, one band of rows at a time.
+
+Neighbouring stored tiles share a band `blend` px wide (the grid overlap plus both context margins).
+Across that band the left (upper) tile fades out and the right (lower) one fades in with
+raised-cosine weights, cos^2 and sin^2, which sum to one, so the result is the normalised weighted
+mean of the tiles. Because the weights are a product of an x and a y ramp, blending rows of tiles
+first and then the rows against each other gives the same result as the 2-D weighted mean, while
+touching each pixel a bounded number of times. A tile the store lacks (filtered out, background)
+takes part as a tile of the background colour, so tissue fades softly into it.
+
+Memory: two bands of (side x canvas width) pixels, whatever the slide height.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+
+from stainctl.workspace.tilestore import StoreLayout, TileStore
+
+
+def ramps(width: int) -> tuple[np.ndarray, np.ndarray]:
+    """(fade_out, fade_in) over `width` px: cos^2 and sin^2 at pixel centres; they sum to 1."""
+    u = (np.arange(width, dtype=np.float64) + 0.5) / max(width, 1)
+    fade_in = np.sin(0.5 * np.pi * u) ** 2
+    return (1.0 - fade_in).astype(np.float32), fade_in.astype(np.float32)
+
+
+class Canvas:
+    """The blended canvas of a tile store, produced as row blocks from top to bottom."""
+
+    def __init__(self, store: TileStore, background: tuple[int, int, int],
+                 written: np.ndarray | None = None) -> None:
+        self.store = store
+        self.layout: StoreLayout = store.layout
+        self.background = np.asarray(background, np.uint8)
+        self.written = store.written() if written is None else written
+        lay = self.layout
+        out, fade_in = ramps(lay.blend)
+        # cv2.blendLinear wants full-size weight maps.
+        self._w_cols = (np.tile(out, (lay.side, 1)), np.tile(fade_in, (lay.side, 1)))
+        self._w_rows = (np.repeat(out[:, None], lay.width, 1),
+                        np.repeat(fade_in[:, None], lay.width, 1))
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.layout.height, self.layout.width
+
+    def blocks(self) -> Iterator[np.ndarray]:
+        """C-contiguous (h, width, 3) uint8 blocks that tile the canvas rows in order."""
+        import cv2
+
+        lay = self.layout
+        s, o, m = lay.side, lay.blend, lay.margin
+        previous: np.ndarray | None = None
+        for r in range(lay.rows):
+            top = r * lay.stride - m  # canvas y of this band's first row
+            if top >= lay.height:
+                break
+            band = self._band(r)
+            if previous is not None and o:
+                mixed = cv2.blendLinear(previous[s - o:], band[:o], *self._w_rows)
+                yield from _clip_rows(mixed, top, lay.height)
+            first = o if previous is not None else 0
+            last = s - o if r < lay.rows - 1 else s
+            yield from _clip_rows(band[first:last], top + first, lay.height)
+            previous = band
+
+    def _band(self, r: int) -> np.ndarray:
+        """Row r of tiles blended left to right: (side, width, 3), band row 0 at canvas y
+        r * stride - margin."""
+        import cv2
+
+        lay = self.layout
+        s, o, m, width = lay.side, lay.blend, lay.margin, lay.width
+        present = self.written[r]
+        band = np.empty((s, width, 3), np.uint8)
+        if not present.any():
+            band[:] = self.background
+            return band
+        tiles = self.store.read_row(r)
+        for c in range(lay.cols):
+            left = c * lay.stride - m
+            if left >= width:
+                break
+            tile = tiles[c] if present[c] else None
+            first = o if c > 0 else 0
+            last = s - o if c < lay.cols - 1 else s
+            self._put(band, left + first, None if tile is None else tile[:, first:last],
+                      last - first)
+            if c < lay.cols - 1 and o:
+                right = tiles[c + 1] if present[c + 1] else None
+                mixed = None
+                if tile is not None or right is not None:
+                    bg = np.broadcast_to(self.background, (s, o, 3))
+                    mixed = cv2.blendLinear(bg if tile is None else tile[:, s - o:],
+                                            bg if right is None else right[:, :o],
+                                            *self._w_cols)
+                self._put(band, left + s - o, mixed, o)
+        return band
+
+    def _put(self, band: np.ndarray, x: int, block: np.ndarray | None, width: int) -> None:
+        """Place `width` columns starting at canvas x, clipped to the canvas; None = background."""
+        a, b = max(x, 0), min(x + width, band.shape[1])
+        if a >= b:
+            return
+        if block is None:
+            band[:, a:b] = self.background
+        else:
+            band[:, a:b] = block[:, a - x:b - x]
+
+
+def _clip_rows(block: np.ndarray, y: int, height: int) -> Iterator[np.ndarray]:
+    a, b = max(y, 0), min(y + len(block), height)
+    if a < b:
+        yield np.ascontiguousarray(block[a - y:b - y])

@@ -1,0 +1,97 @@
+"""One tile store in, one pyramidal slide (and its thumbnail) out, in bounded memory.
+
+The blended canvas is produced band by band on a background thread and streamed into libvips,
+which encodes the pyramid; the output is written under a temporary name and renamed when complete.
+"""
+
+from __future__ import annotations
+
+import errno
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stainctl.stitch.pyramid import PyramidOptions, save_pyramid, save_thumbnail
+from stainctl.workspace.atomic import atomic_path, remove_stale
+from stainctl.workspace.tilestore import TileStore
+
+DEFAULT_BACKGROUND = (245, 245, 245)
+
+
+@dataclass(frozen=True)
+class Overlay:
+    """The source slide's level 0, to resample the output onto it pixel for pixel."""
+
+    width: int
+    height: int
+    mpp: float
+
+
+@dataclass(frozen=True)
+class StitchResult:
+    path: Path
+    thumbnail: Path
+    width: int
+    height: int
+    mpp: float
+    tiles: int
+
+
+def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
+                 background: tuple[int, int, int], name: str, annotations: dict[str, str],
+                 overlay: Overlay | None = None) -> StitchResult:
+    from stainctl.stitch.blend import Canvas
+    from stainctl.stitch.stream import BlockSource, prefetch
+
+    lay = store.layout
+    canvas = Canvas(store, background)
+    source = BlockSource(lay.width, lay.height, prefetch(canvas.blocks()))
+    image = source.image()
+    mpp = lay.mpp
+    if overlay is not None:
+        image = _resample(image, overlay)
+        mpp = overlay.mpp
+    width, height = image.width, image.height
+    description = _description(name, width, height, mpp, options, annotations)
+
+    thumb = output.with_name(output.name.removesuffix(options.suffix) + ".png")
+    remove_stale(output)
+    remove_stale(thumb)
+    with atomic_path(output) as tmp:
+        try:
+            save_pyramid(image, tmp, mpp, description, options)
+        except Exception as err:
+            if source.error is not None:
+                raise source.error from err
+            if "No space left" in str(err):
+                raise OSError(errno.ENOSPC, "No space left on device", str(output)) from err
+            raise
+        if source.error is not None:  # a short read that libvips did not notice
+            raise source.error
+        with atomic_path(thumb) as tmp_thumb:
+            save_thumbnail(tmp, tmp_thumb)
+    return StitchResult(output, thumb, width, height, mpp, int(canvas.written.sum()))
+
+
+def _resample(image: Any, overlay: Overlay) -> Any:
+    """Scale to the slide's level-0 size exactly (the last pixel row/column may need padding or
+    trimming after rounding)."""
+    sx, sy = overlay.width / image.width, overlay.height / image.height
+    image = image.resize(sx, vscale=sy)
+    if image.width != overlay.width or image.height != overlay.height:
+        image = image.gravity("north-west", overlay.width, overlay.height, extend="copy")
+    return image
+
+
+def _description(name: str, width: int, height: int, mpp: float, options: PyramidOptions,
+                 annotations: dict[str, str]) -> str:
+    marker = annotations.get("marker", "")
+    summary = (f"stainctl virtual {marker} stain of {name}; model {annotations.get('model', '?')}"
+               "; generated, not a real stain")
+    if options.format == "tiff":
+        items = "; ".join(f"{k}={v}" for k, v in annotations.items())
+        return f"{summary}; {width}x{height} at {mpp:.6g} um/px; {items}"
+    from stainctl.stitch.ome import ome_xml
+
+    return ome_xml(name=name, width=width, height=height, mpp=mpp, description=summary,
+                   annotations=annotations)

@@ -1,0 +1,382 @@
+"""Tile store, blending and pyramid output, on real H&E tiles cut from the CMU-1 sample."""
+
+from __future__ import annotations
+
+import json
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+from conftest import CMU1
+
+from stainctl.evaluate.seams import seam_score
+from stainctl.slide.reader import open_slide
+from stainctl.stitch.blend import Canvas, ramps
+from stainctl.stitch.pyramid import PyramidOptions
+from stainctl.stitch.stitcher import Overlay, stitch_store
+from stainctl.workspace.tilestore import StoreError, StoreLayout, TileStore, create_for_slide
+
+BG = (245, 245, 245)
+
+
+@pytest.fixture(scope="module")
+def cmu1() -> np.ndarray:
+    """The whole CMU-1 sample at level 0 (2220 x 2967, 0.499 µm/px)."""
+    slide = open_slide(CMU1)
+    w, h = slide.dimensions
+    return slide.read_region(0, 0, 0, w, h)
+
+
+def _layout(image: np.ndarray, tile: int, overlap: int, margin: int,
+            mpp: float = 0.499) -> StoreLayout:
+    h, w = image.shape[:2]
+    stride = tile - overlap
+    cols = 1 + max(0, -(-(w - tile) // stride))
+    rows = 1 + max(0, -(-(h - tile) // stride))
+    return StoreLayout(w, h, mpp, cols, rows, tile, overlap, margin)
+
+
+def _crop(image: np.ndarray, x: int, y: int, side: int) -> np.ndarray:
+    """A side x side crop at (x, y); outside the image reads as white glass, as slides do."""
+    h, w = image.shape[:2]
+    out = np.full((side, side, 3), 255, np.uint8)
+    x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + side, w), min(y + side, h)
+    out[y0 - y:y1 - y, x0 - x:x1 - x] = image[y0:y1, x0:x1]
+    return out
+
+
+def _store(path: Path, image: np.ndarray, layout: StoreLayout, *, skip=(), offsets=None,
+           meta=None) -> TileStore:
+    """A store whose tiles are crops of `image` with their margins (an identity translation),
+    optionally shifted in brightness per tile."""
+    store = TileStore.create(path, layout, meta or {"marker": "he", "model": "identity"})
+    for r in range(layout.rows):
+        for c in range(layout.cols):
+            if (c, r) in skip:
+                continue
+            tile = _crop(image, *layout.origin(c, r), layout.side)
+            if offsets is not None:
+                tile = np.clip(tile.astype(np.int16) + offsets[r, c], 0, 255).astype(np.uint8)
+            store.write(c, r, tile)
+    store.finish()
+    return store
+
+
+def _canvas(store: TileStore, background=BG) -> np.ndarray:
+    return np.vstack(list(Canvas(store, background).blocks()))
+
+
+# --- tile store ---------------------------------------------------------------------------
+def test_store_round_trip_resume_and_mismatch(tmp_path, cmu1):
+    lay = _layout(cmu1, 256, 32, 16)
+    store = TileStore.create(tmp_path / "s.zarr", lay, {"marker": "he"})
+    tile = _crop(cmu1, *lay.origin(2, 3), lay.side)
+    store.write(2, 3, tile)
+    assert not store.complete
+    # A crash leaves zarr's temporary chunk file behind: it must not count as a tile.
+    partial = tmp_path / "s.zarr" / "c" / "4" / "1" / "0" / "0" / "0.abc.partial"
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"half a tile")
+
+    again = TileStore.create(tmp_path / "s.zarr", lay, {"marker": "he"})  # resume
+    assert again.generation == store.generation
+    mask = again.written()
+    assert mask.sum() == 1 and mask[3, 2]
+    assert np.array_equal(again.read(2, 3), tile)
+    again.finish()
+    assert TileStore.open(tmp_path / "s.zarr").complete
+
+    with pytest.raises(StoreError, match="other settings"):
+        TileStore.create(tmp_path / "s.zarr", _layout(cmu1, 256, 0, 16), {"marker": "he"})
+    with pytest.raises(StoreError, match="uint8"):
+        store.write(0, 0, tile[:10])
+    with pytest.raises(StoreError, match="outside"):
+        store.write(lay.cols, 0, tile)
+    with pytest.raises(StoreError, match="too wide"):
+        _layout(cmu1, 256, 32, 100).validate()
+    with pytest.raises(StoreError, match="no tile store"):
+        TileStore.open(tmp_path / "missing.zarr")
+
+
+# --- blending -----------------------------------------------------------------------------
+def test_ramps_are_a_partition_of_unity():
+    out, fade_in = ramps(64)
+    assert np.allclose(out + fade_in, 1.0, atol=1e-6)
+    assert np.all(np.diff(fade_in) > 0) and fade_in[0] < 0.01 and fade_in[-1] > 0.99
+
+
+def test_blending_identical_overlaps_reproduces_the_slide(tmp_path, cmu1):
+    lay = _layout(cmu1, 256, 32, 16)
+    canvas = _canvas(_store(tmp_path / "s.zarr", cmu1, lay))
+    assert canvas.shape == cmu1.shape
+    # Neighbours agree on their overlap, so the weighted mean is the slide (+-1 for rounding).
+    assert np.abs(canvas.astype(int) - cmu1).max() <= 1
+
+
+def test_missing_tiles_become_background_with_a_soft_edge(tmp_path, cmu1):
+    lay = _layout(cmu1, 256, 0, 32)
+    hole = (4, 5)
+    canvas = _canvas(_store(tmp_path / "s.zarr", cmu1, lay, skip={hole}), (200, 210, 220))
+    x0, y0 = hole[0] * lay.stride, hole[1] * lay.stride
+    core = canvas[y0 + 40:y0 + 216, x0 + 40:x0 + 216]
+    assert (core == (200, 210, 220)).all()
+    # Across the hole's left border the image goes from tissue to background over the blend
+    # band: the difference to the background shrinks monotonically on average.
+    row = canvas[y0 + 60:y0 + 200, x0 - 40:x0 + 40].astype(float)
+    dist = np.abs(row - (200, 210, 220)).mean(axis=(0, 2))
+    assert dist[:8].mean() > 4 * dist[-8:].mean() + 1
+    assert dist[-8:].mean() < 3
+    untouched = canvas[: y0 - 40]
+    assert np.abs(untouched.astype(int) - cmu1[: y0 - 40]).max() <= 1
+
+
+def test_blended_tile_borders_show_no_seam_and_hard_ones_do(tmp_path, cmu1):
+    rng = np.random.default_rng(1)
+    # Mostly tissue; borders off the source's 8-px JPEG block grid, whose edges would add a
+    # seam of their own.
+    region = cmu1[303:2603, 405:2005]
+    soft = _layout(region, 256, 0, 32)
+    offsets = rng.integers(-14, 15, (soft.rows, soft.cols, 1, 1, 1))
+    blended = _canvas(_store(tmp_path / "soft.zarr", region, soft, offsets=offsets))
+    hard = _layout(region, 256, 0, 0)  # no context margin: nothing to blend over
+    cut = _canvas(_store(tmp_path / "hard.zarr", region, hard, offsets=offsets))
+
+    s_blend = seam_score(blended, *soft.borders())
+    s_cut = seam_score(cut, *hard.borders())
+    s_source = seam_score(region, *soft.borders())
+    assert s_blend.lines == len(soft.borders()[0]) + len(soft.borders()[1]) > 10
+    assert abs(s_source.ratio - 1) < 0.1  # untouched tissue: the baseline
+    assert s_blend.ratio < s_source.ratio + 0.05, (s_blend, s_source)
+    # The same offsets without blending: a visible seam, so the score can fail.
+    assert s_cut.ratio > s_source.ratio + 0.5, (s_cut, s_source)
+
+
+# --- pyramid output -----------------------------------------------------------------------
+def _levels(width: int, height: int, tile: int) -> int:
+    n = 1
+    while max(width, height) > tile:
+        width, height, n = width // 2, height // 2, n + 1
+    return n
+
+
+def test_ome_tiff_round_trip_read_by_tiffslide(tmp_path, cmu1):
+    import tifffile
+    import tiffslide
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = _store(tmp_path / "s.zarr", cmu1, lay)
+    name = 'CMU-1 "A&B" <left>.svs'
+    res = stitch_store(store, tmp_path / "out.ome.tif", options=PyramidOptions(),
+                       background=BG, name=name,
+                       annotations={"marker": "he", "model": "m&m <1>", "source": name})
+    assert res.path.exists() and res.thumbnail.exists()
+    assert not list(tmp_path.glob(".*tmp*"))
+
+    slide = tiffslide.TiffSlide(res.path)
+    assert slide.dimensions == (cmu1.shape[1], cmu1.shape[0])
+    assert slide.level_count == _levels(*slide.dimensions, 512) > 2
+    assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.499, rel=0.01)
+    back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    assert cv2.PSNR(back, cmu1) > 35
+    low = np.asarray(slide.read_region((0, 0), 2, slide.level_dimensions[2]).convert("RGB"))
+    lw, lh = slide.level_dimensions[2]  # each pixel the mean of 4 x 4 of level 0
+    ref = cv2.resize(cmu1[:lh * 4, :lw * 4], (lw, lh), interpolation=cv2.INTER_AREA)
+    assert cv2.PSNR(low, ref) > 30
+
+    with tifffile.TiffFile(res.path) as tif:
+        assert tif.is_ome and len(tif.series[0].levels) == slide.level_count
+        xml = ET.fromstring(tif.ome_metadata)
+        page = tif.pages[0]
+        # The TIFF resolution tags agree with the OME-XML (centimetres, 0.499 µm/px).
+        assert page.tags["ResolutionUnit"].value == 3
+        xres = page.tags["XResolution"].value
+        assert 1e4 / (xres[0] / xres[1]) == pytest.approx(0.499, rel=0.01)
+    ns = {"o": "http://www.openmicroscopy.org/Schemas/OME/2016-06"}
+    assert xml.find("o:Image", ns).get("Name") == name
+    pixels = xml.find("o:Image/o:Pixels", ns)
+    assert float(pixels.get("PhysicalSizeX")) == pytest.approx(0.499, rel=0.01)
+    assert pixels.get("PhysicalSizeXUnit") == "µm"
+    values = {m.get("K"): m.text for m in xml.iterfind(".//o:M", ns)}
+    assert values["model"] == "m&m <1>" and values["source"] == name
+
+    thumb = cv2.imread(str(res.thumbnail))
+    assert max(thumb.shape[:2]) == 1024
+
+
+def test_plain_tiff_levels_are_read_by_openslide(tmp_path, cmu1):
+    import openslide
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = _store(tmp_path / "s.zarr", cmu1, lay)
+    res = stitch_store(store, tmp_path / "out.tif",
+                       options=PyramidOptions("tiff", "jpeg", 90, 256), background=BG,
+                       name="CMU-1", annotations={"marker": "he", "model": "identity"})
+    slide = openslide.OpenSlide(res.path)
+    assert slide.dimensions == (cmu1.shape[1], cmu1.shape[0])
+    assert slide.level_count == _levels(*slide.dimensions, 256) > 3
+    assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.499, rel=0.01)
+    assert slide.properties["openslide.vendor"] == "generic-tiff"
+    back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    assert cv2.PSNR(back, cmu1) > 35
+
+
+def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
+    import tiffslide
+
+    region = cmu1[:700, :900]
+    store = _store(tmp_path / "s.zarr", region, _layout(region, 256, 0, 16))
+    for comp in ("lzw", "deflate", "none"):
+        res = stitch_store(store, tmp_path / f"{comp}.ome.tif",
+                           options=PyramidOptions("ome-tiff", comp), background=BG,
+                           name="x", annotations={})
+        slide = tiffslide.TiffSlide(res.path)
+        back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+        assert np.abs(back.astype(int) - region).max() <= 1, comp
+
+
+def test_level0_overlays_the_source_slide(tmp_path, cmu1):
+    import tiffslide
+
+    # Tiles at 1 µm/px (half the slide's resolution), resampled back onto level 0.
+    small = cv2.resize(cmu1, (1110, 1484), interpolation=cv2.INTER_AREA)
+    lay = _layout(small, 256, 0, 16, mpp=0.998)
+    store = _store(tmp_path / "s.zarr", small, lay)
+    res = stitch_store(store, tmp_path / "l0.ome.tif", options=PyramidOptions(),
+                       background=BG, name="CMU-1", annotations={},
+                       overlay=Overlay(2220, 2967, 0.499))
+    slide = tiffslide.TiffSlide(res.path)
+    assert slide.dimensions == (2220, 2967)
+    assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.499, rel=0.01)
+    back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    blurred = cv2.resize(small, (2220, 2967), interpolation=cv2.INTER_LINEAR)
+    assert cv2.PSNR(back, blurred) > 30  # registered: no shift, only the resampling differs
+
+
+# --- the command --------------------------------------------------------------------------
+def _tiled_workspace(cli, ws: Path, *extra: object) -> sqlite3.Row:
+    assert cli("tile", CMU1, "-w", ws, "--target-mpp", "0.499", "--tile-size", "256",
+               *extra).exit_code == 0
+    from stainctl.workspace import Workspace
+
+    w = Workspace.open(ws)
+    slide = w.manifest.slides()[0]
+    w.close()
+    return slide
+
+
+def _translate_identity(ws_path: Path, marker: str, cmu1: np.ndarray, *, finish: bool = True):
+    """What `translate` will do, with the identity as the model: fill the store of every
+    tissue tile of the slide."""
+    from stainctl.workspace import Workspace
+
+    ws = Workspace.open(ws_path)
+    slide = ws.manifest.slides()[0]
+    store = create_for_slide(ws, slide, marker, 16, {"model": "identity", "background": BG})
+    rows = ws.manifest.db.execute(
+        "SELECT col, row FROM tiles WHERE slide_id=? AND in_tissue=1", (slide["id"],))
+    for col, row in rows:
+        store.write(col, row, _crop(cmu1, *store.layout.origin(col, row), store.layout.side))
+    if finish:
+        store.finish()
+    ws.close()
+    return store
+
+
+def test_stitch_command_writes_records_and_skips(cli, tmp_path, cmu1):
+    import openslide
+
+    ws = tmp_path / "ws"
+    _tiled_workspace(cli, ws)
+    store = _translate_identity(ws, "he", cmu1)
+    r = cli("stitch", "-w", ws, "--format", "tiff", "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)["slides"][0]
+    assert out["state"] == "done"
+    path = Path(out["details"]["output"])
+    assert path == ws.resolve() / "outputs" / "CMU-1-Small-Region.he.tif"
+    assert path.with_suffix(".png").exists()
+    slide = openslide.OpenSlide(path)
+    assert slide.level_count > 2
+    back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+    # Tissue tiles are the slide where all their neighbours are tissue too; glass tiles were
+    # never translated and read as the background colour.
+    lay, written = store.layout, store.written()
+    full = written.copy()
+    full[1:-1, 1:-1] = cv2.erode(written.astype(np.uint8), np.ones((3, 3), np.uint8))[1:-1, 1:-1]
+    inner = np.kron(full, np.ones((lay.stride, lay.stride), bool))[:lay.height, :lay.width]
+    assert inner.mean() > 0.2
+    assert cv2.PSNR(back[inner][:, None], cmu1[inner][:, None]) > 35
+    glass = np.kron(~written, np.ones((lay.stride, lay.stride), bool))[:lay.height, :lay.width]
+    glass = cv2.erode(glass.astype(np.uint8), np.ones((80, 80), np.uint8)).astype(bool)
+    error = np.abs(back[glass].astype(int) - BG)
+    assert glass.mean() > 0.1 and np.percentile(error, 99) <= 2  # JPEG error only
+
+    db = sqlite3.connect(ws / "manifest.sqlite")
+    kinds = dict(db.execute("SELECT path, kind FROM artifacts"))
+    assert kinds["outputs/CMU-1-Small-Region.he.tif"] == "stitched"
+    assert kinds["slides/CMU-1-Small-Region/translated/he.zarr"] == "tile_store"
+    status = json.loads(cli("status", "-w", ws, "--json").stdout)["slides"][0]
+    assert status["steps"]["stitch:he"] == "done" and status["last_done"] == "stitch:he"
+
+    again = json.loads(cli("stitch", "-w", ws, "--format", "tiff", "--json").stdout)
+    assert again["slides"][0]["state"] == "skipped"
+    other = json.loads(cli("stitch", "-w", ws, "--json", "-o", tmp_path / "o").stdout)
+    assert other["slides"][0]["state"] == "done"
+    assert (tmp_path / "o" / "CMU-1-Small-Region.he.ome.tif").exists()
+
+
+def test_stitch_refuses_incomplete_tiles_and_bad_options(cli, tmp_path, cmu1):
+    ws = tmp_path / "ws"
+    _tiled_workspace(cli, ws)
+    r = cli("stitch", "-w", ws)
+    assert r.exit_code == 2 and "run `stainctl translate" in r.stderr
+    _translate_identity(ws, "ck7", cmu1, finish=False)
+    r = cli("stitch", "-w", ws)
+    assert r.exit_code == 1
+    assert "incomplete" in r.output and "run `stainctl translate` again" in r.output
+    assert not (ws / "outputs" / "CMU-1-Small-Region.ck7.ome.tif").exists()
+    assert cli("stitch", "-w", ws, "--compression", "zstd").exit_code == 2
+    assert cli("stitch", "-w", ws, "--background", "1,2").exit_code == 2
+    assert cli("stitch", "-w", ws, "--marker", "ki67").exit_code == 2
+
+
+@pytest.mark.slow
+def test_killed_stitch_leaves_no_output_and_reruns(cli, tmp_path, cmu1):
+    ws = tmp_path / "ws"
+    # A 0.125 µm/px grid makes an ~9k x 12k canvas: a stitch of a few seconds.
+    assert cli("tile", CMU1, "-w", ws, "--target-mpp", "0.125", "--min-tissue", "0").exit_code == 0
+    from stainctl.workspace import Workspace
+
+    w = Workspace.open(ws)
+    store = create_for_slide(w, w.manifest.slides()[0], "he", 32, {"model": "identity"})
+    lay = store.layout
+    for r in range(lay.rows):
+        for c in range(lay.cols):
+            y, x = (r * 97) % (cmu1.shape[0] - lay.side), (c * 89) % (cmu1.shape[1] - lay.side)
+            store.write(c, r, np.ascontiguousarray(cmu1[y:y + lay.side, x:x + lay.side]))
+    store.finish()
+    w.close()
+
+    final = ws / "outputs" / "CMU-1-Small-Region.he.ome.tif"
+    proc = subprocess.Popen([sys.executable, "-m", "stainctl", "stitch", "-w", str(ws), "-q"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(final.parent.glob(".*tmp-*")):
+            break
+        time.sleep(0.005)
+    time.sleep(0.3)
+    assert proc.poll() is None, "the kill should land mid-stitch"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(final.parent.glob(".*tmp-*")) and not final.exists()
+
+    r = cli("stitch", "-w", ws, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout)["slides"][0]["state"] == "done"
+    assert final.exists() and not list(final.parent.glob(".*tmp-*"))
