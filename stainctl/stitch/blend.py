@@ -37,6 +37,7 @@ class Canvas:
         self.background = np.asarray(background, np.uint8)
         self.written = store.written() if written is None else written
         lay = self.layout
+        self._row_buffer: np.ndarray | None = None
         out, fade_in = ramps(lay.blend)
         # cv2.blendLinear wants full-size weight maps.
         self._w_cols = (np.tile(out, (lay.side, 1)), np.tile(fade_in, (lay.side, 1)))
@@ -79,7 +80,10 @@ class Canvas:
         if not present.any():
             band[:] = self.background
             return band
-        tiles = self.store.read_row(r)
+        if self._row_buffer is None:
+            self._row_buffer = np.empty((lay.cols, s, s, 3), np.uint8)
+        # Safe to reuse: the band copies what it needs before the next row is read.
+        tiles = self.store.read_row(r, out=self._row_buffer)
         for c in range(lay.cols):
             left = c * lay.stride - m
             if left >= width:

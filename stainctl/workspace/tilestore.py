@@ -85,6 +85,19 @@ class StoreLayout:
                              f"{self.width} x {self.height} canvas")
 
 
+def _plain_blosc_layout(meta: Any) -> bool:
+    """True when chunks are single tiles at c/<row>/<col>/0/0/0, encoded bytes -> blosc."""
+    try:
+        names = [c.to_dict()["name"] for c in meta.codecs]
+        encoding = meta.chunk_key_encoding.to_dict()
+        chunks = tuple(meta.chunk_grid.chunk_shape)
+    except (AttributeError, KeyError):
+        return False
+    return (names == ["bytes", "blosc"] and encoding["name"] == "default"
+            and encoding.get("configuration", {}).get("separator") == "/"
+            and chunks[:2] == (1, 1) and chunks[2:] == tuple(meta.shape[2:]))
+
+
 def layout_for_grid(slide: Any, grid: Any, margin: int) -> StoreLayout:
     """The store layout for a slide's grid (manifest rows), with `margin` px of context."""
     scale = grid["target_mpp"] / slide["mpp"]
@@ -106,6 +119,7 @@ class TileStore:
         self.layout = StoreLayout(**attrs["layout"])
         self.meta: dict[str, Any] = attrs.get("meta", {})
         self.generation: str = attrs["generation"]
+        self._direct = _plain_blosc_layout(array.metadata)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], layout: StoreLayout,
@@ -190,9 +204,38 @@ class TileStore:
     def read(self, col: int, row: int) -> np.ndarray:
         return np.asarray(self._array[row, col])
 
-    def read_row(self, row: int) -> np.ndarray:
-        """All tiles of one grid row, (cols, side, side, 3); absent tiles read as zeros."""
-        return np.asarray(self._array[row])
+    def read_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
+        """All tiles of one grid row, (cols, side, side, 3); absent tiles read as zeros.
+
+        With `out` (a C-contiguous uint8 array of that shape), the row is decoded into it: reusing
+        one buffer saves a copy and the page faults of a fresh ~100 MB array per row."""
+        if out is None:
+            out = np.empty((self.layout.cols, *self._array.shape[2:]), np.uint8)
+        if self._direct:
+            return self._read_row_direct(row, out)
+        from zarr.core.buffer import default_buffer_prototype
+
+        target = default_buffer_prototype().nd_buffer.from_numpy_array(out)
+        self._array.get_basic_selection((row,), out=target)
+        return out
+
+    def _read_row_direct(self, row: int, out: np.ndarray) -> np.ndarray:
+        """Decode the row's chunk files straight into `out` with numcodecs' Blosc, the codec zarr
+        itself uses: zarr's asynchronous machinery costs ~1 ms per chunk here, three times the
+        decoding, and stitching reads every tile. Only for stores laid out as `create` makes
+        them (checked in `__init__`); a test checks it reads what zarr reads."""
+        from numcodecs import Blosc
+
+        codec = Blosc()
+        base = self.path / "c" / str(row)
+        for col in range(self.layout.cols):
+            try:
+                blob = (base / str(col) / "0" / "0" / "0").read_bytes()
+            except FileNotFoundError:
+                out[col] = 0
+                continue
+            codec.decode(blob, out=out[col])
+        return out
 
 
 def create_for_slide(ws: Workspace, slide: Any, marker: str, margin: int,

@@ -1,0 +1,48 @@
+"""What the benchmarks share: the gigapixel mosaic of real tissue and a timed CLI run."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
+
+
+def mosaic_block() -> np.ndarray:
+    """A 2x2 block of the CMU-1 sample and its mirror images: repeated, it tiles any area with
+    real tissue and no straight repeats at the joins."""
+    import openslide
+
+    src = openslide.OpenSlide(str(SAMPLE))
+    rgb = np.asarray(src.read_region((0, 0), 0, src.dimensions).convert("RGB"))
+    block = np.vstack([np.hstack([rgb, rgb[:, ::-1]]), np.hstack([rgb[::-1], rgb[::-1, ::-1]])])
+    return np.ascontiguousarray(block)
+
+
+def build_slide(path: Path, width: int, height: int) -> None:
+    import pyvips
+
+    img = pyvips.Image.new_from_array(mosaic_block(), interpretation="srgb")
+    img = img.replicate(-(-width // img.width), -(-height // img.height)).crop(0, 0, width, height)
+    tmp = path.with_suffix(".tmp.tif")
+    # xres/yres are pixels per mm in libvips: 0.5 µm/px = 2000 px/mm.
+    img.tiffsave(str(tmp), tile=True, tile_width=512, tile_height=512, pyramid=True,
+                 compression="jpeg", Q=90, xres=2000.0, yres=2000.0, bigtiff=True)
+    os.replace(tmp, path)
+
+
+def run_cli(args: list[str]) -> tuple[float, float]:
+    """Run stainctl in a subprocess; return (seconds, peak RSS in MB) of that process."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "stainctl", *args, "-q"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"stainctl {' '.join(args)} failed")
+    return elapsed, usage.ru_maxrss / 1024
