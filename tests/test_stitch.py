@@ -345,10 +345,16 @@ def test_stitch_refuses_incomplete_tiles_and_bad_options(cli, tmp_path, cmu1):
     r = cli("stitch", "-w", ws)
     assert r.exit_code == 2 and "run `stainctl translate" in r.stderr
     _translate_identity(ws, "ck7", cmu1, finish=False)
-    r = cli("stitch", "-w", ws)
-    assert r.exit_code == 1
-    assert "incomplete" in r.output and "run `stainctl translate` again" in r.output
+    _translate_identity(ws, "he", cmu1)
+    r = cli("stitch", "-w", ws, "--json")
+    assert r.exit_code == 1  # one output failed, the other was made
+    states = {s["message"].split(":")[0]: s["state"] for s in json.loads(r.stdout)["slides"]}
+    assert states == {"ck7": "failed", "he": "done"}
+    assert "incomplete" in r.stdout and "run `stainctl translate` again" in r.stdout
     assert not (ws / "outputs" / "CMU-1-Small-Region.ck7.ome.tif").exists()
+    assert (ws / "outputs" / "CMU-1-Small-Region.he.ome.tif").exists()
+    r = cli("stitch", "-w", ws, "-o", tmp_path / "one.tif")
+    assert r.exit_code == 2 and "names one file" in r.stderr
     assert cli("stitch", "-w", ws, "--compression", "zstd").exit_code == 2
     assert cli("stitch", "-w", ws, "--background", "1,2").exit_code == 2
     assert cli("stitch", "-w", ws, "--marker", "ki67").exit_code == 2
@@ -387,3 +393,25 @@ def test_killed_stitch_leaves_no_output_and_reruns(cli, tmp_path, cmu1):
     r = cli("stitch", "-w", ws, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout)["slides"][0]["state"] == "done"
     assert final.exists() and not list(final.parent.glob(".*tmp-*"))
+
+
+def test_level0_from_the_command_and_a_full_disk(cli, tmp_path, cmu1, monkeypatch):
+    import tiffslide
+
+    ws = tmp_path / "ws"
+    _tiled_workspace(cli, ws)
+    _translate_identity(ws, "he", cmu1)
+    out = tmp_path / "he-l0.ome.tif"
+    assert cli("stitch", "-w", ws, "--level0", "-o", out).exit_code == 0
+    assert tiffslide.TiffSlide(out).dimensions == (2220, 2967)
+
+    import pyvips
+
+    def full(*args, **kwargs):
+        raise pyvips.Error("unable to call tiffsave", "TIFFWrite: No space left on device")
+
+    monkeypatch.setattr(pyvips.Image, "tiffsave", full, raising=False)
+    r = cli("stitch", "-w", ws, "--force", "--json")
+    assert r.exit_code == 1
+    assert "disk full" in json.loads(r.stdout)["slides"][0]["message"]
+    assert not list((ws / "outputs").glob(".*tmp-*"))
