@@ -23,3 +23,7 @@ class SlideError(StainctlError):
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+
+
+class ModelError(UsageError):
+    """A model cannot be used as asked: unknown, weights missing or gated, bad card (exit 2)."""

@@ -6,6 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from stainctl.models.torch_compat import prepare_torchvision
+
+# Before any test imports timm or torchvision (NOTES.md: its CUDA build cannot load on CPU torch).
+prepare_torchvision()
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 CMU1 = DATA / "wsi" / "aperio" / "CMU-1-Small-Region.svs"

@@ -3,13 +3,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated
 
 import typer
 
 from stainctl import __version__
+from stainctl.cli import embed, models, planned, status, stitch, tile
 from stainctl.cli import filter as filter_cmd
-from stainctl.cli import planned, status, stitch, tile
 
 app = typer.Typer(
     name="stainctl",
@@ -39,14 +40,19 @@ def root(
     """Turn H&E whole-slide images into virtual IHC slides, in batches."""
 
 
-app.command("tile")(tile.tile)
-app.command("filter")(filter_cmd.filter_tiles)
-for _name, _what in planned.PLANNED.items():
-    app.command(_name, context_settings={"allow_extra_args": True,
-                                         "ignore_unknown_options": True})(
-        planned.make(_name, _what))
-app.command("stitch")(stitch.stitch)
-app.command("status")(status.status)
+_BUILT: dict[str, Callable[..., None]] = {
+    "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
+    "stitch": stitch.stitch, "status": status.status}
+# In pipeline order, built or not, so `--help` reads like the workflow.
+for _name in ("tile", "filter", "embed", "train-lora", "translate", "stitch", "evaluate",
+              "status"):
+    if _name in _BUILT:
+        app.command(_name)(_BUILT[_name])
+    else:
+        app.command(_name, context_settings={"allow_extra_args": True,
+                                             "ignore_unknown_options": True})(
+            planned.make(_name, planned.PLANNED[_name]))
+app.add_typer(models.app, name="models")
 
 
 def main() -> None:

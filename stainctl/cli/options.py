@@ -17,3 +17,6 @@ Verbose = Annotated[int, typer.Option(
     "-v", "--verbose", count=True,
     help="More detail, with tracebacks of unexpected errors.")]
 Force = Annotated[bool, typer.Option("--force", help="Redo everything, even what is done.")]
+ModelsDir = Annotated[Path | None, typer.Option(
+    "--models-dir", envvar="STAINCTL_MODELS", file_okay=False,
+    help="Your models directory (cards and weights); default ~/.local/share/stainctl/models.")]

@@ -7,7 +7,6 @@ from collections.abc import Callable
 import typer
 
 PLANNED = {
-    "embed": "foundation-model embeddings of kept tiles (UNI2-h and others)",
     "train-lora": "LoRA adaptation of a generator to a new marker from unpaired IHC tiles",
     "translate": "virtual IHC generation of kept tiles",
     "evaluate": "FID/KID/CropFID, DAB stain metrics and a QC report",

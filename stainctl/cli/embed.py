@@ -1,0 +1,50 @@
+"""`stainctl embed`: foundation-model tokens of every kept tile, per slide."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stainctl.cli import options as opt
+from stainctl.cli.output import Output, run_command
+
+
+def embed(
+    workspace: opt.Workspace,
+    encoder: Annotated[str, typer.Option(
+        help="Encoder model (see `stainctl models list`), or a card file.")] = "uni2-h",
+    models_dir: opt.ModelsDir = None,
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="fp32, or bf16 (autocast; faster on GPUs and "
+                                            "CPUs with bf16 instructions).")] = "fp32",
+    readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the network.")]
+    = 2,
+    scheduler: Annotated[str | None, typer.Option(
+        help="Address of a Dask distributed scheduler: slides are spread over its workers "
+             "(e.g. one per GPU); default: this process.")] = None,
+    force: opt.Force = False,
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+) -> None:
+    """Embed every kept tile with a foundation model; float16 arrays per slide (resumable)."""
+    out = Output(json_out, quiet, verbose)
+
+    def body() -> int:
+        from stainctl.cli.render import batch_summary
+        from stainctl.steps.embed import EmbedOptions, embed_slides
+        from stainctl.workspace import Workspace
+
+        options = EmbedOptions(encoder, Path(models_dir) if models_dir else None, batch_size,
+                               device, dtype, scheduler, readers, force)
+        ws = Workspace.open(workspace)
+        with ws.writing("embed", vars(options)), out.progress() as p:
+            result = embed_slides(ws, options, p)
+            ws.partial = bool(result.failed)
+        out.emit(result.as_dict(), lambda: batch_summary(result))
+        return result.exit_code
+
+    run_command(out, body)

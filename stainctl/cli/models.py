@@ -1,0 +1,149 @@
+"""`stainctl models list|show|pull|add`: the model cards, and whether their weights are here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from stainctl.cli import options as opt
+from stainctl.cli.output import Output, run_command
+
+app = typer.Typer(name="models", no_args_is_help=True,
+                  help="Model cards and their weights: list, show, pull, add.")
+
+Name = Annotated[str, typer.Argument(help="Model name (see `stainctl models list`).")]
+
+
+def _status(card: Any, directory: Path) -> list[dict[str, Any]]:
+    from stainctl.models.weights import locate
+
+    out = []
+    for w in card.weights:
+        found = locate(card, w, directory)
+        out.append({"role": w.role, "source": w.source, "gated": w.gated,
+                    "path": str(found.path) if found.path else None, "where": found.where})
+    return out
+
+
+@app.command("list")
+def list_models(models_dir: opt.ModelsDir = None, json_out: opt.Json = False) -> None:
+    """Every known model, and whether all its weights are installed."""
+    out = Output(json_out)
+
+    def body() -> int:
+        from stainctl.models.registry import all_cards
+        from stainctl.models.registry import models_dir as resolve_dir
+
+        directory = resolve_dir(models_dir)
+        rows: list[dict[str, Any]] = []
+        for card in all_cards(directory).values():
+            files = _status(card, directory)
+            missing = [str(f["role"]) for f in files if f["path"] is None]
+            rows.append({"name": card.name, "kind": card.kind, "engine": card.engine,
+                         "marker": card.marker, "installed": not missing, "missing": missing,
+                         "licence": card.licence, "card": str(card.origin)})
+        def human() -> None:
+            typer.echo(f"models directory: {directory}")
+            for r in rows:
+                state = ("installed" if r["installed"]
+                         else "missing " + ", ".join(r["missing"]))
+                what = r["marker"] or r["kind"]
+                typer.echo(f"{r['name']:<22} {what:<8} {r['engine']:<7} {state}")
+
+        out.emit({"models_dir": str(directory), "models": rows}, human)
+        return 0
+
+    run_command(out, body)
+
+
+@app.command("show")
+def show(name: Name, models_dir: opt.ModelsDir = None, json_out: opt.Json = False) -> None:
+    """The card of a model and where each of its weight files is (or how to get it)."""
+    out = Output(json_out)
+
+    def body() -> int:
+        from stainctl.models.registry import get_card
+        from stainctl.models.registry import models_dir as resolve_dir
+        from stainctl.models.weights import locate, missing_message
+
+        directory = resolve_dir(models_dir)
+        card = get_card(name, directory)
+        files = _status(card, directory)
+        data = {**card.as_dict(), "files": files}
+
+        def human() -> None:
+            for key in ("name", "kind", "engine", "marker", "encoder", "input_mpp", "tile_size",
+                        "licence", "intended_use", "training_data", "description"):
+                if data.get(key):
+                    typer.echo(f"{key}: {data[key]}")
+            typer.echo(f"card: {card.origin}")
+            for w in card.weights:
+                found = locate(card, w, directory)
+                where = (f"{found.path} ({found.where})" if found.path
+                         else "MISSING: " + missing_message(card, found, directory))
+                typer.echo(f"  {w.role}: {w.source}\n    {where}")
+
+        out.emit(data, human)
+        return 0
+
+    run_command(out, body)
+
+
+@app.command("pull")
+def pull(name: Name, models_dir: opt.ModelsDir = None, json_out: opt.Json = False) -> None:
+    """Download a model's missing weights into the Hugging Face cache (uses HF_TOKEN)."""
+    out = Output(json_out)
+
+    def body() -> int:
+        from stainctl.models.registry import get_card
+        from stainctl.models.registry import models_dir as resolve_dir
+        from stainctl.models.weights import pull as pull_weights
+
+        directory = resolve_dir(models_dir)
+        card = get_card(name, directory)
+        found = pull_weights(card, directory)
+        files = [{"role": f.weight.role, "path": str(f.path), "where": f.where} for f in found]
+        def human() -> None:
+            for f in files:
+                typer.echo(f"{f['role']}: {f['path']}")
+
+        out.emit({"model": card.name, "files": files}, human)
+        return 0
+
+    run_command(out, body)
+
+
+@app.command("add")
+def add(
+    card_file: Annotated[Path, typer.Argument(help="A model card (.toml or .json).",
+                                              exists=True, dir_okay=False)],
+    weights: Annotated[list[Path] | None, typer.Option(
+        "--weights", help="A weight file to copy beside the card (repeatable).",
+        exists=True, dir_okay=False)] = None,
+    models_dir: opt.ModelsDir = None,
+    json_out: opt.Json = False,
+) -> None:
+    """Register your own model: the card (and weights) are copied into the models directory."""
+    out = Output(json_out)
+
+    def body() -> int:
+        import shutil
+
+        from stainctl.models.card import load_card
+        from stainctl.models.registry import models_dir as resolve_dir
+        from stainctl.workspace.atomic import atomic_path
+
+        card = load_card(card_file)  # refuse a bad card before copying anything
+        target = resolve_dir(models_dir) / card.name
+        for w in weights or []:
+            with atomic_path(target / w.name) as tmp:
+                shutil.copyfile(w, tmp)
+        with atomic_path(target / f"card{card_file.suffix}") as tmp:
+            shutil.copyfile(card_file, tmp)
+        out.emit({"model": card.name, "directory": str(target)},
+                 lambda: typer.echo(f"added {card.name} in {target}"))
+        return 0
+
+    run_command(out, body)

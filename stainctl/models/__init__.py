@@ -1,0 +1,1 @@
+"""Model cards, weight resolution and the foundation-model encoders."""

@@ -1,0 +1,113 @@
+"""Model cards: what a model is, what it needs, where its weights come from, what it is for.
+
+A card is a TOML (or JSON) file. Cards for public models ship in `stainctl/models/cards/`; a user's
+own cards live in the models directory (`--models-dir`, env STAINCTL_MODELS).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from stainctl.errors import ModelError
+
+KINDS = ("encoder", "marker")
+
+
+@dataclass(frozen=True)
+class WeightFile:
+    """One file of weights: a local path, or a file of a Hugging Face hub repository."""
+
+    role: str  # what it is for: "encoder", "transformer", "vae", "lora", "flow_mlp", ...
+    filename: str
+    repo: str = ""  # hub repository id, e.g. "MahmoodLab/UNI2-h"
+    revision: str = "main"
+    subfolder: str = ""
+    sha256: str = ""  # verified when given
+    gated: bool = False  # the hub repository asks users to accept its licence first
+    path: str = ""  # local file; relative paths are relative to the card
+
+    @property
+    def source(self) -> str:
+        if self.path:
+            return self.path
+        sub = f"{self.subfolder}/" if self.subfolder else ""
+        return f"hf://{self.repo}/{sub}{self.filename}@{self.revision}"
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    name: str
+    kind: str  # "encoder" or "marker"
+    engine: str  # how it runs: "timm" (encoders), "pixcell", "fast"
+    input_mpp: float  # µm/px of the tiles it takes
+    tile_size: int  # px a side of the tiles it takes, at input_mpp
+    licence: str
+    intended_use: str
+    training_data: str
+    description: str = ""
+    marker: str = ""  # the stain a marker model makes, e.g. "her2"
+    encoder: str = ""  # the card name of the encoder a marker model is conditioned on
+    architecture: dict[str, Any] = field(default_factory=dict)  # engine build parameters
+    weights: tuple[WeightFile, ...] = ()
+    origin: Path | None = None  # the card file
+
+    def weight(self, role: str) -> WeightFile:
+        for w in self.weights:
+            if w.role == role:
+                return w
+        raise ModelError(f"model {self.name} has no {role!r} weights in its card {self.origin}")
+
+    def as_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weights"}
+        out["origin"] = str(self.origin) if self.origin else None
+        out["weights"] = [vars(w) for w in self.weights]
+        return out
+
+
+def load_card(path: str | Path) -> ModelCard:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        data = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
+    except FileNotFoundError:
+        raise ModelError(f"no model card at {path}") from None
+    except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ModelError(f"{path} is not a valid model card: {err}") from None
+    return card_from_dict(data, path)
+
+
+def card_from_dict(data: dict[str, Any], origin: Path | None = None) -> ModelCard:
+    where = origin or "the model card"
+    data = dict(data)
+    raw_weights = data.pop("weights", [])
+    known = {f.name for f in fields(ModelCard)} - {"weights", "origin"}
+    unknown = set(data) - known
+    if unknown:
+        raise ModelError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    try:
+        weights = tuple(WeightFile(**w) for w in raw_weights)
+        card = ModelCard(**data, weights=weights, origin=origin)
+    except TypeError as err:
+        raise ModelError(f"{where}: {err}") from None
+    _validate(card, where)
+    return card
+
+
+def _validate(card: ModelCard, where: object) -> None:
+    if card.kind not in KINDS:
+        raise ModelError(f"{where}: kind must be one of {', '.join(KINDS)}, got {card.kind!r}")
+    if not card.name or not card.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        raise ModelError(f"{where}: a model name may hold letters, digits, '.', '-' and '_'")
+    if card.input_mpp <= 0 or card.tile_size < 16:
+        raise ModelError(f"{where}: input_mpp must be positive and tile_size at least 16")
+    if card.kind == "marker" and not card.marker:
+        raise ModelError(f"{where}: a marker model must name its marker")
+    for w in card.weights:
+        if not w.path and not w.repo:
+            raise ModelError(f"{where}: weights {w.role!r} need a local path or a hub repo")
+        if w.sha256 and len(w.sha256) != 64:
+            raise ModelError(f"{where}: weights {w.role!r}: sha256 must be 64 hex digits")

@@ -1,0 +1,51 @@
+"""Where model cards are found: the cards shipped with stainctl, then the user's models directory.
+
+The models directory holds one folder per added model (`<dir>/<name>/card.toml` and its weight
+files). It is `--models-dir`, else $STAINCTL_MODELS, else ~/.local/share/stainctl/models.
+A user's card with the name of a shipped one overrides it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from stainctl.errors import ModelError
+from stainctl.models.card import ModelCard, load_card
+
+SHIPPED = Path(__file__).parent / "cards"
+
+
+def models_dir(explicit: str | os.PathLike[str] | None = None) -> Path:
+    if explicit:
+        return Path(explicit).expanduser()
+    env = os.environ.get("STAINCTL_MODELS")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or "~/.local/share"
+    return Path(base).expanduser() / "stainctl" / "models"
+
+
+def all_cards(directory: Path | None = None) -> dict[str, ModelCard]:
+    cards = {}
+    for path in sorted(SHIPPED.glob("*.toml")):
+        card = load_card(path)
+        cards[card.name] = card
+    directory = directory or models_dir()
+    if directory.is_dir():
+        for path in sorted([*directory.glob("*/card.toml"), *directory.glob("*/card.json")]):
+            card = load_card(path)
+            cards[card.name] = card
+    return cards
+
+
+def get_card(name: str, directory: Path | None = None) -> ModelCard:
+    """A card by name, or a card file given by path."""
+    if name.endswith((".toml", ".json")) and Path(name).is_file():
+        return load_card(name)
+    cards = all_cards(directory)
+    if name not in cards:
+        known = ", ".join(sorted(cards))
+        raise ModelError(f"unknown model {name!r}; known models: {known}. "
+                         "Add your own with `stainctl models add CARD.toml`")
+    return cards[name]

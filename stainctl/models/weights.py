@@ -1,0 +1,162 @@
+"""Finding, fetching, checking and loading weight files.
+
+Resolution order for each file of a card: its explicit local path, the models directory
+(`<dir>/<model>/<file name>`), the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub). Nothing
+is downloaded except by `pull`, so every other command works offline and fails at once, with a
+message naming the model, the file and the command that gets it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stainctl.errors import ModelError
+from stainctl.models.card import ModelCard, WeightFile
+
+
+@dataclass(frozen=True)
+class Resolved:
+    weight: WeightFile
+    path: Path | None  # None: not installed
+    where: str  # "card path", "models dir", "hub cache" or why it is missing
+
+
+def hub_cache() -> Path:
+    """The hub cache as huggingface_hub defines it, read now (its own constant is read once, at
+    import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    home = os.environ.get("HF_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or "~/.cache", "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def locate(card: ModelCard, weight: WeightFile, directory: Path) -> Resolved:
+    if weight.path:
+        path = Path(weight.path).expanduser()
+        if not path.is_absolute() and card.origin is not None:
+            path = card.origin.parent / path
+        if path.is_file():
+            return Resolved(weight, path, "card path")
+        return Resolved(weight, None, f"the card's path {path} does not exist")
+    local = directory / card.name / Path(weight.filename).name
+    if local.is_file():
+        return Resolved(weight, local, "models dir")
+    cached = _from_hub_cache(weight)
+    if cached is not None:
+        return Resolved(weight, cached, "hub cache")
+    return Resolved(weight, None, "not downloaded")
+
+
+def resolve(card: ModelCard, role: str, directory: Path, *, verify: bool = True) -> Path:
+    """The local file of a card's weights, or a ModelError saying how to get it."""
+    found = locate(card, card.weight(role), directory)
+    if found.path is None:
+        raise ModelError(missing_message(card, found, directory))
+    if verify and found.weight.sha256:
+        check_sha256(found.path, found.weight.sha256, card.name)
+    return found.path
+
+
+def missing_message(card: ModelCard, found: Resolved, directory: Path) -> str:
+    w = found.weight
+    if w.path:
+        return (f"model {card.name}: its {w.role} weights are missing ({found.where}); fix the "
+                f"path in {card.origin}")
+    how = f"run `stainctl models pull {card.name}`"
+    if w.gated:
+        how += (f" after accepting the licence at https://huggingface.co/{w.repo} and setting "
+                "HF_TOKEN to a token of that account")
+    return (f"model {card.name}: the {w.role} weights {w.source} are not installed; {how}, or "
+            f"put the file at {directory / card.name / Path(w.filename).name}")
+
+
+def _from_hub_cache(weight: WeightFile) -> Path | None:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        path = hf_hub_download(weight.repo, weight.filename, subfolder=weight.subfolder or None,
+                               revision=weight.revision, cache_dir=hub_cache(),
+                               local_files_only=True)
+    except (LocalEntryNotFoundError, HFValidationError, FileNotFoundError):
+        return None
+    return Path(str(path))
+
+
+def pull(card: ModelCard, directory: Path) -> list[Resolved]:
+    """Download what is missing into the hub cache (HF_TOKEN is used for gated repositories)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+    )
+
+    out = []
+    for weight in card.weights:
+        found = locate(card, weight, directory)
+        if found.path is None and not weight.path:
+            try:
+                path = hf_hub_download(weight.repo, weight.filename,
+                                       subfolder=weight.subfolder or None,
+                                       revision=weight.revision, cache_dir=hub_cache())
+            except GatedRepoError:
+                raise ModelError(
+                    f"model {card.name}: {weight.repo} is gated; accept its licence at "
+                    f"https://huggingface.co/{weight.repo} and set HF_TOKEN to a token of that "
+                    "account, then pull again") from None
+            except RepositoryNotFoundError:
+                raise ModelError(f"model {card.name}: the hub has no repository {weight.repo} "
+                                 "(or it is private: set HF_TOKEN)") from None
+            except (LocalEntryNotFoundError, OSError) as err:
+                raise ModelError(
+                    f"model {card.name}: could not download {weight.source} ({err}); check the "
+                    "network and HF_HUB_OFFLINE, or copy the file to "
+                    f"{directory / card.name / Path(weight.filename).name}") from None
+            found = Resolved(weight, Path(str(path)), "hub cache")
+        if found.path is not None and weight.sha256:
+            check_sha256(found.path, weight.sha256, card.name)
+        out.append(found)
+    return out
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, model: str) -> None:
+    actual = sha256_of(path)
+    if actual != expected.lower():
+        raise ModelError(f"model {model}: {path} has sha256 {actual}, the card expects "
+                         f"{expected}; the file is corrupt or another version: delete it and "
+                         "pull again")
+
+
+def load_state_dict(path: Path) -> dict[str, Any]:
+    """Tensors from safetensors, or from a PyTorch file without unpickling arbitrary objects."""
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return dict(load_file(str(path)))
+    import torch
+
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors of many kinds: one message
+        raise ModelError(f"{path} is not a loadable weights file ({type(err).__name__}: {err})"
+                         "; only safetensors and plain PyTorch state dicts are accepted") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
+                                                                         dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
