@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_command
+from stainctl.cli.output import Output, run_batch
 
 
 def embed(
@@ -31,20 +31,9 @@ def embed(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Embed every kept tile with a foundation model; float16 arrays per slide (resumable)."""
-    out = Output(json_out, quiet, verbose)
+    from stainctl.steps.embed import EmbedOptions, embed_slides
 
-    def body() -> int:
-        from stainctl.cli.render import batch_summary
-        from stainctl.steps.embed import EmbedOptions, embed_slides
-        from stainctl.workspace import Workspace
-
-        options = EmbedOptions(encoder, Path(models_dir) if models_dir else None, batch_size,
-                               device, dtype, scheduler, readers, force)
-        ws = Workspace.open(workspace)
-        with ws.writing("embed", vars(options)), out.progress() as p:
-            result = embed_slides(ws, options, p)
-            ws.partial = bool(result.failed)
-        out.emit(result.as_dict(), lambda: batch_summary(result))
-        return result.exit_code
-
-    run_command(out, body)
+    options = EmbedOptions(encoder, Path(models_dir) if models_dir else None, batch_size,
+                           device, dtype, scheduler, readers, force)
+    run_batch(Output(json_out, quiet, verbose), workspace, "embed", vars(options),
+              lambda ws, progress: embed_slides(ws, options, progress))

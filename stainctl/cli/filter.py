@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_command
+from stainctl.cli.output import Output, run_batch
 
 
 def filter_tiles(
@@ -29,24 +29,10 @@ def filter_tiles(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Compute the tile quality metrics (resumable) and set keep/reject from the thresholds."""
-    out = Output(json_out, quiet, verbose)
+    from stainctl.quality.metrics import FilterThresholds
+    from stainctl.steps.filter import FilterOptions, filter_slides
 
-    def body() -> int:
-        from stainctl.cli.render import batch_summary
-        from stainctl.errors import UsageError
-        from stainctl.quality.metrics import FilterThresholds
-        from stainctl.steps.filter import FilterOptions, filter_slides
-        from stainctl.workspace import Workspace
-
-        if batch_size < 1 or (workers is not None and workers < 1):
-            raise UsageError("--batch-size and --workers must be at least 1")
-        options = FilterOptions(FilterThresholds(min_laplacian, min_saturated, max_white),
-                                scheduler, workers, batch_size, force)
-        ws = Workspace.open(workspace)
-        with ws.writing("filter", vars(options)), out.progress() as p:
-            result = filter_slides(ws, options, p)
-            ws.partial = bool(result.failed)
-        out.emit(result.as_dict(), lambda: batch_summary(result))
-        return result.exit_code
-
-    run_command(out, body)
+    options = FilterOptions(FilterThresholds(min_laplacian, min_saturated, max_white),
+                            scheduler, workers, batch_size, force)
+    run_batch(Output(json_out, quiet, verbose), workspace, "filter", vars(options),
+              lambda ws, progress: filter_slides(ws, options, progress))

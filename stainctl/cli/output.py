@@ -84,6 +84,25 @@ def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
     raise typer.Exit(code)
 
 
+def run_batch(out: Output, workspace: Any, command: str, params: dict[str, Any],
+              step: Callable[[Any, Any], Any]) -> NoReturn:
+    """The body of a batch command over an existing workspace: hold the writer lock, run
+    `step(ws, progress)`, record the run (partial if some slides failed), print the summary."""
+
+    def body() -> int:
+        from stainctl.cli.render import batch_summary
+        from stainctl.workspace import Workspace
+
+        ws = Workspace.open(workspace)
+        with ws.writing(command, params), out.progress() as progress:
+            result = step(ws, progress)
+            ws.partial = bool(result.failed)
+        out.emit(result.as_dict(), lambda: batch_summary(result))
+        return int(result.exit_code)
+
+    run_command(out, body)
+
+
 def _disk_full(err: BaseException) -> bool:
     import errno
 

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_command
+from stainctl.cli.output import Output, run_batch
 
 
 def stitch(
@@ -37,38 +37,27 @@ def stitch(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Blend each slide's translated tiles and write a pyramidal slide with a PNG thumbnail."""
+    from stainctl.steps.stitch import StitchOptions, stitch_slides
+    from stainctl.stitch.pyramid import PyramidOptions
+
     out = Output(json_out, quiet, verbose)
-
-    def body() -> int:
-        from stainctl.cli.render import batch_summary
-        from stainctl.steps.stitch import StitchOptions, stitch_slides
-        from stainctl.stitch.pyramid import PyramidOptions
-        from stainctl.workspace import Workspace
-
-        options = StitchOptions(
-            pyramid=PyramidOptions(fmt, compression, quality, tile),
-            markers=tuple(marker or ()), output=output, level0=level0,
-            background=_rgb(background), force=force)
-        options.pyramid.validate()
-        ws = Workspace.open(workspace)
-        with ws.writing("stitch", vars(options)), out.progress() as p:
-            result = stitch_slides(ws, options, p)
-            ws.partial = bool(result.failed)
-        out.emit(result.as_dict(), lambda: batch_summary(result))
-        return result.exit_code
-
-    run_command(out, body)
+    options = StitchOptions(
+        pyramid=PyramidOptions(fmt, compression, quality, tile),
+        markers=tuple(marker or ()), output=output, level0=level0,
+        background=_rgb(out, background), force=force)
+    run_batch(out, workspace, "stitch", vars(options),
+              lambda ws, progress: stitch_slides(ws, options, progress))
 
 
-def _rgb(text: str | None) -> tuple[int, int, int] | None:
-    from stainctl.errors import UsageError
-
+def _rgb(out: Output, text: str | None) -> tuple[int, int, int] | None:
     if text is None:
         return None
     try:
         r, g, b = (int(v) for v in text.split(","))
+        if all(0 <= v <= 255 for v in (r, g, b)):
+            return r, g, b
     except ValueError:
-        raise UsageError(f"--background must be R,G,B (e.g. 245,245,245), got {text!r}") from None
-    if not all(0 <= v <= 255 for v in (r, g, b)):
-        raise UsageError(f"--background values must be in 0..255, got {text!r}")
-    return r, g, b
+        pass
+    out.error(f"--background must be R,G,B with values in 0..255 (e.g. 245,245,245), "
+              f"got {text!r}")
+    raise typer.Exit(2)

@@ -118,8 +118,9 @@ class TileEncoder:
                               antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
-    def encode(self, tiles: np.ndarray) -> Any:
-        """(B, H, W, 3) uint8 tiles -> float32 (B, tokens, dim) on the CPU."""
+    def encode(self, tiles: np.ndarray, half: bool = False) -> Any:
+        """(B, H, W, 3) uint8 tiles -> (B, tokens, dim) on the CPU, float32 (float16 with
+        `half`: what is stored, and half the bytes to copy back from a GPU)."""
         import torch
 
         b = tiles.shape[0]
@@ -132,7 +133,7 @@ class TileEncoder:
                 feats = self.network.forward_features(x)
                 feats = feats[:, self.network.num_prefix_tokens:]
                 out = feats.reshape(b, -1, self.dim)
-        return out.float().cpu()
+        return (out.half() if half else out.float()).cpu()
 
     def _autocast(self) -> Any:
         import contextlib

@@ -207,7 +207,7 @@ def run_job(job: EmbedJob, encoder: Any = None,
     """Embed one slide and write its files; errors come back in the result, for the driver."""
     try:
         encoder = encoder or _encoder(job.card, job.models_dir, job.device, job.dtype)
-        shape = _embed_to_files(job, encoder, advance or (lambda n: None))
+        shape = embed_to_files(job, encoder, advance or (lambda n: None))
         return JobResult(job.slide_id, len(job.tiles), shape)
     except SlideError as err:
         return JobResult(job.slide_id, error=err.reason)
@@ -216,7 +216,7 @@ def run_job(job: EmbedJob, encoder: Any = None,
         return JobResult(job.slide_id, error=unexpected(err))
 
 
-def _embed_to_files(job: EmbedJob, encoder: Any, advance: Callable[[int], None]
+def embed_to_files(job: EmbedJob, encoder: Any, advance: Callable[[int], None]
                     ) -> tuple[int, ...]:
     from stainctl.slide.tiles import TileSource
 
@@ -230,7 +230,7 @@ def _embed_to_files(job: EmbedJob, encoder: Any, advance: Callable[[int], None]
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         start = 0
         for batch in _read_ahead(source, job.tiles, job.batch_size, job.readers):
-            out[start:start + len(batch)] = encoder.encode(batch).numpy().astype(np.float16)
+            out[start:start + len(batch)] = encoder.encode(batch, half=True).numpy()
             start += len(batch)
             advance(len(batch))
         out.flush()

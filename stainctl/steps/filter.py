@@ -31,6 +31,8 @@ def filter_slides(ws: Workspace, options: FilterOptions,
     from stainctl.slide.tiles import TileSource
 
     progress = progress or SilentProgress()
+    if options.batch_size < 1 or (options.workers is not None and options.workers < 1):
+        raise UsageError("--batch-size and --workers must be at least 1")
     m = ws.manifest
     result = BatchResult("filter")
     params = options.thresholds.as_dict()
