@@ -221,3 +221,23 @@ def test_weights_that_do_not_fit_the_card_are_named(hub, tmp_path):
     torch.save({"nonsense": torch.ones(1)}, hub / "models" / "tiny-uni2h" / "pytorch_model.bin")
     with pytest.raises(ModelError, match="does not fit the card"):
         load_encoder(get_card("tiny-uni2h", hub / "models"), hub / "models", device="cpu")
+
+
+def test_pull_of_a_gated_model_says_how_to_get_access(hub, monkeypatch):
+    import httpx2
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError
+
+    from stainctl.models.weights import pull
+
+    real = huggingface_hub.hf_hub_download
+
+    def gated(repo, filename, **kwargs):
+        if kwargs.get("local_files_only"):  # the cache lookup before downloading
+            return real(repo, filename, **kwargs)
+        response = httpx2.Response(401, request=httpx2.Request("GET", "https://huggingface.co"))
+        raise GatedRepoError(f"{repo} is gated", response=response)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", gated)
+    with pytest.raises(ModelError, match=r"huggingface\.co/MahmoodLab/UNI2-h.*HF_TOKEN"):
+        pull(get_card("uni2-h"), hub / "models")
