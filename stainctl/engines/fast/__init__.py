@@ -1,0 +1,1 @@
+"""The `fast` engine: a compact feed-forward generator that runs on a CPU."""
