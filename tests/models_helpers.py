@@ -72,3 +72,44 @@ def install_tiny(models_dir: Path, tmp: Path, name: str = "tiny-uni2h", depth: i
     save_weights(card, target / "pytorch_model.bin")
     (target / "card.toml").write_text(card.read_text())
     return target / "card.toml"
+
+
+FAST_CARD = """
+name = "{name}"
+kind = "marker"
+engine = "fast"
+marker = "{marker}"
+input_mpp = 0.5
+tile_size = 512
+licence = "test"
+intended_use = "tests"
+training_data = "none: random weights"
+
+[architecture]
+margin = 32
+
+[[weights]]
+role = "generator"
+path = "generator.safetensors"
+"""
+
+
+def install_fast(models_dir: Path, name: str = "test-ki67", marker: str = "ki67",
+                 seed: int = 0) -> Path:
+    """A randomly initialised fast generator installed as a user's marker model."""
+    import torch
+
+    from stainctl.engines.fast.model import FastConfig, FastGenerator
+    from stainctl.engines.fast.train import export
+
+    torch.manual_seed(seed)
+    gen = FastGenerator(FastConfig(markers=(marker,)))
+    with torch.no_grad():  # give FiLM weights, so the output is not the input
+        for p in gen.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    target = models_dir / name
+    target.mkdir(parents=True, exist_ok=True)
+    export(gen, target / "generator.safetensors")
+    (target / "card.toml").write_text(FAST_CARD.format(name=name, marker=marker))
+    return target / "card.toml"

@@ -22,7 +22,7 @@ class WeightFile:
     """One file of weights: a local path, or a file of a Hugging Face hub repository."""
 
     role: str  # what it is for: "encoder", "transformer", "vae", "lora", "flow_mlp", ...
-    filename: str
+    filename: str = ""  # in the hub repository
     repo: str = ""  # hub repository id, e.g. "MahmoodLab/UNI2-h"
     revision: str = "main"
     subfolder: str = ""
@@ -107,7 +107,8 @@ def _validate(card: ModelCard, where: object) -> None:
     if card.kind == "marker" and not card.marker:
         raise ModelError(f"{where}: a marker model must name its marker")
     for w in card.weights:
-        if not w.path and not w.repo:
-            raise ModelError(f"{where}: weights {w.role!r} need a local path or a hub repo")
+        if not w.path and not (w.repo and w.filename):
+            raise ModelError(f"{where}: weights {w.role!r} need a local path or a hub repo "
+                             "and filename")
         if w.sha256 and len(w.sha256) != 64:
             raise ModelError(f"{where}: weights {w.role!r}: sha256 must be 64 hex digits")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,3 +44,24 @@ def read_tile(slide: Slide, x: int, y: int, extent0: float, size: int) -> np.nda
         return region
     interp = cv2.INTER_AREA if n > size else cv2.INTER_LINEAR
     return cv2.resize(region, (size, size), interpolation=interp)
+
+
+def read_batches(source: TileSource, coords: np.ndarray, batch_size: int,
+                 readers: int) -> Iterator[np.ndarray]:
+    """(B, size, size, 3) batches of the tiles at level-0 `coords` (N, 2), in order, read by
+    `readers` threads up to `readers + 1` batches ahead of the consumer (a model, on the
+    previous batch)."""
+
+    def read(i: int) -> np.ndarray:
+        return np.stack([source.read(int(x), int(y)) for x, y in coords[i:i + batch_size]])
+
+    starts = iter(range(0, len(coords), batch_size))
+    with ThreadPoolExecutor(readers) as pool:
+        pending: list[Future[np.ndarray]] = [
+            pool.submit(read, i) for _, i in zip(range(readers + 1), starts, strict=False)]
+        while pending:
+            batch = pending.pop(0).result()
+            nxt = next(starts, None)
+            if nxt is not None:
+                pending.append(pool.submit(read, nxt))
+            yield batch

@@ -11,7 +11,6 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,7 +217,7 @@ def run_job(job: EmbedJob, encoder: Any = None,
 
 def embed_to_files(job: EmbedJob, encoder: Any, advance: Callable[[int], None]
                     ) -> tuple[int, ...]:
-    from stainctl.slide.tiles import TileSource
+    from stainctl.slide.tiles import TileSource, read_batches
 
     source = TileSource(job.slide_path, job.extent0, job.tile_size)
     n = len(job.tiles)
@@ -229,35 +228,10 @@ def embed_to_files(job: EmbedJob, encoder: Any, advance: Callable[[int], None]
     with atomic_path(emb_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         start = 0
-        for batch in _read_ahead(source, job.tiles, job.batch_size, job.readers):
+        for batch in read_batches(source, job.tiles[:, 1:], job.batch_size, job.readers):
             out[start:start + len(batch)] = encoder.encode(batch, half=True).numpy()
             start += len(batch)
             advance(len(batch))
         out.flush()
         del out
     return shape
-
-
-def _read_ahead(source: Any, tiles: np.ndarray, batch_size: int,
-                readers: int) -> Iterator[np.ndarray]:
-    """Batches of tiles in order, read by `readers` threads up to two batches ahead."""
-    starts = range(0, len(tiles), batch_size)
-
-    def read(i: int) -> np.ndarray:
-        chunk = tiles[i:i + batch_size]
-        return np.stack([source.read(int(x), int(y)) for _, x, y in chunk])
-
-    with ThreadPoolExecutor(readers) as pool:
-        pending: list[Future[np.ndarray]] = []
-        it = iter(starts)
-        for i in it:
-            pending.append(pool.submit(read, i))
-            if len(pending) > readers + 1:
-                break
-        while pending:
-            batch = pending.pop(0).result()
-            nxt = next(it, None)
-            if nxt is not None:
-                pending.append(pool.submit(read, nxt))
-            yield batch
-

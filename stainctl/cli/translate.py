@@ -1,0 +1,71 @@
+"""`stainctl translate`: H&E slides -> virtual IHC slides (the main job), or, on a workspace,
+the translation step alone."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from stainctl.cli import options as opt
+from stainctl.cli.output import Output, run_batch, run_command
+
+
+def translate(
+    slides: Annotated[list[str] | None, typer.Argument(
+        help="Slides to take through tile, filter, translate and stitch; none: translate the "
+             "filtered slides of -w.")] = None,
+    marker: Annotated[str, typer.Option(
+        "--marker", "-m", help="A marker model (e.g. demo-ki67), or a stain with an installed "
+                               "model (e.g. ki67).")] = "demo-ki67",
+    output: Annotated[Path, typer.Option(
+        "-o", "--output", help="Where the slides and side-by-side PNGs go (with SLIDES).")]
+    = Path("stainctl-out"),
+    workspace: Annotated[Path | None, typer.Option(
+        "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
+        help="Workspace; default with SLIDES: OUTPUT/workspace.")] = None,
+    models_dir: opt.ModelsDir = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
+    readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the model.")] = 2,
+    fmt: Annotated[str, typer.Option("--format", help="ome-tiff or tiff (with SLIDES).")]
+    = "ome-tiff",
+    mpp: Annotated[float | None, typer.Option(
+        help="Pixel size in µm/px for slides without it (PNG/JPEG).")] = None,
+    force: opt.Force = False,
+    json_out: opt.Json = False,
+    quiet: opt.Quiet = False,
+    verbose: opt.Verbose = 0,
+) -> None:
+    """Generate a virtual IHC slide from each H&E slide (or translate a workspace's tiles)."""
+    from stainctl.steps.translate import TranslateOptions
+
+    out = Output(json_out, quiet, verbose)
+    options = TranslateOptions(marker, Path(models_dir) if models_dir else None, device,
+                               batch_size, readers, force)
+    if not slides:
+        if workspace is None:
+            out.error("give slides, or a workspace with -w to translate its filtered tiles")
+            raise typer.Exit(2)
+        from stainctl.steps.translate import translate_slides
+
+        run_batch(out, workspace, "translate", vars(options),
+                  lambda ws, progress: translate_slides(ws, options, progress))
+
+    def body() -> int:
+        from stainctl.cli.render import batch_summary
+        from stainctl.slide.inputs import expand_slides
+        from stainctl.steps.pipeline import run_main_job
+        from stainctl.workspace import Workspace
+
+        requests = expand_slides(slides or [], mpp)
+        ws = Workspace.open(workspace or output / "workspace", create=True)
+        with ws.writing("translate", {"slides": slides, **vars(options)}), \
+                out.progress() as progress:
+            result = run_main_job(ws, requests, options, output.resolve(), fmt, progress)
+            ws.partial = bool(result.failed)
+        out.emit(result.as_dict(), lambda: batch_summary(result))
+        return result.exit_code
+
+    run_command(out, body)

@@ -1,0 +1,76 @@
+"""The main job in one command: tile -> filter -> translate -> stitch, then side-by-side PNGs.
+
+Each step is the same resumable step the separate commands run, on one workspace; a slide that
+fails at any step is reported with that step's reason and the others go on.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from stainctl.slide.grid import GridParams
+from stainctl.slide.inputs import SlideRequest
+from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
+from stainctl.steps.translate import TranslateOptions
+from stainctl.workspace import Workspace, atomic_path
+
+
+def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
+                 output: Path, fmt: str = "ome-tiff",
+                 progress: Progress | None = None) -> BatchResult:
+    from stainctl.models.registry import models_dir
+    from stainctl.steps.filter import FilterOptions, filter_slides
+    from stainctl.steps.stitch import StitchOptions, stitch_slides
+    from stainctl.steps.tile import TileOptions, tile_slides
+    from stainctl.steps.translate import marker_model, translate_slides
+    from stainctl.stitch.pyramid import PyramidOptions
+
+    progress = progress or SilentProgress()
+    card = marker_model(options.marker, models_dir(options.models_dir))
+    options = TranslateOptions(card.name, options.models_dir, options.device,
+                               options.batch_size, options.readers, options.force)
+    grid = GridParams(target_mpp=card.input_mpp, tile_size=card.tile_size)
+    failed: dict[str, SlideOutcome] = {}
+
+    def keep_failures(result: BatchResult) -> None:
+        for o in result.failed:
+            failed.setdefault(o.slide, o)
+
+    keep_failures(tile_slides(ws, requests, TileOptions(grid=grid, force=options.force),
+                              progress))
+    keep_failures(filter_slides(ws, FilterOptions(force=options.force), progress))
+    keep_failures(translate_slides(ws, options, progress))
+    stitched = stitch_slides(ws, StitchOptions(PyramidOptions(fmt), (card.name,), output,
+                                               force=options.force), progress)
+    keep_failures(stitched)
+    result = BatchResult("translate")
+    for o in stitched.slides:
+        if o.state == "failed" or o.slide in failed:
+            continue
+        o.details["side_by_side"] = str(side_by_side(ws, o.slide, Path(o.details["thumbnail"])))
+        result.slides.append(SlideOutcome(o.slide, o.path, "done", o.message, o.details))
+    result.slides.extend(failed.values())
+    return result
+
+
+def side_by_side(ws: Workspace, key: str, thumbnail: Path) -> Path:
+    """H&E thumbnail | virtual IHC thumbnail, at the same height, beside the output."""
+    import cv2
+
+    he = cv2.imread(str(ws.slide_dir(key) / "thumbnail.png"))
+    ihc = cv2.imread(str(thumbnail))
+    if he is None or ihc is None:
+        raise FileNotFoundError(f"thumbnails of {key} are missing")
+    h = min(he.shape[0], ihc.shape[0], 1024)
+
+    def fit(im: np.ndarray) -> np.ndarray:
+        return cv2.resize(im, (round(im.shape[1] * h / im.shape[0]), h),
+                          interpolation=cv2.INTER_AREA)
+
+    gap = np.full((h, 8, 3), 255, np.uint8)
+    path = thumbnail.with_name(thumbnail.stem + ".side-by-side.png")
+    with atomic_path(path) as tmp:
+        cv2.imwrite(str(tmp), np.hstack([fit(he), gap, fit(ihc)]))
+    return path

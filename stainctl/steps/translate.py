@@ -1,0 +1,166 @@
+"""`translate`: every kept tile through a marker model, into the slide's tile store.
+
+Tiles are read with the model's context margin on each side; the generated tiles (margin
+included) go to WS/slides/<slide>/translated/<model>.zarr, which `stitch` blends. A killed run
+resumes with the tiles the store lacks. Tiles the filter rejected are not translated: `stitch`
+fills them with the background colour.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stainctl.errors import ModelError, SlideError, UsageError
+from stainctl.steps.report import (
+    BatchResult,
+    Progress,
+    SilentProgress,
+    SlideOutcome,
+    params_hash,
+    unexpected,
+)
+from stainctl.workspace import Workspace
+
+log = logging.getLogger(__name__)
+MPP_TOLERANCE = 0.1
+BACKGROUND = (240, 240, 238)  # the near-white glass of a DAB/haematoxylin slide
+
+
+@dataclass(frozen=True)
+class TranslateOptions:
+    marker: str  # a marker model's name, or a stain (ki67, ck7...) with an installed model
+    models_dir: Path | None = None
+    device: str = "auto"
+    batch_size: int = 8
+    readers: int = 2
+    force: bool = False
+
+
+def marker_model(marker: str, directory: Path) -> Any:
+    """The card for `--marker`: a model of that name, or an installed model for that stain."""
+    from stainctl.models.registry import all_cards
+    from stainctl.models.weights import locate
+
+    cards = all_cards(directory)
+    if marker in cards and cards[marker].kind == "marker":
+        return cards[marker]
+    wanted = [c for c in cards.values() if c.kind == "marker" and c.marker == marker.lower()]
+
+    def installed(card: Any) -> bool:
+        return all(locate(card, w, directory).path is not None for w in card.weights)
+
+    for card in wanted:
+        if installed(card):
+            return card
+    have = sorted(f"{c.name} ({c.marker})" for c in cards.values()
+                  if c.kind == "marker" and installed(c))
+    if wanted:
+        return wanted[0]  # its missing weights give the message naming what to pull
+    raise ModelError(
+        f"no model makes {marker!r}; installed marker models: {', '.join(have) or 'none'}. "
+        "Train one (python -m stainctl.engines.fast.train --marker ...; see README) and add it "
+        "with `stainctl models add`, or pull a published one (`stainctl models list`)")
+
+
+def load_engine(card: Any, directory: Path, device: str) -> Any:
+    from stainctl.models.encoders import resolve_device
+
+    if card.engine == "fast":
+        from stainctl.engines.fast.engine import load_fast_engine
+
+        return load_fast_engine(card, directory, resolve_device(device))
+    raise ModelError(f"model {card.name} needs the {card.engine!r} engine, which this version "
+                     "of stainctl does not have yet; use a `fast` model (stainctl models list)")
+
+
+def translate_slides(ws: Workspace, options: TranslateOptions,
+                     progress: Progress | None = None) -> BatchResult:
+    from stainctl.models.registry import models_dir
+
+    progress = progress or SilentProgress()
+    if options.batch_size < 1 or options.readers < 1:
+        raise UsageError("--batch-size and --readers must be at least 1")
+    directory = models_dir(options.models_dir)
+    card = marker_model(options.marker, directory)
+    engine = load_engine(card, directory, options.device)
+    m = ws.manifest
+    ready = [s for s in m.slides()
+             if (st := m.step(s["id"], "filter")) is not None and st["state"] == "done"]
+    if not ready:
+        raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; run "
+                         "`stainctl filter -w WS` first")
+    result = BatchResult("translate")
+    todo = sum(int(m.tile_counts(s["id"])["tiles_tissue"]) for s in ready)
+    progress.start("translate", todo)
+    for s in ready:
+        try:
+            outcome = _translate_one(ws, s, card, engine, options, progress)
+        except Exception as err:  # one bad slide must not stop the batch
+            reason = err.reason if isinstance(err, SlideError) else unexpected(err)
+            log.debug("%s failed", s["path"], exc_info=not isinstance(err, SlideError))
+            m.set_step(s["id"], f"translate:{card.name}", "failed", error=reason,
+                       run_id=ws.run_id)
+            outcome = SlideOutcome(s["key"], s["path"], "failed", reason)
+        result.slides.append(outcome)
+        progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
+    return result
+
+
+def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: TranslateOptions,
+                   progress: Progress) -> SlideOutcome:
+    from stainctl.slide.tiles import TileSource, read_batches
+    from stainctl.workspace.tilestore import TileStore, create_for_slide
+
+    m = ws.manifest
+    grid = m.grid(s["id"])
+    assert grid is not None
+    if abs(grid["target_mpp"] - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
+        raise SlideError(s["path"], f"tiles are at {grid['target_mpp']} µm/px but {card.name} "
+                         f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
+                         f"{card.input_mpp}")
+    side = int(grid["tile_size"]) + 2 * engine.margin
+    if side % engine.multiple:
+        raise SlideError(s["path"], f"{card.name} needs tiles of a multiple of "
+                         f"{engine.multiple} px; re-tile with --tile-size {card.tile_size}")
+    step = f"translate:{card.name}"
+    params = {"model": card.name, "margin": engine.margin, "grid": grid["params_hash"],
+              "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"]}
+    phash = params_hash(params)
+    path = ws.tile_store_path(s["key"], card.name)
+    done = m.step(s["id"], step)
+    if options.force or (done is not None and done["params_hash"] != phash):
+        TileStore.remove(path)  # made with other settings: start again
+    elif done is not None and done["state"] == "done" and path.exists():
+        return SlideOutcome(s["key"], s["path"], "skipped", "already translated",
+                            {"store": str(path)})
+    m.set_step(s["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
+    store = create_for_slide(ws, s, card.name, engine.margin,
+                             {"model": card.name, "background": list(BACKGROUND)})
+    kept = np.asarray(m.db.execute(
+        "SELECT col, row, x, y FROM tiles WHERE slide_id=? AND keep=1 ORDER BY row, col",
+        (s["id"],)).fetchall(), np.int64).reshape(-1, 4)
+    written = store.written()
+    kept = kept[~written[kept[:, 1], kept[:, 0]]]  # resume: only what the store lacks
+    scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
+    margin0 = engine.margin * scale
+    source = TileSource(s["path"], float(grid["extent0"]) + 2 * margin0, side)
+    coords = np.round(kept[:, 2:] - margin0).astype(np.int64)
+    start = 0
+    for batch in read_batches(source, coords, options.batch_size, options.readers):
+        out = engine.translate(batch)
+        for (col, row), tile in zip(kept[start:start + len(batch), :2], out, strict=True):
+            store.write(int(col), int(row), tile)
+        start += len(batch)
+        progress.advance(len(batch))
+    store.finish()
+    m.record_artifact(s["id"], "tile_store", ws.relative(path), phash)
+    m.set_step(s["id"], step, "done", params_hash=phash, params=params, run_id=ws.run_id)
+    total = int(store.written().sum())
+    return SlideOutcome(s["key"], s["path"], "done",
+                        f"{len(kept)} tiles translated ({total} in the store)",
+                        {"store": str(path), "translated_now": len(kept), "tiles": total})

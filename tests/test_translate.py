@@ -1,0 +1,114 @@
+"""`translate`: the main job on the real CMU-1 sample with a fast model, and its training code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+from conftest import CMU1, OME_HE, OME_KI67
+from models_helpers import install_fast
+
+from stainctl.engines.fast.model import FastConfig
+from stainctl.engines.fast.train import TrainConfig, load_image, train
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    directory = tmp_path / "models"
+    install_fast(directory)
+    monkeypatch.setenv("STAINCTL_MODELS", str(directory))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return directory
+
+
+def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
+    import tiffslide
+
+    out = tmp_path / "out"
+    r = cli("translate", CMU1, "--marker", "test-ki67", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    details = json.loads(r.stdout)["slides"][0]["details"]
+    path = Path(details["output"])
+    assert path == out.resolve() / "CMU-1-Small-Region.test-ki67.ome.tif"
+    assert Path(details["side_by_side"]).exists()
+    slide = tiffslide.TiffSlide(path)
+    assert slide.dimensions == (round(2220 * 0.499 / 0.5), round(2967 * 0.499 / 0.5))
+    assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(0.5, rel=0.01)
+    img = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
+
+    # Tissue (from the workspace's own mask) is generated, not background; glass is background.
+    mask = cv2.imread(str(out / "workspace" / "slides" / "CMU-1-Small-Region" /
+                          "tissue_mask.png"), cv2.IMREAD_GRAYSCALE)
+    mask = cv2.resize(mask, slide.dimensions, interpolation=cv2.INTER_NEAREST) > 0
+    far_glass = cv2.erode((~mask).astype(np.uint8), np.ones((301, 301), np.uint8)) > 0
+    background = np.array([240, 240, 238])
+    assert np.abs(img[far_glass].astype(int) - background).mean() < 3
+    assert np.abs(img[mask].astype(int) - background).mean() > 20
+
+    again = json.loads(cli("translate", CMU1, "--marker", "ki67", "-o", out, "--json").stdout)
+    assert again["slides"][0]["state"] == "done"  # stain name -> the installed model
+
+
+def test_translate_resumes_with_missing_tiles(cli, tmp_path, models):
+    ws = tmp_path / "ws"
+    assert cli("tile", CMU1, "-w", ws).exit_code == 0
+    assert cli("filter", "-w", ws).exit_code == 0
+    first = json.loads(cli("translate", "-w", ws, "--marker", "test-ki67", "--json").stdout)
+    total = first["slides"][0]["details"]["tiles"]
+    chunks = sorted((ws / "slides" / "CMU-1-Small-Region" / "translated" /
+                     "test-ki67.zarr" / "c").glob("*/*/0/0/0"))
+    assert len(chunks) == total > 2
+    for c in chunks[:2]:  # as if a kill had left them unwritten
+        c.unlink()
+    from stainctl.workspace import Workspace
+
+    w = Workspace.open(ws)  # a killed run leaves the step "running", same parameters
+    sid = w.manifest.slides()[0]["id"]
+    row = w.manifest.step(sid, "translate:test-ki67")
+    w.manifest.set_step(sid, "translate:test-ki67", "running", params_hash=row["params_hash"],
+                        params=json.loads(row["params"]))
+    w.close()
+    again = json.loads(cli("translate", "-w", ws, "--marker", "test-ki67", "--json").stdout)
+    assert again["slides"][0]["details"]["translated_now"] == 2
+    assert again["slides"][0]["details"]["tiles"] == total
+
+
+def test_unknown_marker_lists_what_is_installed(cli, tmp_path, models):
+    r = cli("translate", CMU1, "--marker", "ck7", "-o", tmp_path / "out")
+    assert r.exit_code == 2
+    assert "no model makes 'ck7'" in r.stderr and "test-ki67 (ki67)" in r.stderr
+    assert "stainctl models add" in r.stderr
+
+
+def test_engine_output_is_deterministic_on_real_tiles(models):
+    from stainctl.models.registry import get_card
+    from stainctl.steps.translate import load_engine
+
+    engine = load_engine(get_card("test-ki67", models), models, "cpu")
+    tiles = np.stack([cv2.resize(load_image(CMU1, 0.5)[800:1376, 400:976], (576, 576))] * 2)
+    a, again, alone = engine.translate(tiles), engine.translate(tiles), engine.translate(tiles[:1])
+    assert a.shape == tiles.shape and a.dtype == np.uint8
+    assert np.array_equal(a, again) and np.array_equal(a[0], a[1])
+    # Another batch size may pick other CPU kernels: at most a rounding step apart.
+    assert np.abs(a[0].astype(int) - alone[0]).max() <= 1
+    assert np.abs(a[0].astype(int) - tiles[0]).mean() > 5  # it did change the image
+
+
+def test_short_training_lowers_the_loss_and_resumes(tmp_path):
+    he = [load_image(CMU1, 0.5), load_image(OME_HE, 0.5)]
+    ihc = [load_image(p, 0.5) for p in OME_KI67]
+    config = TrainConfig(crop=64, batch=2, steps=30, checkpoint_every=15, seed=1,
+                         model=FastConfig(widths=(8, 16, 32), marker_dim=8))
+    _, state = train(he, ihc, config, tmp_path / "run", log=False)
+    d = [h["d"] for h in state.history]
+    assert np.mean(d[-5:]) < np.mean(d[:5])  # the discriminator learns the IHC look
+    # Resuming from the last checkpoint continues the count instead of starting again.
+    longer = TrainConfig(**{**config.__dict__, "steps": 40})
+    _, resumed = train(he, ihc, longer, tmp_path / "run", log=False)
+    assert resumed.step == 40 and len(resumed.history) == 40
+    assert resumed.history[:30] == state.history
+    assert torch.get_rng_state() is not None
