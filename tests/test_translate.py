@@ -46,7 +46,9 @@ def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
     mask = cv2.resize(mask, slide.dimensions, interpolation=cv2.INTER_NEAREST) > 0
     far_glass = cv2.erode((~mask).astype(np.uint8), np.ones((301, 301), np.uint8)) > 0
     background = np.array([240, 240, 238])
-    assert np.abs(img[far_glass].astype(int) - background).mean() < 3
+    # Glass is the background colour, or near it where a tissue tile's own glass was generated.
+    assert far_glass.mean() > 0.2
+    assert np.abs(img[far_glass].astype(int) - background).mean() < 8
     assert np.abs(img[mask].astype(int) - background).mean() > 20
 
     again = json.loads(cli("translate", CMU1, "--marker", "ki67", "-o", out, "--json").stdout)

@@ -31,7 +31,9 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     card = marker_model(options.marker, models_dir(options.models_dir))
     options = TranslateOptions(card.name, options.models_dir, options.device,
                                options.batch_size, options.readers, options.force)
-    grid = GridParams(target_mpp=card.input_mpp, tile_size=card.tile_size)
+    # A low tissue threshold: an edge tile with a little tissue is still translated, so the
+    # virtual slide covers the whole section.
+    grid = GridParams(target_mpp=card.input_mpp, tile_size=card.tile_size, min_tissue=0.05)
     failed: dict[str, SlideOutcome] = {}
 
     def keep_failures(result: BatchResult) -> None:

@@ -1,9 +1,10 @@
-"""`translate`: every kept tile through a marker model, into the slide's tile store.
+"""`translate`: every tissue tile through a marker model, into the slide's tile store.
 
 Tiles are read with the model's context margin on each side; the generated tiles (margin
 included) go to WS/slides/<slide>/translated/<model>.zarr, which `stitch` blends. A killed run
-resumes with the tiles the store lacks. Tiles the filter rejected are not translated: `stitch`
-fills them with the background colour.
+resumes with the tiles the store lacks. All tissue tiles are translated, also those the quality
+filter rejected: the filter chooses tiles for training and evaluation, while a virtual slide must
+cover all of its tissue. Glass tiles are left to `stitch`'s background colour.
 """
 
 from __future__ import annotations
@@ -141,19 +142,19 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
     m.set_step(s["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
     store = create_for_slide(ws, s, card.name, engine.margin,
                              {"model": card.name, "background": list(BACKGROUND)})
-    kept = np.asarray(m.db.execute(
-        "SELECT col, row, x, y FROM tiles WHERE slide_id=? AND keep=1 ORDER BY row, col",
+    todo = np.asarray(m.db.execute(
+        "SELECT col, row, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 ORDER BY row, col",
         (s["id"],)).fetchall(), np.int64).reshape(-1, 4)
     written = store.written()
-    kept = kept[~written[kept[:, 1], kept[:, 0]]]  # resume: only what the store lacks
+    todo = todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what the store lacks
     scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
     margin0 = engine.margin * scale
     source = TileSource(s["path"], float(grid["extent0"]) + 2 * margin0, side)
-    coords = np.round(kept[:, 2:] - margin0).astype(np.int64)
+    coords = np.round(todo[:, 2:] - margin0).astype(np.int64)
     start = 0
     for batch in read_batches(source, coords, options.batch_size, options.readers):
         out = engine.translate(batch)
-        for (col, row), tile in zip(kept[start:start + len(batch), :2], out, strict=True):
+        for (col, row), tile in zip(todo[start:start + len(batch), :2], out, strict=True):
             store.write(int(col), int(row), tile)
         start += len(batch)
         progress.advance(len(batch))
@@ -162,5 +163,5 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
     m.set_step(s["id"], step, "done", params_hash=phash, params=params, run_id=ws.run_id)
     total = int(store.written().sum())
     return SlideOutcome(s["key"], s["path"], "done",
-                        f"{len(kept)} tiles translated ({total} in the store)",
-                        {"store": str(path), "translated_now": len(kept), "tiles": total})
+                        f"{len(todo)} tiles translated ({total} in the store)",
+                        {"store": str(path), "translated_now": len(todo), "tiles": total})
