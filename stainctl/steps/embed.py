@@ -94,8 +94,7 @@ def embed_slides(ws: Workspace, options: EmbedOptions,
                          "(see `stainctl models list`)")
     weights = resolve(card, "encoder", directory)  # fail before any slide if missing
     m = ws.manifest
-    ready = [s for s in m.slides()
-             if (st := m.step(s["id"], "filter")) is not None and st["state"] == "done"]
+    ready = m.slides_done("filter")
     if not ready:
         raise UsageError(f"nothing to embed in {ws.root}: no slide has been filtered; run "
                          "`stainctl filter -w WS` first")

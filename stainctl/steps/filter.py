@@ -37,13 +37,9 @@ def filter_slides(ws: Workspace, options: FilterOptions,
     result = BatchResult("filter")
     params = options.thresholds.as_dict()
     phash = params_hash(params)
-    ready = []
-    for s in m.slides():
-        tile_step = m.step(s["id"], "tile")
-        if tile_step is None or tile_step["state"] != "done":
-            continue
-        ready.append(s)
-        if options.force:
+    ready = m.slides_done("tile")
+    if options.force:
+        for s in ready:
             m.clear_metrics(s["id"])
 
     if not ready:

@@ -90,8 +90,7 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
     card = marker_model(options.marker, directory)
     engine = load_engine(card, directory, options.device)
     m = ws.manifest
-    ready = [s for s in m.slides()
-             if (st := m.step(s["id"], "filter")) is not None and st["state"] == "done"]
+    ready = m.slides_done("filter")
     if not ready:
         raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; run "
                          "`stainctl filter -w WS` first")
@@ -163,5 +162,5 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
     m.set_step(s["id"], step, "done", params_hash=phash, params=params, run_id=ws.run_id)
     total = int(store.written().sum())
     return SlideOutcome(s["key"], s["path"], "done",
-                        f"{len(todo)} tiles translated ({total} in the store)",
+                        f"{len(todo)} tile(s) translated ({total} in the store)",
                         {"store": str(path), "translated_now": len(todo), "tiles": total})

@@ -99,6 +99,12 @@ class Manifest:
     def slides(self) -> list[sqlite3.Row]:
         return list(self.db.execute("SELECT * FROM slides ORDER BY id"))
 
+    def slides_done(self, step: str) -> list[sqlite3.Row]:
+        """The slides whose `step` is done: the input of the next step."""
+        return list(self.db.execute(
+            "SELECT s.* FROM slides s JOIN steps t ON t.slide_id = s.id "
+            "WHERE t.step = ? AND t.state = 'done' ORDER BY s.id", (step,)))
+
     def add_slide(self, path: str, stem: str, fingerprint: str) -> sqlite3.Row:
         """Register a slide (or return the existing row); its key is unique in the workspace."""
         row = self.slide_by_path(path)
