@@ -40,10 +40,19 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         for o in result.failed:
             failed.setdefault(o.slide, o)
 
-    keep_failures(tile_slides(ws, requests, TileOptions(grid=grid, force=options.force),
-                              progress))
-    keep_failures(filter_slides(ws, FilterOptions(force=options.force), progress))
-    keep_failures(translate_slides(ws, options, progress))
+    steps = [
+        ("tile", lambda: tile_slides(ws, requests, TileOptions(grid=grid, force=options.force),
+                                     progress)),
+        ("filter", lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
+        (f"translate:{card.name}", lambda: translate_slides(ws, options, progress)),
+    ]
+    for name, run in steps:
+        keep_failures(run())
+        if not ws.manifest.slides_done(name):
+            # Nothing for the next step: report why the slides failed, not "nothing to do".
+            result = BatchResult("translate")
+            result.slides.extend(failed.values())
+            return result
     stitched = stitch_slides(ws, StitchOptions(PyramidOptions(fmt), (card.name,), output,
                                                force=options.force), progress)
     keep_failures(stitched)
