@@ -85,15 +85,16 @@ def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
 
 
 def run_batch(out: Output, workspace: Any, command: str, params: dict[str, Any],
-              step: Callable[[Any, Any], Any]) -> NoReturn:
-    """The body of a batch command over an existing workspace: hold the writer lock, run
-    `step(ws, progress)`, record the run (partial if some slides failed), print the summary."""
+              step: Callable[[Any, Any], Any], *, create: bool = False) -> NoReturn:
+    """The body of a batch command: open the workspace (`create` it for commands that add
+    slides), hold the writer lock, run `step(ws, progress)`, record the run (partial if some
+    slides failed), print the summary."""
 
     def body() -> int:
         from stainctl.cli.render import batch_summary
         from stainctl.workspace import Workspace
 
-        ws = Workspace.open(workspace)
+        ws = Workspace.open(workspace, create=create)
         with ws.writing(command, params), out.progress() as progress:
             result = step(ws, progress)
             ws.partial = bool(result.failed)

@@ -4,12 +4,12 @@ the translation step alone."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_batch, run_command
+from stainctl.cli.output import Output, run_batch
 
 
 def translate(
@@ -53,19 +53,13 @@ def translate(
         run_batch(out, workspace, "translate", vars(options),
                   lambda ws, progress: translate_slides(ws, options, progress))
 
-    def body() -> int:
-        from stainctl.cli.render import batch_summary
+    def main_job(ws: Any, progress: Any) -> Any:
         from stainctl.slide.inputs import expand_slides
         from stainctl.steps.pipeline import run_main_job
-        from stainctl.workspace import Workspace
 
+        # Inside the run, so a bad slide argument is reported like any other usage error.
         requests = expand_slides(slides or [], mpp)
-        ws = Workspace.open(workspace or output / "workspace", create=True)
-        with ws.writing("translate", {"slides": slides, **vars(options)}), \
-                out.progress() as progress:
-            result = run_main_job(ws, requests, options, output.resolve(), fmt, progress)
-            ws.partial = bool(result.failed)
-        out.emit(result.as_dict(), lambda: batch_summary(result))
-        return result.exit_code
+        return run_main_job(ws, requests, options, output.resolve(), fmt, progress)
 
-    run_command(out, body)
+    run_batch(out, workspace or output / "workspace", "translate",
+              {"slides": slides, **vars(options)}, main_job, create=True)

@@ -171,6 +171,7 @@ def _plan(ws: Workspace, s: Any, card: Any, options: EmbedOptions, directory: Pa
 
 def _run_local(jobs: list[EmbedJob], options: EmbedOptions,
                progress: Progress) -> Iterator[JobResult]:
+    # `options` is unused here; the signature matches _run_distributed, which needs it.
     encoder = None
     for job in jobs:
         if encoder is None:

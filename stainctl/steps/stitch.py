@@ -99,10 +99,10 @@ def _stitch_one(ws: Workspace, slide: Any, marker: str, store_path: Path, out: P
     done = m.step(slide["id"], step)
     if (not options.force and done is not None and done["state"] == "done"
             and done["params_hash"] == phash and out.exists()):
-        thumb = out.with_name(out.name.removesuffix(options.pyramid.suffix) + ".png")
         return SlideOutcome(slide["key"], slide["path"], "skipped",
                             f"{marker}: already stitched to {out}",
-                            {"marker": marker, "output": str(out), "thumbnail": str(thumb)})
+                            {"marker": marker, "output": str(out),
+                             "thumbnail": str(options.pyramid.thumbnail(out))})
 
     m.set_step(slide["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
     overlay = None

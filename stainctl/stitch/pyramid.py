@@ -38,6 +38,10 @@ class PyramidOptions:
     def suffix(self) -> str:
         return ".ome.tif" if self.format == "ome-tiff" else ".tif"
 
+    def thumbnail(self, output: Path) -> Path:
+        """The PNG written beside `output`."""
+        return output.with_name(output.name.removesuffix(self.suffix) + ".png")
+
 
 def save_pyramid(image: Any, path: Path, mpp: float, description: str,
                  options: PyramidOptions) -> None:

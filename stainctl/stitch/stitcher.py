@@ -54,7 +54,7 @@ def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
     width, height = image.width, image.height
     description = _description(name, width, height, mpp, options, annotations)
 
-    thumb = output.with_name(output.name.removesuffix(options.suffix) + ".png")
+    thumb = options.thumbnail(output)
     remove_stale(output)
     remove_stale(thumb)
     with atomic_path(output) as tmp:

@@ -251,7 +251,6 @@ def main(argv: Sequence[str] | None = None) -> None:
                          seed=args.seed, model=FastConfig(markers=(args.marker,)))
     he = [load_image(p, config.mpp, args.default_mpp) for p in args.he]
     ihc = [load_image(p, config.mpp, args.default_mpp) for p in args.ihc]
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     gen, state = train(he, ihc, config, args.out)
     export(gen, args.out / "generator.safetensors")
     (args.out / "history.json").write_text(json.dumps(state.history))
