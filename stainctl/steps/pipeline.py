@@ -60,8 +60,10 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
-        o.details["side_by_side"] = str(side_by_side(ws, o.slide, Path(o.details["thumbnail"])))
-        result.slides.append(SlideOutcome(o.slide, o.path, "done", o.message, o.details))
+        pair = side_by_side(ws, o.slide, Path(o.details["thumbnail"]))
+        o.details["side_by_side"] = str(pair)
+        result.slides.append(SlideOutcome(o.slide, o.path, "done",
+                                          f"{o.message}; H&E beside it: {pair.name}", o.details))
     result.slides.extend(failed.values())
     return result
 
