@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 
 from stainctl import __version__
-from stainctl.cli import embed, models, planned, status, stitch, tile, translate
+from stainctl.cli import embed, evaluate, models, planned, status, stitch, tile, translate
 from stainctl.cli import filter as filter_cmd
 
 app = typer.Typer(
@@ -42,7 +42,8 @@ def root(
 
 _BUILT: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
-    "translate": translate.translate, "stitch": stitch.stitch, "status": status.status}
+    "translate": translate.translate, "stitch": stitch.stitch, "evaluate": evaluate.evaluate,
+    "status": status.status}
 # In pipeline order, built or not, so `--help` reads like the workflow.
 for _name in ("tile", "filter", "embed", "train-lora", "translate", "stitch", "evaluate",
               "status"):

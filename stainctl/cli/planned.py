@@ -8,7 +8,6 @@ import typer
 
 PLANNED = {
     "train-lora": "LoRA adaptation of a generator to a new marker from unpaired IHC tiles",
-    "evaluate": "FID/KID/CropFID, DAB stain metrics and a QC report",
 }
 
 

@@ -33,3 +33,35 @@ def batch_summary(result: Any) -> None:
         typer.echo(f"{states['failed']} slide(s) failed; the others are saved. Fix the cause "
                    "shown above and run the same command again: finished work is skipped.",
                    err=True)
+
+
+def metrics_table(data: dict[str, Any]) -> None:
+    """The ranked metrics of `evaluate`, then failures, caveats and the report's path."""
+    from stainctl.evaluate.report import summary_table
+
+    columns, rows = summary_table(data)
+    real = data["real"]
+    head = (f"real: {real['label']} ({real['images']} images); ranked by "
+            f"{data['rank_by'] or 'nothing measured'}, best first")
+    if sys.stdout.isatty():
+        from rich.console import Console
+        from rich.table import Table
+
+        table = Table(title=head, title_justify="left")
+        for col in ("rank", "generated set", "images", *columns):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["rank"]), r["label"], str(r["images"]), *r["cells"])
+        Console().print(table)
+    else:
+        typer.echo(head)
+        for r in rows:
+            cells = "; ".join(f"{c} {v}" for c, v in zip(columns, r["cells"], strict=True))
+            typer.echo(f"  {r['rank']}. {r['label']} ({r['images']} images): {cells}")
+    for f in data["fakes"]:
+        if f.get("error"):
+            typer.echo(f"failed: {f['label']}: {f['error']}", err=True)
+    for c in data["caveats"]:
+        typer.echo(f"caveat: {c}")
+    if data.get("report"):
+        typer.echo(f"report: {data['report']}")

@@ -28,6 +28,15 @@ class SeamScore:
 def seam_score(image: np.ndarray, xs: Sequence[int], ys: Sequence[int]) -> SeamScore:
     """`image`: (H, W) grey or (H, W, C); `xs`/`ys`: first column/row of each tile after a
     border (the step measured is between pixel x-1 and x)."""
+    border_sum, border_n, inside_sum, inside_n = seam_sums(image, xs, ys)
+    return SeamScore(border_sum / max(border_n, 1), inside_sum / max(inside_n, 1),
+                     len({x for x in xs if 0 < x < image.shape[1]})
+                     + len({y for y in ys if 0 < y < image.shape[0]}))
+
+
+def seam_sums(image: np.ndarray, xs: Sequence[int],
+              ys: Sequence[int]) -> tuple[float, int, float, int]:
+    """Sums and counts of the border and interior steps, to pool over many tiles of a slide."""
     grey = image.astype(np.float32)
     if grey.ndim == 3:
         grey = grey.mean(axis=2)
@@ -38,9 +47,5 @@ def seam_score(image: np.ndarray, xs: Sequence[int], ys: Sequence[int]) -> SeamS
     by = np.zeros(h - 1, bool)
     bx[[x - 1 for x in xs if 0 < x < w]] = True
     by[[y - 1 for y in ys if 0 < y < h]] = True
-    border_sum = dx[:, bx].sum() + dy[by].sum()
-    border_n = dx[:, bx].size + dy[by].size
-    inside_sum = dx[:, ~bx].sum() + dy[~by].sum()
-    inside_n = dx[:, ~bx].size + dy[~by].size
-    return SeamScore(float(border_sum / max(border_n, 1)), float(inside_sum / max(inside_n, 1)),
-                     int(bx.sum() + by.sum()))
+    return (float(dx[:, bx].sum() + dy[by].sum()), int(dx[:, bx].size + dy[by].size),
+            float(dx[:, ~bx].sum() + dy[~by].sum()), int(dx[:, ~bx].size + dy[~by].size))

@@ -113,7 +113,8 @@ def _stitch_one(ws: Workspace, slide: Any, marker: str, store_path: Path, out: P
         overlay = Overlay(int(slide["width"]), int(slide["height"]), float(slide["mpp"]))
     annotations = {"source": slide["path"], "marker": marker,
                    "model": str(store.meta.get("model", "unknown")),
-                   "tile_store": ws.relative(store_path), "stainctl": _version()}
+                   "tile_store": ws.relative(store_path), "stainctl": _version(),
+                   "grid": _grid_annotation(store.layout, overlay)}
     res = stitch_store(store, out, options=options.pyramid,
                        background=(int(background[0]), int(background[1]), int(background[2])),
                        name=Path(slide["path"]).name, annotations=annotations, overlay=overlay)
@@ -125,6 +126,13 @@ def _stitch_one(ws: Workspace, slide: Any, marker: str, store_path: Path, out: P
         f"{marker}: {res.width} x {res.height} px at {res.mpp:.4g} µm/px -> {res.path}",
         {"marker": marker, "output": str(res.path), "thumbnail": str(res.thumbnail),
          "width": res.width, "height": res.height, "mpp": res.mpp, "tiles": res.tiles})
+
+
+def _grid_annotation(layout: Any, overlay: Any) -> str:
+    """Where tiles meet in the output's pixels, so `evaluate` can measure seams later."""
+    scale = layout.mpp / overlay.mpp if overlay is not None else 1.0
+    return (f"stride={layout.stride * scale:.8g},offset={layout.overlap // 2 * scale:.8g},"
+            f"cols={layout.cols},rows={layout.rows}")
 
 
 def _version() -> str:

@@ -1,0 +1,338 @@
+"""The image sets `evaluate` compares: folders of images, stitched slides, or workspaces.
+
+Each set is a list of lazily loaded tiles with stable keys (for pairing and for showing the same
+tile across models), so a set of thousands of 1024-px tiles never sits in memory at once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from stainctl.errors import UsageError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
+SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".bif", ".vms", ".dcm")
+WORKSPACE_MANIFEST = "manifest.sqlite"
+
+
+@dataclass(frozen=True)
+class SourceOptions:
+    tile_size: int = 1024  # tiles sampled from slides, as in the CK7 study
+    tile_mpp: float | None = None  # None: the slide's own level-0 resolution
+    min_tissue: float = 0.5
+    marker: str | None = None  # workspaces given as --fake: whose translated tiles
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # unique in its set: "<slide>/<tile>" or the image's path in its folder
+    group: str  # slide key (or "" for folder images): for per-slide summaries
+    load: Callable[[], np.ndarray] = field(compare=False, repr=False)
+    # Tile-border lines inside this image (x columns, y rows), for the seam score.
+    borders: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    path: Path | None = None  # the image file, for folder images (pairs CSV, landmarks)
+
+
+@dataclass(frozen=True)
+class SlidePreview:
+    key: str
+    ihc: Path  # the (virtual or real) IHC slide
+    he: Path | None  # its H&E source, where known
+
+
+@dataclass
+class ImageSet:
+    label: str
+    path: Path
+    kind: str  # folder | slide | workspace
+    items: list[Item]
+    previews: list[SlidePreview] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+def open_set(path: str | Path, options: SourceOptions, *, fake: bool) -> ImageSet:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"{p}: no such file or folder; give a folder of images, a slide or a "
+                         "workspace")
+    if (p / WORKSPACE_MANIFEST).is_file():
+        return _workspace_set(p, options, fake=fake)
+    if p.is_dir():
+        return _folder_set(p)
+    return _slide_set([p], options, label=p.name, path=p)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """RGB uint8 of an image file (PNG/JPEG via OpenCV; TIFF via tifffile, OME included)."""
+    import cv2
+
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        arr = tifffile.imread(path, level=0, series=0) if _is_tiff(path) else None
+        if arr is None:
+            raise UsageError(f"{path}: not a TIFF image")
+        arr = np.asarray(arr)
+        if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
+            arr = np.moveaxis(arr, 0, -1)
+    else:
+        raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        if raw is None:
+            raise UsageError(f"{path}: cannot be decoded as an image")
+        arr = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB if raw.ndim == 3 and raw.shape[2] == 3
+                           else cv2.COLOR_BGRA2RGB if raw.ndim == 3 else cv2.COLOR_GRAY2RGB)
+    if arr.dtype != np.uint8:
+        raise UsageError(f"{path}: {arr.dtype} pixels; evaluate needs 8-bit RGB images")
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    return np.ascontiguousarray(arr[..., :3])
+
+
+def _is_tiff(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+
+
+def _folder_set(folder: Path) -> ImageSet:
+    files = sorted(f for f in folder.rglob("*")
+                   if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+                   and not any(part.endswith(".zarr") for part in f.parts))
+    if not files:
+        raise UsageError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}) in this folder")
+    items = [Item(str(f.relative_to(folder).with_suffix("")), "", _loader(f), path=f)
+             for f in files]
+    return ImageSet(folder.name, folder, "folder", items)
+
+
+def _loader(path: Path) -> Callable[[], np.ndarray]:
+    return lambda: read_image(path)
+
+
+# --- slides -----------------------------------------------------------------------------------
+def _slide_set(paths: list[Path], options: SourceOptions, *, label: str, path: Path,
+               previews: list[SlidePreview] | None = None) -> ImageSet:
+    items: list[Item] = []
+    for p in paths:
+        items.extend(slide_tiles(p, options))
+    if not items:
+        raise UsageError(f"{path}: no tile of {options.tile_size} px with at least "
+                         f"{options.min_tissue:.0%} tissue; lower --min-tissue or --tile-size")
+    found = previews if previews is not None else [
+        SlidePreview(p.name.split(".")[0], p, _source_of(p)) for p in paths]
+    return ImageSet(label, path, "slide", items, found)
+
+
+def slide_tiles(path: Path, options: SourceOptions) -> list[Item]:
+    """Tiles of `tile_size` px on the tissue of a slide, row-major; stainctl's own outputs
+    carry their tile grid, which gives each tile its seam lines."""
+    from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
+    from stainctl.slide.reader import open_slide
+    from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
+    from stainctl.slide.tiles import TileSource
+    from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
+
+    slide = open_slide(path)
+    try:
+        mpp = slide.require_mpp()
+        w0, h0 = slide.dimensions
+        tmpp = thumbnail_mpp(mpp, w0, h0)
+        thumb = read_thumbnail(slide, tmpp)
+        check_brightfield(thumb, path, allow_dark=False)
+        mask = tissue_mask(thumb, tmpp, TissueParams())
+    finally:
+        slide.close()
+    target = options.tile_mpp or mpp
+    grid = make_grid(w0, h0, mpp, GridParams(target, options.tile_size, 0, options.min_tissue))
+    frac = tissue_fractions(mask, w0, h0, grid)
+    xs, ys = grid.origins()
+    source = TileSource(str(path), grid.extent0, options.tile_size)
+    lines = stitched_borders(path)
+    scale = grid.extent0 / options.tile_size  # level-0 px per tile px
+    if lines is not None:
+        # Sampled on the stitch's own grid, tile edges would coincide with its borders; half a
+        # tile off, the borders fall inside the tiles, where their steps can be measured.
+        shift = round(grid.extent0 / 2)
+        xs, ys = xs + shift, ys + shift
+    stem = path.name.split(".")[0]
+    items = []
+    for x, y, f in zip(xs, ys, frac, strict=True):
+        if f < options.min_tissue or x + grid.extent0 > w0 or y + grid.extent0 > h0:
+            continue  # partial edge tiles would bring glass padding into the statistics
+        borders = None
+        if lines is not None:
+            borders = (_inside(lines[0], x, scale, options.tile_size),
+                       _inside(lines[1], y, scale, options.tile_size))
+        items.append(Item(f"{stem}/x{x}_y{y}", stem,
+                          _tile_loader(source, int(x), int(y)), borders))
+    return items
+
+
+def _tile_loader(source: object, x: int, y: int) -> Callable[[], np.ndarray]:
+    return lambda: source.read(x, y)  # type: ignore[attr-defined]
+
+
+def _inside(lines: np.ndarray, origin: int, scale: float, size: int) -> tuple[int, ...]:
+    pos = np.round((lines - origin) / scale).astype(int)
+    return tuple(int(p) for p in pos if 0 < p < size)
+
+
+def stitched_borders(path: Path) -> tuple[np.ndarray, np.ndarray] | None:
+    """Level-0 x and y of the tile borders of a slide stitched by stainctl (from the `grid`
+    annotation it writes), else None."""
+    meta = stitched_annotations(path)
+    if "grid" not in meta:
+        return None
+    try:
+        fields = dict(part.split("=", 1) for part in meta["grid"].split(","))
+        stride, offset = float(fields["stride"]), float(fields["offset"])
+        cols, rows = int(fields["cols"]), int(fields["rows"])
+    except (KeyError, ValueError):
+        return None
+    xs = offset + stride * np.arange(1, cols)
+    ys = offset + stride * np.arange(1, rows)
+    return xs, ys
+
+
+def stitched_annotations(path: Path) -> dict[str, str]:
+    """The key-value annotations stainctl writes into a stitched slide (OME MapAnnotation or
+    the plain TIFF description); {} for other files."""
+    import xml.etree.ElementTree as ET
+
+    import tifffile
+
+    if not path.is_file() or not _is_tiff(path):
+        return {}
+    try:
+        with tifffile.TiffFile(path) as tif:
+            description = str(getattr(tif.pages[0], "description", "") or "")
+    except (tifffile.TiffFileError, OSError, IndexError):
+        return {}
+    if description.lstrip().startswith("<?xml") and "stainctl" in description:
+        try:
+            root = ET.fromstring(description.encode())
+        except ET.ParseError:
+            return {}
+        return {m.get("K", ""): m.text or "" for m in root.iter() if m.tag.endswith("}M")}
+    if description.startswith("stainctl virtual"):
+        parts = (p.strip() for p in description.split(";"))
+        return dict(p.split("=", 1) for p in parts if "=" in p)
+    return {}
+
+
+def _source_of(path: Path) -> Path | None:
+    source = stitched_annotations(path).get("source")
+    return Path(source) if source and Path(source).exists() else None
+
+
+# --- workspaces -------------------------------------------------------------------------------
+def _workspace_set(root: Path, options: SourceOptions, *, fake: bool) -> ImageSet:
+    from stainctl.workspace.workspace import Workspace
+
+    ws = Workspace.open(root)
+    try:
+        if fake:
+            if not options.marker:
+                raise UsageError(f"{root} is a workspace: name the translated tiles to evaluate "
+                                 "with --marker")
+            return _translated_set(ws, options.marker)
+        return _kept_set(ws)
+    finally:
+        ws.close()
+
+
+def _kept_set(ws: object) -> ImageSet:
+    """A workspace as real images: the tiles the quality filter kept."""
+    from stainctl.slide.tiles import TileSource
+
+    root: Path = ws.root  # type: ignore[attr-defined]
+    m = ws.manifest  # type: ignore[attr-defined]
+    items: list[Item] = []
+    for s in m.slides():
+        g = m.grid(s["id"])
+        if g is None:
+            continue
+        source = TileSource(s["path"], float(g["extent0"]), int(g["tile_size"]))
+        for t in m.db.execute("SELECT col, row, x, y FROM tiles WHERE slide_id=? AND keep=1 "
+                              "ORDER BY row, col", (s["id"],)):
+            items.append(Item(f"{s['key']}/c{t['col']}_r{t['row']}", s["key"],
+                              _tile_loader(source, int(t["x"]), int(t["y"]))))
+    if not items:
+        raise UsageError(f"{root}: no kept tiles; run `stainctl tile` and `stainctl filter` on "
+                         "the real slides first")
+    return ImageSet(root.name, root, "workspace", items)
+
+
+def _translated_set(ws: object, marker: str) -> ImageSet:
+    """A workspace as generated images: the translated tiles of `marker` (margins cropped)."""
+    from stainctl.workspace.tilestore import TileStore
+
+    root: Path = ws.root  # type: ignore[attr-defined]
+    m = ws.manifest  # type: ignore[attr-defined]
+    items: list[Item] = []
+    previews: list[SlidePreview] = []
+    for s in m.slides():
+        path = ws.tile_store_path(s["key"], marker)  # type: ignore[attr-defined]
+        if not path.is_dir():
+            continue
+        store = TileStore.open(path, writable=False)
+        written = store.written()
+        for row, col in zip(*np.nonzero(written), strict=True):
+            items.append(Item(f"{s['key']}/c{col}_r{row}", s["key"],
+                              _store_loader(path, int(col), int(row), store.layout.margin,
+                                            store.layout.tile_size)))
+        for a in m.db.execute("SELECT path FROM artifacts WHERE slide_id=? AND kind='stitched' "
+                              "AND stale=0", (s["id"],)):
+            out = root / a["path"] if not Path(a["path"]).is_absolute() else Path(a["path"])
+            if f".{marker}." in out.name and out.exists():
+                previews.append(SlidePreview(s["key"], out, Path(s["path"])))
+                break
+    if not items:
+        raise UsageError(f"{root}: no translated {marker} tiles; run `stainctl translate -w "
+                         f"{root} --marker {marker}` first")
+    return ImageSet(f"{root.name}:{marker}", root, "workspace", items, previews)
+
+
+def _store_loader(path: Path, col: int, row: int, margin: int,
+                  size: int) -> Callable[[], np.ndarray]:
+    def load() -> np.ndarray:
+        from stainctl.workspace.tilestore import TileStore
+
+        tile = TileStore.open(path, writable=False).read(col, row)
+        return np.ascontiguousarray(tile[margin:margin + size, margin:margin + size])
+
+    return load
+
+
+def equal_subsets(sets: list[ImageSet], limit: int | None, seed: int = 0) -> list[list[Item]]:
+    """The same number of items from every set, chosen deterministically: all of the smallest
+    set (up to `limit`), a seeded sample of the larger ones, in key order."""
+    n = min(len(s) for s in sets)
+    if limit is not None:
+        n = min(n, limit)
+    out = []
+    for s in sets:
+        items = sorted(s.items, key=lambda i: i.key)
+        if len(items) > n:
+            rng = np.random.default_rng(seed)
+            idx = np.sort(rng.choice(len(items), size=n, replace=False))
+            items = [items[i] for i in idx]
+        out.append(items)
+    return out
+
+
+def crop_boxes(shape: tuple[int, int], size: int, count: int, seed: int,
+               index: int) -> list[tuple[int, int, int]]:
+    """`count` random square crops (y, x, side) of a (H, W) image: the same for the same seed
+    and image index, whatever order images are processed in."""
+    h, w = shape
+    side = min(size, h, w)
+    rng = np.random.default_rng([seed, index])
+    ys = rng.integers(0, h - side + 1, size=count)
+    xs = rng.integers(0, w - side + 1, size=count)
+    return [(int(y), int(x), side) for y, x in zip(ys, xs, strict=True)]
