@@ -12,7 +12,6 @@ from conftest import ROOT
 
 from stainctl import __version__
 from stainctl.cli.docs import expected_files
-from stainctl.cli.planned import PLANNED
 
 HEAVY = ("torch", "dask", "distributed", "pyvips", "numpy", "cv2", "openslide", "tiffslide")
 
@@ -41,11 +40,11 @@ def test_version(cli):
     assert r.exit_code == 0 and r.stdout.strip() == f"stainctl {__version__}"
 
 
-@pytest.mark.parametrize("name", list(PLANNED))
-def test_unbuilt_commands_say_so_and_exit_2(cli, name):
-    r = cli(name, "slide.svs", "--marker", "ck7")
-    assert r.exit_code == 2
-    assert "not built yet" in r.stderr and "nothing was done" in r.stderr
+def test_train_lora_for_an_unbuilt_engine_says_so_and_exits_2(cli, tmp_path):
+    r = cli("train-lora", "--engine", "pixcell", "--marker", "ck7", "--he", "a.svs",
+            "--ihc", "b.svs", "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "not built yet" in r.stderr
+    assert not (tmp_path / "m").exists()
 
 
 def test_usage_errors_exit_2(cli, tmp_path):

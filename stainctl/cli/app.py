@@ -9,7 +9,16 @@ from typing import Annotated
 import typer
 
 from stainctl import __version__
-from stainctl.cli import embed, evaluate, models, planned, status, stitch, tile, translate
+from stainctl.cli import (
+    embed,
+    evaluate,
+    models,
+    status,
+    stitch,
+    tile,
+    train_lora,
+    translate,
+)
 from stainctl.cli import filter as filter_cmd
 
 app = typer.Typer(
@@ -40,19 +49,13 @@ def root(
     """Turn H&E whole-slide images into virtual IHC slides, in batches."""
 
 
-_BUILT: dict[str, Callable[..., None]] = {
+# In pipeline order, so `--help` reads like the workflow.
+COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
-    "translate": translate.translate, "stitch": stitch.stitch, "evaluate": evaluate.evaluate,
-    "status": status.status}
-# In pipeline order, built or not, so `--help` reads like the workflow.
-for _name in ("tile", "filter", "embed", "train-lora", "translate", "stitch", "evaluate",
-              "status"):
-    if _name in _BUILT:
-        app.command(_name)(_BUILT[_name])
-    else:
-        app.command(_name, context_settings={"allow_extra_args": True,
-                                             "ignore_unknown_options": True})(
-            planned.make(_name, planned.PLANNED[_name]))
+    "train-lora": train_lora.train_lora, "translate": translate.translate,
+    "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "status": status.status}
+for _name, _command in COMMANDS.items():
+    app.command(_name)(_command)
 app.add_typer(models.app, name="models")
 
 

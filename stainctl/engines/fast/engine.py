@@ -22,7 +22,9 @@ class FastEngine:
         self.device = torch.device(device)
         self.generator = generator.eval().to(self.device)
         self.marker = card.marker
-        self.index = generator.marker_index(card.marker)
+        # An adapted model renders through its base model's marker embedding.
+        self.index = generator.marker_index(str(card.architecture.get("base_marker",
+                                                                      card.marker)))
         # Context on each side of a tile: the generator is fully convolutional, so more context
         # means fewer border effects and a wider band to blend neighbours over.
         self.margin = int(card.architecture.get("margin", 32))
@@ -45,6 +47,25 @@ class FastEngine:
 
 
 def load_fast_engine(card: ModelCard, directory: Path, device: str = "cpu") -> FastEngine:
+    """The card's generator; for a LoRA-adapted card (`base` in its architecture), the base
+    model's generator with the card's adapter merged in."""
+    base = card.architecture.get("base")
+    if not base:
+        return FastEngine(card, load_generator(card, directory), device)
+    from stainctl.engines.fast.lora import load_adapted
+    from stainctl.models.registry import get_card
+    from stainctl.models.weights import resolve
+
+    base_card = get_card(str(base), directory)
+    if base_card.engine != "fast" or base_card.architecture.get("base"):
+        raise ModelError(f"model {card.name}: its base {base_card.name} must be a plain "
+                         "`fast` model")
+    generator = load_adapted(load_generator(base_card, directory),
+                             resolve(card, "adapter", directory))
+    return FastEngine(card, generator, device)
+
+
+def load_generator(card: ModelCard, directory: Path) -> Any:
     from safetensors import safe_open
 
     from stainctl.engines.fast.model import FastConfig, FastGenerator
@@ -67,4 +88,4 @@ def load_fast_engine(card: ModelCard, directory: Path, device: str = "cpu") -> F
     except RuntimeError as err:
         raise ModelError(f"model {card.name}: {path} does not fit its own config "
                          f"({str(err).splitlines()[0]})") from None
-    return FastEngine(card, generator, device)
+    return generator

@@ -24,6 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -154,14 +155,20 @@ class TrainState:
 
 
 def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConfig,
-          out: Path, log: bool = True) -> tuple[FastGenerator, TrainState]:
+          out: Path, log: bool = True,
+          generator: nn.Module | None = None) -> tuple[nn.Module, TrainState]:
+    """Train a new generator, or only the trainable parameters of `generator` (a base model
+    with LoRA adapters, whose other weights are frozen)."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    model_config = config.model if config.marker in config.model.markers else \
-        FastConfig(**{**asdict(config.model), "markers": (config.marker,)})
-    gen = FastGenerator(model_config)
+    if generator is None:
+        model_config = config.model if config.marker in config.model.markers else \
+            FastConfig(**{**asdict(config.model), "markers": (config.marker,)})
+        generator = FastGenerator(model_config)
+    gen: Any = generator
     disc = PatchDiscriminator()
-    opt_g = torch.optim.Adam(gen.parameters(), lr=config.lr, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam([p for p in gen.parameters() if p.requires_grad], lr=config.lr,
+                             betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(0.5, 0.999))
     state = TrainState(0, [])
     out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +220,7 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
     return gen, state
 
 
-def save_checkpoint(path: Path, gen: FastGenerator, disc: nn.Module, opt_g: torch.optim.Optimizer,
+def save_checkpoint(path: Path, gen: nn.Module, disc: nn.Module, opt_g: torch.optim.Optimizer,
                     opt_d: torch.optim.Optimizer, state: TrainState) -> None:
     from stainctl.workspace.atomic import atomic_path
 
@@ -252,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     he = [load_image(p, config.mpp, args.default_mpp) for p in args.he]
     ihc = [load_image(p, config.mpp, args.default_mpp) for p in args.ihc]
     gen, state = train(he, ihc, config, args.out)
-    export(gen, args.out / "generator.safetensors")
+    export(gen, args.out / "generator.safetensors")  # type: ignore[arg-type]
     (args.out / "history.json").write_text(json.dumps(state.history))
     print(f"done: {state.step} steps, {parameter_count(gen) / 1e6:.2f} M parameters -> "
           f"{args.out / 'generator.safetensors'}")
