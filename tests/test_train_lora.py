@@ -75,3 +75,16 @@ def test_train_lora_cli_makes_a_model_translate_can_use(cli, tmp_path, monkeypat
     r = cli("translate", CMU1, "--marker", "ki67-test", "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "CMU-1-Small-Region.ki67-test.ome.tif").exists()
+
+
+def test_a_stopped_adaptation_resumes_from_its_checkpoint(tmp_path):
+    from dataclasses import replace
+
+    options = AdaptOptions(name="r", marker="ki67", base="demo-ki67", he=(OME_HE,),
+                           ihc=(OME_KI67[1],), out=tmp_path / "r", models_dir=tmp_path,
+                           steps=2, batch_size=1, crop=64)
+    adapt(options, log=False)
+    first = json.loads((tmp_path / "r" / "history.json").read_text())
+    adapt(replace(options, steps=3), log=False)  # as a re-run after a kill at step 2
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    assert [h["step"] for h in history] == [1, 2, 3] and history[:2] == first
