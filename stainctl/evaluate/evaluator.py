@@ -255,7 +255,8 @@ def _rank(fakes: list[SetResult]) -> tuple[str | None, list[str]]:
     for name in RANK_BY:
         values = [_rank_value(f.metrics, name) for f in ok]
         if ok and all(v is not None for v in values):
-            order = sorted(range(len(ok)), key=lambda i: values[i])  # type: ignore[arg-type,return-value]
+            scores = [float(v or 0.0) for v in values]
+            order = sorted(range(len(ok)), key=scores.__getitem__)
             return name, [ok[i].label for i in order]
     return None, [f.label for f in ok]
 

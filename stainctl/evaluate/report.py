@@ -133,11 +133,10 @@ def _figures(evaluation: Evaluation, folder: Path, seed: int) -> list[dict[str, 
         out.append({"title": f"Best and worst tiles: {f.label}", "file": name,
                     "caption": "By a proxy badness score: low saturation spread, repetition "
                                "(shifted autocorrelation) and extreme Laplacian variance."})
-    if real.measures and real.measures.dab and all(f.measures and f.measures.dab for f in fakes):
-        pooled = [(f.label, np.sum([d.hist for d in f.measures.dab], axis=0))  # type: ignore[union-attr]
-                  for f in fakes]
-        dab_histograms((real.label, np.sum([d.hist for d in real.measures.dab], axis=0)),
-                       pooled, folder / "dab_histograms.png")
+    pooled = [(r.label, np.sum([d.hist for d in r.measures.dab], axis=0))
+              for r in (real, *fakes) if r.measures is not None and r.measures.dab]
+    if len(pooled) == 1 + len(fakes):
+        dab_histograms(pooled[0], pooled[1:], folder / "dab_histograms.png")
         out.append({"title": "DAB histograms", "file": "dab_histograms.png",
                     "caption": "Pooled DAB optical density of all evaluated tiles, by colour "
                                "deconvolution with the standard H-DAB vectors."})

@@ -9,10 +9,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from stainctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from stainctl.slide.tiles import TileSource
+    from stainctl.workspace.workspace import Workspace
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".bif", ".vms", ".dcm")
@@ -173,8 +178,8 @@ def slide_tiles(path: Path, options: SourceOptions) -> list[Item]:
     return items
 
 
-def _tile_loader(source: object, x: int, y: int) -> Callable[[], np.ndarray]:
-    return lambda: source.read(x, y)  # type: ignore[attr-defined]
+def _tile_loader(source: TileSource, x: int, y: int) -> Callable[[], np.ndarray]:
+    return lambda: source.read(x, y)
 
 
 def _inside(lines: np.ndarray, origin: int, scale: float, size: int) -> tuple[int, ...]:
@@ -246,12 +251,11 @@ def _workspace_set(root: Path, options: SourceOptions, *, fake: bool) -> ImageSe
         ws.close()
 
 
-def _kept_set(ws: object) -> ImageSet:
+def _kept_set(ws: Workspace) -> ImageSet:
     """A workspace as real images: the tiles the quality filter kept."""
     from stainctl.slide.tiles import TileSource
 
-    root: Path = ws.root  # type: ignore[attr-defined]
-    m = ws.manifest  # type: ignore[attr-defined]
+    root, m = ws.root, ws.manifest
     items: list[Item] = []
     for s in m.slides():
         g = m.grid(s["id"])
@@ -268,16 +272,15 @@ def _kept_set(ws: object) -> ImageSet:
     return ImageSet(root.name, root, "workspace", items)
 
 
-def _translated_set(ws: object, marker: str) -> ImageSet:
+def _translated_set(ws: Workspace, marker: str) -> ImageSet:
     """A workspace as generated images: the translated tiles of `marker` (margins cropped)."""
     from stainctl.workspace.tilestore import TileStore
 
-    root: Path = ws.root  # type: ignore[attr-defined]
-    m = ws.manifest  # type: ignore[attr-defined]
+    root, m = ws.root, ws.manifest
     items: list[Item] = []
     previews: list[SlidePreview] = []
     for s in m.slides():
-        path = ws.tile_store_path(s["key"], marker)  # type: ignore[attr-defined]
+        path = ws.tile_store_path(s["key"], marker)
         if not path.is_dir():
             continue
         store = TileStore.open(path, writable=False)
