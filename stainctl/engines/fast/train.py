@@ -46,6 +46,10 @@ class TrainConfig:
     w_identity: float = 5.0
     w_structure: float = 10.0
     w_dab: float = 2.0
+    # Paired (roughly aligned serial sections) only: losses that a 10-50 px shift barely moves.
+    w_lowres: float = 10.0  # L1 of 1/lowres_factor average-pooled images
+    w_fm: float = 1.0  # discriminator feature statistics (per-channel spatial mean and std)
+    lowres_factor: int = 16
     checkpoint_every: int = 200
     seed: int = 0
     model: FastConfig = field(default_factory=FastConfig)
@@ -91,7 +95,7 @@ class CropSampler:
             y = self.rng.integers(im.shape[0] - self.crop + 1)
             x = self.rng.integers(im.shape[1] - self.crop + 1)
             c = im[y:y + self.crop, x:x + self.crop]
-            if (c.mean(axis=2) < 220).mean() < self.min_tissue:
+            if (c[..., :3].mean(axis=2) < 220).mean() < self.min_tissue:
                 continue  # mostly glass: teaches nothing
             c = np.rot90(c, int(self.rng.integers(4)))
             if self.rng.integers(2):
@@ -99,6 +103,56 @@ class CropSampler:
             out.append(np.ascontiguousarray(c))
         x = torch.from_numpy(np.stack(out)).permute(0, 3, 1, 2).float()
         return x / 127.5 - 1
+
+
+class PairSampler:
+    """The same random crop (and flip, turn) of each aligned H&E/IHC pair: (H&E, IHC)."""
+
+    def __init__(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]], crop: int,
+                 rng: np.random.Generator) -> None:
+        stacked = []
+        for he, ihc in pairs:
+            if he.shape != ihc.shape:
+                raise ValueError(f"a pair must have one shape, got {he.shape} and {ihc.shape}")
+            stacked.append(np.concatenate([he, ihc], axis=2))
+        self.sampler = CropSampler(stacked, crop, rng)
+
+    def sample(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        both = self.sampler.sample(n)
+        return both[:, :3], both[:, 3:]
+
+
+def load_pair(he_path: str | Path, ihc_path: str | Path, mpp: float,
+              default_mpp: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """An H&E image and the IHC of a serial section, in the H&E's frame at `mpp`: registered by
+    an affine fit of their landmarks where ANHIR-style CSVs lie beside both (`,X,Y`, in the
+    files' own pixels), else resized onto it. IHC pixels outside the section become glass."""
+    import cv2
+
+    from stainctl.evaluate.paired import (
+        landmarks_beside,
+        read_landmarks,
+        register_landmarks,
+        warp_onto,
+    )
+    from stainctl.slide.reader import open_slide
+
+    he, ihc = load_image(he_path, mpp, default_mpp), load_image(ihc_path, mpp, default_mpp)
+    lh, li = landmarks_beside(Path(he_path)), landmarks_beside(Path(ihc_path))
+    if lh is None or li is None:
+        return he, cv2.resize(ihc, (he.shape[1], he.shape[0]), interpolation=cv2.INTER_AREA)
+
+    def scaled(csv: Path, image: Path, loaded: np.ndarray) -> dict[str, np.ndarray]:
+        slide = open_slide(image, default_mpp)
+        width = slide.dimensions[0]
+        slide.close()
+        return {k: v * loaded.shape[1] / width for k, v in read_landmarks(csv).items()}
+
+    reg = register_landmarks(scaled(lh, Path(he_path), he), scaled(li, Path(ihc_path), ihc),
+                             he.shape[:2])
+    warped, inside = warp_onto(ihc, reg.matrix, he.shape[:2])
+    warped[~inside] = 255
+    return he, warped
 
 
 # --- losses -------------------------------------------------------------------------------
@@ -117,6 +171,35 @@ class PatchDiscriminator(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.as_tensor(self.net(x))
+
+    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The activations after each LeakyReLU (for feature matching)."""
+        out = []
+        for layer in self.net:
+            x = layer(x)
+            if isinstance(layer, nn.LeakyReLU):
+                out.append(x)
+        return out
+
+
+def lowres_l1(fake: torch.Tensor, target: torch.Tensor, factor: int) -> torch.Tensor:
+    """L1 after average pooling by `factor`: a shift much smaller than `factor` px barely
+    changes it, a wrong stain does."""
+    size = (max(1, fake.shape[-2] // factor), max(1, fake.shape[-1] // factor))
+    return (F.adaptive_avg_pool2d(fake, size) - F.adaptive_avg_pool2d(target, size)).abs().mean()
+
+
+def feature_matching(disc: PatchDiscriminator, fake: torch.Tensor,
+                     target: torch.Tensor) -> torch.Tensor:
+    """Distance of the discriminator's per-channel feature statistics (spatial mean and std),
+    which do not depend on where in the crop things are."""
+    loss = fake.new_zeros(())
+    with torch.no_grad():
+        ref = disc.features(target)
+    for a, b in zip(disc.features(fake), ref, strict=True):
+        loss = loss + (a.mean(dim=(2, 3)) - b.mean(dim=(2, 3))).abs().mean() \
+            + (a.std(dim=(2, 3)) - b.std(dim=(2, 3))).abs().mean()
+    return loss / len(ref)
 
 
 def _hed_matrix() -> torch.Tensor:
@@ -155,10 +238,11 @@ class TrainState:
 
 
 def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConfig,
-          out: Path, log: bool = True,
-          generator: nn.Module | None = None) -> tuple[nn.Module, TrainState]:
+          out: Path, log: bool = True, generator: nn.Module | None = None,
+          pairs: Sequence[tuple[np.ndarray, np.ndarray]] = ()) -> tuple[nn.Module, TrainState]:
     """Train a new generator, or only the trainable parameters of `generator` (a base model
-    with LoRA adapters, whose other weights are frozen)."""
+    with LoRA adapters, whose other weights are frozen). `pairs`: roughly aligned H&E/IHC
+    images (`load_pair`), which add the misalignment-robust paired losses."""
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if generator is None:
@@ -184,6 +268,7 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         torch.manual_seed(config.seed + state.step)
     he_crops = CropSampler(he, config.crop, rng)
     ihc_crops = CropSampler(ihc, config.crop, rng)
+    pair_crops = PairSampler(pairs, config.crop, rng) if pairs else None
     matrix = _hed_matrix()
     marker = torch.full((config.batch,), gen.marker_index(config.marker), dtype=torch.long)
     t0 = time.perf_counter()
@@ -203,6 +288,14 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         dab = dab_stats_loss(fake, y, matrix)
         g_loss = (config.w_adv * adv + config.w_identity * identity
                   + config.w_structure * structure + config.w_dab * dab)
+        paired: dict[str, float] = {}
+        if pair_crops is not None:
+            xp, yp = pair_crops.sample(config.batch)
+            fake_p = gen(xp, marker)
+            lowres = lowres_l1(fake_p, yp, config.lowres_factor)
+            fm = feature_matching(disc, fake_p, yp)
+            g_loss = g_loss + config.w_lowres * lowres + config.w_fm * fm
+            paired = {"lowres": float(lowres.detach()), "fm": float(fm.detach())}
         g_loss.backward()
         opt_g.step()
         state.step += 1
@@ -210,7 +303,7 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
             d_loss, adv, identity, structure, dab, g_loss))
         state.history.append({"step": state.step, "d": float(d_loss), "adv": float(adv),
                               "identity": float(identity), "structure": float(structure),
-                              "dab": float(dab), "g": float(g_loss)})
+                              "dab": float(dab), **paired, "g": float(g_loss)})
         if log and state.step % 20 == 0:
             h = state.history[-1]
             print(f"step {state.step} {time.perf_counter() - t0:.0f}s " +
@@ -253,12 +346,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--default-mpp", type=float, default=0.5,
                     help="µm/px of images without it (e.g. PNG)")
+    ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("HE", "IHC"),
+                    help="a roughly aligned H&E/IHC pair (serial sections; registered on "
+                         "landmark CSVs beside them when present); repeatable")
     args = ap.parse_args(argv)
     config = TrainConfig(marker=args.marker, crop=args.crop, batch=args.batch, steps=args.steps,
                          seed=args.seed, model=FastConfig(markers=(args.marker,)))
     he = [load_image(p, config.mpp, args.default_mpp) for p in args.he]
     ihc = [load_image(p, config.mpp, args.default_mpp) for p in args.ihc]
-    gen, state = train(he, ihc, config, args.out)
+    pairs = [load_pair(a, b, config.mpp, args.default_mpp) for a, b in args.pair]
+    gen, state = train(he, ihc, config, args.out, pairs=pairs)
     export(gen, args.out / "generator.safetensors")  # type: ignore[arg-type]
     (args.out / "history.json").write_text(json.dumps(state.history))
     print(f"done: {state.step} steps, {parameter_count(gen) / 1e6:.2f} M parameters -> "
