@@ -51,7 +51,7 @@ def main() -> None:
                                                           "CMU-1-Small-Region.svs"),
                                          "--marker", "demo-ki67", "-o", tmp, "-q"])
         assert r.exit_code == 0, r.output
-        out = tiffslide.TiffSlide(Path(tmp) / "CMU-1-Small-Region.demo-ki67.ome.tif")
+        out = tiffslide.TiffSlide(Path(tmp) / "CMU-1-Small-Region.demo-ki67.ome.tiff")
         full = np.asarray(out.read_region((0, 0), 0, out.dimensions).convert("RGB"))
     generated = [full[y:y + 512, x:x + 512] for y in range(0, full.shape[0] - 511, 512)
                  for x in range(0, full.shape[1] - 511, 512)]

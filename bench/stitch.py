@@ -104,7 +104,7 @@ def floor(width: int, height: int, out: Path) -> None:
 def stitch(ws: Path, runs: int) -> tuple[float, float, Path]:
     out = ws / "outputs"
     results = [run_cli(["stitch", "-w", str(ws), "--force"]) for _ in range(runs)]
-    (path,) = out.glob("*.ome.tif")
+    (path,) = out.glob("*.ome.tiff")
     return min(t for t, _ in results), max(r for _, r in results), path
 
 

@@ -210,7 +210,7 @@ def translated(tmp_path_factory):
 
 
 def test_stitched_slide_and_workspace_sets(cli, translated, tmp_path):
-    slide = translated / "CMU-1-Small-Region.demo-ki67.ome.tif"
+    slide = translated / "CMU-1-Small-Region.demo-ki67.ome.tiff"
     r = cli("evaluate", "--real", OME_KI67[0], "--fake", slide, "--fake",
             translated / "workspace", "--marker", "demo-ki67", "--metrics", "stain,seams",
             "--tile-size", "256", "--tile-mpp", "0.5", "--report", tmp_path / "rep", "--json")

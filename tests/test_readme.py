@@ -30,5 +30,5 @@ def test_readme_main_job_runs_on_the_bundled_sample(cli, tmp_path, monkeypatch):
     args = [str(tmp_path / "out") if a == "out" else a for a in steps[0].split()[1:]]
     r = cli(*args)
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "out" / "CMU-1-Small-Region.demo-ki67.ome.tif").exists()
+    assert (tmp_path / "out" / "CMU-1-Small-Region.demo-ki67.ome.tiff").exists()
     assert (tmp_path / "out" / "CMU-1-Small-Region.demo-ki67.side-by-side.png").exists()

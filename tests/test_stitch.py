@@ -336,7 +336,7 @@ def test_stitch_command_writes_records_and_skips(cli, tmp_path, cmu1):
     assert again["slides"][0]["state"] == "skipped"
     other = json.loads(cli("stitch", "-w", ws, "--json", "-o", tmp_path / "o").stdout)
     assert other["slides"][0]["state"] == "done"
-    assert (tmp_path / "o" / "CMU-1-Small-Region.he.ome.tif").exists()
+    assert (tmp_path / "o" / "CMU-1-Small-Region.he.ome.tiff").exists()
 
 
 def test_stitch_refuses_incomplete_tiles_and_bad_options(cli, tmp_path, cmu1):
@@ -351,8 +351,8 @@ def test_stitch_refuses_incomplete_tiles_and_bad_options(cli, tmp_path, cmu1):
     states = {s["message"].split(":")[0]: s["state"] for s in json.loads(r.stdout)["slides"]}
     assert states == {"ck7": "failed", "he": "done"}
     assert "incomplete" in r.stdout and "run `stainctl translate` again" in r.stdout
-    assert not (ws / "outputs" / "CMU-1-Small-Region.ck7.ome.tif").exists()
-    assert (ws / "outputs" / "CMU-1-Small-Region.he.ome.tif").exists()
+    assert not (ws / "outputs" / "CMU-1-Small-Region.ck7.ome.tiff").exists()
+    assert (ws / "outputs" / "CMU-1-Small-Region.he.ome.tiff").exists()
     r = cli("stitch", "-w", ws, "-o", tmp_path / "one.tif")
     assert r.exit_code == 2 and "names one file" in r.stderr
     assert cli("stitch", "-w", ws, "--compression", "zstd").exit_code == 2
@@ -377,7 +377,7 @@ def test_killed_stitch_leaves_no_output_and_reruns(cli, tmp_path, cmu1):
     store.finish()
     w.close()
 
-    final = ws / "outputs" / "CMU-1-Small-Region.he.ome.tif"
+    final = ws / "outputs" / "CMU-1-Small-Region.he.ome.tiff"
     proc = subprocess.Popen([sys.executable, "-m", "stainctl", "stitch", "-w", str(ws), "-q"])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:

@@ -74,7 +74,7 @@ def test_train_lora_cli_makes_a_model_translate_can_use(cli, tmp_path, monkeypat
     assert any(m["name"] == "ki67-test" and m["installed"] for m in listed)
     r = cli("translate", CMU1, "--marker", "ki67-test", "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
-    assert (tmp_path / "out" / "CMU-1-Small-Region.ki67-test.ome.tif").exists()
+    assert (tmp_path / "out" / "CMU-1-Small-Region.ki67-test.ome.tiff").exists()
 
 
 def test_a_stopped_adaptation_resumes_from_its_checkpoint(tmp_path):

@@ -33,7 +33,7 @@ def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
     assert r.exit_code == 0, r.output
     details = json.loads(r.stdout)["slides"][0]["details"]
     path = Path(details["output"])
-    assert path == out.resolve() / "CMU-1-Small-Region.test-ki67.ome.tif"
+    assert path == out.resolve() / "CMU-1-Small-Region.test-ki67.ome.tiff"
     assert Path(details["side_by_side"]).exists()
     slide = tiffslide.TiffSlide(path)
     assert slide.dimensions == (round(2220 * 0.499 / 0.5), round(2967 * 0.499 / 0.5))

@@ -36,11 +36,16 @@ class PyramidOptions:
 
     @property
     def suffix(self) -> str:
-        return ".ome.tif" if self.format == "ome-tiff" else ".tif"
+        return ".ome.tiff" if self.format == "ome-tiff" else ".tif"
 
     def thumbnail(self, output: Path) -> Path:
-        """The PNG written beside `output`."""
-        return output.with_name(output.name.removesuffix(self.suffix) + ".png")
+        """The PNG written beside `output` (whatever TIFF suffix it was given)."""
+        name = output.name
+        for suffix in (".ome.tiff", ".ome.tif", ".tiff", ".tif"):
+            if name.lower().endswith(suffix):
+                name = name[:-len(suffix)]
+                break
+        return output.with_name(name + ".png")
 
 
 def save_pyramid(image: Any, path: Path, mpp: float, description: str,
