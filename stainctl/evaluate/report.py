@@ -38,7 +38,7 @@ for FID, CropFID, KID, Fréchet distances, Wasserstein distances and divergences
 {% for f in failed %}<p class="error">{{ f.label }}: {{ f.error }}</p>{% endfor %}
 {% for c in caveats %}<p class="caveat">Caveat: {{ c }}</p>{% endfor %}
 {% for fig in figures %}<h2>{{ fig.title }}</h2>
-<p>{{ fig.caption }}</p><img src="{{ fig.file }}" alt="{{ fig.title }}">
+<p>{{ fig.caption }}</p>{% if fig.file %}<img src="{{ fig.file }}" alt="{{ fig.title }}">{% endif %}
 {% endfor %}
 <p>Settings: <code>{{ settings }}</code>. All numbers: <a href="metrics.json">metrics.json</a>.</p>
 </body></html>
@@ -154,7 +154,7 @@ def _figures(evaluation: Evaluation, folder: Path, seed: int) -> list[dict[str, 
                 continue
             out.append({"title": f"Slide {p.key} ({f.label})", "file": name,
                         "caption": "H&E | virtual IHC | DAB heat-map (inferno: dark = none)."})
-    return [fig for fig in out if fig["file"]]
+    return out
 
 
 def _sample_keys(real: SetResult, fakes: list[SetResult],

@@ -80,10 +80,9 @@ def read_image(path: Path) -> np.ndarray:
     if path.suffix.lower() in (".tif", ".tiff"):
         import tifffile
 
-        arr = tifffile.imread(path, level=0, series=0) if _is_tiff(path) else None
-        if arr is None:
+        if not _is_tiff(path):
             raise UsageError(f"{path}: not a TIFF image")
-        arr = np.asarray(arr)
+        arr = np.asarray(tifffile.imread(path, level=0, series=0))
         if arr.ndim == 3 and arr.shape[0] in (3, 4) and arr.shape[-1] not in (3, 4):
             arr = np.moveaxis(arr, 0, -1)
     else:
