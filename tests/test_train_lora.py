@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from stainctl.engines.fast.adapt import AdaptOptions, adapt
 from stainctl.engines.fast.engine import load_fast_engine, load_generator
-from stainctl.engines.fast.lora import LoraSpec, adapter_state, attach, load_adapted
+from stainctl.models.lora import LoraSpec, adapter_state, attach, load_adapted
 from stainctl.models.registry import get_card
 
 

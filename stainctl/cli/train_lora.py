@@ -50,7 +50,7 @@ def train_lora(
             raise UsageError(f"train-lora --engine {engine} is not built yet in this version; "
                              "--engine fast adapts a fast model")
         from stainctl.engines.fast.adapt import AdaptOptions, adapt
-        from stainctl.engines.fast.lora import LoraSpec
+        from stainctl.models.lora import LoraSpec
         from stainctl.models.registry import models_dir as resolve_dir
 
         directory = resolve_dir(models_dir)

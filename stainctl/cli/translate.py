@@ -33,6 +33,19 @@ def translate(
     = "ome-tiff",
     mpp: Annotated[float | None, typer.Option(
         help="Pixel size in µm/px for slides without it (PNG/JPEG).")] = None,
+    steps: Annotated[int, typer.Option(help="Diffusion solver steps (pixcell).")] = 20,
+    guidance: Annotated[float, typer.Option(
+        help="Classifier-free guidance scale (pixcell); <= 1 skips the unconditional "
+             "pass.")] = 1.2,
+    seed: Annotated[int, typer.Option(
+        help="Seed; each tile's noise derives from it, the slide and the tile, so re-runs and "
+             "resumed runs give the same slide (pixcell).")] = 0,
+    dtype: Annotated[str, typer.Option(
+        help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU) or fp32 (pixcell).")]
+    = "auto",
+    overlap: Annotated[int | None, typer.Option(
+        help="Context px on each side of a tile, blended by stitch; default: the model's "
+             "(32 fast, 64 pixcell).")] = None,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -43,7 +56,7 @@ def translate(
 
     out = Output(json_out, quiet, verbose)
     options = TranslateOptions(marker, Path(models_dir) if models_dir else None, device,
-                               batch_size, readers, force)
+                               batch_size, readers, force, steps, guidance, seed, dtype, overlap)
     if not slides:
         if workspace is None:
             out.error("give slides, or a workspace with -w to translate its filtered tiles")

@@ -14,7 +14,7 @@ from typing import Any
 
 from stainctl.errors import ModelError
 
-KINDS = ("encoder", "marker")
+KINDS = ("encoder", "marker", "base")  # base: a generator to adapt (PixCell-1024)
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class WeightFile:
 @dataclass(frozen=True)
 class ModelCard:
     name: str
-    kind: str  # "encoder" or "marker"
+    kind: str  # "encoder", "marker" or "base"
     engine: str  # how it runs: "timm" (encoders), "pixcell", "fast"
     input_mpp: float  # µm/px of the tiles it takes
     tile_size: int  # px a side of the tiles it takes, at input_mpp

@@ -154,9 +154,10 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     except Exception as err:  # pickle errors of many kinds: one message
         raise ModelError(f"{path} is not a loadable weights file ({type(err).__name__}: {err})"
                          "; only safetensors and plain PyTorch state dicts are accepted") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"],
-                                                                         dict):
-        state = state["state_dict"]
+    for key in ("state_dict", "model_state_dict"):  # training checkpoints wrap the weights
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+            break
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state

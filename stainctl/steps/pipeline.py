@@ -6,6 +6,7 @@ fails at any step is reported with that step's reason and the others go on.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -24,16 +25,16 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     from stainctl.steps.filter import FilterOptions, filter_slides
     from stainctl.steps.stitch import StitchOptions, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
-    from stainctl.steps.translate import marker_model, translate_slides
+    from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
     from stainctl.stitch.pyramid import PyramidOptions
 
     progress = progress or SilentProgress()
     card = marker_model(options.marker, models_dir(options.models_dir))
-    options = TranslateOptions(card.name, options.models_dir, options.device,
-                               options.batch_size, options.readers, options.force)
+    options = dataclasses.replace(options, marker=card.name)
     # A low tissue threshold: an edge tile with a little tissue is still translated, so the
     # virtual slide covers the whole section.
-    grid = GridParams(target_mpp=card.input_mpp, tile_size=card.tile_size, min_tissue=0.05)
+    grid = GridParams(target_mpp=card.input_mpp, tile_size=grid_tile_size(card, options),
+                      min_tissue=0.05)
     failed: dict[str, SlideOutcome] = {}
 
     def keep_failures(result: BatchResult) -> None:

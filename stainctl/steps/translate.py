@@ -40,17 +40,45 @@ class TranslateOptions:
     batch_size: int = 8
     readers: int = 2
     force: bool = False
+    # Diffusion engines (pixcell): sampling, and the seed each tile's noise is derived from.
+    steps: int = 20
+    guidance: float = 1.2
+    seed: int = 0
+    dtype: str = "auto"
+    overlap: int | None = None  # context px each side; default: the model card's margin
+
+    def sampling(self) -> Any:
+        from stainctl.engines.pixcell.sampling import SamplingOptions
+
+        return SamplingOptions(self.steps, self.guidance, self.seed, self.dtype)
+
+
+def grid_tile_size(card: Any, options: TranslateOptions) -> int:
+    """The tile size to tile a slide at for `card`. A fixed-size generator (pixcell) takes tiles
+    of its side with the overlap included, so the grid is that side less the overlap bands; a
+    convolutional one (fast) takes the card's tile size and adds its context around it."""
+    if card.engine != "pixcell":
+        return int(card.tile_size)
+    overlap = options.overlap if options.overlap is not None else int(
+        card.architecture.get("margin", 64))
+    size = int(card.tile_size) - 2 * overlap
+    if overlap < 0 or size < card.tile_size // 2:
+        raise UsageError(f"--overlap must be between 0 and {card.tile_size // 4} px for "
+                         f"{card.name} ({card.tile_size}-px tiles)")
+    return size
 
 
 def marker_model(marker: str, directory: Path) -> Any:
     """The card for `--marker`: a model of that name, or an installed model for that stain."""
-    from stainctl.models.registry import all_cards
+    from stainctl.models.registry import SHIPPED, all_cards
     from stainctl.models.weights import locate
 
     cards = all_cards(directory)
     if marker in cards and cards[marker].kind == "marker":
         return cards[marker]
     wanted = [c for c in cards.values() if c.kind == "marker" and c.marker == marker.lower()]
+    # The user's own models first: one trained for their site beats the shipped demo.
+    wanted.sort(key=lambda c: c.origin is not None and c.origin.parent == SHIPPED)
 
     def installed(card: Any) -> bool:
         return all(locate(card, w, directory).path is not None for w in card.weights)
@@ -68,13 +96,17 @@ def marker_model(marker: str, directory: Path) -> Any:
         "with `stainctl models add`, or pull a published one (`stainctl models list`)")
 
 
-def load_engine(card: Any, directory: Path, device: str) -> Any:
+def load_engine(card: Any, directory: Path, device: str, sampling: Any = None) -> Any:
     from stainctl.models.encoders import resolve_device
 
     if card.engine == "fast":
         from stainctl.engines.fast.engine import load_fast_engine
 
         return load_fast_engine(card, directory, resolve_device(device))
+    if card.engine == "pixcell":
+        from stainctl.engines.pixcell.engine import load_pixcell_engine
+
+        return load_pixcell_engine(card, directory, resolve_device(device), sampling)
     raise ModelError(f"model {card.name} needs the {card.engine!r} engine, which this version "
                      "of stainctl does not have yet; use a `fast` model (stainctl models list)")
 
@@ -88,7 +120,10 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
         raise UsageError("--batch-size and --readers must be at least 1")
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
-    engine = load_engine(card, directory, options.device)
+    if card.engine == "pixcell":
+        options.sampling().validate()
+    engine = load_engine(card, directory, options.device,
+                         options.sampling() if card.engine == "pixcell" else None)
     m = ws.manifest
     ready = m.slides_done("filter")
     if not ready:
@@ -113,6 +148,7 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
 
 def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: TranslateOptions,
                    progress: Progress) -> SlideOutcome:
+    from stainctl.engines.pixcell.sampling import tile_seed
     from stainctl.slide.tiles import TileSource, read_batches
     from stainctl.workspace.tilestore import TileStore, create_for_slide
 
@@ -123,13 +159,18 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
         raise SlideError(s["path"], f"tiles are at {grid['target_mpp']} µm/px but {card.name} "
                          f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
                          f"{card.input_mpp}")
-    side = int(grid["tile_size"]) + 2 * engine.margin
+    margin = _margin(s["path"], int(grid["tile_size"]), card, engine, options)
+    side = int(grid["tile_size"]) + 2 * margin
     if side % engine.multiple:
         raise SlideError(s["path"], f"{card.name} needs tiles of a multiple of "
                          f"{engine.multiple} px; re-tile with --tile-size {card.tile_size}")
     step = f"translate:{card.name}"
-    params = {"model": card.name, "margin": engine.margin, "grid": grid["params_hash"],
-              "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"]}
+    params: dict[str, Any] = {
+        "model": card.name, "margin": margin, "grid": grid["params_hash"],
+        "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"]}
+    if card.engine == "pixcell":  # these change the pixels; batching and device do not
+        params.update(steps=options.steps, guidance=options.guidance, seed=options.seed,
+                      dtype=options.dtype)
     phash = params_hash(params)
     path = ws.tile_store_path(s["key"], card.name)
     done = m.step(s["id"], step)
@@ -139,7 +180,7 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
         return SlideOutcome(s["key"], s["path"], "skipped", "already translated",
                             {"store": str(path)})
     m.set_step(s["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
-    store = create_for_slide(ws, s, card.name, engine.margin,
+    store = create_for_slide(ws, s, card.name, margin,
                              {"model": card.name, "background": list(BACKGROUND)})
     todo = np.asarray(m.db.execute(
         "SELECT col, row, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 ORDER BY row, col",
@@ -147,13 +188,15 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
     written = store.written()
     todo = todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what the store lacks
     scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
-    margin0 = engine.margin * scale
+    margin0 = margin * scale
     source = TileSource(s["path"], float(grid["extent0"]) + 2 * margin0, side)
     coords = np.round(todo[:, 2:] - margin0).astype(np.int64)
     start = 0
     for batch in read_batches(source, coords, options.batch_size, options.readers):
-        out = engine.translate(batch)
-        for (col, row), tile in zip(todo[start:start + len(batch), :2], out, strict=True):
+        cells = todo[start:start + len(batch), :2]
+        seeds = [tile_seed(options.seed, s["key"], int(c), int(r)) for c, r in cells]
+        out = engine.translate(batch, seeds)
+        for (col, row), tile in zip(cells, out, strict=True):
             store.write(int(col), int(row), tile)
         start += len(batch)
         progress.advance(len(batch))
@@ -164,3 +207,18 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
     return SlideOutcome(s["key"], s["path"], "done",
                         f"{len(todo)} tile(s) translated ({total} in the store)",
                         {"store": str(path), "translated_now": len(todo), "tiles": total})
+
+
+def _margin(path: str, tile_size: int, card: Any, engine: Any, options: TranslateOptions) -> int:
+    """Context px on each side of a grid tile: fixed by the grid for a fixed-size generator,
+    else --overlap or the card's margin."""
+    side = getattr(engine, "input_side", None)
+    if side is None:
+        return int(options.overlap if options.overlap is not None else engine.margin)
+    margin, odd = divmod(side - tile_size, 2)
+    if margin < 0 or odd or (options.overlap is not None and margin != options.overlap):
+        overlap = engine.margin if options.overlap is None else options.overlap
+        raise SlideError(path, f"{card.name} generates {side}-px tiles; with a {overlap}-px "
+                         f"overlap, tile at --tile-size {side - 2 * overlap} (this workspace "
+                         f"has {tile_size}-px tiles)")
+    return margin

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from stainctl.engines.fast.lora import LoraSpec
 from stainctl.errors import ModelError, UsageError
+from stainctl.models.lora import LoraSpec
 
 ADAPTER = "adapter.safetensors"
 
@@ -57,8 +57,8 @@ class AdaptResult:
 def adapt(options: AdaptOptions, log: bool = True) -> AdaptResult:
     options.validate()
     from stainctl.engines.fast.engine import load_generator
-    from stainctl.engines.fast.lora import attach, save_adapter
     from stainctl.engines.fast.train import TrainConfig, load_image, train
+    from stainctl.models.lora import attach, save_adapter
     from stainctl.models.registry import get_card
 
     base = get_card(options.base, options.models_dir)

@@ -30,7 +30,8 @@ class FastEngine:
         self.margin = int(card.architecture.get("margin", 32))
         self.multiple = 2 ** len(generator.config.widths)
 
-    def translate(self, tiles: np.ndarray) -> np.ndarray:
+    def translate(self, tiles: np.ndarray, seeds: Any = None) -> np.ndarray:
+        del seeds  # deterministic: no noise to seed
         import torch
 
         b, h, w, _ = tiles.shape
@@ -52,7 +53,7 @@ def load_fast_engine(card: ModelCard, directory: Path, device: str = "cpu") -> F
     base = card.architecture.get("base")
     if not base:
         return FastEngine(card, load_generator(card, directory), device)
-    from stainctl.engines.fast.lora import load_adapted
+    from stainctl.models.lora import load_adapted
     from stainctl.models.registry import get_card
     from stainctl.models.weights import resolve
 

@@ -1,9 +1,10 @@
-"""LoRA adaptation of a trained fast generator with peft: a small adapter per site or stain look.
+"""LoRA adapters with peft: a small adapter per site or stain look on a frozen base model.
 
-The adapter sits on the decoder's convolutions (where the stain is rendered) and the output head;
-the encoder, which reads the H&E structure, stays as the base model has it. An adapted model is
-its base model's card plus `adapter.safetensors` (the LoRA weights, float32, with their
-configuration in the metadata), merged into the base generator when loaded.
+On a fast generator the adapter sits on the decoder's convolutions (where the stain is rendered)
+and the output head; the encoder, which reads the H&E structure, stays as the base has it. On
+PixCell it sits on the cross-attention projections, as in the CK7 kidney study. An adapted model
+is its base model's card plus `adapter.safetensors` (the LoRA weights, float32, with their
+configuration in the metadata), merged into the base network when loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from stainctl.errors import ModelError
 
 # Full-match regex over module names: the decoder convolutions and the output head.
 DECODER_TARGETS = r"(mid\.\d+\.[ab]|ups\.\d+\.conv|head)"
+CROSS_ATTENTION_TARGETS = r".*attn2\.(to_q|to_k|to_v|to_out\.0)"
 
 
 @dataclass(frozen=True)

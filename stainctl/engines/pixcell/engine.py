@@ -1,0 +1,180 @@
+"""The `pixcell` engine: H&E tiles -> UNI2-h tokens -> flow MLP -> PixCell (+ LoRA) -> VAE.
+
+It takes tiles of exactly the side the transformer was trained on (1024 px for PixCell-1024),
+context included: a workspace tiled at 1024 - 2 x overlap gives each generated tile an overlap
+band on every side, which `stitch` blends. Weights come from the card (or, for a train-lora model,
+from its base card): the transformer and VAE as diffusers safetensors, a released LoRA (`lora`,
+a full-state-dict .pth) or a train-lora adapter (`adapter`), and the flow MLP (`flow_mlp`, or the
+one of the card named by `flow_from`); a card without a flow MLP is the "no flow" variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stainctl.engines.pixcell.config import PixCellConfig
+from stainctl.engines.pixcell.sampling import SamplingOptions
+from stainctl.errors import ModelError
+from stainctl.models.card import ModelCard
+
+
+def _diffusers() -> None:
+    from stainctl.models.torch_compat import prepare_torchvision
+
+    prepare_torchvision()  # diffusers may import peft -> transformers -> torchvision
+    try:
+        import diffusers  # noqa: F401
+    except ImportError as err:
+        raise ModelError("the pixcell engine needs diffusers and peft: pip install -c "
+                         f"constraints.txt 'stainctl[pixcell]' ({err})") from None
+
+
+@dataclass
+class PixCellParts:
+    """The networks of one PixCell model, on one device."""
+
+    config: PixCellConfig
+    transformer: Any
+    vae: Any
+    encoder: Any  # a TileEncoder (UNI2-h)
+    flow: Any | None
+
+
+class PixCellEngine:
+    """uint8 RGB tiles of `input_side` px in, generated uint8 RGB tiles of the same size out."""
+
+    multiple = 1
+
+    def __init__(self, card: ModelCard, parts: PixCellParts, sampling: SamplingOptions,
+                 device: str = "cpu") -> None:
+        import torch
+
+        from stainctl.engines.pixcell.sampling import resolve_dtype
+
+        sampling.validate()
+        self.card, self.parts, self.sampling = card, parts, sampling
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(sampling.dtype, self.device)
+        self.input_side = parts.config.image_size
+        self.margin = int(card.architecture.get("margin", 64))  # default overlap band
+        for net in (parts.transformer, parts.vae, parts.flow):
+            if net is not None:
+                net.eval().requires_grad_(False).to(self.device)
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            parts.transformer.to(self.dtype)  # half the memory traffic per step
+
+    def tokens(self, tiles: np.ndarray) -> Any:
+        """Conditioning tokens (B, T, D) of H&E tiles: UNI2-h, then the flow to IHC style."""
+        from stainctl.engines.pixcell.flow import translate_tokens
+
+        tokens = self.parts.encoder.encode(tiles).to(self.device)
+        if tokens.shape[1] != self.parts.config.tokens:
+            raise ModelError(f"{self.card.name} is conditioned on {self.parts.config.tokens} "
+                             f"tokens a tile; the encoder gave {tokens.shape[1]}")
+        if self.parts.flow is not None:
+            tokens = translate_tokens(self.parts.flow, tokens, self.parts.config.flow_steps)
+        return tokens
+
+    def translate(self, tiles: np.ndarray, seeds: Any = None) -> np.ndarray:
+        from stainctl.engines.pixcell.sampling import (
+            decode_latents,
+            initial_noise,
+            sample_latents,
+        )
+
+        b, h, w, _ = tiles.shape
+        if h != self.input_side or w != self.input_side:
+            raise ModelError(f"{self.card.name} generates {self.input_side}-px tiles; got "
+                             f"{w} x {h}")
+        seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
+        cond = self.tokens(tiles)
+        side = self.input_side // self.parts.config.downscale
+        noise = initial_noise(seeds, (self.parts.config.latent_channels, side, side))
+        transformer = self.parts.transformer
+        latents = sample_latents(transformer, self.parts.config.scheduler, cond,
+                                 transformer.uncond_embedding.float(), noise.to(self.device),
+                                 self.sampling.steps, self.sampling.guidance, self.dtype)
+        return decode_latents(self.parts.vae, latents, self.dtype).numpy()
+
+
+def build_transformer(config: PixCellConfig) -> Any:
+    _diffusers()
+    from stainctl.engines.pixcell.transformer import PixCellTransformer2DModel
+
+    return PixCellTransformer2DModel(**config.transformer)
+
+
+def build_vae(config: PixCellConfig) -> Any:
+    _diffusers()
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(**config.vae)
+
+
+def load_into(net: Any, path: Path, what: str, computed: tuple[str, ...] = ()) -> None:
+    """Load a state dict strictly, except buffers this code computes itself (`computed`)."""
+    from stainctl.models.weights import load_state_dict
+
+    result = net.load_state_dict(load_state_dict(path), strict=False)
+    missing = [k for k in result.missing_keys if k not in computed]
+    if missing or result.unexpected_keys:
+        bad = (missing or result.unexpected_keys)[:3]
+        raise ModelError(f"{path} does not fit the {what} of the card "
+                         f"({'missing' if missing else 'unexpected'}: {', '.join(bad)})")
+
+
+def load_parts(card: ModelCard, directory: Path, device: str = "cpu",
+               encoder_dtype: str = "fp32") -> PixCellParts:
+    from stainctl.engines.pixcell.flow import FlowMLP
+    from stainctl.engines.pixcell.lora import merge_released_lora
+    from stainctl.models.encoders import load_encoder
+    from stainctl.models.lora import load_adapted
+    from stainctl.models.registry import get_card
+    from stainctl.models.weights import resolve
+
+    _diffusers()
+    roles = {w.role for w in card.weights}
+    base = card
+    if card.architecture.get("base"):
+        base = get_card(str(card.architecture["base"]), directory)
+        if base.engine != "pixcell":
+            raise ModelError(f"model {card.name}: its base {base.name} is not a pixcell model")
+    config = PixCellConfig.from_card(base)  # a marker card without a base is its own base
+    owner = card if "transformer" in roles else base
+    transformer = build_transformer(config)
+    # The token positions are a function of the configuration; older exports may lack them.
+    load_into(transformer, resolve(owner, "transformer", directory), "transformer",
+              ("y_pos_embed.y_pos_embed",))
+    if "lora" in roles:
+        transformer = merge_released_lora(transformer, resolve(card, "lora", directory),
+                                          card.architecture.get("alpha"))
+    elif "adapter" in roles:
+        transformer = load_adapted(transformer, resolve(card, "adapter", directory))
+    vae = build_vae(config)
+    load_into(vae, resolve(card if "vae" in roles else base, "vae", directory), "VAE")
+    flow = None
+    flow_card = card
+    if "flow_mlp" not in roles and card.architecture.get("flow_from"):
+        flow_card = get_card(str(card.architecture["flow_from"]), directory)
+    if any(w.role == "flow_mlp" for w in flow_card.weights):
+        flow = FlowMLP(**config.flow)
+        load_into(flow, resolve(flow_card, "flow_mlp", directory), "flow MLP")
+    encoder_name = card.encoder or base.encoder
+    if not encoder_name:
+        raise ModelError(f"model {card.name}: its card names no encoder (e.g. uni2-h)")
+    encoder = load_encoder(get_card(encoder_name, directory), directory, device=device,
+                           dtype=encoder_dtype)
+    return PixCellParts(config, transformer, vae, encoder, flow)
+
+
+def load_pixcell_engine(card: ModelCard, directory: Path, device: str = "cpu",
+                        sampling: SamplingOptions | None = None) -> PixCellEngine:
+    sampling = sampling or SamplingOptions()
+    encoder_dtype = "bf16" if sampling.dtype in ("bf16", "fp16") or (
+        sampling.dtype == "auto" and device.startswith("cuda")) else "fp32"
+    parts = load_parts(card, directory, device, encoder_dtype)
+    return PixCellEngine(card, parts, sampling, device)

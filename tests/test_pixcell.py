@@ -1,0 +1,231 @@
+"""The pixcell engine with tiny random models of the real classes, on the real CMU-1 sample."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CMU1
+from pixcell_helpers import install_pixcell, tiny_parts
+
+from stainctl.engines.pixcell.config import FLOW, TRANSFORMER, PixCellConfig
+from stainctl.engines.pixcell.flow import FlowMLP, translate_tokens
+from stainctl.engines.pixcell.transformer import token_grid_embedding
+
+
+@pytest.fixture
+def models(tmp_path, monkeypatch):
+    directory = tmp_path / "models"
+    install_pixcell(directory)
+    monkeypatch.setenv("STAINCTL_MODELS", str(directory))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return directory
+
+
+def _engine(models: Path, name: str = "tiny-pixcell-ki67", **sampling):
+    from stainctl.engines.pixcell.engine import load_pixcell_engine
+    from stainctl.engines.pixcell.sampling import SamplingOptions
+    from stainctl.models.registry import get_card
+
+    return load_pixcell_engine(get_card(name, models), models, "cpu",
+                               SamplingOptions(**{"steps": 3, **sampling}))
+
+
+def _cmu1_tiles(n: int = 2, side: int = 256) -> np.ndarray:
+    import cv2
+    import openslide
+
+    region = openslide.OpenSlide(CMU1).read_region((600, 900), 0, (side * 4, side * 4))
+    small = cv2.resize(np.asarray(region)[..., :3], (side, side),  # 2 µm/px from 0.5
+                       interpolation=cv2.INTER_AREA)
+    return np.stack([np.roll(small, 16 * i, axis=1) for i in range(n)])
+
+
+def test_full_size_architecture_matches_the_release():
+    from stainctl.engines.pixcell.engine import build_transformer
+
+    with torch.device("meta"):
+        transformer = build_transformer(PixCellConfig())
+        flow = FlowMLP(**FLOW)
+    n = sum(p.numel() for p in transformer.parameters())
+    assert 600e6 < n < 620e6  # PixArt-XL/2 with a 1536-channel caption projection
+    assert transformer.config.caption_num_tokens == 16 and TRANSFORMER["out_channels"] == 32
+    assert 23e6 < sum(p.numel() for p in flow.parameters()) < 25e6
+    assert PixCellConfig().image_size == 1024 and PixCellConfig().downscale == 8
+
+
+def test_token_positions_follow_the_crop_grid():
+    emb = token_grid_embedding(1536, 16, 64).double()
+    assert emb.shape == (16, 1536)
+    # 1024-px PixCell: grid coordinates 0..3 stretched to 64 patches / 2, shifted by 64 // 16.
+    pos = torch.tensor([4.0, 12.0, 20.0, 28.0], dtype=torch.float64)
+    omega = 1.0 / 10000 ** (torch.arange(384, dtype=torch.float64) / 384)
+    row, col = 1, 2  # token 6: the first half encodes its column, the second its row
+    expect = torch.cat([torch.sin(pos[col] * omega), torch.cos(pos[col] * omega),
+                        torch.sin(pos[row] * omega), torch.cos(pos[row] * omega)])
+    assert torch.allclose(emb[row * 4 + col], expect.float().double(), atol=1e-6)
+
+
+def test_untrained_flow_is_the_identity_and_a_trained_one_moves_tokens():
+    tokens = torch.randn(2, 16, 32) * 3
+    flow = FlowMLP(channels=32, width=16, time_dim=16, bottleneck=16, blocks=2)
+    assert torch.allclose(translate_tokens(flow, tokens, steps=5), tokens, atol=1e-5)
+    _, _, _, trained = tiny_parts()
+    moved = translate_tokens(trained, tokens, steps=5)
+    assert not torch.allclose(moved, tokens, atol=1e-3)
+    # Rescaled to each tile's mean token norm.
+    assert torch.allclose(moved.norm(dim=-1).mean(1), tokens.norm(dim=-1).mean(1), rtol=1e-5)
+
+
+def test_released_lora_checkpoint_is_merged_exactly(models):
+    from stainctl.engines.pixcell.lora import released_lora_tensors
+    from stainctl.models.weights import load_state_dict
+
+    base = _engine(models, "tiny-pixcell-ki67")  # loaded with its LoRA
+    _, plain, _, _ = tiny_parts()
+    lora = released_lora_tensors(load_state_dict(models / "tiny-pixcell-ki67" / "lora.pth"))
+    assert len(lora) == 2 * 4 * 2  # A and B for q, k, v, out of 2 layers
+    merged = dict(base.parts.transformer.named_parameters())
+    for name, value in plain.named_parameters():
+        module = name.rsplit(".", 1)[0]
+        if name.endswith(".weight") and f"{module}.lora_A.weight" in lora:
+            a, b = lora[f"{module}.lora_A.weight"], lora[f"{module}.lora_B.weight"]
+            assert torch.allclose(merged[name], value + b @ a, atol=1e-6), name  # alpha = rank
+        else:
+            assert torch.equal(merged[name], value), name
+
+
+def test_batched_guidance_and_per_tile_seeds(models):
+    engine = _engine(models)
+    tiles = _cmu1_tiles(3)
+    seen = []
+    hook = engine.parts.transformer.register_forward_pre_hook(
+        lambda _m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
+    out = engine.translate(tiles, [11, 12, 13])
+    assert seen == [6] * 3  # conditional + unconditional in one pass, 3 solver steps
+    seen.clear()
+    again = engine.translate(tiles, [11, 12, 13])
+    assert np.array_equal(out, again)  # same seeds, same tiles
+    other = engine.translate(tiles, [11, 99, 13])
+    assert np.array_equal(other[0], out[0]) and not np.array_equal(other[1], out[1])
+    alone = engine.translate(tiles[1:2], [12])
+    assert np.abs(alone[0].astype(int) - out[1]).max() <= 2  # batching changes float bits only
+    hook.remove()
+
+
+def test_guidance_one_skips_the_unconditional_pass(models):
+    engine = _engine(models, guidance=1.0)
+    seen = []
+    engine.parts.transformer.register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].shape[0]))
+    engine.translate(_cmu1_tiles(2), [1, 2])
+    assert seen == [2] * 3
+
+
+def test_no_flow_variant_conditions_on_the_he_tokens(tmp_path):
+    models = tmp_path / "models"
+    install_pixcell(models, "tiny-noflow", with_flow=False)
+    engine = _engine(models, "tiny-noflow")
+    assert engine.parts.flow is None
+    tiles = _cmu1_tiles(1)
+    assert torch.equal(engine.tokens(tiles), engine.parts.encoder.encode(tiles))
+    assert engine.translate(tiles, [3]).shape == (1, 256, 256, 3)
+
+
+def test_translate_cmu1_to_a_stitched_ome_tiff(cli, tmp_path, models):
+    import tiffslide
+
+    out = tmp_path / "out"
+    r = cli("translate", CMU1, "--marker", "ki67", "-o", out, "--steps", "3", "--json")
+    assert r.exit_code == 0, r.output
+    details = json.loads(r.stdout)["slides"][0]["details"]
+    path = Path(details["output"])
+    assert path.name == "CMU-1-Small-Region.tiny-pixcell-ki67.ome.tiff"
+    slide = tiffslide.TiffSlide(path)
+    assert slide.dimensions == (round(2220 * 0.499 / 2), round(2967 * 0.499 / 2))
+    assert float(slide.properties["tiffslide.mpp-x"]) == pytest.approx(2.0, rel=0.01)
+    img = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB")).astype(int)
+
+    from stainctl.workspace import Workspace
+
+    ws = Workspace.open(out / "workspace")
+    grid = ws.manifest.grid(ws.manifest.slides()[0]["id"])
+    assert grid["tile_size"] == 256 - 2 * 32  # the card's overlap band on each side
+    tissue = np.asarray(ws.manifest.db.execute(
+        "SELECT x, y, in_tissue FROM tiles ORDER BY row, col").fetchall())
+    ws.close()
+    scale = 0.499 / 2
+    generated, glass = [], []
+    for x, y, in_tissue in tissue:
+        c, r_ = round(x * scale), round(y * scale)
+        patch = img[r_ + 40:r_ + 150, c + 40:c + 150]  # the middle of the tile
+        (generated if in_tissue else glass).append(np.abs(patch - [240, 240, 238]).mean())
+    assert glass and generated
+    assert max(glass) < 3 and min(generated) > 20  # glass is background, tissue is generated
+
+
+def _store(ws: Path) -> dict[tuple[int, int], np.ndarray]:
+    from stainctl.workspace.tilestore import TileStore
+
+    store = TileStore.open(ws / "slides" / "CMU-1-Small-Region" / "translated" /
+                           "tiny-pixcell-ki67.zarr", writable=False)
+    rows, cols = np.nonzero(store.written())
+    return {(int(c), int(r)): store.read(int(c), int(r)) for r, c in zip(rows, cols, strict=True)}
+
+
+def test_rerun_is_identical_and_a_killed_run_resumes_to_the_same_output(cli, tmp_path, models):
+    ref, cut = tmp_path / "ref", tmp_path / "cut"
+    for ws in (ref, cut):
+        assert cli("tile", CMU1, "-w", ws, "--target-mpp", 2, "--tile-size", 192).exit_code == 0
+        assert cli("filter", "-w", ws).exit_code == 0
+    args = ["--marker", "tiny-pixcell-ki67", "--steps", "3", "--batch-size", "1", "--seed", 7]
+    assert cli("translate", "-w", ref, *args).exit_code == 0
+    whole = _store(ref)
+    assert len(whole) > 4
+
+    # Kill a run part-way (SIGKILL: nothing gets to clean up), then run again.
+    env = {**os.environ, "STAINCTL_MODELS": str(models), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stainctl", "translate", "-w", str(cut),
+                             *map(str, args), "-q"], env=env)
+    chunks = cut / "slides" / "CMU-1-Small-Region" / "translated" / "tiny-pixcell-ki67.zarr"
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(chunks.glob("c/*/*/0/0/0"))) < 2:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = len(list(chunks.glob("c/*/*/0/0/0")))
+    assert 2 <= partial < len(whole)
+    r = cli("translate", "-w", cut, *args, "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["slides"][0]["details"]["translated_now"] == len(whole) - partial
+    resumed = _store(cut)
+    assert resumed.keys() == whole.keys()
+    assert all(np.array_equal(resumed[k], whole[k]) for k in whole)
+
+    # Another seed makes another slide; a re-run with the first seed is skipped as done.
+    again = json.loads(cli("translate", "-w", ref, *args, "--json").stdout)
+    assert again["slides"][0]["state"] == "skipped"
+    seed8 = [a if a != 7 else 8 for a in args]
+    assert cli("translate", "-w", ref, *seed8).exit_code == 0
+    assert not all(np.array_equal(v, whole[k]) for k, v in _store(ref).items())
+
+
+def test_workspace_tiled_for_another_overlap_is_refused_with_the_fix(cli, tmp_path, models):
+    ws = tmp_path / "ws"
+    assert cli("tile", CMU1, "-w", ws, "--target-mpp", 2, "--tile-size", 256).exit_code == 0
+    assert cli("filter", "-w", ws).exit_code == 0
+    r = cli("translate", "-w", ws, "--marker", "tiny-pixcell-ki67", "--steps", 2)
+    assert r.exit_code == 0  # 256-px tiles: a model side of 256 means no overlap band
+    r = cli("translate", "-w", ws, "--marker", "tiny-pixcell-ki67", "--overlap", 32)
+    assert r.exit_code == 1
+    assert "--tile-size 192" in r.output
+    r = cli("translate", "-w", ws, "--marker", "tiny-pixcell-ki67", "--dtype", "fp16")
+    assert r.exit_code == 2 and "fp16 needs a GPU" in r.output
