@@ -14,7 +14,7 @@ ENCODER = """
 name = "tiny-uni64"
 kind = "encoder"
 engine = "timm"
-input_mpp = 2.0
+input_mpp = {mpp}
 tile_size = 256
 licence = "test"
 intended_use = "tests"
@@ -81,7 +81,7 @@ kind = "{kind}"
 engine = "pixcell"
 marker = "{marker}"
 encoder = "tiny-uni64"
-input_mpp = 2.0
+input_mpp = {mpp}
 tile_size = 256
 licence = "test"
 intended_use = "tests"
@@ -93,7 +93,7 @@ def _weights(*roles: tuple[str, str]) -> str:
     return "".join(f'\n[[weights]]\nrole = "{r}"\npath = "{p}"\n' for r, p in roles)
 
 
-def install_encoder(models: Path) -> None:
+def install_encoder(models: Path, mpp: float = 2.0) -> None:
     import torch
 
     from stainctl.models.card import card_from_dict
@@ -101,11 +101,12 @@ def install_encoder(models: Path) -> None:
 
     target = models / "tiny-uni64"
     target.mkdir(parents=True, exist_ok=True)
-    (target / "card.toml").write_text(ENCODER)
+    text = ENCODER.format(mpp=mpp)
+    (target / "card.toml").write_text(text)
     import tomllib
 
     torch.manual_seed(0)
-    net = build_network(EncoderSpec.from_card(card_from_dict(tomllib.loads(ENCODER))))
+    net = build_network(EncoderSpec.from_card(card_from_dict(tomllib.loads(text))))
     torch.save(net.state_dict(), target / "encoder.bin")
 
 
@@ -120,7 +121,8 @@ def tiny_parts(seed: int = 0):
     from stainctl.engines.pixcell.flow import FlowMLP
     from stainctl.models.card import card_from_dict
 
-    card = card_from_dict(tomllib.loads(MARKER.format(name="x", kind="base", marker="")))
+    card = card_from_dict(tomllib.loads(MARKER.format(name="x", kind="base", marker="",
+                                                      mpp=2.0)))
     config = PixCellConfig.from_card(card)
     torch.manual_seed(seed)
     transformer = build_transformer(config)
@@ -155,13 +157,13 @@ def released_lora(transformer, path: Path, rank: int = 4, seed: int = 1) -> Path
 
 
 def install_pixcell(models: Path, name: str = "tiny-pixcell-ki67", marker: str = "ki67",
-                    with_lora: bool = True, with_flow: bool = True) -> Path:
+                    with_lora: bool = True, with_flow: bool = True, mpp: float = 2.0) -> Path:
     """The tiny base model (`tiny-pixcell`) and a marker model on it, as the released cards:
     transformer + VAE safetensors, LoRA .pth, flow MLP .pth."""
     import torch
     from safetensors.torch import save_file
 
-    install_encoder(models)
+    install_encoder(models, mpp)
     _, transformer, vae, flow = tiny_parts()
     base = models / "tiny-pixcell"
     base.mkdir(parents=True, exist_ok=True)
@@ -170,7 +172,7 @@ def install_pixcell(models: Path, name: str = "tiny-pixcell-ki67", marker: str =
     save_file({k: v.contiguous() for k, v in vae.state_dict().items()},
               str(base / "vae.safetensors"))
     (base / "card.toml").write_text(
-        MARKER.format(name="tiny-pixcell", kind="base", marker="")
+        MARKER.format(name="tiny-pixcell", kind="base", marker="", mpp=mpp)
         + _weights(("transformer", "transformer.safetensors"), ("vae", "vae.safetensors")))
     target = models / name
     target.mkdir(parents=True, exist_ok=True)
@@ -182,6 +184,6 @@ def install_pixcell(models: Path, name: str = "tiny-pixcell-ki67", marker: str =
     if with_flow:
         torch.save(flow.state_dict(), target / "mlp.pth")
         roles.append(("flow_mlp", "mlp.pth"))
-    (target / "card.toml").write_text(MARKER.format(name=name, kind="marker", marker=marker)
-                                      + _weights(*roles))
+    (target / "card.toml").write_text(
+        MARKER.format(name=name, kind="marker", marker=marker, mpp=mpp) + _weights(*roles))
     return target / "card.toml"

@@ -40,10 +40,12 @@ def test_version(cli):
     assert r.exit_code == 0 and r.stdout.strip() == f"stainctl {__version__}"
 
 
-def test_train_lora_for_an_unbuilt_engine_says_so_and_exits_2(cli, tmp_path):
-    r = cli("train-lora", "--engine", "pixcell", "--marker", "ck7", "--he", "a.svs",
-            "--ihc", "b.svs", "-o", tmp_path / "m")
-    assert r.exit_code == 2 and "not built yet" in r.stderr
+def test_train_lora_usage_errors_say_what_each_engine_needs(cli, tmp_path):
+    r = cli("train-lora", "--engine", "pixcell", "--marker", "ck7", "--ihc", "b.svs",
+            "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "needs an IHC workspace (-w)" in r.stderr
+    r = cli("train-lora", "--engine", "gan", "--marker", "ck7", "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "--engine must be fast or pixcell" in r.stderr
     assert not (tmp_path / "m").exists()
 
 

@@ -33,9 +33,11 @@ def hub(tmp_path, monkeypatch):
 def test_shipped_cards_describe_the_published_models():
     cards = all_cards(SHIPPED / "none")
     assert {"uni2-h", "uni", "lunit-dino-vits16"} <= set(cards)
-    pixcell = {n for n, c in cards.items() if c.engine == "pixcell"}
+    pixcell = {n for n, c in cards.items() if c.engine == "pixcell" and c.kind == "marker"}
     assert pixcell == {"pixcell-mist-her2", "pixcell-mist-er", "pixcell-mist-pr",
                        "pixcell-mist-ki67", "pixcell-her2match"}
+    base = cards["pixcell-1024"]  # what train-lora --engine pixcell adapts
+    assert base.kind == "base" and base.weight("vae").gated and base.encoder == "uni2-h"
     for name in pixcell:
         card = cards[name]
         assert card.encoder == "uni2-h" and card.tile_size == 1024

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,19 +14,39 @@ from stainctl.cli.output import Output, run_command
 def train_lora(
     marker: Annotated[str, typer.Option("--marker", "-m", help="The stain the adapted model "
                                                               "makes (e.g. ki67, ck7).")],
-    he: Annotated[list[Path], typer.Option("--he", help="H&E slides or images (repeat).")],
-    ihc: Annotated[list[Path], typer.Option("--ihc", help="IHC slides or images of the target "
-                                                          "look (repeat); unpaired.")],
-    engine: Annotated[str, typer.Option(help="fast (built) or pixcell (not built yet).")]
-    = "fast",
-    base: Annotated[str, typer.Option(help="The installed model to adapt.")] = "demo-ki67",
+    engine: Annotated[str, typer.Option(
+        help="fast (H&E + IHC images) or pixcell (an IHC workspace).")] = "fast",
+    he: Annotated[list[Path] | None, typer.Option(
+        "--he", help="fast: H&E slides or images (repeat).")] = None,
+    ihc: Annotated[list[Path] | None, typer.Option(
+        "--ihc", help="IHC slides or images of the target look (repeat); unpaired. pixcell: "
+                      "tiled and filtered into -w first.")] = None,
+    workspace: Annotated[Path | None, typer.Option(
+        "-w", "--workspace", file_okay=False,
+        help="pixcell: the IHC workspace (tiled and filtered at the base model's tile size).")]
+    = None,
+    base: Annotated[str | None, typer.Option(
+        help="The installed model to adapt; default demo-ki67 (fast), pixcell-1024 "
+             "(pixcell).")] = None,
     name: Annotated[str | None, typer.Option(
         help="Name of the new model; default <marker>-lora.")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 4.0,
-    steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
-    lr: Annotated[float, typer.Option(help="Learning rate (Adam).")] = 1e-4,
-    batch_size: Annotated[int, typer.Option(help="Crops per step.")] = 4,
+    steps: Annotated[int, typer.Option(help="fast: training steps.")] = 300,
+    epochs: Annotated[int, typer.Option(help="pixcell: passes over the tiles.")] = 20,
+    lr: Annotated[float, typer.Option(help="Learning rate.")] = 1e-4,
+    batch_size: Annotated[int, typer.Option(help="Crops (fast) or tiles (pixcell) a batch.")]
+    = 4,
+    accumulate: Annotated[int, typer.Option(
+        help="pixcell: batches per optimiser step (gradient accumulation).")] = 1,
+    warmup: Annotated[int, typer.Option(help="pixcell: optimiser steps of LR warm-up.")] = 100,
+    max_tiles_per_slide: Annotated[int, typer.Option(
+        help="pixcell: kept tiles used per slide, at most.")] = 300,
+    flow: Annotated[str | None, typer.Option(
+        help="pixcell: the model whose flow MLP (H&E -> IHC embeddings) the adapted model "
+             "uses, e.g. pixcell-mist-pr as in the CK7 study; none: conditioned on the H&E "
+             "embeddings directly.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (pixcell).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same adapter.")] = 0,
     default_mpp: Annotated[float | None, typer.Option(
         help="µm/px of images that do not record it (PNG, JPEG).")] = None,
@@ -42,33 +62,83 @@ def train_lora(
     """Adapt a model to a new marker or site with LoRA on unpaired IHC images; writes a model
     card, the adapter, the loss history and a loss curve. Resumes after a kill."""
     out = Output(json_out, quiet, verbose)
+    echo = None if (quiet or json_out) else typer.echo
 
     def body() -> int:
         from stainctl.errors import UsageError
-
-        if engine != "fast":
-            raise UsageError(f"train-lora --engine {engine} is not built yet in this version; "
-                             "--engine fast adapts a fast model")
-        from stainctl.engines.fast.adapt import AdaptOptions, adapt
-        from stainctl.models.lora import LoraSpec
         from stainctl.models.registry import models_dir as resolve_dir
 
         directory = resolve_dir(models_dir)
         model_name = name or f"{marker}-lora"
-        options = AdaptOptions(
-            name=model_name, marker=marker, base=base, he=tuple(he), ihc=tuple(ihc),
-            out=output or directory / model_name, models_dir=directory,
-            lora=LoraSpec(rank=rank, alpha=alpha), steps=steps, lr=lr, batch_size=batch_size,
-            seed=seed, default_mpp=default_mpp)
-        res = adapt(options, log=not (quiet or json_out))
-        data = {"name": model_name, "card": str(res.card), "adapter": str(res.adapter),
-                "steps": res.steps, "trainable_parameters": res.trainable,
-                "frozen_parameters": res.frozen, "final_loss": res.final_loss,
-                "loss_curve": str(res.curve)}
+        target = output or directory / model_name
+        if engine == "fast":
+            data = _fast(marker, base or "demo-ki67", he or [], ihc or [], model_name, target,
+                         directory, rank, alpha, steps, lr, batch_size, seed, default_mpp,
+                         echo is not None)
+        elif engine == "pixcell":
+            from stainctl.engines.pixcell.train import PixCellLoraOptions
+
+            if workspace is None:
+                raise UsageError("train-lora --engine pixcell needs an IHC workspace (-w); "
+                                 "give --ihc slides to tile and filter into it")
+            options = PixCellLoraOptions(
+                name=model_name, marker=marker, out=target, models_dir=directory,
+                base=base or "pixcell-1024", rank=rank, alpha=alpha, epochs=epochs, lr=lr,
+                batch_size=batch_size, accumulate=accumulate, warmup=warmup,
+                max_tiles_per_slide=max_tiles_per_slide, seed=seed, device=device, flow=flow)
+            data = _pixcell(out, workspace, ihc or [], default_mpp, options, echo)
+        else:
+            raise UsageError(f"--engine must be fast or pixcell, got {engine}")
         out.emit(data, lambda: typer.echo(
-            f"{model_name}: {res.steps} steps, {res.trainable:,} adapter parameters trained "
-            f"({res.frozen:,} frozen) -> {res.card.parent}; use it with "
-            f"`stainctl translate SLIDE --marker {model_name}`"))
+            f"{model_name}: {data['trainable_parameters']:,} adapter parameters trained "
+            f"({data['frozen_parameters']:,} frozen), final loss {data['final_loss']:.4f} -> "
+            f"{Path(data['card']).parent}; use it with `stainctl translate SLIDE --marker "
+            f"{model_name}`"))
         return 0
 
     run_command(out, body)
+
+
+def _fast(marker: str, base: str, he: list[Path], ihc: list[Path], name: str, target: Path,
+          directory: Path, rank: int, alpha: float, steps: int, lr: float, batch_size: int,
+          seed: int, default_mpp: float | None, log: bool) -> dict[str, Any]:
+    from stainctl.engines.fast.adapt import AdaptOptions, adapt
+    from stainctl.models.lora import LoraSpec
+
+    options = AdaptOptions(
+        name=name, marker=marker, base=base, he=tuple(he), ihc=tuple(ihc), out=target,
+        models_dir=directory, lora=LoraSpec(rank=rank, alpha=alpha), steps=steps, lr=lr,
+        batch_size=batch_size, seed=seed, default_mpp=default_mpp)
+    res = adapt(options, log=log)
+    return {"name": name, "engine": "fast", "card": str(res.card), "adapter": str(res.adapter),
+            "steps": res.steps, "trainable_parameters": res.trainable,
+            "frozen_parameters": res.frozen, "final_loss": res.final_loss,
+            "loss_curve": str(res.curve)}
+
+
+def _pixcell(out: Output, workspace: Path, ihc: list[Path], default_mpp: float | None,
+             options: Any, echo: Any) -> dict[str, Any]:
+    from stainctl.engines.pixcell.train import train_pixcell_lora
+    from stainctl.models.registry import get_card
+    from stainctl.workspace import Workspace
+
+    base = get_card(options.base, options.models_dir)
+    ws = Workspace.open(workspace, create=bool(ihc))
+    params = {k: str(v) for k, v in vars(options).items()}
+    with ws.writing("train-lora", params), out.progress() as progress:
+        if ihc:
+            from stainctl.slide.grid import GridParams
+            from stainctl.slide.inputs import expand_slides
+            from stainctl.steps.filter import FilterOptions, filter_slides
+            from stainctl.steps.tile import TileOptions, tile_slides
+
+            grid = GridParams(target_mpp=base.input_mpp, tile_size=base.tile_size)
+            tile_slides(ws, expand_slides([str(p) for p in ihc], default_mpp),
+                        TileOptions(grid=grid), progress)
+            filter_slides(ws, FilterOptions(), progress)
+        res = train_pixcell_lora(ws, options, progress, echo)
+    return {"name": options.name, "engine": "pixcell", "card": str(res.card),
+            "adapter": str(res.adapter), "epochs": res.epochs, "steps": res.steps,
+            "tiles": res.tiles, "trainable_parameters": res.trainable,
+            "frozen_parameters": res.frozen, "final_loss": res.final_loss,
+            "loss_curve": str(res.curve)}

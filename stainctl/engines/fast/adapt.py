@@ -118,7 +118,9 @@ def _card_text(options: AdaptOptions, base: Any) -> str:
     ])
 
 
-def loss_curve(history: list[dict[str, float]], path: Path) -> Path:
+def loss_curve(history: list[dict[str, float]], path: Path,
+               keys: tuple[str, ...] = ("g", "d", "adv", "identity", "structure", "dab"),
+               x: str = "step") -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -127,11 +129,11 @@ def loss_curve(history: list[dict[str, float]], path: Path) -> Path:
     from stainctl.workspace.atomic import atomic_path
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
-    steps = [h["step"] for h in history]
-    for key in ("g", "d", "adv", "identity", "structure", "dab"):
+    steps = [h[x] for h in history]
+    for key in keys:
         if history and key in history[0]:
-            ax.plot(steps, [h[key] for h in history], label=key, lw=1)
-    ax.set_xlabel("step")
+            ax.plot(steps, [h[key] for h in history], label=key, lw=1, marker=".")
+    ax.set_xlabel(x)
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend(fontsize=7, ncol=3)
