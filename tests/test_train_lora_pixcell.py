@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from conftest import CMU1, OME_KI67, PNG_IHC
@@ -100,3 +101,44 @@ def test_model_is_usable_at_once_and_a_resumed_run_matches(trained, tmp_path):
     assert json.loads((target / "history.json").read_text()) == json.loads(
         (models / "ki67-lora" / "history.json").read_text())
     shutil.rmtree(target)
+
+
+def test_train_flow_learns_a_flow_from_paired_tiles(trained, tmp_path):
+    import cv2
+    import openslide
+    import tiffslide
+
+    from stainctl.engines.pixcell.engine import load_parts
+    from stainctl.models.registry import get_card
+    from stainctl.models.weights import load_state_dict
+
+    cli, models, ws, _ = trained
+    he_dir, ihc_dir = tmp_path / "he", tmp_path / "ihc"
+    he_dir.mkdir()
+    ihc_dir.mkdir()
+    he_slide, ihc_slide = openslide.OpenSlide(CMU1), tiffslide.TiffSlide(OME_KI67[0])
+    for i in range(4):  # real H&E and Ki67 crops, paired by name (not the same tissue here)
+        he = np.asarray(he_slide.read_region((400 + 300 * i, 900), 0, (256, 256)))[..., :3]
+        ihc = np.asarray(ihc_slide.read_region((500 + 300 * i, 800), 0, (256, 256)))[..., :3]
+        cv2.imwrite(str(he_dir / f"{i:04d}.png"), he[..., ::-1])
+        cv2.imwrite(str(ihc_dir / f"{i:04d}.jpg"), ihc[..., ::-1])
+    target = tmp_path / "with-flow"
+    res = cli("train-lora", *ARGS, "-w", ws, "--epochs", 1, "-o", target, "--name", "ki67-flow",
+              "--train-flow", "--paired-he", he_dir, "--paired-ihc", ihc_dir,
+              "--flow-epochs", 80)
+    history = json.loads((target / "flow-history.json").read_text())
+    assert len(history) == 80 and history[-1]["loss"] < 0.6 * history[0]["loss"]
+    card = get_card(res["card"], models)
+    assert card.weight("flow_mlp").path == "flow_mlp.safetensors"
+    parts = load_parts(card, models)
+    saved = load_state_dict(target / "flow_mlp.safetensors")
+    assert all(torch.equal(v, saved[k]) for k, v in parts.flow.state_dict().items())
+    # The trained flow carries H&E tokens towards the paired IHC tokens.
+    from stainctl.engines.pixcell.flow import translate_tokens
+
+    tiles = lambda d: np.stack([cv2.imread(str(p))[..., ::-1]  # noqa: E731
+                                for p in sorted(d.iterdir())])
+    he_tok = parts.encoder.encode(tiles(he_dir))
+    ihc_tok = parts.encoder.encode(tiles(ihc_dir))
+    moved = translate_tokens(parts.flow, he_tok, steps=20)
+    assert (moved - ihc_tok).norm() < 0.7 * (he_tok - ihc_tok).norm()

@@ -46,6 +46,18 @@ def train_lora(
         help="pixcell: the model whose flow MLP (H&E -> IHC embeddings) the adapted model "
              "uses, e.g. pixcell-mist-pr as in the CK7 study; none: conditioned on the H&E "
              "embeddings directly.")] = None,
+    train_flow: Annotated[bool, typer.Option(
+        "--train-flow", help="pixcell: also train a new flow MLP on paired H&E / IHC tiles "
+                             "(--paired-he, --paired-ihc).")] = False,
+    paired_he: Annotated[Path | None, typer.Option(
+        file_okay=False, help="pixcell --train-flow: folder of H&E tiles, paired with "
+                              "--paired-ihc by file name (tiles of the base model's size).")]
+    = None,
+    paired_ihc: Annotated[Path | None, typer.Option(
+        file_okay=False, help="pixcell --train-flow: folder of the IHC tiles of the same "
+                              "tissue.")] = None,
+    flow_epochs: Annotated[int, typer.Option(help="pixcell --train-flow: passes over the "
+                                                  "pairs.")] = 100,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (pixcell).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same adapter.")] = 0,
     default_mpp: Annotated[float | None, typer.Option(
@@ -76,8 +88,15 @@ def train_lora(
                          directory, rank, alpha, steps, lr, batch_size, seed, default_mpp,
                          echo is not None)
         elif engine == "pixcell":
+            from stainctl.engines.pixcell.flow_train import FlowTrainOptions
             from stainctl.engines.pixcell.train import PixCellLoraOptions
 
+            flow_options = None
+            if train_flow:
+                if paired_he is None or paired_ihc is None:
+                    raise UsageError("--train-flow needs --paired-he and --paired-ihc")
+                flow_options = FlowTrainOptions(paired_he, paired_ihc, flow_epochs, lr,
+                                                batch_size, seed)
             if workspace is None:
                 raise UsageError("train-lora --engine pixcell needs an IHC workspace (-w); "
                                  "give --ihc slides to tile and filter into it")
@@ -85,7 +104,8 @@ def train_lora(
                 name=model_name, marker=marker, out=target, models_dir=directory,
                 base=base or "pixcell-1024", rank=rank, alpha=alpha, epochs=epochs, lr=lr,
                 batch_size=batch_size, accumulate=accumulate, warmup=warmup,
-                max_tiles_per_slide=max_tiles_per_slide, seed=seed, device=device, flow=flow)
+                max_tiles_per_slide=max_tiles_per_slide, seed=seed, device=device, flow=flow,
+                train_flow=flow_options)
             data = _pixcell(out, workspace, ihc or [], default_mpp, options, echo)
         else:
             raise UsageError(f"--engine must be fast or pixcell, got {engine}")

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from stainctl.engines.pixcell.flow_train import FlowTrainOptions
 from stainctl.errors import ModelError, UsageError
 from stainctl.models.lora import CROSS_ATTENTION_TARGETS, LoraSpec
 from stainctl.workspace import Workspace, atomic_path
@@ -50,6 +51,7 @@ class PixCellLoraOptions:
     seed: int = 0
     device: str = "auto"
     flow: str | None = None  # a card whose flow MLP the adapted model uses at inference
+    train_flow: FlowTrainOptions | None = None  # or a new flow MLP from paired tiles
 
     def validate(self) -> None:
         if min(self.rank, self.epochs, self.batch_size, self.accumulate,
@@ -58,11 +60,14 @@ class PixCellLoraOptions:
                              "--max-tiles-per-slide must be at least 1")
         if not 0 <= self.uncond_prob < 1 or self.lr <= 0:
             raise UsageError("--lr must be positive and the unconditional rate in [0, 1)")
+        if self.flow and self.train_flow:
+            raise UsageError("give --flow (an existing flow MLP) or --train-flow, not both")
 
     def fingerprint(self) -> str:
         """What makes the training: a checkpoint made with other values is not resumed."""
         keep = {k: v for k, v in asdict(self).items()
-                if k not in ("epochs", "out", "models_dir", "device", "name", "flow")}
+                if k not in ("epochs", "out", "models_dir", "device", "name", "flow",
+                             "train_flow")}
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -264,22 +269,34 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
             torch.save(state, tmp)
     adapter = options.out / ADAPTER
     save_adapter(model, adapter, spec)
+    flow_file = None
+    if options.train_flow is not None:
+        from stainctl.engines.pixcell.flow_train import train_flow
+
+        flow_file, flow_history = train_flow(parts.encoder, parts.config.flow,
+                                             parts.config.image_size, options.train_flow,
+                                             device, options.out, echo)
+        (options.out / "flow-history.json").write_text(json.dumps(flow_history))
     (options.out / "history.json").write_text(json.dumps(history))
     curve = loss_curve(history, options.out / "loss.png", keys=("loss",), x="epoch")
     card = options.out / "card.toml"
     with atomic_path(card) as tmp:
-        tmp.write_text(_card_text(options, base, len(data)))
+        tmp.write_text(_card_text(options, base, len(data), flow_file))
     return PixCellLoraResult(card, adapter, options.epochs, step, len(data), trainable, frozen,
                              history[-1]["loss"] if history else float("nan"), curve)
 
 
-def _card_text(options: PixCellLoraOptions, base: Any, tiles: int) -> str:
+def _card_text(options: PixCellLoraOptions, base: Any, tiles: int,
+               flow_file: Path | None = None) -> str:
     def q(text: str) -> str:
         return json.dumps(text, ensure_ascii=False)  # a valid TOML basic string
 
     how = (f"LoRA (rank {options.rank}, alpha {options.alpha}) on the cross-attention of "
            f"{base.name}, {options.epochs} epochs over {tiles} unpaired IHC tiles "
            f"(at most {options.max_tiles_per_slide} a slide), seed {options.seed}")
+    if flow_file is not None and options.train_flow is not None:
+        how += (f"; flow MLP trained {options.train_flow.epochs} epochs on the pairs of "
+                f"{options.train_flow.he_dir.name}/ and {options.train_flow.ihc_dir.name}/")
     use = (f"Research only; adapted from {base.name}, not validated. A generated stain is not "
            "a measured one.")
     lines = [
@@ -298,4 +315,6 @@ def _card_text(options: PixCellLoraOptions, base: Any, tiles: int) -> str:
     if options.flow:
         lines.append(f"flow_from = {q(options.flow)}")
     lines += ["", "[[weights]]", 'role = "adapter"', f"path = {q(ADAPTER)}", ""]
+    if flow_file is not None:
+        lines += ["[[weights]]", 'role = "flow_mlp"', f"path = {q(flow_file.name)}", ""]
     return "\n".join(lines)
