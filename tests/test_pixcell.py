@@ -229,3 +229,27 @@ def test_workspace_tiled_for_another_overlap_is_refused_with_the_fix(cli, tmp_pa
     assert "--tile-size 192" in r.output
     r = cli("translate", "-w", ws, "--marker", "tiny-pixcell-ki67", "--dtype", "fp16")
     assert r.exit_code == 2 and "fp16 needs a GPU" in r.output
+
+
+def test_transformer_files_with_or_without_position_tables_load(tmp_path):
+    from safetensors.torch import save_file
+
+    from stainctl.engines.pixcell.engine import build_transformer, load_into
+    from stainctl.errors import ModelError
+
+    config, transformer, _, _ = tiny_parts()
+    state = {k: v.clone() for k, v in transformer.state_dict().items()}
+    state.pop("y_pos_embed.y_pos_embed")
+    state["pos_embed.pos_embed"] = torch.zeros(1, 256, 16)  # as older exports hold it
+    save_file(state, str(tmp_path / "t.safetensors"))
+    fresh = build_transformer(config)
+    load_into(fresh, tmp_path / "t.safetensors", "transformer",
+              ("y_pos_embed.y_pos_embed", "pos_embed.pos_embed"))
+    assert torch.equal(fresh.uncond_embedding, transformer.uncond_embedding)
+    assert torch.equal(fresh.get_buffer("y_pos_embed.y_pos_embed"),
+                       transformer.get_buffer("y_pos_embed.y_pos_embed"))
+    state.pop("proj_out.weight")
+    save_file(state, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ModelError, match=r"missing: proj_out\.weight"):
+        load_into(build_transformer(config), tmp_path / "bad.safetensors", "transformer",
+                  ("y_pos_embed.y_pos_embed", "pos_embed.pos_embed"))

@@ -116,10 +116,14 @@ def build_vae(config: PixCellConfig) -> Any:
 
 
 def load_into(net: Any, path: Path, what: str, computed: tuple[str, ...] = ()) -> None:
-    """Load a state dict strictly, except buffers this code computes itself (`computed`)."""
+    """Load a state dict strictly, except buffers this code computes itself (`computed`), which
+    a file may hold or not."""
     from stainctl.models.weights import load_state_dict
 
-    result = net.load_state_dict(load_state_dict(path), strict=False)
+    state = load_state_dict(path)
+    own = net.state_dict()
+    result = net.load_state_dict({k: v for k, v in state.items()
+                                  if k in own or k not in computed}, strict=False)
     missing = [k for k in result.missing_keys if k not in computed]
     if missing or result.unexpected_keys:
         bad = (missing or result.unexpected_keys)[:3]
@@ -146,9 +150,9 @@ def load_parts(card: ModelCard, directory: Path, device: str = "cpu",
     config = PixCellConfig.from_card(base)  # a marker card without a base is its own base
     owner = card if "transformer" in roles else base
     transformer = build_transformer(config)
-    # The token positions are a function of the configuration; older exports may lack them.
+    # Position tables are functions of the configuration; an export may leave them out.
     load_into(transformer, resolve(owner, "transformer", directory), "transformer",
-              ("y_pos_embed.y_pos_embed",))
+              ("y_pos_embed.y_pos_embed", "pos_embed.pos_embed"))
     if "lora" in roles:
         transformer = merge_released_lora(transformer, resolve(card, "lora", directory),
                                           card.architecture.get("alpha"))
