@@ -253,3 +253,17 @@ def test_transformer_files_with_or_without_position_tables_load(tmp_path):
     with pytest.raises(ModelError, match=r"missing: proj_out\.weight"):
         load_into(build_transformer(config), tmp_path / "bad.safetensors", "transformer",
                   ("y_pos_embed.y_pos_embed", "pos_embed.pos_embed"))
+
+
+def test_missing_released_weights_stop_the_main_job_before_tiling(cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("STAINCTL_MODELS", str(tmp_path / "models"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    out = tmp_path / "out"
+    r = cli("translate", CMU1, "--marker", "pixcell-mist-pr", "-o", out)
+    assert r.exit_code == 2
+    assert "stainctl models pull pixcell-mist-pr" in r.stderr
+    # The transformer's and the VAE's files share a name: the subfolder keeps them apart.
+    assert str(tmp_path / "models" / "pixcell-mist-pr" / "transformer" /
+               "diffusion_pytorch_model.safetensors") in r.stderr
+    assert not (out / "workspace" / "slides").exists()  # nothing was tiled

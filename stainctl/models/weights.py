@@ -1,7 +1,8 @@
 """Finding, fetching, checking and loading weight files.
 
 Resolution order for each file of a card: its explicit local path, the models directory
-(`<dir>/<model>/<file name>`), the Hugging Face hub cache (HF_HUB_CACHE, else HF_HOME/hub). Nothing
+(`<dir>/<model>/[<subfolder>/]<file name>`), the Hugging Face hub cache (HF_HUB_CACHE, else
+HF_HOME/hub). Nothing
 is downloaded except by `pull`, so every other command works offline and fails at once, with a
 message naming the model, the file and the command that gets it.
 """
@@ -43,13 +44,23 @@ def locate(card: ModelCard, weight: WeightFile, directory: Path) -> Resolved:
         if path.is_file():
             return Resolved(weight, path, "card path")
         return Resolved(weight, None, f"the card's path {path} does not exist")
-    local = directory / card.name / Path(weight.filename).name
+    local = local_path(card, weight, directory)
     if local.is_file():
         return Resolved(weight, local, "models dir")
     cached = _from_hub_cache(weight)
     if cached is not None:
         return Resolved(weight, cached, "hub cache")
     return Resolved(weight, None, "not downloaded")
+
+
+def local_path(card: ModelCard, weight: WeightFile, directory: Path) -> Path:
+    """Where a hub file goes in the models directory: `<dir>/<model>/[<subfolder>/]<name>` (the
+    subfolder keeps apart files of one name, such as a transformer's and a VAE's
+    diffusion_pytorch_model.safetensors)."""
+    folder = directory / card.name
+    if weight.subfolder:
+        folder = folder / weight.subfolder
+    return folder / Path(weight.filename).name
 
 
 def resolve(card: ModelCard, role: str, directory: Path, *, verify: bool = True) -> Path:
@@ -72,7 +83,7 @@ def missing_message(card: ModelCard, found: Resolved, directory: Path) -> str:
         how += (f" after accepting the licence at https://huggingface.co/{w.repo} and setting "
                 "HF_TOKEN to a token of that account")
     return (f"model {card.name}: the {w.role} weights {w.source} are not installed; {how}, or "
-            f"put the file at {directory / card.name / Path(w.filename).name}")
+            f"put the file at {local_path(card, w, directory)}")
 
 
 def _from_hub_cache(weight: WeightFile) -> Path | None:
@@ -117,7 +128,7 @@ def pull(card: ModelCard, directory: Path) -> list[Resolved]:
                 raise ModelError(
                     f"model {card.name}: could not download {weight.source} ({err}); check the "
                     "network and HF_HUB_OFFLINE, or copy the file to "
-                    f"{directory / card.name / Path(weight.filename).name}") from None
+                    f"{local_path(card, weight, directory)}") from None
             found = Resolved(weight, Path(str(path)), "hub cache")
         if found.path is not None and weight.sha256:
             check_sha256(found.path, weight.sha256, card.name)

@@ -22,6 +22,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
                  output: Path, fmt: str = "ome-tiff",
                  progress: Progress | None = None) -> BatchResult:
     from stainctl.models.registry import models_dir
+    from stainctl.models.weights import resolve
     from stainctl.steps.filter import FilterOptions, filter_slides
     from stainctl.steps.stitch import StitchOptions, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
@@ -29,7 +30,10 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     from stainctl.stitch.pyramid import PyramidOptions
 
     progress = progress or SilentProgress()
-    card = marker_model(options.marker, models_dir(options.models_dir))
+    directory = models_dir(options.models_dir)
+    card = marker_model(options.marker, directory)
+    for weight in card.weights:  # missing weights: say so before tiling anything
+        resolve(card, weight.role, directory, verify=False)
     options = dataclasses.replace(options, marker=card.name)
     # A low tissue threshold: an edge tile with a little tissue is still translated, so the
     # virtual slide covers the whole section.
