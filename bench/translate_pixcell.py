@@ -129,7 +129,7 @@ def main() -> None:
     parts = build(side, device, with_encoder=gpu)
     built = time.perf_counter() - t0
     card = ModelCard("bench", "marker", "pixcell", 0.5, side, "", "", "", marker="x")
-    sampling = SamplingOptions(steps, args.guidance, 0, args.dtype)
+    sampling = SamplingOptions(steps, args.guidance, args.dtype)
     engine = PixCellEngine(card, parts, sampling, device)  # moves the networks to the device
     engine.input_side = side
     latent = side // parts.config.downscale

@@ -8,8 +8,8 @@ TINY_UNI2H = """
 name = "{name}"
 kind = "encoder"
 engine = "timm"
-input_mpp = 0.5
-tile_size = 512
+input_mpp = {mpp}
+tile_size = {tile_size}
 licence = "test"
 intended_use = "tests"
 training_data = "none: random weights"
@@ -17,7 +17,7 @@ training_data = "none: random weights"
 [architecture]
 family = "crop-cls"
 timm_model = "vit_giant_patch14_224"
-crop = 256
+crop = {crop}
 input_size = 56
 mean = [0.485, 0.456, 0.406]
 std = [0.229, 0.224, 0.225]
@@ -27,7 +27,7 @@ patch_size = 14
 depth = {depth}
 num_heads = 4
 init_values = 1.0  # not 1e-5: random blocks must change the tokens
-embed_dim = 48
+embed_dim = {embed_dim}
 mlp_ratio = 5.33334
 num_classes = 0
 no_embed_class = true
@@ -35,19 +35,28 @@ mlp_layer = "SwiGLUPacked"
 act_layer = "SiLU"
 reg_tokens = 8
 dynamic_img_size = true
-
+{weights}
+"""
+HUB_WEIGHTS = """
 [[weights]]
 role = "encoder"
 repo = "MahmoodLab/UNI2-h"
 filename = "pytorch_model.bin"
-{extra}
 """
 
 
-def tiny_card(folder: Path, name: str = "tiny-uni2h", depth: int = 2, extra: str = "") -> Path:
+def tiny_encoder_text(name: str = "tiny-uni2h", *, mpp: float = 0.5, tile_size: int = 512,
+                      crop: int = 256, depth: int = 2, embed_dim: int = 48,
+                      weights: str = HUB_WEIGHTS) -> str:
+    """A UNI2-h-shaped encoder card: the real timm class, tiny sizes."""
+    return TINY_UNI2H.format(name=name, mpp=mpp, tile_size=tile_size, crop=crop, depth=depth,
+                             embed_dim=embed_dim, weights=weights)
+
+
+def tiny_card(folder: Path, name: str = "tiny-uni2h", depth: int = 2) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{name}.toml"
-    path.write_text(TINY_UNI2H.format(name=name, depth=depth, extra=extra))
+    path.write_text(tiny_encoder_text(name, depth=depth))
     return path
 
 

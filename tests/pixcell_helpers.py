@@ -10,42 +10,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-ENCODER = """
-name = "tiny-uni64"
-kind = "encoder"
-engine = "timm"
-input_mpp = {mpp}
-tile_size = 256
-licence = "test"
-intended_use = "tests"
-training_data = "none: random weights"
+from models_helpers import tiny_encoder_text
 
-[architecture]
-family = "crop-cls"
-timm_model = "vit_giant_patch14_224"
-crop = 64
-input_size = 56
-mean = [0.485, 0.456, 0.406]
-std = [0.229, 0.224, 0.225]
-[architecture.timm_kwargs]
-img_size = 56
-patch_size = 14
-depth = 1
-num_heads = 4
-init_values = 1.0
-embed_dim = 32
-mlp_ratio = 5.33334
-num_classes = 0
-no_embed_class = true
-mlp_layer = "SwiGLUPacked"
-act_layer = "SiLU"
-reg_tokens = 8
-dynamic_img_size = true
+# A tiny UNI2-h with 64-px crops: a 256-px tile gives the 4 x 4 tokens PixCell takes.
+ENCODER = dict(crop=64, tile_size=256, depth=1, embed_dim=32,
+               weights='\n[[weights]]\nrole = "encoder"\npath = "encoder.bin"\n')
 
-[[weights]]
-role = "encoder"
-path = "encoder.bin"
-"""
 
 ARCHITECTURE = """
 [architecture]
@@ -101,7 +71,7 @@ def install_encoder(models: Path, mpp: float = 2.0) -> None:
 
     target = models / "tiny-uni64"
     target.mkdir(parents=True, exist_ok=True)
-    text = ENCODER.format(mpp=mpp)
+    text = tiny_encoder_text("tiny-uni64", mpp=mpp, **ENCODER)
     (target / "card.toml").write_text(text)
     import tomllib
 

@@ -84,9 +84,19 @@ def train_lora(
         model_name = name or f"{marker}-lora"
         target = output or directory / model_name
         if engine == "fast":
-            data = _fast(marker, base or "demo-ki67", he or [], ihc or [], model_name, target,
-                         directory, rank, alpha, steps, lr, batch_size, seed, default_mpp,
-                         echo is not None)
+            from stainctl.engines.fast.adapt import AdaptOptions, adapt
+            from stainctl.models.lora import LoraSpec
+
+            res = adapt(AdaptOptions(
+                name=model_name, marker=marker, base=base or "demo-ki67", he=tuple(he or ()),
+                ihc=tuple(ihc or ()), out=target, models_dir=directory,
+                lora=LoraSpec(rank=rank, alpha=alpha), steps=steps, lr=lr,
+                batch_size=batch_size, seed=seed, default_mpp=default_mpp),
+                log=echo is not None)
+            data: dict[str, Any] = {"name": model_name, "engine": "fast", "card": str(res.card),
+                    "adapter": str(res.adapter), "steps": res.steps,
+                    "trainable_parameters": res.trainable, "frozen_parameters": res.frozen,
+                    "final_loss": res.final_loss, "loss_curve": str(res.curve)}
         elif engine == "pixcell":
             from stainctl.engines.pixcell.flow_train import FlowTrainOptions
             from stainctl.engines.pixcell.train import PixCellLoraOptions
@@ -117,23 +127,6 @@ def train_lora(
         return 0
 
     run_command(out, body)
-
-
-def _fast(marker: str, base: str, he: list[Path], ihc: list[Path], name: str, target: Path,
-          directory: Path, rank: int, alpha: float, steps: int, lr: float, batch_size: int,
-          seed: int, default_mpp: float | None, log: bool) -> dict[str, Any]:
-    from stainctl.engines.fast.adapt import AdaptOptions, adapt
-    from stainctl.models.lora import LoraSpec
-
-    options = AdaptOptions(
-        name=name, marker=marker, base=base, he=tuple(he), ihc=tuple(ihc), out=target,
-        models_dir=directory, lora=LoraSpec(rank=rank, alpha=alpha), steps=steps, lr=lr,
-        batch_size=batch_size, seed=seed, default_mpp=default_mpp)
-    res = adapt(options, log=log)
-    return {"name": name, "engine": "fast", "card": str(res.card), "adapter": str(res.adapter),
-            "steps": res.steps, "trainable_parameters": res.trainable,
-            "frozen_parameters": res.frozen, "final_loss": res.final_loss,
-            "loss_curve": str(res.curve)}
 
 
 def _pixcell(out: Output, workspace: Path, ihc: list[Path], default_mpp: float | None,

@@ -50,7 +50,7 @@ class TranslateOptions:
     def sampling(self) -> Any:
         from stainctl.engines.pixcell.sampling import SamplingOptions
 
-        return SamplingOptions(self.steps, self.guidance, self.seed, self.dtype)
+        return SamplingOptions(self.steps, self.guidance, self.dtype)
 
 
 def grid_tile_size(card: Any, options: TranslateOptions) -> int:
@@ -59,8 +59,10 @@ def grid_tile_size(card: Any, options: TranslateOptions) -> int:
     convolutional one (fast) takes the card's tile size and adds its context around it."""
     if card.engine != "pixcell":
         return int(card.tile_size)
+    from stainctl.engines.pixcell.config import DEFAULT_OVERLAP
+
     overlap = options.overlap if options.overlap is not None else int(
-        card.architecture.get("margin", 64))
+        card.architecture.get("margin", DEFAULT_OVERLAP))
     size = int(card.tile_size) - 2 * overlap
     if overlap < 0 or size < card.tile_size // 2:
         raise UsageError(f"--overlap must be between 0 and {card.tile_size // 4} px for "

@@ -14,9 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from stainctl.errors import ModelError, UsageError
+from stainctl.models.adapted import ADAPTER, loss_curve, toml_string, write_card
 from stainctl.models.lora import LoraSpec
-
-ADAPTER = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -79,21 +78,19 @@ def adapt(options: AdaptOptions, log: bool = True) -> AdaptResult:
     adapter = options.out / ADAPTER
     save_adapter(model, adapter, options.lora)
     (options.out / "history.json").write_text(json.dumps(state.history))
-    curve = loss_curve(state.history, options.out / "loss.png")
-    card = options.out / "card.toml"
-    card.write_text(_card_text(options, base))
+    curve = loss_curve(state.history, options.out / "loss.png",
+                       keys=("g", "d", "adv", "identity", "structure", "dab"))
+    card = write_card(options.out / "card.toml", _card_lines(options, base))
     return AdaptResult(card, adapter, state.step, trainable, frozen,
                        float(state.history[-1]["g"]) if state.history else float("nan"), curve)
 
 
-def _card_text(options: AdaptOptions, base: Any) -> str:
-    def q(text: str) -> str:
-        return json.dumps(text, ensure_ascii=False)  # a valid TOML basic string
-
+def _card_lines(options: AdaptOptions, base: Any) -> list[str]:
+    q = toml_string
     files = ", ".join(p.name for p in (*options.he, *options.ihc))
     how = (f"LoRA (rank {options.lora.rank}, alpha {options.lora.alpha}) on {base.name}, "
            f"{options.steps} steps, seed {options.seed}, unpaired: {files}")
-    return "\n".join([
+    return [
         f"name = {q(options.name)}",
         'kind = "marker"',
         'engine = "fast"',
@@ -115,30 +112,4 @@ def _card_text(options: AdaptOptions, base: Any) -> str:
         'role = "adapter"',
         f"path = {q(ADAPTER)}",
         "",
-    ])
-
-
-def loss_curve(history: list[dict[str, float]], path: Path,
-               keys: tuple[str, ...] = ("g", "d", "adv", "identity", "structure", "dab"),
-               x: str = "step") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from stainctl.workspace.atomic import atomic_path
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    steps = [h[x] for h in history]
-    for key in keys:
-        if history and key in history[0]:
-            ax.plot(steps, [h[key] for h in history], label=key, lw=1, marker=".")
-    ax.set_xlabel(x)
-    ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.legend(fontsize=7, ncol=3)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
-    return path
+    ]

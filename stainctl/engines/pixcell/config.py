@@ -38,6 +38,8 @@ SCHEDULER: dict[str, Any] = {
     "solver_type": "midpoint", "prediction_type": "epsilon", "lower_order_final": True,
     "timestep_spacing": "linspace", "steps_offset": 0,
 }
+# Context px on each side of a generated tile, blended by stitch, unless a card or --overlap says.
+DEFAULT_OVERLAP = 64
 FLOW: dict[str, Any] = {"channels": 1536, "width": 1024, "time_dim": 1024, "bottleneck": 1024,
                         "blocks": 6}
 

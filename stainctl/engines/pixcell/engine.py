@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stainctl.engines.pixcell.config import PixCellConfig
+from stainctl.engines.pixcell.config import DEFAULT_OVERLAP, PixCellConfig
 from stainctl.engines.pixcell.sampling import SamplingOptions
 from stainctl.errors import ModelError
 from stainctl.models.card import ModelCard
@@ -60,7 +60,7 @@ class PixCellEngine:
         self.device = torch.device(device)
         self.dtype = resolve_dtype(sampling.dtype, self.device)
         self.input_side = parts.config.image_size
-        self.margin = int(card.architecture.get("margin", 64))  # default overlap band
+        self.margin = int(card.architecture.get("margin", DEFAULT_OVERLAP))
         for net in (parts.transformer, parts.vae, parts.flow):
             if net is not None:
                 net.eval().requires_grad_(False).to(self.device)

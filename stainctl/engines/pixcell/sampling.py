@@ -25,7 +25,6 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 class SamplingOptions:
     steps: int = 20
     guidance: float = 1.2  # <= 1: conditional pass only
-    seed: int = 0
     dtype: str = "auto"  # bf16 on a GPU, fp32 on a CPU
 
     def validate(self) -> None:
@@ -35,10 +34,16 @@ class SamplingOptions:
             raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype}")
 
 
-def tile_seed(seed: int, slide: str, col: int, row: int) -> int:
-    """A fixed 63-bit seed per (run seed, slide, tile), independent of batching and order."""
-    digest = hashlib.blake2b(f"{seed}/{slide}/{col}/{row}".encode(), digest_size=8).digest()
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from its parts, the same in every process (unlike hash())."""
+    text = "/".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def tile_seed(seed: int, slide: str, col: int, row: int) -> int:
+    """A fixed seed per (run seed, slide, tile), independent of batching and order."""
+    return stable_seed(seed, slide, col, row)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

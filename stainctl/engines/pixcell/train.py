@@ -24,11 +24,11 @@ import numpy as np
 
 from stainctl.engines.pixcell.flow_train import FlowTrainOptions
 from stainctl.errors import ModelError, UsageError
+from stainctl.models.adapted import ADAPTER, loss_curve, toml_string, write_card
 from stainctl.models.lora import CROSS_ATTENTION_TARGETS, LoraSpec
 from stainctl.workspace import Workspace, atomic_path
 
 log = logging.getLogger(__name__)
-ADAPTER = "adapter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -97,8 +97,9 @@ class PixCellLoraResult:
 def _select(ids: np.ndarray, limit: int, seed: int, key: str) -> np.ndarray:
     if len(ids) <= limit:
         return np.sort(ids)
-    digest = hashlib.blake2b(f"{seed}/{key}".encode(), digest_size=8).digest()
-    rng = np.random.default_rng(int.from_bytes(digest, "little"))
+    from stainctl.engines.pixcell.sampling import stable_seed
+
+    rng = np.random.default_rng(stable_seed(seed, key))
     return np.sort(rng.choice(ids, limit, replace=False))
 
 
@@ -170,7 +171,6 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
                        echo: Any = None) -> PixCellLoraResult:
     import torch
 
-    from stainctl.engines.fast.adapt import loss_curve
     from stainctl.engines.pixcell.engine import load_parts
     from stainctl.engines.pixcell.sampling import autocast
     from stainctl.models.encoders import resolve_device
@@ -279,18 +279,14 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
         (options.out / "flow-history.json").write_text(json.dumps(flow_history))
     (options.out / "history.json").write_text(json.dumps(history))
     curve = loss_curve(history, options.out / "loss.png", keys=("loss",), x="epoch")
-    card = options.out / "card.toml"
-    with atomic_path(card) as tmp:
-        tmp.write_text(_card_text(options, base, len(data), flow_file))
+    card = write_card(options.out / "card.toml", _card_lines(options, base, len(data), flow_file))
     return PixCellLoraResult(card, adapter, options.epochs, step, len(data), trainable, frozen,
                              history[-1]["loss"] if history else float("nan"), curve)
 
 
-def _card_text(options: PixCellLoraOptions, base: Any, tiles: int,
-               flow_file: Path | None = None) -> str:
-    def q(text: str) -> str:
-        return json.dumps(text, ensure_ascii=False)  # a valid TOML basic string
-
+def _card_lines(options: PixCellLoraOptions, base: Any, tiles: int,
+                flow_file: Path | None = None) -> list[str]:
+    q = toml_string
     how = (f"LoRA (rank {options.rank}, alpha {options.alpha}) on the cross-attention of "
            f"{base.name}, {options.epochs} epochs over {tiles} unpaired IHC tiles "
            f"(at most {options.max_tiles_per_slide} a slide), seed {options.seed}")
@@ -317,4 +313,4 @@ def _card_text(options: PixCellLoraOptions, base: Any, tiles: int,
     lines += ["", "[[weights]]", 'role = "adapter"', f"path = {q(ADAPTER)}", ""]
     if flow_file is not None:
         lines += ["[[weights]]", 'role = "flow_mlp"', f"path = {q(flow_file.name)}", ""]
-    return "\n".join(lines)
+    return lines
