@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1, OME_HE, OME_KI67
+from conftest import CMU1, NDPI_DAPI, OME_HE, OME_KI67
 from models_helpers import install_fast
 
 from stainctl.engines.fast.model import FastConfig
@@ -77,6 +77,18 @@ def test_translate_resumes_with_missing_tiles(cli, tmp_path, models):
     again = json.loads(cli("translate", "-w", ws, "--marker", "test-ki67", "--json").stdout)
     assert again["slides"][0]["details"]["translated_now"] == 2
     assert again["slides"][0]["details"]["tiles"] == total
+
+
+def test_main_job_leaves_out_a_fluorescence_slide_with_a_reason_it_can_act_on(cli, tmp_path,
+                                                                             models):
+    r = cli("translate", OME_HE, NDPI_DAPI, "--marker", "test-ki67", "-o", tmp_path / "out",
+            "--json")
+    assert r.exit_code == 1  # one slide done, one failed
+    slides = {s["slide"]: s for s in json.loads(r.stdout)["slides"]}
+    assert slides["OS-1-detail_HE"]["state"] == "done"
+    message = slides["test3-DAPI-2-387"]["message"]
+    assert "fluorescence" in message and "left out" in message
+    assert "--allow-dark" not in message  # translate has no such option
 
 
 def test_unknown_marker_lists_what_is_installed(cli, tmp_path, models):

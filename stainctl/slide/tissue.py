@@ -36,16 +36,21 @@ def background_brightness(thumb: np.ndarray) -> float:
     return float(np.percentile(grey, 90))
 
 
-def check_brightfield(thumb: np.ndarray, path: object, allow_dark: bool) -> bool:
-    """Return True if the slide is dark (allowed); raise SlideError if dark and not allowed."""
+DARK_HINT = "pass --allow-dark to process it anyway"
+
+
+def check_brightfield(thumb: np.ndarray, path: object, allow_dark: bool,
+                      hint: str = DARK_HINT) -> bool:
+    """Return True if the slide is dark (allowed); raise SlideError if dark and not allowed,
+    with the caller's `hint` of what to do (the way out differs per command)."""
     p90 = background_brightness(thumb)
     if p90 >= DARK_P90:
         return False
     if allow_dark:
         return True
     raise SlideError(path, f"dark background (90th percentile brightness {p90:.0f}/255): this "
-                     "looks like a fluorescence or dark-field slide, not brightfield H&E/IHC; "
-                     "pass --allow-dark to process it anyway")
+                     f"looks like a fluorescence or dark-field slide, not brightfield H&E/IHC; "
+                     f"{hint}")
 
 
 def tissue_mask(thumb: np.ndarray, mpp: float, params: TissueParams,

@@ -46,8 +46,10 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
             failed.setdefault(o.slide, o)
 
     steps = [
-        ("tile", lambda: tile_slides(ws, requests, TileOptions(grid=grid, force=options.force),
-                                     progress)),
+        ("tile", lambda: tile_slides(ws, requests, TileOptions(
+            grid=grid, force=options.force,
+            dark_hint="a virtual IHC slide is made from a brightfield H&E slide, so this one "
+                      "was left out"), progress)),
         ("filter", lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
         (f"translate:{card.name}", lambda: translate_slides(ws, options, progress)),
     ]

@@ -11,7 +11,7 @@ import numpy as np
 from stainctl.errors import SlideError
 from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
 from stainctl.slide.inputs import SlideRequest
-from stainctl.slide.tissue import TissueParams
+from stainctl.slide.tissue import DARK_HINT, TissueParams
 from stainctl.steps.report import (
     BatchResult,
     Progress,
@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 class TileOptions:
     grid: GridParams = field(default_factory=GridParams)
     tissue: TissueParams = field(default_factory=TissueParams)
+    dark_hint: str = DARK_HINT  # what to do about a dark (fluorescence) slide
     force: bool = False
 
 
@@ -113,7 +114,7 @@ def _layout(slide: Any, options: TileOptions) -> tuple[dict[str, Any], list[tupl
     w0, h0 = slide.dimensions
     t_mpp = thumbnail_mpp(mpp, w0, h0)
     thumb = read_thumbnail(slide, t_mpp)
-    dark = check_brightfield(thumb, slide.path, options.tissue.allow_dark)
+    dark = check_brightfield(thumb, slide.path, options.tissue.allow_dark, options.dark_hint)
     mask = tissue_mask(thumb, t_mpp, options.tissue, dark=dark)
     if not mask.any():
         raise SlideError(slide.path, "no tissue found on the thumbnail; if the tissue is "
