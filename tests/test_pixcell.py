@@ -267,3 +267,30 @@ def test_missing_released_weights_stop_the_main_job_before_tiling(cli, tmp_path,
     assert str(tmp_path / "models" / "pixcell-mist-pr" / "transformer" /
                "diffusion_pytorch_model.safetensors") in r.stderr
     assert not (out / "workspace" / "slides").exists()  # nothing was tiled
+
+
+def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp_path,
+                                                                        monkeypatch):
+    from stainctl.models.card import card_from_dict
+    from stainctl.models.registry import required_cards
+
+    models = tmp_path / "models"
+    install_pixcell(models)
+    monkeypatch.setenv("STAINCTL_MODELS", str(models))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # An adapted card as train-lora writes it: a base, a flow taken from another card.
+    adapted = card_from_dict({
+        "name": "site2", "kind": "marker", "engine": "pixcell", "marker": "ki67",
+        "input_mpp": 2.0, "tile_size": 256, "licence": "t", "intended_use": "t",
+        "training_data": "t",
+        "architecture": {"base": "tiny-pixcell", "flow_from": "tiny-pixcell-ki67"}})
+    assert [c.name for c in required_cards(adapted, models)] == \
+        ["site2", "tiny-pixcell", "tiny-uni64", "tiny-pixcell-ki67"]
+
+    # The marker model's own files are all there; its encoder's weights are not.
+    (models / "tiny-uni64" / "encoder.bin").unlink()
+    out = tmp_path / "out"
+    r = cli("translate", CMU1, "--marker", "tiny-pixcell-ki67", "-o", out)
+    assert r.exit_code == 2
+    assert "model tiny-uni64: its encoder weights are missing" in r.stderr
+    assert not (out / "workspace" / "slides").exists()  # nothing was tiled

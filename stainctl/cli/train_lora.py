@@ -132,10 +132,13 @@ def train_lora(
 def _pixcell(out: Output, workspace: Path, ihc: list[Path], default_mpp: float | None,
              options: Any, echo: Any) -> dict[str, Any]:
     from stainctl.engines.pixcell.train import train_pixcell_lora
-    from stainctl.models.registry import get_card
+    from stainctl.models.registry import get_card, required_cards
+    from stainctl.models.weights import check_installed
     from stainctl.workspace import Workspace
 
     base = get_card(options.base, options.models_dir)
+    # Missing base, VAE or encoder weights: say so before tiling the IHC slides.
+    check_installed(required_cards(base, options.models_dir), options.models_dir)
     ws = Workspace.open(workspace, create=bool(ihc))
     params = {k: str(v) for k, v in vars(options).items()}
     with ws.writing("train-lora", params), out.progress() as progress:

@@ -49,3 +49,22 @@ def get_card(name: str, directory: Path | None = None) -> ModelCard:
         raise ModelError(f"unknown model {name!r}; known models: {known}. "
                          "Add your own with `stainctl models add CARD.toml`")
     return cards[name]
+
+
+def required_cards(card: ModelCard, directory: Path | None = None) -> list[ModelCard]:
+    """The card and every card it runs with: its `base` (an adapted model's), the card it takes
+    its flow MLP from (`flow_from`) and its encoder (its own, else its base's), each once."""
+    seen: dict[str, ModelCard] = {}
+
+    def visit(c: ModelCard) -> None:
+        if c.name in seen:
+            return
+        seen[c.name] = c
+        for key in ("base", "flow_from"):  # a base brings its own encoder
+            if c.architecture.get(key):
+                visit(get_card(str(c.architecture[key]), directory))
+        if c.encoder:
+            visit(get_card(c.encoder, directory))
+
+    visit(card)
+    return list(seen.values())

@@ -73,6 +73,15 @@ def resolve(card: ModelCard, role: str, directory: Path, *, verify: bool = True)
     return found.path
 
 
+def check_installed(cards: list[ModelCard], directory: Path) -> None:
+    """One ModelError listing every weight file of `cards` that is not installed (nothing is
+    hashed: this is the quick check before a long job)."""
+    missing = [missing_message(c, found, directory) for c in cards for w in c.weights
+               if (found := locate(c, w, directory)).path is None]
+    if missing:
+        raise ModelError("\n".join(missing))
+
+
 def missing_message(card: ModelCard, found: Resolved, directory: Path) -> str:
     w = found.weight
     if w.path:

@@ -21,8 +21,8 @@ from stainctl.workspace import Workspace, atomic_path
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
                  output: Path, fmt: str = "ome-tiff",
                  progress: Progress | None = None) -> BatchResult:
-    from stainctl.models.registry import models_dir
-    from stainctl.models.weights import resolve
+    from stainctl.models.registry import models_dir, required_cards
+    from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
     from stainctl.steps.stitch import StitchOptions, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
@@ -32,8 +32,9 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     progress = progress or SilentProgress()
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
-    for weight in card.weights:  # missing weights: say so before tiling anything
-        resolve(card, weight.role, directory, verify=False)
+    # Missing weights, the card's or those of the models it runs with (base, flow, encoder):
+    # say so before tiling anything.
+    check_installed(required_cards(card, directory), directory)
     options = dataclasses.replace(options, marker=card.name)
     # A low tissue threshold: an edge tile with a little tissue is still translated, so the
     # virtual slide covers the whole section.
