@@ -128,6 +128,30 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     assert torch.get_rng_state() is not None
 
 
+def test_held_out_ihc_never_reaches_training(tmp_path):
+    from stainctl.engines.fast.train import hold_out, main
+
+    ki67 = load_image(OME_KI67[0], 0.5)
+    kept, strip = hold_out(ki67, 0.25, 128)
+    assert strip is not None and strip.shape[1] % 128 == 0
+    assert kept.shape[1] + strip.shape[1] == ki67.shape[1]
+    assert np.array_equal(np.hstack([kept, strip]), ki67)  # disjoint columns, nothing lost
+    assert hold_out(ki67[:, :200], 0.25, 128)[1] is None  # no room for a crop on each side
+    assert hold_out(ki67, 0.0, 128)[1] is None
+
+    out = tmp_path / "run"
+    main(["--he", str(OME_HE), "--ihc", *map(str, OME_KI67), "--marker", "ki67", "--steps", "1",
+          "--batch", "1", "--crop", "128", "--hold-out", "0.25", "--out", str(out)])
+    crops = sorted((out / "held_out").glob("*.png"))
+    assert crops and {c.name.rsplit("_", 1)[0] for c in crops} == \
+        {p.name.split(".")[0] for p in OME_KI67}
+    first = cv2.imread(str(out / "held_out" / f"{OME_KI67[0].name.split('.')[0]}_0.png"))[..., ::-1]
+    blocks = [strip[y:y + 128, x:x + 128] for y in range(0, strip.shape[0] - 127, 128)
+              for x in range(0, strip.shape[1] - 127, 128)]
+    assert any(np.array_equal(first, b) for b in blocks)  # a crop of the held-out strip
+    assert (out / "generator.safetensors").exists()
+
+
 LUNG = Path(__file__).resolve().parents[2] / "shared" / "data" / "paired" / "anhir_lung-lesion-birl"
 
 

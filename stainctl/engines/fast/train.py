@@ -78,6 +78,49 @@ def load_image(path: str | Path, mpp: float, default_mpp: float | None = None) -
     return cv2.resize(rgb, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
 
 
+def hold_out(image: np.ndarray, fraction: float, crop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training part, held-out part) of one image: a right-hand strip a whole number of crops
+    wide (about `fraction` of the width, at least one crop) is held out, so no training crop
+    overlaps an evaluation crop. An image too narrow to keep a crop on each side is not split."""
+    if fraction <= 0:
+        return image, None
+    width = image.shape[1]
+    strip = crop * max(1, round(fraction * width / crop))
+    if width - strip < crop:
+        return image, None
+    return image[:, :width - strip], image[:, width - strip:]
+
+
+def held_out_crops(strip: np.ndarray, crop: int, min_tissue: float = 0.5) -> list[np.ndarray]:
+    """Non-overlapping `crop`-px squares of a held-out strip, top to bottom, that are mostly
+    tissue (the training sampler's own rule)."""
+    out = []
+    for y in range(0, strip.shape[0] - crop + 1, crop):
+        for x in range(0, strip.shape[1] - crop + 1, crop):
+            c = strip[y:y + crop, x:x + crop]
+            if (c[..., :3].mean(axis=2) < 220).mean() >= min_tissue:
+                out.append(c)
+    return out
+
+
+def write_held_out(ihc: dict[str, np.ndarray], fraction: float, crop: int,
+                   folder: Path) -> dict[str, np.ndarray]:
+    """Split each named IHC image, write its held-out crops as PNGs (`<name>_<k>.png`) into
+    `folder` for `stainctl evaluate --real`, and return the training parts."""
+    import cv2
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for stale in folder.glob("*.png"):  # from a run with another split
+        stale.unlink()
+    kept = {}
+    for name, image in ihc.items():
+        kept[name], strip = hold_out(image, fraction, crop)
+        for k, c in enumerate(held_out_crops(strip, crop) if strip is not None else []):
+            if not cv2.imwrite(str(folder / f"{name}_{k}.png"), c[..., ::-1]):
+                raise OSError(f"could not write {folder / f'{name}_{k}.png'}")
+    return kept
+
+
 class CropSampler:
     """Random square crops with flips and quarter turns, from a few whole images."""
 
@@ -346,6 +389,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--default-mpp", type=float, default=0.5,
                     help="µm/px of images without it (e.g. PNG)")
+    ap.add_argument("--hold-out", type=float, default=0.0, metavar="FRACTION",
+                    help="keep about this fraction of each IHC image (a right-hand strip) out of "
+                         "training; its crops go to OUT/held_out/ for `stainctl evaluate --real`")
     ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("HE", "IHC"),
                     help="a roughly aligned H&E/IHC pair (serial sections; registered on "
                          "landmark CSVs beside them when present); repeatable")
@@ -353,9 +399,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = TrainConfig(marker=args.marker, crop=args.crop, batch=args.batch, steps=args.steps,
                          seed=args.seed, model=FastConfig(markers=(args.marker,)))
     he = [load_image(p, config.mpp, args.default_mpp) for p in args.he]
-    ihc = [load_image(p, config.mpp, args.default_mpp) for p in args.ihc]
+    names = [Path(p).name.split(".")[0] for p in args.ihc]
+    if len(set(names)) < len(names):
+        ap.error("--ihc: two images share a name; their held-out crops would collide")
+    ihc = {n: load_image(p, config.mpp, args.default_mpp)
+           for n, p in zip(names, args.ihc, strict=True)}
+    if args.hold_out > 0:
+        ihc = write_held_out(ihc, args.hold_out, config.crop, args.out / "held_out")
     pairs = [load_pair(a, b, config.mpp, args.default_mpp) for a, b in args.pair]
-    gen, state = train(he, ihc, config, args.out, pairs=pairs)
+    gen, state = train(he, list(ihc.values()), config, args.out, pairs=pairs)
     export(gen, args.out / "generator.safetensors")  # type: ignore[arg-type]
     (args.out / "history.json").write_text(json.dumps(state.history))
     print(f"done: {state.step} steps, {parameter_count(gen) / 1e6:.2f} M parameters -> "
