@@ -81,3 +81,22 @@ def test_grid_covers_the_slide_with_no_gap(width, mpp, target, size, overlap):
     assert last < width  # and no tile lies wholly outside
     expected = 1 + max(0, math.ceil((width - g.extent0) / g.stride0))
     assert g.cols == expected
+
+
+def test_tissue_fractions_of_a_shifted_grid_are_those_of_its_own_footprints():
+    from stainctl.slide.grid import tissue_fractions
+
+    _, mask = _mask(CMU1)
+    s = open_slide(CMU1)
+    w0, h0 = s.dimensions
+    grid = make_grid(w0, h0, s.mpp, GridParams(0.5, 256, 0, 0.5))
+    shift = round(grid.extent0 / 2)
+    moved = tissue_fractions(mask, w0, h0, grid, offset=shift)
+    # Independently: the mask area under each moved footprint, in thumbnail pixels.
+    sx, sy = mask.shape[1] / w0, mask.shape[0] / h0
+    xs, ys = grid.origins()
+    for x, y, f in zip(xs + shift, ys + shift, moved, strict=True):
+        x0, x1 = round(x * sx), round((x + grid.extent0) * sx)
+        y0, y1 = round(y * sy), round((y + grid.extent0) * sy)
+        assert f == pytest.approx(mask[y0:y1, x0:x1].sum() / ((x1 - x0) * (y1 - y0)))
+    assert not np.allclose(moved, tissue_fractions(mask, w0, h0, grid))  # it did move

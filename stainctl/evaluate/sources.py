@@ -153,16 +153,15 @@ def slide_tiles(path: Path, options: SourceOptions) -> list[Item]:
         slide.close()
     target = options.tile_mpp or mpp
     grid = make_grid(w0, h0, mpp, GridParams(target, options.tile_size, 0, options.min_tissue))
-    frac = tissue_fractions(mask, w0, h0, grid)
-    xs, ys = grid.origins()
     source = TileSource(str(path), grid.extent0, options.tile_size)
     lines = stitched_borders(path)
     scale = grid.extent0 / options.tile_size  # level-0 px per tile px
-    if lines is not None:
-        # Sampled on the stitch's own grid, tile edges would coincide with its borders; half a
-        # tile off, the borders fall inside the tiles, where their steps can be measured.
-        shift = round(grid.extent0 / 2)
-        xs, ys = xs + shift, ys + shift
+    # Sampled on the stitch's own grid, tile edges would coincide with its borders; half a
+    # tile off, the borders fall inside the tiles, where their steps can be measured.
+    shift = round(grid.extent0 / 2) if lines is not None else 0
+    frac = tissue_fractions(mask, w0, h0, grid, offset=shift)
+    xs, ys = grid.origins()
+    xs, ys = xs + shift, ys + shift
     stem = path.name.split(".")[0]
     items = []
     for x, y, f in zip(xs, ys, frac, strict=True):

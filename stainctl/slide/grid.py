@@ -61,8 +61,10 @@ def make_grid(width0: int, height0: int, slide_mpp: float, params: GridParams) -
     return Grid(extent0, stride0, count(width0), count(height0))
 
 
-def tissue_fractions(mask: np.ndarray, width0: int, height0: int, grid: Grid) -> np.ndarray:
-    """Fraction of each tile's footprint covered by the mask (row-major, like `origins`).
+def tissue_fractions(mask: np.ndarray, width0: int, height0: int, grid: Grid,
+                     offset: int = 0) -> np.ndarray:
+    """Fraction of each tile's footprint covered by the mask (row-major, like `origins`), for
+    the grid moved by `offset` level-0 pixels along both axes.
 
     The part of a tile outside the slide counts as background.
     """
@@ -72,6 +74,7 @@ def tissue_fractions(mask: np.ndarray, width0: int, height0: int, grid: Grid) ->
     sx, sy = mw / width0, mh / height0
     integral = cv2.integral(mask.astype(np.uint8))  # (mh + 1, mw + 1)
     xs, ys = grid.origins()
+    xs, ys = xs + offset, ys + offset
     x0 = np.round(xs * sx).astype(np.int64)
     y0 = np.round(ys * sy).astype(np.int64)
     x1 = np.round((xs + grid.extent0) * sx).astype(np.int64)
