@@ -289,6 +289,10 @@ def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp
 
     # The marker model's own files are all there; its encoder's weights are not.
     (models / "tiny-uni64" / "encoder.bin").unlink()
+    rows = {m["name"]: m for m in json.loads(cli("models", "list", "--json").stdout)["models"]}
+    assert rows["tiny-pixcell-ki67"]["installed"] and \
+        rows["tiny-pixcell-ki67"]["needs"] == ["tiny-uni64"]
+    assert "needs tiny-uni64" in cli("models", "list").stdout
     out = tmp_path / "out"
     r = cli("translate", CMU1, "--marker", "tiny-pixcell-ki67", "-o", out)
     assert r.exit_code == 2

@@ -29,26 +29,36 @@ def _status(card: Any, directory: Path) -> list[dict[str, Any]]:
 
 @app.command("list")
 def list_models(models_dir: opt.ModelsDir = None, json_out: opt.Json = False) -> None:
-    """Every known model, and whether all its weights are installed."""
+    """Every known model, whether all its weights are installed, and which models it runs with
+    (base, flow, encoder) are not."""
     out = Output(json_out)
 
     def body() -> int:
-        from stainctl.models.registry import all_cards
+        from stainctl.errors import ModelError
+        from stainctl.models.registry import all_cards, required_cards
         from stainctl.models.registry import models_dir as resolve_dir
 
         directory = resolve_dir(models_dir)
+        cards = all_cards(directory)
+        missing = {name: [str(f["role"]) for f in _status(card, directory) if f["path"] is None]
+                   for name, card in cards.items()}
         rows: list[dict[str, Any]] = []
-        for card in all_cards(directory).values():
-            files = _status(card, directory)
-            missing = [str(f["role"]) for f in files if f["path"] is None]
+        for card in cards.values():
+            try:  # the models it runs with (base, flow, encoder) that are not installed
+                needs = [c.name for c in required_cards(card, directory)[1:] if missing[c.name]]
+            except ModelError as err:  # a card naming an unknown model
+                needs = [str(err).split(";")[0]]
             rows.append({"name": card.name, "kind": card.kind, "engine": card.engine,
-                         "marker": card.marker, "installed": not missing, "missing": missing,
+                         "marker": card.marker, "installed": not missing[card.name],
+                         "missing": missing[card.name], "needs": needs,
                          "licence": card.licence, "card": str(card.origin)})
         def human() -> None:
             typer.echo(f"models directory: {directory}")
             for r in rows:
                 state = ("installed" if r["installed"]
                          else "missing " + ", ".join(r["missing"]))
+                if r["needs"]:
+                    state += "; needs " + ", ".join(r["needs"])
                 what = r["marker"] or r["kind"]
                 typer.echo(f"{r['name']:<22} {what:<8} {r['engine']:<7} {state}")
 
