@@ -7,7 +7,10 @@ Losses (unpaired, as in the CK7 study's setting):
   * structure: the grey-level edges of the output follow those of the H&E input (the edge loss of
     UNIStainNet, which needs no pairing);
   * DAB statistics: mean and spread of the DAB channel (colour deconvolution with scikit-image's
-    H-E-DAB matrix) match the real IHC batch.
+    H-E-DAB matrix) match the real IHC batch;
+  * glass: where the H&E is bright and unstained (glass), the output keeps the input's pixels.
+    Training crops are mostly tissue, so without it nothing stops the generator from tinting
+    glass (a seed of the demo model did).
 Reproducible with a seed; checkpoints (safetensors weights + optimiser state) every few steps;
 a run resumes from its last checkpoint.
 
@@ -46,6 +49,7 @@ class TrainConfig:
     w_identity: float = 5.0
     w_structure: float = 10.0
     w_dab: float = 2.0
+    w_glass: float = 5.0
     # Paired (roughly aligned serial sections) only: losses that a 10-50 px shift barely moves.
     w_lowres: float = 10.0  # L1 of 1/lowres_factor average-pooled images
     w_fm: float = 1.0  # discriminator feature statistics (per-channel spatial mean and std)
@@ -264,6 +268,16 @@ def dab_stats_loss(fake: torch.Tensor, real: torch.Tensor, matrix: torch.Tensor)
     return (a.mean() - b.mean()).abs() + (a.std() - b.std()).abs()
 
 
+def glass_loss(fake: torch.Tensor, he: torch.Tensor, bright: float = 0.8,
+               grey: float = 0.1) -> torch.Tensor:
+    """Mean L1 between output and input over the H&E's glass pixels: bright (mean > `bright`,
+    about 230 of 255) and unstained (channel spread < `grey`, about 13 levels); images in
+    [-1, 1]."""
+    mask = ((he.mean(dim=1, keepdim=True) > bright)
+            & ((he.amax(dim=1, keepdim=True) - he.amin(dim=1, keepdim=True)) < grey)).float()
+    return ((fake - he).abs() * mask).sum() / (3 * mask.sum()).clamp_min(1.0)
+
+
 def edges(x: torch.Tensor) -> torch.Tensor:
     grey = x.mean(dim=1, keepdim=True)
     kx = torch.tensor([[-1.0, 0, 1], [-2, 0, 2], [-1, 0, 1]], device=x.device) / 4
@@ -329,8 +343,10 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         identity = (gen(y, marker) - y).abs().mean()
         structure = (edges(fake) - edges(x)).abs().mean()
         dab = dab_stats_loss(fake, y, matrix)
+        glass = glass_loss(fake, x)
         g_loss = (config.w_adv * adv + config.w_identity * identity
-                  + config.w_structure * structure + config.w_dab * dab)
+                  + config.w_structure * structure + config.w_dab * dab
+                  + config.w_glass * glass)
         paired: dict[str, float] = {}
         if pair_crops is not None:
             xp, yp = pair_crops.sample(config.batch)
@@ -342,11 +358,12 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         g_loss.backward()
         opt_g.step()
         state.step += 1
-        d_loss, adv, identity, structure, dab, g_loss = (v.detach() for v in (
-            d_loss, adv, identity, structure, dab, g_loss))
+        d_loss, adv, identity, structure, dab, glass, g_loss = (v.detach() for v in (
+            d_loss, adv, identity, structure, dab, glass, g_loss))
         state.history.append({"step": state.step, "d": float(d_loss), "adv": float(adv),
                               "identity": float(identity), "structure": float(structure),
-                              "dab": float(dab), **paired, "g": float(g_loss)})
+                              "dab": float(dab), "glass": float(glass), **paired,
+                              "g": float(g_loss)})
         if log and state.step % 20 == 0:
             h = state.history[-1]
             print(f"step {state.step} {time.perf_counter() - t0:.0f}s " +
