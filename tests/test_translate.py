@@ -128,6 +128,40 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     assert torch.get_rng_state() is not None
 
 
+def test_glass_loss_sees_only_glass():
+    from stainctl.engines.fast.train import glass_loss
+
+    tile = load_image(CMU1, 0.5)[800:1056, 400:656]  # tissue and glass
+    x = torch.from_numpy(tile.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    f = tile.astype(np.float32)
+    glass = torch.from_numpy((f.mean(2) > 229.5) & (f.max(2) - f.min(2) < 12.75))
+    assert 0.1 < glass.float().mean() < 0.9
+    assert glass_loss(x, x) == 0
+    tinted = x.clone()
+    tinted[:, 2] -= 0.2  # a colour cast everywhere
+    assert glass_loss(tinted, x) == pytest.approx(0.2 / 3, rel=1e-4)
+    stained = torch.where(glass, x, x * 0.5)  # only the tissue changes
+    assert glass_loss(stained, x) == 0
+
+
+def test_the_shipped_model_stains_tissue_and_leaves_glass_alone(tmp_path):
+    from stainctl.engines.fast.engine import load_fast_engine
+    from stainctl.models.registry import get_card
+
+    he = load_image(CMU1, 0.5)
+    windows = [he[y:y + 576, x:x + 576] for y in range(0, he.shape[0] - 575, 288)
+               for x in range(0, he.shape[1] - 575, 288)]
+    f = np.stack(windows).astype(np.float32)
+    glass = (f.mean(3) > 230) & (f.max(3) - f.min(3) < 13)  # bright and unstained
+    edge = (glass.mean(axis=(1, 2)) > 0.2) & (glass.mean(axis=(1, 2)) < 0.8)
+    tiles, glass = np.stack(windows)[edge], glass[edge]
+    engine = load_fast_engine(get_card("demo-ki67", tmp_path), tmp_path)
+    change = np.abs(engine.translate(tiles).astype(int) - tiles).mean(axis=3)
+    assert len(tiles) >= 10
+    assert change[~glass].mean() > 20  # tissue is restained
+    assert change[glass].mean() < 6  # glass stays glass (a bad seed once tinted it blue-grey)
+
+
 def test_held_out_ihc_never_reaches_training(tmp_path):
     from stainctl.engines.fast.train import hold_out, main
 
