@@ -52,8 +52,8 @@ def get_card(name: str, directory: Path | None = None) -> ModelCard:
 
 
 def required_cards(card: ModelCard, directory: Path | None = None) -> list[ModelCard]:
-    """The card and every card it runs with: its `base` (an adapted model's), the card it takes
-    its flow MLP from (`flow_from`) and its encoder (its own, else its base's), each once."""
+    """The card and every card it runs with, each once: its `base` (an adapted model's), the
+    card it takes its flow MLP from (`flow_from`), its encoder, and theirs in turn."""
     seen: dict[str, ModelCard] = {}
 
     def visit(c: ModelCard) -> None:
