@@ -39,3 +39,19 @@ def cli():
         return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
     return invoke
+
+
+@pytest.fixture
+def use_models(tmp_path, monkeypatch):
+    """`use_models(install)`: a fresh models directory filled by `install(directory)`, made the
+    user's (STAINCTL_MODELS), with the hub offline; returns the directory."""
+
+    def use(install=None) -> Path:
+        directory = tmp_path / "models"
+        if install is not None:
+            install(directory)
+        monkeypatch.setenv("STAINCTL_MODELS", str(directory))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        return directory
+
+    return use

@@ -22,12 +22,8 @@ from stainctl.engines.pixcell.transformer import token_grid_embedding
 
 
 @pytest.fixture
-def models(tmp_path, monkeypatch):
-    directory = tmp_path / "models"
-    install_pixcell(directory)
-    monkeypatch.setenv("STAINCTL_MODELS", str(directory))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return directory
+def models(use_models):
+    return use_models(install_pixcell)
 
 
 def _engine(models: Path, name: str = "tiny-pixcell-ki67", **sampling):
@@ -269,15 +265,10 @@ def test_missing_released_weights_stop_the_main_job_before_tiling(cli, tmp_path,
     assert not (out / "workspace" / "slides").exists()  # nothing was tiled
 
 
-def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp_path,
-                                                                        monkeypatch):
+def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp_path, models):
     from stainctl.models.card import card_from_dict
     from stainctl.models.registry import required_cards
 
-    models = tmp_path / "models"
-    install_pixcell(models)
-    monkeypatch.setenv("STAINCTL_MODELS", str(models))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     # An adapted card as train-lora writes it: a base, a flow taken from another card.
     adapted = card_from_dict({
         "name": "site2", "kind": "marker", "engine": "pixcell", "marker": "ki67",

@@ -144,12 +144,9 @@ def test_train_flow_learns_a_flow_from_paired_tiles(trained, tmp_path):
     assert (moved - ihc_tok).norm() < 0.7 * (he_tok - ihc_tok).norm()
 
 
-def test_missing_base_weights_stop_it_before_tiling(cli, tmp_path, monkeypatch):
-    models = tmp_path / "models"
-    install_pixcell(models, mpp=0.5)
+def test_missing_base_weights_stop_it_before_tiling(cli, tmp_path, use_models):
+    models = use_models(lambda d: install_pixcell(d, mpp=0.5))
     (models / "tiny-pixcell" / "vae.safetensors").unlink()
-    monkeypatch.setenv("STAINCTL_MODELS", str(models))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     ws = tmp_path / "ihc-ws"
     r = cli("train-lora", *ARGS, "-w", ws, "--ihc", OME_KI67[0], "--epochs", 1)
     assert r.exit_code == 2

@@ -17,12 +17,8 @@ from stainctl.engines.fast.train import TrainConfig, load_image, train
 
 
 @pytest.fixture
-def models(tmp_path, monkeypatch):
-    directory = tmp_path / "models"
-    install_fast(directory)
-    monkeypatch.setenv("STAINCTL_MODELS", str(directory))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    return directory
+def models(use_models):
+    return use_models(install_fast)
 
 
 def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
