@@ -1,0 +1,31 @@
+"""Golden output: the README main job on the bundled sample, pixel for pixel.
+
+Restructuring the code must not change what a user gets. The checksum covers the decoded
+level-0 pixels of the OME-TIFF (not the file bytes, whose OME-XML carries a timestamp). A change
+that is meant to alter the output updates the value here, in its own commit, saying why.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+import tifffile
+from conftest import ROOT
+
+SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
+# Recorded on main at d95613c (before the typed step core), demo-ki67, CPU torch 2.13.0.
+MAIN_JOB_LEVEL0_SHA256 = "3c246f1498b79549988d97a6237f710ba2bd37be6f65537ce1fd6fbeefbfde7c"
+
+
+@pytest.mark.slow
+def test_main_job_output_is_unchanged(cli, tmp_path):
+    out = tmp_path / "out"
+    r = cli("translate", SAMPLE, "--marker", "demo-ki67", "-o", out, "-q")
+    assert r.exit_code == 0, r.output
+    with tifffile.TiffFile(out / "CMU-1-Small-Region.demo-ki67.ome.tiff") as tif:
+        level0 = tif.series[0].levels[0].asarray()
+    assert level0.shape == (2961, 2216, 3)
+    digest = hashlib.sha256(np.ascontiguousarray(level0).tobytes()).hexdigest()
+    assert digest == MAIN_JOB_LEVEL0_SHA256
