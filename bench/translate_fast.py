@@ -36,13 +36,13 @@ def main() -> None:
 
     import torch
 
+    from stainctl.engines.base import EngineOptions, load_engine
     from stainctl.engines.fast.model import parameter_count
     from stainctl.models.registry import SHIPPED, get_card
     from stainctl.slide.reader import open_slide
-    from stainctl.steps.translate import load_engine
 
     torch.set_num_threads(args.threads)
-    engine = load_engine(get_card("demo-ki67", SHIPPED), SHIPPED, "cpu")
+    engine = load_engine(get_card("demo-ki67", SHIPPED), SHIPPED, EngineOptions(device="cpu"))
     side = 512 + 2 * engine.margin
     slide = open_slide(SAMPLE)
     tiles = np.stack([slide.read_region(x, y, 0, side, side)

@@ -105,9 +105,9 @@ def main() -> None:
 
     import torch
 
+    from stainctl.engines.base import EngineOptions
     from stainctl.engines.pixcell.engine import PixCellEngine
     from stainctl.engines.pixcell.sampling import (
-        SamplingOptions,
         decode_latents,
         initial_noise,
         resolve_dtype,
@@ -129,7 +129,8 @@ def main() -> None:
     parts = build(side, device, with_encoder=gpu)
     built = time.perf_counter() - t0
     card = ModelCard("bench", "marker", "pixcell", 0.5, side, "", "", "", marker="x")
-    sampling = SamplingOptions(steps, args.guidance, args.dtype)
+    sampling = EngineOptions(device=device, steps=steps, guidance=args.guidance,
+                             dtype=args.dtype)
     engine = PixCellEngine(card, parts, sampling, device)  # moves the networks to the device
     engine.input_side = side
     latent = side // parts.config.downscale

@@ -27,12 +27,12 @@ def models(use_models):
 
 
 def _engine(models: Path, name: str = "tiny-pixcell-ki67", **sampling):
+    from stainctl.engines.base import EngineOptions
     from stainctl.engines.pixcell.engine import load_pixcell_engine
-    from stainctl.engines.pixcell.sampling import SamplingOptions
     from stainctl.models.registry import get_card
 
-    return load_pixcell_engine(get_card(name, models), models, "cpu",
-                               SamplingOptions(**{"steps": 3, **sampling}))
+    return load_pixcell_engine(get_card(name, models), models,
+                               EngineOptions(**{"device": "cpu", "steps": 3, **sampling}))
 
 
 def _cmu1_tiles(n: int = 2, side: int = 256) -> np.ndarray:

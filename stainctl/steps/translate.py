@@ -16,7 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from stainctl.engines.base import (
+    Engine,
+    EngineOptions,
+    engine_spec,
+    load_engine,
+    tile_seed,
+)
 from stainctl.errors import ModelError, SlideError, UsageError
+from stainctl.models.card import ModelCard
 from stainctl.steps.report import (
     BatchResult,
     Progress,
@@ -47,30 +55,17 @@ class TranslateOptions:
     dtype: str = "auto"
     overlap: int | None = None  # context px each side; default: the model card's margin
 
-    def sampling(self) -> Any:
-        from stainctl.engines.pixcell.sampling import SamplingOptions
-
-        return SamplingOptions(self.steps, self.guidance, self.dtype)
-
-
-def grid_tile_size(card: Any, options: TranslateOptions) -> int:
-    """The tile size to tile a slide at for `card`. A fixed-size generator (pixcell) takes tiles
-    of its side with the overlap included, so the grid is that side less the overlap bands; a
-    convolutional one (fast) takes the card's tile size and adds its context around it."""
-    if card.engine != "pixcell":
-        return int(card.tile_size)
-    from stainctl.engines.pixcell.config import DEFAULT_OVERLAP
-
-    overlap = options.overlap if options.overlap is not None else int(
-        card.architecture.get("margin", DEFAULT_OVERLAP))
-    size = int(card.tile_size) - 2 * overlap
-    if overlap < 0 or size < card.tile_size // 2:
-        raise UsageError(f"--overlap must be between 0 and {card.tile_size // 4} px for "
-                         f"{card.name} ({card.tile_size}-px tiles)")
-    return size
+    def engine_options(self) -> EngineOptions:
+        return EngineOptions(device=self.device, dtype=self.dtype, steps=self.steps,
+                             guidance=self.guidance)
 
 
-def marker_model(marker: str, directory: Path) -> Any:
+def grid_tile_size(card: ModelCard, options: TranslateOptions) -> int:
+    """The tile size to tile a slide at for `card` (its engine decides how context is added)."""
+    return engine_spec(card).grid_tile_size(card, options.overlap)
+
+
+def marker_model(marker: str, directory: Path) -> ModelCard:
     """The card for `--marker`: a model of that name, or an installed model for that stain."""
     from stainctl.models.registry import SHIPPED, all_cards
     from stainctl.models.weights import locate
@@ -82,7 +77,7 @@ def marker_model(marker: str, directory: Path) -> Any:
     # The user's own models first: one trained for their site beats the shipped demo.
     wanted.sort(key=lambda c: c.origin is not None and c.origin.parent == SHIPPED)
 
-    def installed(card: Any) -> bool:
+    def installed(card: ModelCard) -> bool:
         return all(locate(card, w, directory).path is not None for w in card.weights)
 
     for card in wanted:
@@ -94,23 +89,8 @@ def marker_model(marker: str, directory: Path) -> Any:
         return wanted[0]  # its missing weights give the message naming what to pull
     raise ModelError(
         f"no model makes {marker!r}; installed marker models: {', '.join(have) or 'none'}. "
-        "Train one (python -m stainctl.engines.fast.train --marker ...; see README) and add it "
-        "with `stainctl models add`, or pull a published one (`stainctl models list`)")
-
-
-def load_engine(card: Any, directory: Path, device: str, sampling: Any = None) -> Any:
-    from stainctl.models.encoders import resolve_device
-
-    if card.engine == "fast":
-        from stainctl.engines.fast.engine import load_fast_engine
-
-        return load_fast_engine(card, directory, resolve_device(device))
-    if card.engine == "pixcell":
-        from stainctl.engines.pixcell.engine import load_pixcell_engine
-
-        return load_pixcell_engine(card, directory, resolve_device(device), sampling)
-    raise ModelError(f"model {card.name} needs the {card.engine!r} engine, which this version "
-                     "of stainctl does not have yet; use a `fast` model (stainctl models list)")
+        "Train one (stainctl train --marker ...; see README), or pull a published one "
+        "(`stainctl models list`)")
 
 
 def translate_slides(ws: Workspace, options: TranslateOptions,
@@ -122,10 +102,7 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
         raise UsageError("--batch-size and --readers must be at least 1")
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
-    if card.engine == "pixcell":
-        options.sampling().validate()
-    engine = load_engine(card, directory, options.device,
-                         options.sampling() if card.engine == "pixcell" else None)
+    engine = load_engine(card, directory, options.engine_options())
     m = ws.manifest
     ready = m.slides_done("filter")
     if not ready:
@@ -145,12 +122,13 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
             outcome = SlideOutcome(s["key"], s["path"], "failed", reason)
         result.slides.append(outcome)
         progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
+    engine.close()
     return result
 
 
-def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: TranslateOptions,
+def _translate_one(ws: Workspace, s: Any, card: ModelCard, engine: Engine,
+                   options: TranslateOptions,
                    progress: Progress) -> SlideOutcome:
-    from stainctl.engines.pixcell.sampling import tile_seed
     from stainctl.slide.tiles import TileSource, read_batches
     from stainctl.workspace.tilestore import TileStore, create_for_slide
 
@@ -170,9 +148,9 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
     params: dict[str, Any] = {
         "model": card.name, "margin": margin, "grid": grid["params_hash"],
         "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"]}
-    if card.engine == "pixcell":  # these change the pixels; batching and device do not
-        params.update(steps=options.steps, guidance=options.guidance, seed=options.seed,
-                      dtype=options.dtype)
+    params.update(engine.settings())  # what changes the pixels; batching and device do not
+    if not engine.deterministic:
+        params["seed"] = options.seed
     phash = params_hash(params)
     path = ws.tile_store_path(s["key"], card.name)
     done = m.step(s["id"], step)
@@ -211,10 +189,11 @@ def _translate_one(ws: Workspace, s: Any, card: Any, engine: Any, options: Trans
                         {"store": str(path), "translated_now": len(todo), "tiles": total})
 
 
-def _margin(path: str, tile_size: int, card: Any, engine: Any, options: TranslateOptions) -> int:
+def _margin(path: str, tile_size: int, card: ModelCard, engine: Engine,
+            options: TranslateOptions) -> int:
     """Context px on each side of a grid tile: fixed by the grid for a fixed-size generator,
     else --overlap or the card's margin."""
-    side = getattr(engine, "input_side", None)
+    side = engine.input_side
     if side is None:
         return int(options.overlap if options.overlap is not None else engine.margin)
     margin, odd = divmod(side - tile_size, 2)

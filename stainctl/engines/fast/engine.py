@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stainctl.engines.base import EngineOptions
 from stainctl.errors import ModelError
 from stainctl.models.card import ModelCard
 
 
 class FastEngine:
-    """uint8 RGB tiles (with their context margin) in, uint8 RGB tiles of the same size out."""
+    """uint8 RGB tiles (with their context margin) in, uint8 RGB tiles of the same size out
+    (an `engines.base.Engine`)."""
+
+    input_side: int | None = None  # fully convolutional: any multiple of `multiple`
+    deterministic = True
 
     def __init__(self, card: ModelCard, generator: Any, device: str = "cpu") -> None:
         import torch
@@ -30,7 +36,13 @@ class FastEngine:
         self.margin = int(card.architecture.get("margin", 32))
         self.multiple = 2 ** len(generator.config.widths)
 
-    def translate(self, tiles: np.ndarray, seeds: Any = None) -> np.ndarray:
+    def settings(self) -> Mapping[str, object]:
+        return {}  # the model alone makes the pixels
+
+    def close(self) -> None:
+        self.generator.to("cpu")
+
+    def translate(self, tiles: np.ndarray, seeds: Sequence[int] = ()) -> np.ndarray:
         del seeds  # deterministic: no noise to seed
         import torch
 
@@ -47,9 +59,13 @@ class FastEngine:
         return np.ascontiguousarray(y.permute(0, 2, 3, 1).cpu().numpy())
 
 
-def load_fast_engine(card: ModelCard, directory: Path, device: str = "cpu") -> FastEngine:
+def load_fast_engine(card: ModelCard, directory: Path,
+                     options: EngineOptions | None = None) -> FastEngine:
     """The card's generator; for a LoRA-adapted card (`base` in its architecture), the base
     model's generator with the card's adapter merged in."""
+    from stainctl.models.encoders import resolve_device
+
+    device = resolve_device((options or EngineOptions(device="cpu")).device)
     base = card.architecture.get("base")
     if not base:
         return FastEngine(card, load_generator(card, directory), device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from stainctl.engines.base import DEFAULT_FIXED_OVERLAP
 from stainctl.errors import ModelError
 from stainctl.models.card import ModelCard
 
@@ -39,7 +40,7 @@ SCHEDULER: dict[str, Any] = {
     "timestep_spacing": "linspace", "steps_offset": 0,
 }
 # Context px on each side of a generated tile, blended by stitch, unless a card or --overlap says.
-DEFAULT_OVERLAP = 64
+DEFAULT_OVERLAP = DEFAULT_FIXED_OVERLAP
 FLOW: dict[str, Any] = {"channels": 1536, "width": 1024, "time_dim": 1024, "bottleneck": 1024,
                         "blocks": 6}
 

@@ -10,14 +10,15 @@ one of the card named by `flow_from`); a card without a flow MLP is the "no flow
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stainctl.engines.base import EngineOptions
 from stainctl.engines.pixcell.config import DEFAULT_OVERLAP, PixCellConfig
-from stainctl.engines.pixcell.sampling import SamplingOptions
 from stainctl.errors import ModelError
 from stainctl.models.card import ModelCard
 
@@ -45,21 +46,22 @@ class PixCellParts:
 
 
 class PixCellEngine:
-    """uint8 RGB tiles of `input_side` px in, generated uint8 RGB tiles of the same size out."""
+    """uint8 RGB tiles of `input_side` px in, generated uint8 RGB tiles of the same size out
+    (an `engines.base.Engine`)."""
 
     multiple = 1
+    deterministic = False  # each tile's noise comes from its seed
 
-    def __init__(self, card: ModelCard, parts: PixCellParts, sampling: SamplingOptions,
+    def __init__(self, card: ModelCard, parts: PixCellParts, sampling: EngineOptions,
                  device: str = "cpu") -> None:
         import torch
 
         from stainctl.engines.pixcell.sampling import resolve_dtype
 
-        sampling.validate()
         self.card, self.parts, self.sampling = card, parts, sampling
         self.device = torch.device(device)
         self.dtype = resolve_dtype(sampling.dtype, self.device)
-        self.input_side = parts.config.image_size
+        self.input_side: int | None = parts.config.image_size
         self.margin = int(card.architecture.get("margin", DEFAULT_OVERLAP))
         for net in (parts.transformer, parts.vae, parts.flow):
             if net is not None:
@@ -79,7 +81,16 @@ class PixCellEngine:
             tokens = translate_tokens(self.parts.flow, tokens, self.parts.config.flow_steps)
         return tokens
 
-    def translate(self, tiles: np.ndarray, seeds: Any = None) -> np.ndarray:
+    def settings(self) -> Mapping[str, object]:
+        return {"steps": self.sampling.steps, "guidance": self.sampling.guidance,
+                "dtype": self.sampling.dtype}
+
+    def close(self) -> None:
+        for net in (self.parts.transformer, self.parts.vae, self.parts.flow):
+            if net is not None:
+                net.to("cpu")
+
+    def translate(self, tiles: np.ndarray, seeds: Sequence[int] | None = None) -> np.ndarray:
         from stainctl.engines.pixcell.sampling import (
             decode_latents,
             initial_noise,
@@ -175,9 +186,16 @@ def load_parts(card: ModelCard, directory: Path, device: str = "cpu",
     return PixCellParts(config, transformer, vae, encoder, flow)
 
 
-def load_pixcell_engine(card: ModelCard, directory: Path, device: str = "cpu",
-                        sampling: SamplingOptions | None = None) -> PixCellEngine:
-    sampling = sampling or SamplingOptions()
+def load_pixcell_engine(card: ModelCard, directory: Path,
+                        options: EngineOptions | None = None) -> PixCellEngine:
+    from stainctl.engines.pixcell.sampling import resolve_dtype
+    from stainctl.models.encoders import resolve_device
+
+    sampling = options or EngineOptions(device="cpu")
+    device = resolve_device(sampling.device)
+    import torch
+
+    resolve_dtype(sampling.dtype, torch.device(device))  # fp16 on a CPU: say so before loading
     encoder_dtype = "bf16" if sampling.dtype in ("bf16", "fp16") or (
         sampling.dtype == "auto" and device.startswith("cuda")) else "fp32"
     parts = load_parts(card, directory, device, encoder_dtype)

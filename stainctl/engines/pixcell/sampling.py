@@ -9,9 +9,7 @@ is generated the same whatever batch it falls in, and a resumed run repeats an u
 from __future__ import annotations
 
 import contextlib
-import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -19,31 +17,6 @@ import torch
 from stainctl.errors import UsageError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-@dataclass(frozen=True)
-class SamplingOptions:
-    steps: int = 20
-    guidance: float = 1.2  # <= 1: conditional pass only
-    dtype: str = "auto"  # bf16 on a GPU, fp32 on a CPU
-
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise UsageError("--steps must be at least 1")
-        if self.dtype not in ("auto", *DTYPES):
-            raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype}")
-
-
-def stable_seed(*parts: object) -> int:
-    """A 63-bit seed from its parts, the same in every process (unlike hash())."""
-    text = "/".join(str(p) for p in parts)
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") >> 1
-
-
-def tile_seed(seed: int, slide: str, col: int, row: int) -> int:
-    """A fixed seed per (run seed, slide, tile), independent of batching and order."""
-    return stable_seed(seed, slide, col, row)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -97,7 +97,7 @@ class PixCellLoraResult:
 def _select(ids: np.ndarray, limit: int, seed: int, key: str) -> np.ndarray:
     if len(ids) <= limit:
         return np.sort(ids)
-    from stainctl.engines.pixcell.sampling import stable_seed
+    from stainctl.engines.base import stable_seed
 
     rng = np.random.default_rng(stable_seed(seed, key))
     return np.sort(rng.choice(ids, limit, replace=False))

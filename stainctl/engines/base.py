@@ -1,0 +1,150 @@
+"""What a translation engine is, and the registry from a card's `engine` name to its loader.
+
+An engine takes uint8 RGB H&E tiles with their context margin on each side and gives uint8 RGB
+IHC-style tiles of the same size. The translate step knows engines only through `Engine` and
+`EngineSpec`: adding an engine is a package under `engines/` plus one `register` call here (or in
+the code that adds it); no step changes. Registering imports nothing heavy: the loader is named
+as "module:function" and imported the first time a card of that engine is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from stainctl.errors import ModelError, UsageError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from stainctl.models.card import ModelCard
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineOptions:
+    """How to run an engine: where, at what precision, and (diffusion engines) how to sample.
+    Deterministic engines ignore the sampling fields."""
+
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    dtype: str = "auto"  # bf16 on a GPU, fp32 on a CPU
+    steps: int = 20  # diffusion solver steps
+    guidance: float = 1.2  # classifier-free guidance; <= 1: conditional pass only
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise UsageError("--steps must be at least 1")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype}")
+
+
+class Engine(Protocol):
+    """A loaded model, ready to translate batches of tiles."""
+
+    card: ModelCard
+    margin: int  # default context px on each side of a grid tile (the card's)
+    multiple: int  # an input side must be a multiple of this
+    # The one input side it generates (context included), or None for any side.
+    input_side: int | None
+    # False where the output depends on the per-tile seeds (diffusion engines).
+    deterministic: bool
+
+    def settings(self) -> Mapping[str, object]:
+        """The options that change its pixels (recorded with the translated tiles, so a change
+        makes the slide again); batching and device are not among them."""
+        ...
+
+    def translate(self, tiles: np.ndarray, seeds: Sequence[int]) -> np.ndarray:
+        """(B, H, W, 3) uint8 in, (B, H, W, 3) uint8 out; `seeds`: one per tile."""
+        ...
+
+    def close(self) -> None:
+        """Free the device memory it holds."""
+        ...
+
+
+Loader = Callable[["ModelCard", Path, EngineOptions], Engine]
+
+
+@dataclass(frozen=True, kw_only=True)
+class EngineSpec:
+    name: str
+    loader: str | Loader  # "package.module:function", imported on first use, or the function
+    # A fixed-size generator takes tiles of the card's tile_size with the overlap bands
+    # included, so the grid is that side less two overlaps; otherwise the grid is the card's
+    # tile_size and the context goes around it.
+    fixed_side: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.loader, str) and ":" not in self.loader:
+            raise ValueError(f"engine {self.name}: loader must be 'module:function'")
+
+    def load(self, card: ModelCard, directory: Path, options: EngineOptions) -> Engine:
+        loader = self.loader
+        if isinstance(loader, str):
+            module, function = loader.split(":")
+            loader = getattr(importlib.import_module(module), function)
+        return loader(card, directory, options)
+
+    def grid_tile_size(self, card: ModelCard, overlap: int | None) -> int:
+        """The tile size to tile a slide at for `card` (`overlap`: --overlap, or None)."""
+        if not self.fixed_side:
+            return int(card.tile_size)
+        if overlap is None:
+            overlap = int(card.architecture.get("margin", DEFAULT_FIXED_OVERLAP))
+        size = int(card.tile_size) - 2 * overlap
+        if overlap < 0 or size < card.tile_size // 2:
+            raise UsageError(f"--overlap must be between 0 and {card.tile_size // 4} px for "
+                             f"{card.name} ({card.tile_size}-px tiles)")
+        return size
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from its parts, the same in every process (unlike hash())."""
+    text = "/".join(str(p) for p in parts)
+    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def tile_seed(seed: int, slide: str, col: int, row: int) -> int:
+    """A fixed seed per (run seed, slide, tile), independent of batching and order: reruns and
+    resumed runs of a diffusion engine give the same slide."""
+    return stable_seed(seed, slide, col, row)
+
+
+# Context px each side of a fixed-size generator's tile unless its card or --overlap says.
+DEFAULT_FIXED_OVERLAP = 64
+
+_ENGINES: dict[str, EngineSpec] = {}
+
+
+def register(spec: EngineSpec) -> None:
+    _ENGINES[spec.name] = spec
+
+
+def unregister(name: str) -> None:
+    _ENGINES.pop(name, None)
+
+
+def engine_spec(card: ModelCard) -> EngineSpec:
+    spec = _ENGINES.get(card.engine)
+    if spec is None:
+        raise ModelError(f"model {card.name} needs the {card.engine!r} engine, which this "
+                         f"version of stainctl does not have (it has: "
+                         f"{', '.join(sorted(_ENGINES))}); use another model "
+                         "(stainctl models list)")
+    return spec
+
+
+def load_engine(card: ModelCard, directory: Path, options: EngineOptions) -> Engine:
+    return engine_spec(card).load(card, directory, options)
+
+
+register(EngineSpec(name="fast", loader="stainctl.engines.fast.engine:load_fast_engine"))
+register(EngineSpec(name="pixcell", loader="stainctl.engines.pixcell.engine:load_pixcell_engine",
+                    fixed_side=True))
