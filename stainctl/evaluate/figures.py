@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 
 from stainctl.evaluate.sources import Item, SlidePreview
-from stainctl.evaluate.stain import HIST_BINS, HIST_RANGE, dab_channel
+from stainctl.evaluate.stain import HIST_BINS, HIST_RANGE
+from stainctl.stain.deconvolution import dab_density
 
 CELL = 192  # px of each tile in a grid figure
 
@@ -91,7 +92,7 @@ def slide_panel(preview: SlidePreview, path: Path, size: int = 640) -> Path:
     ihc = slide_thumbnail(preview.ihc, size)
     panels = [("H&E", slide_thumbnail(preview.he, size) if preview.he else None),
               ("virtual IHC", ihc)]
-    dab = dab_channel(ihc)
+    dab = dab_density(ihc)
     heat = cv2.applyColorMap(np.clip(dab / HIST_RANGE[1] * 255, 0, 255).astype(np.uint8),
                              cv2.COLORMAP_INFERNO)
     panels.append(("DAB", cv2.cvtColor(heat, cv2.COLOR_BGR2RGB)))

@@ -8,16 +8,15 @@ from typing import Any
 import numpy as np
 
 from stainctl.errors import UsageError
-from stainctl.evaluate.paired import (
-    compare,
+from stainctl.evaluate.paired import compare, pairs_from_csv
+from stainctl.evaluate.sources import Item
+from stainctl.evaluate.stain import dab_stats, paired_stain_metrics
+from stainctl.slide.registration import (
     landmarks_beside,
-    pairs_from_csv,
     read_landmarks,
     register_landmarks,
     warp_onto,
 )
-from stainctl.evaluate.sources import Item
-from stainctl.evaluate.stain import dab_stats, paired_stain_metrics
 
 MAX_LISTED = 200  # pairs listed one by one in metrics.json
 

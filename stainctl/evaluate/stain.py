@@ -1,46 +1,26 @@
 """DAB stain metrics as UNIStainNet defines them, from colour deconvolution.
 
 The DAB channel is the optical density that scikit-image's `rgb2hed` assigns to DAB with the
-standard H-DAB stain vectors (Ruifrok & Johnston). Per image we keep its p90 score (the mean of
+standard H-DAB stain vectors (Ruifrok & Johnston), computed by `stainctl.stain.deconvolution`,
+the same definition the trainer's DAB loss uses. Per image we keep its p90 score (the mean of
 its top 10 % DAB values), a fixed-bin DAB histogram and the DAB-positive area fraction; the set
 metrics compare those across paired or unpaired images.
 """
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+from stainctl.stain.deconvolution import dab_density as dab_channel
 
 # DAB optical densities above this are rare even on strong stains (the skimage IHC image: p99
 # 0.19); the last bin collects them.
 HIST_RANGE = (0.0, 0.3)
 HIST_BINS = 64
 DEFAULT_POSITIVE = 0.15  # "clearly brown", as in the demo model card
-
-
-def dab_channel(rgb: np.ndarray) -> np.ndarray:
-    """(H, W) float32 DAB optical density of a uint8 RGB image: scikit-image's `rgb2hed`
-    DAB channel, computed through per-channel lookup tables (the formula is a sum of one term
-    per channel), ~10x faster than converting the whole image to float64."""
-    luts = _dab_luts()
-    dab = luts[0][rgb[..., 0]]
-    dab += luts[1][rgb[..., 1]]
-    dab += luts[2][rgb[..., 2]]
-    return np.maximum(dab, 0, out=dab)
-
-
-@functools.cache
-def _dab_luts() -> np.ndarray:
-    """(3, 256): channel c with value v contributes luts[c, v] to the DAB density, as in
-    skimage.color.separate_stains: log(max(v / 255, 1e-6)) / log(1e-6) @ hed_from_rgb."""
-    from skimage.color import hed_from_rgb
-
-    v = np.maximum(np.arange(256) / 255.0, 1e-6)
-    od = np.log(v) / np.log(1e-6)
-    return (od[None, :] * np.asarray(hed_from_rgb)[:, 2][:, None]).astype(np.float32)
 
 
 @dataclass(frozen=True)

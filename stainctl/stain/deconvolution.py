@@ -1,0 +1,57 @@
+"""DAB optical density by colour deconvolution, in numpy (evaluation) and torch (training).
+
+Both forms use one set of stain vectors, scikit-image's H-E-DAB matrix (`hed_from_rgb`, Ruifrok &
+Johnston), and the formula of `skimage.color.rgb2hed`: optical density log(max(v, 1e-6)) /
+log(1e-6) per channel, times the matrix, clipped at 0. The DAB density is a sum of one term per
+channel, so the numpy form reads it from per-channel lookup tables (~10x faster than converting
+the image to float64); the torch form computes it on float images and is differentiable.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+EPS = 1e-6  # skimage's floor on the normalised intensity before the log
+DAB = 2  # the DAB column of the H-E-DAB matrix
+
+
+@functools.cache
+def hed_from_rgb() -> np.ndarray:
+    """(3, 3) float64: RGB optical density -> haematoxylin, eosin, DAB."""
+    from skimage.color import hed_from_rgb as matrix
+
+    return np.asarray(matrix, dtype=np.float64)
+
+
+@functools.cache
+def _dab_luts() -> np.ndarray:
+    """(3, 256): channel c with value v contributes luts[c, v] to the DAB density."""
+    v = np.maximum(np.arange(256) / 255.0, EPS)
+    od = np.log(v) / np.log(EPS)
+    return (od[None, :] * hed_from_rgb()[:, DAB][:, None]).astype(np.float32)
+
+
+def dab_density(rgb: np.ndarray) -> np.ndarray:
+    """(H, W) float32 DAB optical density of a uint8 RGB image (`rgb2hed(rgb)[..., 2]`)."""
+    luts = _dab_luts()
+    dab = luts[0][rgb[..., 0]]
+    dab += luts[1][rgb[..., 1]]
+    dab += luts[2][rgb[..., 2]]
+    return np.maximum(dab, 0, out=dab)
+
+
+def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) DAB optical density of (B, 3, H, W) images in [-1, 1] (differentiable)."""
+    import torch
+
+    column = torch.as_tensor(hed_from_rgb()[:, DAB], dtype=x.dtype, device=x.device)
+    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
+    od = torch.log(rgb) / math.log(EPS)
+    return torch.clamp(od @ column, min=0)
