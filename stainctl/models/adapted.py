@@ -1,24 +1,11 @@
-"""What every train-lora run writes into its model folder, whatever the engine: the adapter file
-name, the card (TOML, written atomically) and the loss curve."""
+"""What every training run writes into its model folder besides the card, whatever the engine:
+the adapter file name and the loss curve."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 ADAPTER = "adapter.safetensors"
-
-
-def toml_string(text: str) -> str:
-    return json.dumps(text, ensure_ascii=False)  # a JSON string is a valid TOML basic string
-
-
-def write_card(path: Path, lines: list[str]) -> Path:
-    from stainctl.workspace.atomic import atomic_path
-
-    with atomic_path(path) as tmp:
-        tmp.write_text("\n".join(lines))
-    return path
 
 
 def loss_curve(history: list[dict[str, float]], path: Path, keys: tuple[str, ...],

@@ -7,6 +7,8 @@ own cards live in the models directory (`--models-dir`, env STAINCTL_MODELS).
 from __future__ import annotations
 
 import json
+import math
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -61,11 +63,77 @@ class ModelCard:
                 return w
         raise ModelError(f"model {self.name} has no {role!r} weights in its card {self.origin}")
 
+    def to_toml(self) -> str:
+        """The card as TOML that `load_card` reads back to an equal card (fields left at their
+        defaults are left out; `origin` is where it is written, so it is not stored)."""
+        lines = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name in ("architecture", "weights", "origin") or value == f.default:
+                continue
+            lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
+        if self.architecture:
+            _toml_table("architecture", self.architecture, lines)
+        for w in self.weights:
+            lines += ["", "[[weights]]"]
+            lines += [f"{_toml_key(f.name)} = {_toml_value(getattr(w, f.name))}"
+                      for f in fields(w)
+                      if f.name == "role" or getattr(w, f.name) != f.default]
+        return "\n".join(lines) + "\n"
+
     def as_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "weights"}
         out["origin"] = str(self.origin) if self.origin else None
         out["weights"] = [vars(w) for w in self.weights]
         return out
+
+
+def write_card(card: ModelCard, path: Path) -> Path:
+    """`card` as TOML at `path`, written under a temporary name and renamed into place; a card
+    that its own reader would refuse is not written."""
+    from stainctl.workspace.atomic import atomic_path
+
+    text = card.to_toml()
+    card_from_dict(tomllib.loads(text), path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return path
+
+
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else json.dumps(key, ensure_ascii=False)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        return repr(value) if math.isfinite(value) else ("inf" if value > 0 else "-inf")
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)  # a JSON string is a TOML basic string
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(str(k))} = {_toml_value(v)}"
+                               for k, v in value.items()) + "}"
+    raise ModelError(f"a model card cannot hold {type(value).__name__} values ({value!r})")
+
+
+def _toml_table(name: str, table: dict[str, Any], lines: list[str]) -> None:
+    """`[name]` with its plain values, then its sub-tables as `[name.key]`."""
+    lines += ["", f"[{name}]"]
+    subtables = {k: v for k, v in table.items() if isinstance(v, dict)}
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()
+              if k not in subtables]
+    for key, sub in subtables.items():
+        _toml_table(f"{name}.{_toml_key(key)}", sub, lines)
 
 
 def load_card(path: str | Path) -> ModelCard:
