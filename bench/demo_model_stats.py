@@ -33,8 +33,8 @@ HOLD_OUT, CROP, MPP = 0.25, 256, 0.5  # as in the card's training command
 def glass_and_tissue_change() -> dict[str, float]:
     import numpy as np
 
+    from stainctl.engines.fast.data import load_image
     from stainctl.engines.fast.engine import load_fast_engine
-    from stainctl.engines.fast.train import load_image
     from stainctl.models.registry import get_card
 
     he = load_image(SAMPLE, MPP)
@@ -54,7 +54,7 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from stainctl.cli.app import app as cli_app
-    from stainctl.engines.fast.train import load_image, write_held_out
+    from stainctl.engines.fast.data import load_image, write_held_out
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--inception-weights", type=Path, help="also measure FID and KID")

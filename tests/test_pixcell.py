@@ -289,3 +289,49 @@ def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp
     assert r.exit_code == 2
     assert "model tiny-uni64: its encoder weights are missing" in r.stderr
     assert not (out / "workspace" / "slides").exists()  # nothing was tiled
+
+
+def test_training_latents_are_what_the_sampler_decodes():
+    """train-lora learns on (z - shift) * scale of the VAE configuration, which the sampler's
+    decode undoes: a tile encoded for training and decoded as a generated latent comes back as
+    the VAE itself decodes z."""
+    from stainctl.engines.pixcell.config import LatentScaling
+    from stainctl.engines.pixcell.sampling import decode_latents
+    from stainctl.engines.pixcell.train import encode_latents, training_latents
+
+    config, _, vae, _ = tiny_parts()
+    vae.eval()
+    stats = torch.from_numpy(encode_latents(vae, _cmu1_tiles(2), "cpu").astype(np.float32))
+    c = stats.shape[1] // 2
+    stats[:, c:] = 0  # no sampling spread: the training latent is the normalised mean
+    x0 = training_latents(stats, config.latents, torch.Generator().manual_seed(0))
+    assert config.latents == LatentScaling(scale=1.5305, shift=0.0609)  # SD3.5's, from config
+    assert not torch.allclose(x0, stats[:, :c])
+    with torch.no_grad():
+        direct = vae.decode(stats[:, :c]).sample
+    direct = ((direct.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+    decoded = decode_latents(vae, x0, torch.float32)
+    assert np.abs(decoded.numpy().astype(int) - direct.numpy()).max() <= 1
+    assert np.abs(decode_latents(vae, stats[:, :c], torch.float32).numpy().astype(int)
+                  - direct.numpy()).max() > 1  # raw latents would decode to something else
+
+
+def test_a_released_lora_made_on_another_base_is_refused(tmp_path):
+    from pixcell_helpers import released_lora
+
+    from stainctl.engines.pixcell.lora import check_base_weights, merge_released_lora
+    from stainctl.errors import ModelError
+    from stainctl.models.weights import load_state_dict
+
+    _, transformer, _, _ = tiny_parts(seed=0)
+    _, other, _, _ = tiny_parts(seed=5)
+    foreign = released_lora(other, tmp_path / "foreign.pth")
+    with pytest.raises(ModelError, match="trained on another base transformer"):
+        merge_released_lora(transformer, foreign)
+    own = released_lora(transformer, tmp_path / "own.pth")
+    assert check_base_weights(transformer, load_state_dict(own), own) == 4
+    # Stored in bf16 (as a release may be), the same base still passes.
+    state = {k: v.to(torch.bfloat16).float() if "base_layer" in k else v
+             for k, v in load_state_dict(own).items()}
+    assert check_base_weights(transformer, state, own) == 4
+    merge_released_lora(transformer, own)  # and merges

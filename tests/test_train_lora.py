@@ -10,10 +10,11 @@ import torch
 from conftest import CMU1, OME_HE, OME_KI67
 from safetensors.torch import load_file
 
-from stainctl.engines.fast.adapt import AdaptOptions, adapt
+from stainctl.engines.fast.adapt import AdaptOptions
 from stainctl.engines.fast.engine import load_fast_engine, load_generator
 from stainctl.models.lora import LoraSpec, adapter_state, attach, load_adapted
 from stainctl.models.registry import get_card
+from stainctl.steps.train import adapt_fast as adapt
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ from stainctl.cli import (
     status,
     stitch,
     tile,
+    train,
     train_lora,
     translate,
 )
@@ -52,7 +53,7 @@ def root(
 # In pipeline order, so `--help` reads like the workflow.
 COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
-    "train-lora": train_lora.train_lora, "translate": translate.translate,
+    "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
     "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "status": status.status}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

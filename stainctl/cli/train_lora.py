@@ -84,15 +84,16 @@ def train_lora(
         model_name = name or f"{marker}-lora"
         target = output or directory / model_name
         if engine == "fast":
-            from stainctl.engines.fast.adapt import AdaptOptions, adapt
+            from stainctl.engines.fast.adapt import AdaptOptions
             from stainctl.models.lora import LoraSpec
+            from stainctl.steps.train import adapt_fast
 
-            res = adapt(AdaptOptions(
+            res = adapt_fast(AdaptOptions(
                 name=model_name, marker=marker, base=base or "demo-ki67", he=tuple(he or ()),
                 ihc=tuple(ihc or ()), out=target, models_dir=directory,
                 lora=LoraSpec(rank=rank, alpha=alpha), steps=steps, lr=lr,
                 batch_size=batch_size, seed=seed, default_mpp=default_mpp),
-                log=echo is not None)
+                log_steps=echo is not None)
             data: dict[str, Any] = {"name": model_name, "engine": "fast", "card": str(res.card),
                     "adapter": str(res.adapter), "steps": res.steps,
                     "trainable_parameters": res.trainable, "frozen_parameters": res.frozen,
@@ -100,6 +101,7 @@ def train_lora(
         elif engine == "pixcell":
             from stainctl.engines.pixcell.flow_train import FlowTrainOptions
             from stainctl.engines.pixcell.train import PixCellLoraOptions
+            from stainctl.steps.train import adapt_pixcell
 
             flow_options = None
             if train_flow:
@@ -116,7 +118,14 @@ def train_lora(
                 batch_size=batch_size, accumulate=accumulate, warmup=warmup,
                 max_tiles_per_slide=max_tiles_per_slide, seed=seed, device=device, flow=flow,
                 train_flow=flow_options)
-            data = _pixcell(out, workspace, ihc or [], default_mpp, options, echo)
+            with out.progress() as progress:
+                lora = adapt_pixcell(workspace, list(ihc or []), default_mpp, options, progress,
+                                     echo)
+            data = {"name": model_name, "engine": "pixcell", "card": str(lora.card),
+                    "adapter": str(lora.adapter), "epochs": lora.epochs, "steps": lora.steps,
+                    "tiles": lora.tiles, "trainable_parameters": lora.trainable,
+                    "frozen_parameters": lora.frozen, "final_loss": lora.final_loss,
+                    "loss_curve": str(lora.curve)}
         else:
             raise UsageError(f"--engine must be fast or pixcell, got {engine}")
         out.emit(data, lambda: typer.echo(
@@ -128,33 +137,3 @@ def train_lora(
 
     run_command(out, body)
 
-
-def _pixcell(out: Output, workspace: Path, ihc: list[Path], default_mpp: float | None,
-             options: Any, echo: Any) -> dict[str, Any]:
-    from stainctl.engines.pixcell.train import train_pixcell_lora
-    from stainctl.models.registry import get_card, required_cards
-    from stainctl.models.weights import check_installed
-    from stainctl.workspace import Workspace
-
-    base = get_card(options.base, options.models_dir)
-    # Missing base, VAE or encoder weights: say so before tiling the IHC slides.
-    check_installed(required_cards(base, options.models_dir), options.models_dir)
-    ws = Workspace.open(workspace, create=bool(ihc))
-    params = {k: str(v) for k, v in vars(options).items()}
-    with ws.writing("train-lora", params), out.progress() as progress:
-        if ihc:
-            from stainctl.slide.grid import GridParams
-            from stainctl.slide.inputs import expand_slides
-            from stainctl.steps.filter import FilterOptions, filter_slides
-            from stainctl.steps.tile import TileOptions, tile_slides
-
-            grid = GridParams(target_mpp=base.input_mpp, tile_size=base.tile_size)
-            tile_slides(ws, expand_slides([str(p) for p in ihc], default_mpp),
-                        TileOptions(grid=grid), progress)
-            filter_slides(ws, FilterOptions(), progress)
-        res = train_pixcell_lora(ws, options, progress, echo)
-    return {"name": options.name, "engine": "pixcell", "card": str(res.card),
-            "adapter": str(res.adapter), "epochs": res.epochs, "steps": res.steps,
-            "tiles": res.tiles, "trainable_parameters": res.trainable,
-            "frozen_parameters": res.frozen, "final_loss": res.final_loss,
-            "loss_curve": str(res.curve)}

@@ -68,3 +68,20 @@ def required_cards(card: ModelCard, directory: Path | None = None) -> list[Model
 
     visit(card)
     return list(seen.values())
+
+
+def install(card_file: Path, files: list[Path], directory: Path) -> Path:
+    """Copy a card and its weight files into `<directory>/<name>/`, where translate finds it;
+    returns the installed card."""
+    import shutil
+
+    from stainctl.workspace.atomic import atomic_path
+
+    card = load_card(card_file)  # refuse a bad card before copying anything
+    target = directory / card.name
+    for f in files:
+        with atomic_path(target / f.name) as tmp:
+            shutil.copyfile(f, tmp)
+    with atomic_path(target / f"card{card_file.suffix}") as tmp:
+        shutil.copyfile(card_file, tmp)
+    return target / f"card{card_file.suffix}"

@@ -191,6 +191,16 @@ class Manifest:
             "SELECT id, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 "
             "AND laplacian_var IS NULL ORDER BY id", (slide_id,))]
 
+    def tile_positions(self, slide_id: int, tile_ids: Iterable[int]) -> list[tuple[int, int]]:
+        """Level-0 (x, y) of the slide's tiles `tile_ids`, in that order."""
+        xy = {int(i): (int(x), int(y)) for i, x, y in self.db.execute(
+            "SELECT id, x, y FROM tiles WHERE slide_id=?", (slide_id,))}
+        try:
+            return [xy[int(i)] for i in tile_ids]
+        except KeyError as err:
+            raise UsageError(f"{self.path}: tile {err} is not a tile of slide {slide_id}; the "
+                             "slide was re-tiled since: run its steps again") from None
+
     def store_metrics(self, rows: Iterable[Sequence[float]]) -> None:
         """rows: (tile_id, laplacian_var, saturated_frac, white_frac)."""
         with self.transaction():

@@ -11,10 +11,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
+import numpy as np
 
 from stainctl.errors import ModelError, UsageError
-from stainctl.models.adapted import ADAPTER, loss_curve, toml_string, write_card
+from stainctl.models.adapted import ADAPTER, loss_curve
+from stainctl.models.card import ModelCard, WeightFile, write_card
 from stainctl.models.lora import LoraSpec
 
 
@@ -53,20 +55,22 @@ class AdaptResult:
     curve: Path
 
 
-def adapt(options: AdaptOptions, log: bool = True) -> AdaptResult:
-    options.validate()
-    from stainctl.engines.fast.engine import load_generator
-    from stainctl.engines.fast.train import TrainConfig, load_image, train
-    from stainctl.models.lora import attach, save_adapter
-    from stainctl.models.registry import get_card
-
-    base = get_card(options.base, options.models_dir)
+def check_base(base: ModelCard) -> None:
     if base.engine != "fast" or base.kind != "marker":
         raise ModelError(f"--base {base.name} is a {base.engine} {base.kind}; the fast engine "
                          "adapts a `fast` marker model (e.g. demo-ki67)")
+
+
+def adapt(options: AdaptOptions, base: ModelCard, he: list[np.ndarray], ihc: list[np.ndarray],
+          log: bool = True) -> AdaptResult:
+    """LoRA on `base` from H&E and IHC images already at the base model's µm/px."""
+    from stainctl.engines.fast.engine import load_generator
+    from stainctl.engines.fast.train import TrainConfig, train
+    from stainctl.models.lora import attach, save_adapter
+
+    options.validate()
+    check_base(base)
     mpp = float(base.input_mpp or 0.5)
-    he = [load_image(p, mpp, options.default_mpp) for p in options.he]
-    ihc = [load_image(p, mpp, options.default_mpp) for p in options.ihc]
     model = attach(load_generator(base, options.models_dir), options.lora)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
@@ -80,36 +84,22 @@ def adapt(options: AdaptOptions, log: bool = True) -> AdaptResult:
     (options.out / "history.json").write_text(json.dumps(state.history))
     curve = loss_curve(state.history, options.out / "loss.png",
                        keys=("g", "d", "adv", "identity", "structure", "dab"))
-    card = write_card(options.out / "card.toml", _card_lines(options, base))
+    card = write_card(_card(options, base), options.out / "card.toml")
     return AdaptResult(card, adapter, state.step, trainable, frozen,
                        float(state.history[-1]["g"]) if state.history else float("nan"), curve)
 
 
-def _card_lines(options: AdaptOptions, base: Any) -> list[str]:
-    q = toml_string
+def _card(options: AdaptOptions, base: ModelCard) -> ModelCard:
     files = ", ".join(p.name for p in (*options.he, *options.ihc))
     how = (f"LoRA (rank {options.lora.rank}, alpha {options.lora.alpha}) on {base.name}, "
            f"{options.steps} steps, seed {options.seed}, unpaired: {files}")
-    return [
-        f"name = {q(options.name)}",
-        'kind = "marker"',
-        'engine = "fast"',
-        f"marker = {q(options.marker)}",
-        f"input_mpp = {float(base.input_mpp or 0.5)}",
-        f"tile_size = {int(base.tile_size or 512)}",
-        f"licence = {q('as the base model ' + base.name + ' and the training images')}",
-        f"intended_use = {q('Research only; adapted from ' + base.name + ' and not validated.')}",
-        f"training_data = {q(how)}",
-        "",
-        "[architecture]",
-        f"margin = {int(base.architecture.get('margin', 32))}",
-        f"base = {q(base.name)}",
-        f"base_marker = {q(str(base.marker))}",
-        f"rank = {options.lora.rank}",
-        f"alpha = {options.lora.alpha}",
-        "",
-        "[[weights]]",
-        'role = "adapter"',
-        f"path = {q(ADAPTER)}",
-        "",
-    ]
+    return ModelCard(
+        name=options.name, kind="marker", engine="fast", marker=options.marker,
+        input_mpp=float(base.input_mpp or 0.5), tile_size=int(base.tile_size or 512),
+        licence=f"as the base model {base.name} and the training images",
+        intended_use=f"Research only; adapted from {base.name} and not validated.",
+        training_data=how,
+        architecture={"margin": int(base.architecture.get("margin", 32)), "base": base.name,
+                      "base_marker": str(base.marker), "rank": options.lora.rank,
+                      "alpha": options.lora.alpha},
+        weights=(WeightFile(role="adapter", path=ADAPTER),))

@@ -45,6 +45,36 @@ FLOW: dict[str, Any] = {"channels": 1536, "width": 1024, "time_dim": 1024, "bott
                         "blocks": 6}
 
 
+@dataclass(frozen=True, kw_only=True)
+class LatentScaling:
+    """The VAE's latent normalisation: the transformer trains on and generates
+    (z - shift) * scale, and the VAE decodes z = x / scale + shift (SD3.5: shift 0.0609, scale
+    1.5305). The one definition for training and sampling."""
+
+    scale: float
+    shift: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ModelError(f"the VAE's scaling_factor must be positive, got {self.scale}")
+
+    @classmethod
+    def of(cls, vae_config: Any) -> LatentScaling:
+        """From a VAE configuration (a dict, or a diffusers model's `.config`)."""
+        get = vae_config.get if isinstance(vae_config, dict) else (
+            lambda key, default=None: getattr(vae_config, key, default))
+        return cls(scale=float(get("scaling_factor", 1.0) or 1.0),
+                   shift=float(get("shift_factor", None) or 0.0))
+
+    def normalise(self, z: Any) -> Any:
+        """VAE latents -> what the transformer sees."""
+        return (z - self.shift) * self.scale
+
+    def denormalise(self, x: Any) -> Any:
+        """What the transformer makes -> VAE latents to decode."""
+        return x / self.scale + self.shift
+
+
 @dataclass(frozen=True)
 class PixCellConfig:
     transformer: dict[str, Any] = field(default_factory=lambda: dict(TRANSFORMER))
@@ -64,6 +94,10 @@ class PixCellConfig:
         return cls({**TRANSFORMER, **a.get("transformer", {})}, {**VAE, **a.get("vae", {})},
                    {**SCHEDULER, **a.get("scheduler", {})}, {**FLOW, **a.get("flow", {})},
                    int(a.get("flow_steps", 100)))
+
+    @property
+    def latents(self) -> LatentScaling:
+        return LatentScaling.of(self.vae)
 
     @property
     def tokens(self) -> int:

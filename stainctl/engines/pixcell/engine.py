@@ -103,7 +103,7 @@ class PixCellEngine:
                              f"{w} x {h}")
         seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
         cond = self.tokens(tiles)
-        side = self.input_side // self.parts.config.downscale
+        side = h // self.parts.config.downscale  # h is input_side
         noise = initial_noise(seeds, (self.parts.config.latent_channels, side, side))
         transformer = self.parts.transformer
         latents = sample_latents(transformer, self.parts.config.scheduler, cond,

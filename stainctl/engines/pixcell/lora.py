@@ -3,8 +3,10 @@
 The released per-marker files are full state dicts of a transformer with a peft adapter injected
 (`...attn2.to_q.base_layer.weight`, `...attn2.to_q.lora_A.default.weight`, ...), sometimes wrapped
 in a training checkpoint (`model_state_dict`). They are read with `weights_only=True`; only the
-LoRA tensors are taken (the base weights in them are the frozen PixCell-1024 ones), attached with
-peft at the rank their shapes give, and merged into the transformer.
+LoRA tensors are taken, attached with peft at the rank their shapes give, and merged into the
+transformer. The base weights they also hold (`...base_layer.weight`) should be the frozen
+PixCell-1024 ones: a few are compared with the loaded transformer first, and a LoRA trained on
+another base is refused rather than merged into the wrong one.
 """
 
 from __future__ import annotations
@@ -14,6 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from stainctl.errors import ModelError
+
+_BASE_KEY = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(?P<module>.+)\."
+                       r"base_layer\.(?P<kind>weight|bias)$")
+BASE_CHECKS = 4  # base tensors compared at load: enough to catch another base, cheap at 600 M
 
 _LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?:transformer\.)?(?P<module>.+)\."
                        r"lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -29,12 +35,49 @@ def released_lora_tensors(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def check_base_weights(transformer: Any, state: dict[str, Any], path: Path,
+                       checks: int = BASE_CHECKS) -> int:
+    """Compare up to `checks` `...base_layer.weight` tensors of a released LoRA checkpoint
+    (spread over its layers) with `transformer`'s; raise when one differs. Returns how many
+    were compared (0 for a file without base weights)."""
+    import torch
+
+    keys = sorted(k for k in state if (m := _BASE_KEY.match(k)) and m["kind"] == "weight")
+    if not keys:
+        return 0
+    picked = [keys[round(i * (len(keys) - 1) / max(1, checks - 1))]
+              for i in range(min(checks, len(keys)))]
+    own = dict(transformer.named_parameters())
+    for key in dict.fromkeys(picked):
+        m = _BASE_KEY.match(key)
+        assert m is not None
+        name = f"{m['module']}.weight"
+        theirs = state[key]
+        mine = own.get(name)
+        if mine is None or tuple(mine.shape) != tuple(theirs.shape):
+            raise ModelError(f"{path} was trained on another base transformer: its {key} "
+                             f"{tuple(theirs.shape)} has no counterpart of that shape in the "
+                             "loaded one; use the LoRA with the base it was made for")
+        a, b = mine.detach().float().cpu(), theirs.float()
+        # bf16 storage rounds to ~0.4 %: a LoRA of the same base stays well inside 1 %.
+        if not torch.allclose(a, b, rtol=1e-2, atol=1e-4):
+            diff = float((a - b).abs().max())
+            raise ModelError(f"{path} was trained on another base transformer: its {key} "
+                             f"differs from the loaded {name} (max difference {diff:.3g}); "
+                             "merging it would give a different model than the one released. "
+                             "Use the LoRA with the base it was made for (its card's base)")
+    return len(dict.fromkeys(picked))
+
+
 def merge_released_lora(transformer: Any, path: Path, alpha: float | None = None) -> Any:
-    """`transformer` with the LoRA of a released full-state-dict checkpoint merged in."""
+    """`transformer` with the LoRA of a released full-state-dict checkpoint merged in, after
+    checking that the checkpoint's base weights are this transformer's."""
     from stainctl.models.lora import LoraSpec, _peft, attach
     from stainctl.models.weights import load_state_dict
 
-    tensors = released_lora_tensors(load_state_dict(path))
+    state = load_state_dict(path)
+    check_base_weights(transformer, state, path)
+    tensors = released_lora_tensors(state)
     if not tensors:
         raise ModelError(f"{path} holds no LoRA weights (keys with lora_A / lora_B)")
     modules = sorted({k.rsplit(".lora_", 1)[0] for k in tensors})

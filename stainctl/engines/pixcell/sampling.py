@@ -78,14 +78,15 @@ def sample_latents(transformer: Any, scheduler_config: dict[str, Any], cond: tor
 @torch.no_grad()
 def decode_latents(vae: Any, latents: torch.Tensor, dtype: torch.dtype,
                    chunk: int = 4) -> torch.Tensor:
-    """uint8 (B, H, W, 3) images on the CPU from latents, `chunk` at a time (the VAE decoder
-    is the memory peak at 1024 px)."""
-    scale = float(vae.config.scaling_factor)
-    shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+    """uint8 (B, H, W, 3) images on the CPU from generated (normalised) latents, `chunk` at a
+    time (the VAE decoder is the memory peak at 1024 px)."""
+    from stainctl.engines.pixcell.config import LatentScaling
+
+    scaling = LatentScaling.of(vae.config)
     out = []
     for part in latents.split(chunk):
         with autocast(part.device, dtype):
-            img = vae.decode(part / scale + shift, return_dict=False)[0]
+            img = vae.decode(scaling.denormalise(part), return_dict=False)[0]
         img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         out.append(img.permute(0, 2, 3, 1).cpu())
     return torch.cat(out)

@@ -1,34 +1,36 @@
 """`train-lora --engine pixcell`: a stain LoRA on PixCell from unpaired IHC tiles (CK7 study).
 
-The IHC slides are tiled and filtered into a workspace (or one is given ready); each kept tile is
-embedded with the base model's encoder (the `embed` step, resumable) and encoded once by the VAE
-(latent mean and std, cached per slide beside the run). Training is the ordinary noise-prediction
-loss on those latents, conditioned on each tile's own tokens, with 10 % of the conditions swapped
-for the stored unconditional embedding (for guidance at inference); only a peft LoRA on the
-cross-attention projections trains. AdamW, constant learning rate after a linear warm-up,
-gradient clipping, gradient accumulation, bf16 autocast on a GPU. Every epoch's randomness comes
-from a generator seeded by (seed, epoch), and a checkpoint is written after each epoch, so a
-killed run resumes from the last epoch and ends as an uninterrupted one would.
+`steps/train.py` prepares the training set: the IHC slides tiled and filtered into a workspace,
+each kept tile embedded with the base model's encoder (the `embed` step) and encoded once by the
+VAE here (`encode_latents`: latent mean and std, cached per slide beside the run). Training is the
+ordinary noise-prediction loss on those latents, normalised as the sampler expects them
+(`(z - shift) * scale` of the VAE's configuration, `config.LatentScaling`), conditioned on each
+tile's own tokens, with 10 % of the conditions swapped for the stored unconditional embedding
+(for guidance at inference); only a peft LoRA on the cross-attention projections trains.
+AdamW, constant learning rate after a linear warm-up, gradient clipping, gradient accumulation,
+bf16 autocast on a GPU. Every epoch's randomness comes from a generator seeded by (seed, epoch),
+and a checkpoint is written after each epoch, so a killed run resumes from the last epoch and
+ends as an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from stainctl.engines.pixcell.config import LatentScaling
+from stainctl.engines.pixcell.engine import PixCellParts
 from stainctl.engines.pixcell.flow_train import FlowTrainOptions
 from stainctl.errors import ModelError, UsageError
-from stainctl.models.adapted import ADAPTER, loss_curve, toml_string, write_card
+from stainctl.models.adapted import ADAPTER, loss_curve
+from stainctl.models.card import ModelCard, WeightFile, write_card
 from stainctl.models.lora import CROSS_ATTENTION_TARGETS, LoraSpec
-from stainctl.workspace import Workspace, atomic_path
-
-log = logging.getLogger(__name__)
+from stainctl.workspace import atomic_path
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,10 @@ class PixCellLoraOptions:
 
     def fingerprint(self) -> str:
         """What makes the training: a checkpoint made with other values is not resumed."""
-        keep = {k: v for k, v in asdict(self).items()
-                if k not in ("epochs", "out", "models_dir", "device", "name", "flow",
-                             "train_flow")}
+        keep: dict[str, object] = {
+            k: v for k, v in asdict(self).items()
+            if k not in ("epochs", "out", "models_dir", "device", "name", "flow", "train_flow")}
+        keep["latents"] = "(z - shift) * scale"  # runs before this trained on raw latents
         return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -94,7 +97,8 @@ class PixCellLoraResult:
     curve: Path
 
 
-def _select(ids: np.ndarray, limit: int, seed: int, key: str) -> np.ndarray:
+def select_tiles(ids: np.ndarray, limit: int, seed: int, key: str) -> np.ndarray:
+    """At most `limit` of a slide's tile ids, a fixed random choice per (seed, slide)."""
     if len(ids) <= limit:
         return np.sort(ids)
     from stainctl.engines.base import stable_seed
@@ -103,60 +107,25 @@ def _select(ids: np.ndarray, limit: int, seed: int, key: str) -> np.ndarray:
     return np.sort(rng.choice(ids, limit, replace=False))
 
 
-def prepare(ws: Workspace, parts: Any, options: PixCellLoraOptions, mpp: float, device: Any,
-            progress: Any) -> TrainingSet:
-    """Tokens (from the embed step) and cached VAE latents of up to max-tiles-per-slide kept
-    tiles of every filtered slide."""
+def encode_latents(vae: Any, tiles: np.ndarray, device: Any) -> np.ndarray:
+    """(n, 2C, h, w) float16: the VAE's latent mean then std of uint8 RGB tiles (unnormalised;
+    `training_latents` samples and normalises them)."""
     import torch
 
-    from stainctl.slide.tiles import TileSource, read_batches
-    from stainctl.steps.embed import EmbedOptions, embed_slides
+    x = torch.from_numpy(tiles).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+    with torch.no_grad():
+        dist = vae.encode(x).latent_dist
+    return torch.cat([dist.mean, dist.std], 1).half().cpu().numpy()
 
-    encoder = parts.encoder.name
-    embedded = embed_slides(ws, EmbedOptions(encoder=encoder, models_dir=options.models_dir,
-                                             device=str(device)), progress)
-    for o in embedded.failed:
-        log.warning("%s: not used (%s)", o.slide, o.message)
-    cache = options.out / "lora-run" / "latents"
-    cache.mkdir(parents=True, exist_ok=True)
-    latents: list[np.ndarray] = []
-    tokens: list[np.ndarray] = []
-    index: list[tuple[int, int]] = []
-    for s in ws.manifest.slides_done(f"embed:{encoder}"):
-        base = ws.slide_dir(s["key"]) / "embeddings"
-        ids_all = np.load(base / f"{encoder}.tiles.npy")
-        chosen = _select(ids_all, options.max_tiles_per_slide, options.seed, s["key"])
-        rows = np.searchsorted(ids_all, chosen)
-        tok = np.load(base / f"{encoder}.npy", mmap_mode="r")[rows]
-        grid = ws.manifest.grid(s["id"])
-        assert grid is not None  # filtered slides have a grid
-        if (int(grid["tile_size"]) != parts.config.image_size
-                or abs(float(grid["target_mpp"]) / mpp - 1) > 0.1):
-            raise UsageError(f"{ws.root}: {s['key']} is tiled at {grid['tile_size']} px, "
-                             f"{grid['target_mpp']} µm/px; {options.base} trains on "
-                             f"{parts.config.image_size}-px tiles at {mpp} µm/px: re-tile with "
-                             f"--tile-size {parts.config.image_size} --target-mpp {mpp}")
-        path = cache / f"{s['key']}.{hashlib.sha256(chosen.tobytes()).hexdigest()[:12]}.npy"
-        if not path.exists():
-            xy = {int(i): (int(x), int(y)) for i, x, y in ws.manifest.db.execute(
-                "SELECT id, x, y FROM tiles WHERE slide_id=?", (s["id"],)).fetchall()}
-            coords = np.array([xy[int(i)] for i in chosen], np.int64).reshape(-1, 2)
-            source = TileSource(s["path"], float(grid["extent0"]), int(grid["tile_size"]))
-            parts_out = []
-            for batch in read_batches(source, coords, options.batch_size, 2):
-                x = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-                with torch.no_grad():
-                    dist = parts.vae.encode(x).latent_dist
-                parts_out.append(torch.cat([dist.mean, dist.std], 1).half().cpu().numpy())
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, np.concatenate(parts_out))
-        latents.append(np.load(path, mmap_mode="r"))
-        tokens.append(np.asarray(tok))
-        index.extend((len(latents) - 1, r) for r in range(len(chosen)))
-    if not index:
-        raise UsageError(f"no kept IHC tiles to train on in {ws.root}: tile and filter IHC "
-                         "slides into it first (or give them with --ihc)")
-    return TrainingSet(latents, tokens, np.asarray(index, np.int64))
+
+def training_latents(stats: Any, scaling: LatentScaling, generator: Any = None) -> Any:
+    """What the transformer learns to denoise: a sample z of the cached latent distribution
+    ((B, 2C, h, w): mean then std), normalised as `sampling.decode_latents` undoes it."""
+    import torch
+
+    channels = stats.shape[1] // 2
+    mean, std = stats[:, :channels], stats[:, channels:]
+    return scaling.normalise(mean + std * torch.randn(mean.shape, generator=generator))
 
 
 def _batch(data: TrainingSet, rows: np.ndarray) -> tuple[Any, Any]:
@@ -167,14 +136,13 @@ def _batch(data: TrainingSet, rows: np.ndarray) -> tuple[Any, Any]:
     return torch.from_numpy(lat), torch.from_numpy(tok)
 
 
-def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any,
-                       echo: Any = None) -> PixCellLoraResult:
+def load_base(options: PixCellLoraOptions) -> tuple[ModelCard, PixCellParts, Any]:
+    """The base model's card and networks on the training device (the VAE there too, to
+    encode the training tiles)."""
     import torch
 
     from stainctl.engines.pixcell.engine import load_parts
-    from stainctl.engines.pixcell.sampling import autocast
     from stainctl.models.encoders import resolve_device
-    from stainctl.models.lora import adapter_state, attach, save_adapter
     from stainctl.models.registry import get_card
 
     options.validate()
@@ -190,11 +158,18 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
     parts = load_parts(base, options.models_dir, str(device))
     parts.vae.eval().requires_grad_(False).to(device)
     options.out.mkdir(parents=True, exist_ok=True)
-    data = prepare(ws, parts, options, float(base.input_mpp), device, progress)
+    return base, parts, device
+
+
+def train_pixcell_lora(base: ModelCard, parts: PixCellParts, data: TrainingSet,
+                       options: PixCellLoraOptions, device: Any, progress: Any,
+                       echo: Any = None) -> PixCellLoraResult:
+    import torch
+
+    from stainctl.engines.pixcell.sampling import autocast, make_scheduler
+    from stainctl.models.lora import adapter_state, attach, save_adapter
+
     parts.vae.to("cpu")  # latents are cached: free the device for the transformer
-
-    from stainctl.engines.pixcell.sampling import make_scheduler
-
     alphas = make_scheduler(parts.config.scheduler).alphas_cumprod.to(device)
     spec = LoraSpec(rank=options.rank, alpha=options.alpha, targets=CROSS_ATTENTION_TARGETS)
     torch.manual_seed(options.seed)  # the adapters' initial values
@@ -224,6 +199,7 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     uncond = parts.transformer.uncond_embedding.detach().float().to(device)
     channels = parts.config.latent_channels
+    scaling = parts.config.latents
     step = int(schedule.last_epoch)
     per_epoch = -(-len(data) // options.batch_size)
     progress.start("train-lora", (options.epochs - start) * per_epoch)
@@ -235,8 +211,7 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
             rows = order[i * options.batch_size:(i + 1) * options.batch_size]
             stats, tokens = _batch(data, rows)
             b = len(rows)
-            mean, std = stats[:, :channels], stats[:, channels:]
-            x0 = mean + std * torch.randn(mean.shape, generator=gen)
+            x0 = training_latents(stats, scaling, gen)
             eps = torch.randn(x0.shape, generator=gen)
             t = torch.randint(0, alphas.numel(), (b,), generator=gen)
             drop = torch.rand((b, 1, 1), generator=gen) < options.uncond_prob
@@ -279,38 +254,30 @@ def train_pixcell_lora(ws: Workspace, options: PixCellLoraOptions, progress: Any
         (options.out / "flow-history.json").write_text(json.dumps(flow_history))
     (options.out / "history.json").write_text(json.dumps(history))
     curve = loss_curve(history, options.out / "loss.png", keys=("loss",), x="epoch")
-    card = write_card(options.out / "card.toml", _card_lines(options, base, len(data), flow_file))
+    card = write_card(_card(options, base, len(data), flow_file), options.out / "card.toml")
     return PixCellLoraResult(card, adapter, options.epochs, step, len(data), trainable, frozen,
                              history[-1]["loss"] if history else float("nan"), curve)
 
 
-def _card_lines(options: PixCellLoraOptions, base: Any, tiles: int,
-                flow_file: Path | None = None) -> list[str]:
-    q = toml_string
+def _card(options: PixCellLoraOptions, base: ModelCard, tiles: int,
+          flow_file: Path | None = None) -> ModelCard:
     how = (f"LoRA (rank {options.rank}, alpha {options.alpha}) on the cross-attention of "
            f"{base.name}, {options.epochs} epochs over {tiles} unpaired IHC tiles "
            f"(at most {options.max_tiles_per_slide} a slide), seed {options.seed}")
     if flow_file is not None and options.train_flow is not None:
         how += (f"; flow MLP trained {options.train_flow.epochs} epochs on the pairs of "
                 f"{options.train_flow.he_dir.name}/ and {options.train_flow.ihc_dir.name}/")
-    use = (f"Research only; adapted from {base.name}, not validated. A generated stain is not "
-           "a measured one.")
-    lines = [
-        f"name = {q(options.name)}", 'kind = "marker"', 'engine = "pixcell"',
-        f"marker = {q(options.marker)}", f"encoder = {q(base.encoder)}",
-        f"input_mpp = {float(base.input_mpp)}", f"tile_size = {int(base.tile_size)}",
-        f"licence = {q('as the base model ' + base.name + ' and the training slides')}",
-        f"intended_use = {q(use)}",
-        f"training_data = {q(how)}",
-        "",
-        "[architecture]",
-        f"base = {q(base.name)}",
-        f"rank = {options.rank}",
-        f"alpha = {options.alpha}",
-    ]
+    architecture: dict[str, object] = {"base": base.name, "rank": options.rank,
+                                       "alpha": options.alpha}
     if options.flow:
-        lines.append(f"flow_from = {q(options.flow)}")
-    lines += ["", "[[weights]]", 'role = "adapter"', f"path = {q(ADAPTER)}", ""]
+        architecture["flow_from"] = options.flow
+    weights = [WeightFile(role="adapter", path=ADAPTER)]
     if flow_file is not None:
-        lines += ["[[weights]]", 'role = "flow_mlp"', f"path = {q(flow_file.name)}", ""]
-    return lines
+        weights.append(WeightFile(role="flow_mlp", path=flow_file.name))
+    return ModelCard(
+        name=options.name, kind="marker", engine="pixcell", marker=options.marker,
+        encoder=base.encoder, input_mpp=float(base.input_mpp), tile_size=int(base.tile_size),
+        licence=f"as the base model {base.name} and the training slides",
+        intended_use=(f"Research only; adapted from {base.name}, not validated. A generated "
+                      "stain is not a measured one."),
+        training_data=how, architecture=architecture, weights=tuple(weights))

@@ -4,8 +4,10 @@ Two things differ from PixArt, and both are buffers of the released checkpoint:
   * `y_pos_embed.y_pos_embed`: a fixed 2-D sin-cos position embedding of the token grid (4 x 4 for
     PixCell-1024), added to the UNI2-h tokens before the caption projection, so the model knows
     which crop each token describes;
-  * `caption_projection.uncond_embedding` (tokens x 1536): the learned "no condition" input of
-    classifier-free guidance.
+  * `caption_projection.uncond_embedding` (tokens x 1536): the "no condition" input of
+    classifier-free guidance, a fixed random buffer drawn once when PixCell was built and stored
+    with the weights; it is never trained (here it is loaded from the checkpoint, and train-lora
+    swaps it in for a share of the conditions without changing it).
 Importing this module imports diffusers; callers import it lazily.
 """
 
