@@ -62,7 +62,7 @@ def train(
             marker=marker, he=tuple(he), ihc=tuple(ihc), pairs=tuple(pairs), name=name or "",
             out=output, models_dir=Path(models_dir) if models_dir else None, steps=steps,
             batch=batch, crop=crop, seed=seed, default_mpp=default_mpp, hold_out=hold_out),
-            log_steps=not (quiet or json_out))
+            log=not (quiet or json_out))
         data = {"name": res.name, "engine": "fast", "card": str(res.card),
                 "folder": str(res.folder), "steps": res.steps, "parameters": res.parameters,
                 "final_loss": res.final_loss, "held_out": res.held_out}

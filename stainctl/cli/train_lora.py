@@ -93,7 +93,7 @@ def train_lora(
                 ihc=tuple(ihc or ()), out=target, models_dir=directory,
                 lora=LoraSpec(rank=rank, alpha=alpha), steps=steps, lr=lr,
                 batch_size=batch_size, seed=seed, default_mpp=default_mpp),
-                log_steps=echo is not None)
+                log=echo is not None)
             data: dict[str, Any] = {"name": model_name, "engine": "fast", "card": str(res.card),
                     "adapter": str(res.adapter), "steps": res.steps,
                     "trainable_parameters": res.trainable, "frozen_parameters": res.frozen,

@@ -93,7 +93,7 @@ def image_name(path: Path) -> str:
     return Path(path).name.split(".")[0]
 
 
-def train_fast_model(options: FastTrainOptions, log_steps: bool = True) -> FastTrainResult:
+def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainResult:
     """Train, export, write the card and install the model; a re-run resumes from the last
     checkpoint in `<folder>/run/`."""
     from stainctl.engines.fast.data import load_image, load_pair, write_held_out
@@ -118,7 +118,7 @@ def train_fast_model(options: FastTrainOptions, log_steps: bool = True) -> FastT
     if options.hold_out > 0:
         ihc = write_held_out(ihc, options.hold_out, config.crop, held_out)
     pairs = [load_pair(a, b, config.mpp, options.default_mpp) for a, b in options.pairs]
-    gen, state = train(he, list(ihc.values()), config, folder / "run", log=log_steps,
+    gen, state = train(he, list(ihc.values()), config, folder / "run", log=log,
                        pairs=pairs)
     generator = folder / GENERATOR
     export(gen, generator)  # type: ignore[arg-type]
@@ -154,7 +154,7 @@ def train_fast_model(options: FastTrainOptions, log_steps: bool = True) -> FastT
         held_out=len(list(held_out.glob("*.png"))) if options.hold_out > 0 else 0)
 
 
-def adapt_fast(options: AdaptOptions, log_steps: bool = True) -> AdaptResult:
+def adapt_fast(options: AdaptOptions, log: bool = True) -> AdaptResult:
     """`train-lora --engine fast`: the images at the base model's µm/px, then LoRA on it."""
     from stainctl.engines.fast.adapt import adapt, check_base
     from stainctl.engines.fast.data import load_image
@@ -166,7 +166,7 @@ def adapt_fast(options: AdaptOptions, log_steps: bool = True) -> AdaptResult:
     mpp = float(base.input_mpp or 0.5)
     he = [load_image(p, mpp, options.default_mpp) for p in options.he]
     ihc = [load_image(p, mpp, options.default_mpp) for p in options.ihc]
-    return adapt(options, base, he, ihc, log=log_steps)
+    return adapt(options, base, he, ihc, log=log)
 
 
 def adapt_pixcell(workspace: Path, ihc: list[Path], default_mpp: float | None,

@@ -89,8 +89,8 @@ def marker_model(marker: str, directory: Path) -> ModelCard:
         return wanted[0]  # its missing weights give the message naming what to pull
     raise ModelError(
         f"no model makes {marker!r}; installed marker models: {', '.join(have) or 'none'}. "
-        "Train one (stainctl train --marker ...; see README), or pull a published one "
-        "(`stainctl models list`)")
+        "Train one (`stainctl train --marker ...`, installed at once), add one you have with "
+        "`stainctl models add`, or pull a published one (`stainctl models list`)")
 
 
 def translate_slides(ws: Workspace, options: TranslateOptions,
