@@ -49,7 +49,10 @@ class ToyEngine:
     deterministic = True
 
     def __init__(self, card: ModelCard, options: EngineOptions) -> None:
+        import torch
+
         self.card, self.options = card, options
+        self.device, self.dtype = torch.device("cpu"), torch.float32
         self.margin = int(card.architecture["margin"])
         self.calls: list[tuple[tuple[int, ...], list[int]]] = []
         self.closed = False

@@ -20,6 +20,7 @@ from stainctl.errors import ModelError, UsageError
 
 if TYPE_CHECKING:
     import numpy as np
+    import torch
 
     from stainctl.models.card import ModelCard
 
@@ -53,6 +54,8 @@ class Engine(Protocol):
     input_side: int | None
     # False where the output depends on the per-tile seeds (diffusion engines).
     deterministic: bool
+    device: torch.device  # where it runs (EngineOptions.device resolved)
+    dtype: torch.dtype  # the precision it computes in (EngineOptions.dtype resolved)
 
     def settings(self) -> Mapping[str, object]:
         """The options that change its pixels (recorded with the translated tiles, so a change

@@ -26,6 +26,7 @@ class FastEngine:
 
         self.card = card
         self.device = torch.device(device)
+        self.dtype = torch.float32  # small enough that reduced precision buys nothing on a CPU
         self.generator = generator.eval().to(self.device)
         self.marker = card.marker
         # An adapted model renders through its base model's marker embedding.
