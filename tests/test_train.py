@@ -57,6 +57,8 @@ def test_train_refuses_bad_options_with_the_fix(cli, tmp_path, use_models):
     assert r.exit_code == 2 and "--pair takes HE,IHC" in r.stderr
     r = cli(*base, "--hold-out", "1.5")
     assert r.exit_code == 2 and "--hold-out must be in [0, 1)" in r.stderr
+    r = cli(*base, "--name", "my model")
+    assert r.exit_code == 2 and "a model name may hold" in r.stderr
     r = cli(*base, "--name", "demo-ki67")
     assert r.exit_code == 2 and "shipped with stainctl" in r.stderr
 
