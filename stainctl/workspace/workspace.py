@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stainctl.errors import UsageError
 from stainctl.workspace.lock import WriterLock
 from stainctl.workspace.manifest import Manifest
 
@@ -25,11 +27,20 @@ class Workspace:
     partial: bool = False
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], *, create: bool = False) -> Workspace:
+    def open(cls, root: str | os.PathLike[str], *, create: bool = False,
+             readonly: bool = False) -> Workspace:
+        """Open (or `create`) a workspace. `readonly`: for commands that only read; the manifest
+        is opened read-only, so an archived or read-only workspace works."""
         root = Path(root).resolve()
-        if create:
-            root.mkdir(parents=True, exist_ok=True)
-        return cls(root, Manifest(root / MANIFEST, create=create))
+        try:
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            return cls(root, Manifest(root / MANIFEST, create=create, readonly=readonly))
+        except OSError as err:
+            raise UsageError(_os_reason(root, err)) from None
+        except sqlite3.OperationalError as err:
+            raise UsageError(f"workspace {root}: its manifest cannot be opened ({err}); "
+                             "check that the folder is writable, or choose another (-w)") from None
 
     def slide_dir(self, key: str) -> Path:
         return self.root / "slides" / key
@@ -54,6 +65,7 @@ class Workspace:
     def writing(self, command: str, params: dict[str, Any]) -> Iterator[Workspace]:
         """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error."""
         with WriterLock(self.root / ".lock", command):
+            self.manifest.close_dead_runs()
             self.run_id = self.manifest.start_run(
                 command, params, _versions(), socket.gethostname(), os.getpid())
             outcome = "interrupted"
@@ -69,6 +81,12 @@ class Workspace:
 
     def close(self) -> None:
         self.manifest.close()
+
+
+def _os_reason(root: Path, err: OSError) -> str:
+    where = err.filename or root
+    return (f"workspace {root}: cannot use {where} ({err.strerror or err}); choose a writable "
+            "folder with -w (or -o), or fix its permissions")
 
 
 def _versions() -> dict[str, str]:
