@@ -39,8 +39,12 @@ class Workspace:
         except OSError as err:
             raise UsageError(_os_reason(root, err)) from None
         except sqlite3.OperationalError as err:
+            if not os.access(root, os.W_OK) or not os.access(root / MANIFEST, os.W_OK):
+                raise UsageError(
+                    f"workspace {root} is read-only: this command writes to it; copy it to a "
+                    "writable folder (`stainctl status` and `evaluate` read it as it is)") from None
             raise UsageError(f"workspace {root}: its manifest cannot be opened ({err}); "
-                             "check that the folder is writable, or choose another (-w)") from None
+                             "check the folder and its permissions") from None
 
     def slide_dir(self, key: str) -> Path:
         return self.root / "slides" / key
