@@ -123,17 +123,24 @@ def test_a_manifest_with_damaged_pages_is_one_line(tiled, tmp_path):
 # --- 2, 3. read-only workspaces and output folders -----------------------------------------
 
 @pytest.mark.skipif(not CAN_MOUNT, reason="needs unshare -rm (user and mount namespaces)")
-def test_a_read_only_workspace_can_be_read(tiled, tmp_path):
+def test_a_read_only_workspace_can_be_read(cli, tiled, tmp_path):
+    from test_stitch import _translate_identity
+
+    from stainctl.slide.reader import open_slide
+
     ws = _copy(tiled, tmp_path / "ws")
+    slide = open_slide(CMU1)
+    _translate_identity(ws, "he", slide.read_region(0, 0, 0, *slide.dimensions))
     r = _read_only([ws], "status", "-w", ws, "--json")
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["slides"][0]["last_done"] == "filter"
-    # A command that only reads a workspace (evaluate's --real) opens it read-only too.
-    r = _read_only([ws], "evaluate", "--real", ws, "--fake", ws / "slides", "--metrics",
-                   "stain", "--json")
-    assert "PRAGMA" not in r.stderr and "Traceback" not in r.stderr, r.stderr
-    assert json.loads(r.stdout)["real"]["images"] > 0
-    # A writer is refused with one line naming the path, and nothing is lost.
+    # evaluate reads a workspace's kept tiles (--real) and its translated tiles (--fake).
+    r = _read_only([ws], "evaluate", "--real", ws, "--fake", ws, "--marker", "he",
+                   "--metrics", "stain", "--json")
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    data = json.loads(r.stdout)
+    assert data["real"]["images"] > 0 and data["fakes"][0]["images"] > 0
+    # A writer is refused with one line naming the workspace, and nothing is lost.
     r = _read_only([ws], "filter", "-w", ws, "--force")
     assert r.returncode == 2
     line = _one_error_line(r)

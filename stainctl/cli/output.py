@@ -77,9 +77,11 @@ def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
         out.error(str(err))
         raise typer.Exit(1) from None
     except sqlite3.DatabaseError as err:
+        log.debug("manifest error", exc_info=True)  # -v: the traceback
         out.error(_sqlite_message(err))
         raise typer.Exit(1 if _disk_full(err) else 2) from None
     except OSError as err:
+        log.debug("OS error", exc_info=True)
         out.error(_os_message(err))
         raise typer.Exit(1 if _disk_full(err) else 2) from None
     except interrupt.Interrupted as err:
