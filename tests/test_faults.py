@@ -396,6 +396,21 @@ def test_a_rerun_removes_the_temporaries_of_a_killed_tile(tiled, tmp_path):
     assert (folder / "thumbnail.png").exists()
 
 
+def test_the_lock_holder_removes_older_temporaries_whatever_their_pid(tiled, tmp_path):
+    """A pid can be reused (or belong to another pid namespace): inside the workspace, a
+    temporary older than the lock is a dead run's all the same."""
+    ws = _copy(tiled, tmp_path / "ws")
+    folder = ws / "slides" / "CMU-1-Small-Region"
+    reused = folder / f".thumbnail.tmp-{os.getpid()}.png"  # a live pid, not the writer's
+    reused.write_bytes(b"half a png")
+    os.utime(reused, (time.time() - 60, time.time() - 60))
+    kept = folder / "notes.tmp-1.txt"  # not a temporary's name
+    kept.write_text("mine")
+    r = _stainctl("tile", CMU1, "-w", ws, "--json")  # everything is skipped
+    assert json.loads(r.stdout)["slides"][0]["state"] == "skipped"
+    assert not reused.exists() and kept.exists()
+
+
 def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
     """Two workspaces stitching into one folder: the second must not delete the first's
     temporary while its writer lives."""

@@ -34,6 +34,26 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+TEMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[^.]*)?")
+
+
+def sweep_older(folders: list[Path], before: float) -> list[Path]:
+    """Delete temporaries in `folders` last written before `before` (a time.time()): called by
+    the holder of a workspace's lock, for which every older temporary of the workspace is a dead
+    run's, whatever its pid now names (reused pids, other pid namespaces)."""
+    removed: list[Path] = []
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp-*"):
+            try:
+                if TEMP_NAME.fullmatch(tmp.name) and tmp.is_file() \
+                        and tmp.stat().st_mtime < before:
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:
+                continue
+    return removed
+
+
 def remove_stale(final: str | os.PathLike[str]) -> list[Path]:
     """Delete the temporaries beside `final` whose writer is dead (the pid in the name is no
     live process of this host); return them. Another live process may be writing the same name

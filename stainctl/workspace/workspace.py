@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from stainctl.errors import UsageError
+from stainctl.workspace.atomic import sweep_older
 from stainctl.workspace.lock import WriterLock
 from stainctl.workspace.manifest import Manifest
 
@@ -68,8 +70,10 @@ class Workspace:
     @contextmanager
     def writing(self, command: str, params: dict[str, Any]) -> Iterator[Workspace]:
         """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error."""
+        since = time.time()
         with WriterLock(self.root / ".lock", command):
             self.manifest.close_dead_runs()
+            sweep_older(sorted((self.root / "slides").glob("*/")), since)
             self.run_id = self.manifest.start_run(
                 command, params, _versions(), socket.gethostname(), os.getpid())
             outcome = "interrupted"
