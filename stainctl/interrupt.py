@@ -103,10 +103,19 @@ def run_watched(fn: Callable[[], T]) -> T:
         except BaseException as err:
             box["error"] = err
 
+    global _pending
     thread = threading.Thread(target=work, name="stainctl-watched", daemon=True)
     thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
+    try:
+        while thread.is_alive():
+            thread.join(0.1)
+    except BaseException:
+        # Interrupted without `handling_signals` (Python's own Ctrl-C): make the worker's
+        # callbacks stop it too, and wait, so nothing writes on after the caller cleaned up.
+        before, _pending = _pending, _pending or signal.SIGINT
+        thread.join()
+        _pending = before
+        raise
     if "error" in box:
         raise box["error"]  # type: ignore[misc]
     return box["result"]  # type: ignore[return-value]
