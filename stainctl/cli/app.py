@@ -27,7 +27,7 @@ app = typer.Typer(
     help="Turn H&E whole-slide images into virtual IHC slides, in batches.\n\n"
          "Steps share one workspace (-w DIR): tile -> filter -> embed -> translate -> stitch "
          "-> evaluate. Exit codes: 0 all done, 1 some slides failed (the others finished), "
-         "2 usage error.",
+         "2 usage error, 130/143 stopped by Ctrl-C/SIGTERM (the same command resumes).",
     no_args_is_help=True,
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},

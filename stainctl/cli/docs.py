@@ -73,7 +73,10 @@ def man_page() -> str:
         ".SH EXIT STATUS",
         ".TP", "0", "Everything asked for is done.",
         ".TP", "1", "Some slides failed; the others finished and are saved.",
-        ".TP", "2", "Usage error: bad arguments, no workspace, or the workspace is locked.",
+        ".TP", "2", "Usage error: bad arguments, no workspace, the workspace is locked, "
+        "read-only or damaged, or a folder cannot be written.",
+        ".TP", "130, 143", "Stopped by Ctrl-C (SIGINT) or SIGTERM at a safe point: what "
+        "finished is saved, the run is recorded as interrupted; the same command resumes it.",
         ".SH ENVIRONMENT",
         ".TP", "\\fBSTAINCTL_WORKSPACE\\fR", "Default for \\fB\\-w/\\-\\-workspace\\fR.",
         ".SH FILES",

@@ -143,9 +143,12 @@ def add(
 
         from stainctl.models.card import load_card
         from stainctl.models.registry import models_dir as resolve_dir
+        from stainctl.models.weights import check_weight_file
         from stainctl.workspace.atomic import atomic_path
 
         card = load_card(card_file)  # refuse a bad card before copying anything
+        for w in weights or []:  # and weights that every later use would refuse
+            check_weight_file(w)
         target = resolve_dir(models_dir) / card.name
         for w in weights or []:
             with atomic_path(target / w.name) as tmp:

@@ -20,3 +20,7 @@ Force = Annotated[bool, typer.Option("--force", help="Redo everything, even what
 ModelsDir = Annotated[Path | None, typer.Option(
     "--models-dir", envvar="STAINCTL_MODELS", file_okay=False,
     help="Your models directory (cards and weights); default ~/.local/share/stainctl/models.")]
+MaxThumbnailRead = Annotated[float | None, typer.Option(
+    "--max-thumbnail-read", metavar="GPX",
+    help="Refuse a slide whose thumbnail needs more than this many gigapixels decoded (no "
+         "small pyramid level); default 10.")]

@@ -63,21 +63,31 @@ class Output:
 
 
 def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
-    """Run a command body; turn stainctl errors into a message and an exit code."""
+    """Run a command body; turn stainctl errors, OS errors and signals into one message and an
+    exit code (SIGINT and SIGTERM are handled here, for every command, and nowhere else)."""
+    from stainctl import interrupt
+
     try:
-        code = body()
+        with interrupt.handling_signals():
+            code = body()
     except UsageError as err:
         out.error(str(err))
         raise typer.Exit(2) from None
     except StainctlError as err:
         out.error(str(err))
         raise typer.Exit(1) from None
-    except (OSError, sqlite3.OperationalError) as err:
-        if not _disk_full(err):
-            raise
-        out.error(f"disk full ({err}); free space and run the same command again: finished "
-                  "work is kept and skipped")
-        raise typer.Exit(1) from None
+    except sqlite3.DatabaseError as err:
+        log.debug("manifest error", exc_info=True)  # -v: the traceback
+        out.error(_sqlite_message(err))
+        raise typer.Exit(1 if _disk_full(err) else 2) from None
+    except OSError as err:
+        log.debug("OS error", exc_info=True)
+        out.error(_os_message(err))
+        raise typer.Exit(1 if _disk_full(err) else 2) from None
+    except interrupt.Interrupted as err:
+        out.error(f"stopped by {err.name}: what finished is saved (the run is recorded as "
+                  "interrupted); run the same command again to resume")
+        raise typer.Exit(err.exit_code) from None
     except KeyboardInterrupt:
         out.error("interrupted; what finished is saved, run the same command to resume")
         raise typer.Exit(130) from None
@@ -110,6 +120,30 @@ def _disk_full(err: BaseException) -> bool:
     if isinstance(err, OSError):
         return err.errno == errno.ENOSPC
     return "disk is full" in str(err) or "disk I/O error" in str(err)
+
+
+DISK_FULL = "free space and run the same command again: finished work is kept and skipped"
+
+
+def _os_message(err: OSError) -> str:
+    """One line naming the path and the cause (read-only, permission denied, not a
+    directory, disk full...)."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    cause = err.strerror or str(err)
+    if _disk_full(err):
+        return f"disk full{' writing ' + where if where else ''} ({cause}); {DISK_FULL}"
+    return (f"{where or 'a file'}: {cause}; check the path and its permissions, or choose "
+            "another folder (-o / -w)")
+
+
+def _sqlite_message(err: sqlite3.DatabaseError) -> str:
+    from stainctl.workspace.manifest import damaged_message
+
+    if _disk_full(err):
+        return f"disk full ({err}); {DISK_FULL}"
+    if getattr(err, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return damaged_message("the workspace manifest", err)
+    return f"the workspace manifest cannot be used ({err})"
 
 
 class _LogProgress:

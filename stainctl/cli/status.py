@@ -1,4 +1,5 @@
-"""`stainctl status`: what is done, pending and failed, per slide. Reads only; takes no lock."""
+"""`stainctl status`: what is done, pending and failed, per slide. Reads only (the manifest is
+opened read-only, so an archived workspace works); takes no lock."""
 
 from __future__ import annotations
 
@@ -17,9 +18,12 @@ def status(workspace: opt.Workspace, json_out: opt.Json = False) -> None:
 
     def body() -> int:
         from stainctl.workspace import Workspace
+        from stainctl.workspace.lock import holder
 
-        ws = Workspace.open(workspace)
-        slides = ws.manifest.slide_summaries()
+        ws = Workspace.open(workspace, readonly=True)
+        # A step is running only while its run holds the lock; else it was interrupted.
+        live = ws.manifest.live_run() if holder(ws.root / ".lock") else None
+        slides = ws.manifest.slide_summaries(live)
         failed = sum(1 for s in slides if s["errors"])
         data = {"workspace": str(ws.root), "slides": slides, "failed": failed}
         out.emit(data, lambda: _print(slides))
@@ -36,10 +40,11 @@ def _print(slides: list[dict[str, Any]]) -> None:
     for s in slides:
         kept = s["tiles_kept"] if s["steps"].get("filter") == "done" else "-"
         pending = s["tiles_tissue"] - s["tiles_measured"]
-        running = [k for k, v in s["steps"].items() if v == "running"]
         last = s["last_done"] or "-"
-        if running:  # an interrupted step: the same command resumes it
-            last += f" ({', '.join(running)} interrupted)"
+        for state in ("running", "interrupted"):  # interrupted: the same command resumes it
+            steps = [k for k, v in s["steps"].items() if v == state]
+            if steps:
+                last += f" ({', '.join(steps)} {state})"
         error = "; ".join(f"{k}: {v}" for k, v in s["errors"].items())
         rows.append((s["slide"], str(s["tiles_total"]), str(s["tiles_tissue"]), str(kept),
                      str(pending) if s["steps"].get("filter") else "-", last, error))

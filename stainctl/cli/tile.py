@@ -26,6 +26,7 @@ def tile(
     allow_dark: Annotated[bool, typer.Option(
         "--allow-dark",
         help="Process slides with a dark background (fluorescence), normally refused.")] = False,
+    max_thumbnail_read: opt.MaxThumbnailRead = None,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -38,6 +39,7 @@ def tile(
         from stainctl.cli.render import batch_summary
         from stainctl.slide.grid import GridParams
         from stainctl.slide.inputs import expand_slides
+        from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
         from stainctl.slide.tissue import TissueParams
         from stainctl.steps.tile import TileOptions, tile_slides
         from stainctl.workspace import Workspace
@@ -45,7 +47,7 @@ def tile(
         options = TileOptions(
             grid=GridParams(target_mpp, tile_size, overlap, min_tissue),
             tissue=TissueParams(saturation=tissue_threshold, allow_dark=allow_dark),
-            force=force)
+            max_thumbnail_read=max_thumbnail_read or DEFAULT_MAX_READ_GPX, force=force)
         options.grid.validate()
         requests = expand_slides(slides, mpp)
         ws = Workspace.open(workspace, create=True)

@@ -46,6 +46,7 @@ def translate(
     overlap: Annotated[int | None, typer.Option(
         help="Context px on each side of a tile, blended by stitch; default: the model's "
              "(32 fast, 64 pixcell).")] = None,
+    max_thumbnail_read: opt.MaxThumbnailRead = None,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -72,7 +73,8 @@ def translate(
 
         # Inside the run, so a bad slide argument is reported like any other usage error.
         requests = expand_slides(slides or [], mpp)
-        return run_main_job(ws, requests, options, output.resolve(), fmt, progress)
+        return run_main_job(ws, requests, options, output.resolve(), fmt, progress,
+                            max_thumbnail_read=max_thumbnail_read)
 
     run_batch(out, workspace or output / "workspace", "translate",
               {"slides": slides, **vars(options)}, main_job, create=True)

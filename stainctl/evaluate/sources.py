@@ -237,7 +237,7 @@ def _source_of(path: Path) -> Path | None:
 def _workspace_set(root: Path, options: SourceOptions, *, fake: bool) -> ImageSet:
     from stainctl.workspace.workspace import Workspace
 
-    ws = Workspace.open(root)
+    ws = Workspace.open(root, readonly=True)  # an archived or read-only workspace works
     try:
         if fake:
             if not options.marker:

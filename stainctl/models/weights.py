@@ -73,13 +73,18 @@ def resolve(card: ModelCard, role: str, directory: Path, *, verify: bool = True)
     return found.path
 
 
-def check_installed(cards: list[ModelCard], directory: Path) -> None:
-    """One ModelError listing every weight file of `cards` that is not installed (nothing is
-    hashed: this is the quick check before a long job)."""
-    missing = [missing_message(c, found, directory) for c in cards for w in c.weights
-               if (found := locate(c, w, directory)).path is None]
+def check_installed(cards: list[ModelCard], directory: Path, *, verify: bool = False) -> None:
+    """One ModelError listing every weight file of `cards` that is not installed; with `verify`,
+    then the checksums the cards give (the check before a long job: a corrupt file is found
+    before any slide is touched, not after tiling and filtering)."""
+    found = [(c, locate(c, w, directory)) for c in cards for w in c.weights]
+    missing = [missing_message(c, f, directory) for c, f in found if f.path is None]
     if missing:
         raise ModelError("\n".join(missing))
+    if verify:
+        for c, f in found:
+            if f.path is not None and f.weight.sha256:
+                check_sha256(f.path, f.weight.sha256, c.name)
 
 
 def missing_message(card: ModelCard, found: Resolved, directory: Path) -> str:
@@ -153,9 +158,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+# Files already found sound in this process, by (path, size, mtime): the early check and the
+# engine's own `resolve` do not hash a multi-GB file twice.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
 def check_sha256(path: Path, expected: str, model: str) -> None:
+    st = path.stat()
+    key = (str(path.resolve()), st.st_size, st.st_mtime_ns, expected.lower())
+    if key in _VERIFIED:
+        return
     actual = sha256_of(path)
-    if actual != expected.lower():
+    if actual == expected.lower():
+        _VERIFIED.add(key)
+    else:
         raise ModelError(f"model {model}: {path} has sha256 {actual}, the card expects "
                          f"{expected}; the file is corrupt or another version: delete it and "
                          "pull again")
@@ -172,8 +188,10 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors of many kinds: one message
-        raise ModelError(f"{path} is not a loadable weights file ({type(err).__name__}: {err})"
-                         "; only safetensors and plain PyTorch state dicts are accepted") from None
+        raise ModelError(f"{path} is not a loadable weights file ({_torch_reason(err)}); only "
+                         "safetensors and plain PyTorch state dicts (tensors only) are accepted:"
+                         " save `model.state_dict()`, or convert it with safetensors' "
+                         "`save_file`") from None
     for key in ("state_dict", "model_state_dict"):  # training checkpoints wrap the weights
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -181,3 +199,33 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
     return state
+
+
+def _torch_reason(err: BaseException) -> str:
+    """torch's first sentence of why, without its advice to load with weights_only=False (which
+    runs the file's code: stainctl never does)."""
+    text = str(err).strip()
+    if "weights_only" in text or "Weights only load failed" in text:
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("WeightsUnpickler error:"):
+                # Only the first sentence: torch goes on to advise allow-listing the class.
+                what = line.split(":", 1)[1].split(". ")[0].strip().rstrip(".")
+                return f"it holds pickled Python objects, not only tensors: {what}"
+        return "it holds pickled Python objects, not only tensors"
+    return f"{type(err).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def check_weight_file(path: Path) -> None:
+    """Load `path` as stainctl would (safetensors, or a state dict without unpickling), so a file
+    that every later use would refuse is refused when it is added."""
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                fh.keys()
+        except Exception as err:
+            raise ModelError(f"{path} is not a readable safetensors file ({err})") from None
+        return
+    load_state_dict(path)

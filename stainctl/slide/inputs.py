@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,8 +14,15 @@ from stainctl.slide.reader import SLIDE_SUFFIXES
 
 @dataclass(frozen=True)
 class SlideRequest:
-    path: Path
+    path: Path  # absolute, symbolic links kept: a slide is named after the path the user gave
     mpp: float | None = None  # an override from --mpp or the CSV
+    error: str | None = None  # why this slide cannot be made (a bad CSV row): it fails alone
+
+
+def _absolute(path: Path) -> Path:
+    """Absolute and normalised, without resolving links (a batch of links to one file gives
+    one slide per link, as the same links in a folder do)."""
+    return Path(os.path.abspath(path))
 
 
 def expand_slides(args: list[str], mpp: float | None = None) -> list[SlideRequest]:
@@ -33,15 +41,15 @@ def _expand_one(arg: str, mpp: float | None) -> list[SlideRequest]:
     if path.suffix.lower() == ".csv" and path.is_file():
         return _read_csv(path, mpp)
     if path.is_dir():
-        return [SlideRequest(p, mpp) for p in _walk(path.resolve())]
+        return [SlideRequest(p, mpp) for p in _walk(_absolute(path))]
     if path.exists():
-        return [SlideRequest(path.resolve(), mpp)]
+        return [SlideRequest(_absolute(path), mpp)]
     if glob.has_magic(arg):
         matches = sorted(Path(p) for p in glob.glob(arg, recursive=True))
-        return [SlideRequest(p.resolve(), mpp) for p in matches
+        return [SlideRequest(_absolute(p), mpp) for p in matches
                 if (p.is_file() and _is_slide(p)) or (p.is_dir() and any(p.glob("*.dcm")))]
     # A missing path is reported as a failed slide, not a usage error, so the batch goes on.
-    return [SlideRequest(path.absolute(), mpp)]
+    return [SlideRequest(_absolute(path), mpp)]
 
 
 def _walk(folder: Path) -> list[Path]:
@@ -63,23 +71,33 @@ def _is_slide(path: Path) -> bool:
 
 
 def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
-    """`path[,mpp]` rows, with or without a header; relative paths are relative to the CSV."""
+    """`path[,mpp]` rows, with or without a header; relative paths are relative to the CSV. A
+    row with a bad mpp fails that slide only, named by the CSV's file and line number."""
     with path.open(newline="") as fh:
-        rows = [r for r in csv.reader(fh) if r and r[0].strip() and not r[0].startswith("#")]
-    if rows and rows[0][0].strip().lower() == "path":
-        header = [h.strip().lower() for h in rows.pop(0)]
+        reader = csv.reader(fh)
+        # (line number where the row starts, row); line_num counts the lines read so far.
+        rows: list[tuple[int, list[str]]] = []
+        line = 1
+        for r in reader:
+            if r and r[0].strip() and not r[0].startswith("#"):
+                rows.append((line, r))
+            line = reader.line_num + 1
+    if rows and rows[0][1][0].strip().lower() == "path":
+        header = [h.strip().lower() for h in rows.pop(0)[1]]
         col_mpp = header.index("mpp") if "mpp" in header else None
     else:
         col_mpp = 1
     out = []
-    for n, row in enumerate(rows, start=1):
+    for n, row in rows:
         p = Path(row[0].strip())
         if not p.is_absolute():
             p = path.parent / p
         value = row[col_mpp].strip() if col_mpp is not None and len(row) > col_mpp else ""
+        row_mpp, error = default_mpp, None
         try:
             row_mpp = float(value) if value else default_mpp
         except ValueError:
-            raise UsageError(f"{path}, row {n}: mpp {value!r} is not a number") from None
-        out.append(SlideRequest(p.resolve(), row_mpp))
+            error = (f"{path}, line {n}: mpp {value!r} is not a number; correct it (e.g. 0.25) "
+                     "or leave it empty to use the slide's metadata")
+        out.append(SlideRequest(_absolute(p), row_mpp, error))
     return out

@@ -109,11 +109,32 @@ class Slide:
         }
 
 
+def check_exists(path: Path) -> None:
+    """A SlideError naming the whole path and why it cannot be reached (missing, a broken link,
+    a loop of links, not permitted)."""
+    import errno
+    import os
+
+    try:
+        os.stat(path)
+        return
+    except OSError as err:
+        cause = err
+    if cause.errno == errno.ELOOP:
+        reason = "a loop of symbolic links (a link that leads back to itself)"
+    elif cause.errno == errno.ENOENT and path.is_symlink():
+        reason = f"a broken symbolic link (to {os.readlink(path)}, which does not exist)"
+    elif cause.errno == errno.ENOENT:
+        reason = "no such file or directory"
+    else:
+        reason = f"cannot be reached ({cause.strerror})"
+    raise SlideError(path, f"{path}: {reason}")
+
+
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
     """Open `path`; `mpp` (µm/px) overrides the metadata. Raises SlideError with the reason."""
     path = Path(path)
-    if not path.exists():
-        raise SlideError(path, "no such file or directory")
+    check_exists(path)
     target = _dicom_member(path) if path.is_dir() else path
     if path.is_file() and path.suffix.lower() not in SLIDE_SUFFIXES:
         raise SlideError(path, f"unsupported file type {path.suffix!r}; stainctl reads "

@@ -13,14 +13,16 @@ import numpy as np
 
 from stainctl.slide.grid import GridParams
 from stainctl.slide.inputs import SlideRequest
+from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.steps.translate import TranslateOptions
 from stainctl.workspace import Workspace, atomic_path
+from stainctl.workspace.atomic import remove_stale
 
 
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
-                 output: Path, fmt: str = "ome-tiff",
-                 progress: Progress | None = None) -> BatchResult:
+                 output: Path, fmt: str = "ome-tiff", progress: Progress | None = None, *,
+                 max_thumbnail_read: float | None = None) -> BatchResult:
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
@@ -34,7 +36,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     card = marker_model(options.marker, directory)
     # Missing weights, the card's or those of the models it runs with (base, flow, encoder):
     # say so before tiling anything.
-    check_installed(required_cards(card, directory), directory)
+    check_installed(required_cards(card, directory), directory, verify=True)
     options = dataclasses.replace(options, marker=card.name)
     # A low tissue threshold: an edge tile with a little tissue is still translated, so the
     # virtual slide covers the whole section.
@@ -49,6 +51,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     steps = [
         ("tile", lambda: tile_slides(ws, requests, TileOptions(
             grid=grid, force=options.force,
+            max_thumbnail_read=max_thumbnail_read or DEFAULT_MAX_READ_GPX,
             dark_hint="a virtual IHC slide is made from a brightfield H&E slide, so this one "
                       "was left out"), progress)),
         ("filter", lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
@@ -68,7 +71,8 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
-        pair = side_by_side(ws, o.slide, Path(o.details["thumbnail"]))
+        pair = side_by_side(ws, o.slide, Path(o.details["thumbnail"]),
+                            unchanged=o.state == "skipped")
         o.details["side_by_side"] = str(pair)
         result.slides.append(SlideOutcome(o.slide, o.path, "done",
                                           f"{o.message}; H&E beside it: {pair.name}", o.details))
@@ -76,9 +80,15 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     return result
 
 
-def side_by_side(ws: Workspace, key: str, thumbnail: Path) -> Path:
-    """H&E thumbnail | virtual IHC thumbnail, at the same height, beside the output."""
+def side_by_side(ws: Workspace, key: str, thumbnail: Path, *, unchanged: bool = False) -> Path:
+    """H&E thumbnail | virtual IHC thumbnail, at the same height, beside the output. With
+    `unchanged` (the stitched output was not remade) an existing one is kept as it is."""
     import cv2
+
+    path = side_by_side_path(thumbnail)
+    if unchanged and _newer_than(path, ws.slide_dir(key) / "thumbnail.png", thumbnail):
+        remove_stale(path)  # what a killed run left beside it
+        return path
 
     he = cv2.imread(str(ws.slide_dir(key) / "thumbnail.png"))
     ihc = cv2.imread(str(thumbnail))
@@ -91,7 +101,19 @@ def side_by_side(ws: Workspace, key: str, thumbnail: Path) -> Path:
                           interpolation=cv2.INTER_AREA)
 
     gap = np.full((h, 8, 3), 255, np.uint8)
-    path = thumbnail.with_name(thumbnail.stem + ".side-by-side.png")
     with atomic_path(path) as tmp:
         cv2.imwrite(str(tmp), np.hstack([fit(he), gap, fit(ihc)]))
     return path
+
+
+def side_by_side_path(thumbnail: Path) -> Path:
+    return thumbnail.with_name(thumbnail.stem + ".side-by-side.png")
+
+
+def _newer_than(path: Path, *sources: Path) -> bool:
+    """`path` exists and was written after every one of `sources`."""
+    try:
+        mtime = path.stat().st_mtime_ns
+        return all(mtime >= s.stat().st_mtime_ns for s in sources)
+    except FileNotFoundError:
+        return False

@@ -60,10 +60,13 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def unexpected(err: BaseException) -> str:
-    """The reason recorded for an error no check anticipated."""
+def unexpected(err: BaseException, where: object = None) -> str:
+    """The reason recorded for an error no check anticipated; `where`: the folder the step
+    writes in, named when the error names no file."""
     import errno
 
     if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-        return f"disk full while writing ({err.filename}); free space and run again"
+        target = err.filename or where
+        return (f"disk full while writing{f' {target}' if target else ''}; free space and run "
+                "again")
     return f"unexpected error ({type(err).__name__}: {err}); run again with -v for details"

@@ -60,7 +60,7 @@ def stitch_slides(ws: Workspace, options: StitchOptions,
         try:
             outcome = _stitch_one(ws, slide, marker, store_path, out, options)
         except Exception as err:  # one bad slide must not stop the batch
-            reason = err.reason if isinstance(err, SlideError) else unexpected(err)
+            reason = err.reason if isinstance(err, SlideError) else unexpected(err, out.parent)
             log.debug("%s failed", store_path, exc_info=not isinstance(err, SlideError))
             ws.manifest.set_step(slide["id"], f"stitch:{marker}", "failed", error=reason,
                                  run_id=ws.run_id)

@@ -11,6 +11,7 @@ import numpy as np
 from stainctl.errors import SlideError
 from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
 from stainctl.slide.inputs import SlideRequest
+from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
 from stainctl.slide.tissue import DARK_HINT, TissueParams
 from stainctl.steps.report import (
     BatchResult,
@@ -30,6 +31,8 @@ class TileOptions:
     grid: GridParams = field(default_factory=GridParams)
     tissue: TissueParams = field(default_factory=TissueParams)
     dark_hint: str = DARK_HINT  # what to do about a dark (fluorescence) slide
+    # Gigapixels read at most to make a thumbnail (a slide without a small pyramid level).
+    max_thumbnail_read: float = DEFAULT_MAX_READ_GPX
     force: bool = False
 
 
@@ -41,9 +44,9 @@ def tile_slides(ws: Workspace, requests: list[SlideRequest], options: TileOption
     progress.start("tile", len(requests))
     for req in requests:
         try:
-            outcome = _tile_one(ws, req, options)
+            outcome = _tile_one(ws, req, options, progress)
         except Exception as err:  # one bad slide must not stop the batch
-            reason = err.reason if isinstance(err, SlideError) else unexpected(err)
+            reason = err.reason if isinstance(err, SlideError) else unexpected(err, ws.root)
             log.debug("%s failed", req.path, exc_info=not isinstance(err, SlideError))
             slide = (ws.manifest.slide_by_path(str(req.path))
                      or ws.manifest.add_slide(str(req.path), _stem(req), ""))
@@ -55,12 +58,14 @@ def tile_slides(ws: Workspace, requests: list[SlideRequest], options: TileOption
     return result
 
 
-def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions) -> SlideOutcome:
+def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions,
+              progress: Progress) -> SlideOutcome:
     from stainctl.slide.fingerprint import fingerprint
-    from stainctl.slide.reader import open_slide
+    from stainctl.slide.reader import check_exists, open_slide
 
-    if not req.path.exists():
-        raise SlideError(req.path, "no such file or directory")
+    if req.error:
+        raise SlideError(req.path, req.error)
+    check_exists(req.path)
     try:
         fp = fingerprint(req.path)
     except OSError as err:
@@ -89,7 +94,7 @@ def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions) -> SlideOu
                        width=info["width"], height=info["height"],
                        levels=_levels_json(info), mpp=slide.mpp, mpp_source=slide.mpp_source,
                        objective_power=slide.objective_power)
-        grid_row, tiles, mask, thumb = _layout(slide, options)
+        grid_row, tiles, mask, thumb = _layout(slide, options, _reporter(row["key"], progress))
     finally:
         slide.close()
 
@@ -105,15 +110,31 @@ def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions) -> SlideOu
                         counts)
 
 
-def _layout(slide: Any, options: TileOptions) -> tuple[dict[str, Any], list[tuple[Any, ...]],
-                                                       np.ndarray, np.ndarray]:
+def _reporter(key: str, progress: Progress, every: float = 30.0) -> Any:
+    """A callback for long per-slide work: a progress line at most every `every` seconds."""
+    import time
+
+    last = [time.monotonic()]
+
+    def report(what: str, fraction: float) -> None:
+        now = time.monotonic()
+        if now - last[0] >= every:
+            last[0] = now
+            progress.log(f"{key}: {what} {fraction:.0%}")
+
+    return report
+
+
+def _layout(slide: Any, options: TileOptions, report: Any = None
+            ) -> tuple[dict[str, Any], list[tuple[Any, ...]], np.ndarray, np.ndarray]:
     from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
     from stainctl.slide.tissue import check_brightfield, tissue_mask
 
     mpp = slide.require_mpp()
     w0, h0 = slide.dimensions
     t_mpp = thumbnail_mpp(mpp, w0, h0)
-    thumb = read_thumbnail(slide, t_mpp)
+    thumb = read_thumbnail(slide, t_mpp, max_read_gpx=options.max_thumbnail_read,
+                           report=report)
     dark = check_brightfield(thumb, slide.path, options.tissue.allow_dark, options.dark_hint)
     mask = tissue_mask(thumb, t_mpp, options.tissue, dark=dark)
     if not mask.any():

@@ -186,7 +186,7 @@ def adapt_pixcell(workspace: Path, ihc: list[Path], default_mpp: float | None,
     options.validate()
     base = get_card(options.base, options.models_dir)
     # Missing base, VAE or encoder weights: say so before tiling the IHC slides.
-    check_installed(required_cards(base, options.models_dir), options.models_dir)
+    check_installed(required_cards(base, options.models_dir), options.models_dir, verify=True)
     ws = Workspace.open(workspace, create=bool(ihc))
     params = {k: str(v) for k, v in vars(options).items()}
     with ws.writing("train-lora", params):

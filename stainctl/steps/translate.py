@@ -115,7 +115,8 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
         try:
             outcome = _translate_one(ws, s, card, engine, options, progress)
         except Exception as err:  # one bad slide must not stop the batch
-            reason = err.reason if isinstance(err, SlideError) else unexpected(err)
+            reason = (err.reason if isinstance(err, SlideError)
+                      else unexpected(err, ws.slide_dir(s["key"])))
             log.debug("%s failed", s["path"], exc_info=not isinstance(err, SlideError))
             m.set_step(s["id"], f"translate:{card.name}", "failed", error=reason,
                        run_id=ws.run_id)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stainctl import interrupt
 from stainctl.stitch.pyramid import PyramidOptions, save_pyramid, save_thumbnail
 from stainctl.workspace.atomic import atomic_path, remove_stale
 from stainctl.workspace.tilestore import TileStore
@@ -57,9 +58,14 @@ def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
     thumb = options.thumbnail(output)
     remove_stale(output)
     remove_stale(thumb)
-    with atomic_path(output) as tmp:
+    # libvips calls back into Python to read the canvas: a signal must not raise inside that
+    # callback (cffi would print and drop it, and the save would go on), so it is recorded,
+    # the next read stops the save, and the section raises it once libvips has returned. The
+    # save runs on a worker thread so that the main thread is free to receive the signal.
+    with interrupt.deferred(), atomic_path(output) as tmp:
         try:
-            save_pyramid(image, tmp, mpp, description, options)
+            interrupt.run_watched(
+                lambda: save_pyramid(image, tmp, mpp, description, options))
         except Exception as err:
             if source.error is not None:
                 raise source.error from err

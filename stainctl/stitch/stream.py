@@ -43,8 +43,8 @@ def tiff_header(width: int, height: int) -> bytes:
 class BlockSource:
     """A pyvips source over a TIFF header plus row blocks served in order.
 
-    An exception raised by the blocks is kept in `error` (libvips only sees a short read) so the
-    caller can raise it after the save fails.
+    An exception raised by the blocks, or a signal received meanwhile (`interrupt`), is kept in
+    `error` (libvips only sees a short read) so the caller can raise it after the save fails.
     """
 
     def __init__(self, width: int, height: int, blocks: Iterable[np.ndarray]) -> None:
@@ -75,7 +75,10 @@ class BlockSource:
         return self._pos
 
     def _read(self, size: int) -> bytes | memoryview:
+        from stainctl import interrupt
+
         try:
+            interrupt.check()  # a signal during the save: a short read makes libvips stop
             chunk = self._chunk(self._pos, size)
         except BaseException as err:
             self.error = err

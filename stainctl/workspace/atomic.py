@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import re
 from collections.abc import Iterator
 from pathlib import Path
+
+from stainctl.workspace.lock import pid_alive
 
 
 @contextlib.contextmanager
@@ -13,10 +17,12 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside `final`; rename it into place only if the block succeeds.
 
     The temporary name keeps the suffix, so writers that choose a codec from it (cv2, pyvips)
-    still work.
+    still work, and carries the writer's pid, so temporaries that killed runs left beside
+    `final` are removed here (`remove_stale`) while a live writer's are kept.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale(final)
     tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
     try:
         yield tmp
@@ -28,11 +34,41 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
-def remove_stale(final: str | os.PathLike[str]) -> None:
-    """Delete temporaries that killed runs left beside `final` (the caller holds the writer
-    lock, so none of them is still being written)."""
+TEMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[^.]*)?")
+
+
+def sweep_older(folders: list[Path], before: float) -> list[Path]:
+    """Delete temporaries in `folders` last written before `before` (a time.time()): called by
+    the holder of a workspace's lock, for which every older temporary of the workspace is a dead
+    run's, whatever its pid now names (reused pids, other pid namespaces)."""
+    removed: list[Path] = []
+    for folder in folders:
+        for tmp in folder.glob(".*.tmp-*"):
+            try:
+                if TEMP_NAME.fullmatch(tmp.name) and tmp.is_file() \
+                        and tmp.stat().st_mtime < before:
+                    tmp.unlink()
+                    removed.append(tmp)
+            except FileNotFoundError:
+                continue
+    return removed
+
+
+def remove_stale(final: str | os.PathLike[str]) -> list[Path]:
+    """Delete the temporaries beside `final` whose writer is dead (the pid in the name is no
+    live process of this host); return them. Another live process may be writing the same name
+    (two workspaces stitching into one output folder), so its temporary is left alone."""
     final = Path(final)
-    if final.parent.is_dir():
-        for tmp in final.parent.glob(f".{final.stem}.tmp-*{final.suffix}"):
-            with contextlib.suppress(FileNotFoundError):
-                tmp.unlink()
+    removed: list[Path] = []
+    if not final.parent.is_dir():
+        return removed
+    pattern = re.compile(rf"\.{re.escape(final.stem)}\.tmp-(\d+){re.escape(final.suffix)}")
+    for tmp in final.parent.glob(f".{glob.escape(final.stem)}.tmp-*{glob.escape(final.suffix)}"):
+        match = pattern.fullmatch(tmp.name)
+        if match is None or pid_alive(int(match.group(1))):
+            continue
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+            removed.append(tmp)
+    return removed
+

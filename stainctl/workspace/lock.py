@@ -60,6 +60,48 @@ class WriterLock:
         self.release()
 
 
+def holder(path: Path) -> dict[str, Any] | None:
+    """Who holds the lock at `path` now (pid, host, since, command), or None when nobody does.
+
+    Takes no lock (a reader must never make a writer fail to start): the holder writes its pid
+    into the file and empties it on release, so a file naming a live process of this host is
+    held. For another host's pid a shared lock is tried and dropped. Works read-only.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        info = _read_holder(fd)
+        if not info:
+            return None
+        if info.get("host") == socket.gethostname():
+            return info if pid_alive(int(info.get("pid") or 0)) else None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return info
+        except OSError:
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
 def _read_holder(fd: int) -> dict[str, Any]:
     try:
         data = json.loads(os.pread(fd, 4096, 0) or b"{}")

@@ -25,20 +25,77 @@ def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
+def damaged_message(what: object, err: BaseException) -> str:
+    """What to say about a manifest SQLite cannot read (random bytes, damaged pages)."""
+    cause = "not a database" if "not a database" in str(err) else f"damaged ({err})"
+    return (f"{what} is {cause}; restore it from a backup, or start a new workspace (-w NEW) "
+            "and run the command again there: the outputs already on disk are kept")
+
+
+class ManifestDamaged(UsageError):
+    """The manifest file is not a database, or its pages are damaged (exit 2)."""
+
+
+class _Connection(sqlite3.Connection):
+    """A connection that names its file when SQLite finds it is not a sound database."""
+
+    manifest_path: Path
+
+    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        try:
+            return super().execute(*args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            raise _damaged(self.manifest_path, err) from None
+
+    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+        try:
+            return super().executemany(*args, **kwargs)
+        except sqlite3.DatabaseError as err:
+            raise _damaged(self.manifest_path, err) from None
+
+
+def _damaged(path: Path, err: sqlite3.DatabaseError) -> Exception:
+    if getattr(err, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return ManifestDamaged(damaged_message(path, err))
+    return err
+
+
+def _connect(path: Path, readonly: bool) -> _Connection:
+    """Autocommit (transactions are explicit, see `transaction`). Read-only: `mode=ro`, else,
+    where SQLite cannot even make its shared-memory file beside a WAL manifest (a read-only
+    mount, an archive), `immutable`, which reads the file as it is."""
+    if not readonly:
+        db = sqlite3.connect(path, isolation_level=None, timeout=30, factory=_Connection)
+        db.manifest_path = path
+        return db
+    uri = path.absolute().as_uri()
+    for mode in ("mode=ro", "immutable=1"):
+        db = sqlite3.connect(f"{uri}?{mode}", uri=True, isolation_level=None, timeout=30,
+                             factory=_Connection)
+        db.manifest_path = path
+        try:
+            db.execute("PRAGMA user_version").fetchone()
+            return db
+        except sqlite3.OperationalError:
+            db.close()
+    raise UsageError(f"{path} cannot be opened for reading; check its permissions")
+
+
 class Manifest:
-    def __init__(self, path: Path, *, create: bool = False) -> None:
+    def __init__(self, path: Path, *, create: bool = False, readonly: bool = False) -> None:
         if not path.exists() and not create:
             raise UsageError(
                 f"{path.parent} is not a stainctl workspace (no manifest.sqlite); "
                 "create one with `stainctl tile SLIDES -w DIR`"
             )
         self.path = path
-        # Autocommit mode: transactions are explicit (see `transaction`).
-        self.db = sqlite3.connect(path, isolation_level=None, timeout=30)
+        self.readonly = readonly
+        self.db = _connect(path, readonly)
         self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=NORMAL")
-        self.db.execute("PRAGMA foreign_keys=ON")
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.db.execute("PRAGMA foreign_keys=ON")
         self._migrate()
 
     def _migrate(self) -> None:
@@ -50,6 +107,10 @@ class Manifest:
             )
         if version == SCHEMA_VERSION:
             return
+        if self.readonly:
+            raise UsageError(f"{self.path} has schema {version}, this stainctl reads "
+                             f"{SCHEMA_VERSION}; run a command that writes to the workspace "
+                             "(e.g. `stainctl tile`) once to upgrade it")
         with self.transaction():
             if version == 0:
                 for stmt in _statements(SCHEMA_V1):
@@ -84,6 +145,18 @@ class Manifest:
                 (command, json.dumps(params, default=str), json.dumps(versions), host, pid, now()),
             )
         return int(cur.lastrowid or 0)
+
+    def close_dead_runs(self) -> int:
+        """Mark runs that never recorded an outcome (killed with SIGKILL, power lost) as
+        interrupted; the caller holds the writer lock, so none of them is still going."""
+        with self.transaction():
+            cur = self.db.execute("UPDATE runs SET outcome='interrupted' WHERE outcome IS NULL")
+        return int(cur.rowcount)
+
+    def live_run(self) -> int | None:
+        """The latest run without an outcome: the one going on while the lock is held."""
+        row = self.db.execute("SELECT MAX(id) FROM runs WHERE outcome IS NULL").fetchone()
+        return None if row[0] is None else int(row[0])
 
     def end_run(self, run_id: int, outcome: str) -> None:
         with self.transaction():
@@ -237,8 +310,9 @@ class Manifest:
                 (slide_id, kind, path, params_hash, now()))
 
     # --- status -----------------------------------------------------------------------------
-    def slide_summaries(self) -> list[dict[str, Any]]:
-        """Per slide: tile counts, each step's state, the last step done and any error."""
+    def slide_summaries(self, live_run: int | None = None) -> list[dict[str, Any]]:
+        """Per slide: tile counts, each step's state, the last step done and any error. A step
+        left 'running' by any run but `live_run` (the one holding the lock) is 'interrupted'."""
         counts = {
             r["slide_id"]: r for r in self.db.execute(
                 "SELECT slide_id, COUNT(*) AS total, SUM(in_tissue) AS tissue, "
@@ -264,11 +338,17 @@ class Manifest:
                 "tiles_tissue": int(c["tissue"] or 0) if c else 0,
                 "tiles_measured": int(c["measured"]) if c else 0,
                 "tiles_kept": int(c["kept"] or 0) if c else 0,
-                "steps": {name: r["state"] for name, r in st.items()},
+                "steps": {name: _state(r, live_run) for name, r in st.items()},
                 "last_done": done[-1] if done else None,
                 "errors": errors,
             })
         return out
+
+
+def _state(step: sqlite3.Row, live_run: int | None) -> str:
+    if step["state"] == "running" and (live_run is None or step["run_id"] != live_run):
+        return "interrupted"
+    return str(step["state"])
 
 
 def _step_rank(step: str) -> int:

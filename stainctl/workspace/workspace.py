@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import sqlite3
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from stainctl.errors import UsageError
+from stainctl.workspace.atomic import sweep_older
 from stainctl.workspace.lock import WriterLock
 from stainctl.workspace.manifest import Manifest
 
@@ -25,11 +29,24 @@ class Workspace:
     partial: bool = False
 
     @classmethod
-    def open(cls, root: str | os.PathLike[str], *, create: bool = False) -> Workspace:
+    def open(cls, root: str | os.PathLike[str], *, create: bool = False,
+             readonly: bool = False) -> Workspace:
+        """Open (or `create`) a workspace. `readonly`: for commands that only read; the manifest
+        is opened read-only, so an archived or read-only workspace works."""
         root = Path(root).resolve()
-        if create:
-            root.mkdir(parents=True, exist_ok=True)
-        return cls(root, Manifest(root / MANIFEST, create=create))
+        try:
+            if create:
+                root.mkdir(parents=True, exist_ok=True)
+            return cls(root, Manifest(root / MANIFEST, create=create, readonly=readonly))
+        except OSError as err:
+            raise UsageError(_os_reason(root, err)) from None
+        except sqlite3.OperationalError as err:
+            if not os.access(root, os.W_OK) or not os.access(root / MANIFEST, os.W_OK):
+                raise UsageError(
+                    f"workspace {root} is read-only: this command writes to it; copy it to a "
+                    "writable folder (`stainctl status` and `evaluate` read it as it is)") from None
+            raise UsageError(f"workspace {root}: its manifest cannot be opened ({err}); "
+                             "check the folder and its permissions") from None
 
     def slide_dir(self, key: str) -> Path:
         return self.root / "slides" / key
@@ -53,7 +70,10 @@ class Workspace:
     @contextmanager
     def writing(self, command: str, params: dict[str, Any]) -> Iterator[Workspace]:
         """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error."""
+        since = time.time()
         with WriterLock(self.root / ".lock", command):
+            self.manifest.close_dead_runs()
+            sweep_older(sorted((self.root / "slides").glob("*/")), since)
             self.run_id = self.manifest.start_run(
                 command, params, _versions(), socket.gethostname(), os.getpid())
             outcome = "interrupted"
@@ -69,6 +89,12 @@ class Workspace:
 
     def close(self) -> None:
         self.manifest.close()
+
+
+def _os_reason(root: Path, err: OSError) -> str:
+    where = err.filename or root
+    return (f"workspace {root}: cannot use {where} ({err.strerror or err}); choose a writable "
+            "folder with -w (or -o), or fix its permissions")
 
 
 def _versions() -> dict[str, str]:
