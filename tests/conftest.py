@@ -35,8 +35,8 @@ def cli():
 
     runner = CliRunner()
 
-    def invoke(*args: object):
-        return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    def invoke(*args: object, env: dict[str, str] | None = None):
+        return runner.invoke(app, [str(a) for a in args], env=env, catch_exceptions=False)
 
     return invoke
 

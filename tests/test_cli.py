@@ -90,3 +90,50 @@ def test_shell_completion_answers_from_the_cli():
     out = subprocess.run([sys.executable, "-m", "stainctl"], env=env, capture_output=True,
                          text=True).stdout
     assert out.split() == ["--max-white"]
+
+
+def _command_paths() -> list[tuple[str, ...]]:
+    from stainctl.cli.docs import command_tree
+
+    def walk(cmd, path):
+        yield path
+        for name, sub in getattr(cmd, "commands", {}).items():
+            yield from walk(sub, (*path, name))
+
+    return list(walk(command_tree(), ()))
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=lambda p: " ".join(p) or "stainctl")
+def test_help_at_80_columns_cuts_nothing(cli, path):
+    import re
+
+    from stainctl.cli.docs import command_tree
+
+    r = cli(*path, "--help", env={"COLUMNS": "80"})
+    assert r.exit_code == 0
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    flat = " ".join(r.stdout.split())
+    assert "…" not in flat and "<bool>" not in flat and "<list[" not in flat
+    cmd = command_tree()
+    for name in path:
+        cmd = cmd.commands[name]
+    ctx = cmd.context_class(cmd, info_name=path[-1] if path else "stainctl")
+    for p in cmd.params:
+        record = p.get_help_record(ctx)
+        if record is None:
+            continue
+        decl, text = record
+        # The whole help text is there (wrapped, not cut), and each part of its
+        # [env var: ...; default: ...] note stands on one line.
+        text_words = " ".join(text.split())
+        assert text_words in flat, (path, decl)
+        note = re.search(r"\[([^\[\]]*)\]$", text)
+        for part in note.group(1).split("; ") if note else []:
+            assert any(part in line for line in lines), (path, decl, part)
+        if getattr(p, "is_flag", False):  # a flag reads `--force`, alone
+            assert not p.secondary_opts and re.search(
+                rf"^\s+(-\w, )?{re.escape(p.opts[-1])}\s\s", r.stdout, re.M), (path, decl)
+    for name, sub in getattr(cmd, "commands", {}).items():  # each command's first sentence
+        first = " ".join(sub.help.split(". ")[0].split())
+        assert first in flat, (path, name)

@@ -21,6 +21,7 @@ from stainctl.cli import (
     translate,
 )
 from stainctl.cli import filter as filter_cmd
+from stainctl.cli.help import use_plain_help
 
 app = typer.Typer(
     name="stainctl",
@@ -32,6 +33,7 @@ app = typer.Typer(
     add_completion=False,
     context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain help: see cli/help.py
 )
 
 
@@ -58,6 +60,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")
+use_plain_help(app)
 
 
 def main() -> None:

@@ -38,12 +38,14 @@ def _roff(text: str) -> str:
 
 def _option_lines(cmd: Any, ctx: Any) -> list[str]:
     """One `.TP` entry per option, from the same help record that `--help` prints."""
+    from stainctl.cli.help import term
+
     lines = []
     for p in cmd.params:
         record = p.get_help_record(ctx) if p.param_type_name == "option" else None
         if record:
             decl, help_text = record
-            lines += [".TP", f"\\fB{_roff(decl)}\\fR", _roff(help_text)]
+            lines += [".TP", f"\\fB{_roff(term(decl))}\\fR", _roff(help_text)]
     return lines
 
 

@@ -14,7 +14,7 @@ Json = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document on stdout for scripts.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and errors.")]
 Verbose = Annotated[int, typer.Option(
-    "-v", "--verbose", count=True,
+    "-v", "--verbose", count=True, show_default=False,
     help="More detail, with tracebacks of unexpected errors.")]
 Force = Annotated[bool, typer.Option("--force", help="Redo everything, even what is done.")]
 ModelsDir = Annotated[Path | None, typer.Option(
