@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, NoReturn
 
 import typer
@@ -104,14 +105,40 @@ def run_batch(out: Output, workspace: Any, command: str, params: dict[str, Any],
         from stainctl.cli.render import batch_summary
         from stainctl.workspace import Workspace
 
+        created = _missing_dirs(Path(workspace)) if create else []
         ws = Workspace.open(workspace, create=create)
-        with ws.writing(command, params), out.progress() as progress:
-            result = step(ws, progress)
-            ws.partial = bool(result.failed)
+        try:
+            with ws.writing(command, params), out.progress() as progress:
+                result = step(ws, progress)
+                ws.partial = bool(result.failed)
+        except UsageError:
+            if created and not ws.manifest.slides():
+                # Stopped before any slide was added (a bad option, an unknown marker): leave
+                # no empty workspace behind to puzzle over or to pass by mistake as -w.
+                ws.close()
+                _remove_created(created)
+            raise
         out.emit(result.as_dict(), lambda: batch_summary(result))
         return int(result.exit_code)
 
     run_command(out, body)
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    path = path.resolve()
+    return [p for p in (path, *path.parents) if not p.exists()]
+
+
+def _remove_created(created: list[Path]) -> None:
+    import shutil
+
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:  # parents made for it, if nothing else went there since
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _disk_full(err: BaseException) -> bool:

@@ -23,7 +23,7 @@ from stainctl.engines.base import (
     load_engine,
     tile_seed,
 )
-from stainctl.errors import ModelError, SlideError, UsageError
+from stainctl.errors import SlideError, UsageError
 from stainctl.models.card import ModelCard
 from stainctl.steps.report import (
     BatchResult,
@@ -66,31 +66,10 @@ def grid_tile_size(card: ModelCard, options: TranslateOptions) -> int:
 
 
 def marker_model(marker: str, directory: Path) -> ModelCard:
-    """The card for `--marker`: a model of that name, or an installed model for that stain."""
-    from stainctl.models.registry import SHIPPED, all_cards
-    from stainctl.models.weights import locate
+    """The card for `--marker`: a model of that name, or the installed model for that stain."""
+    from stainctl.models.lookup import marker_card
 
-    cards = all_cards(directory)
-    if marker in cards and cards[marker].kind == "marker":
-        return cards[marker]
-    wanted = [c for c in cards.values() if c.kind == "marker" and c.marker == marker.lower()]
-    # The user's own models first: one trained for their site beats the shipped demo.
-    wanted.sort(key=lambda c: c.origin is not None and c.origin.parent == SHIPPED)
-
-    def installed(card: ModelCard) -> bool:
-        return all(locate(card, w, directory).path is not None for w in card.weights)
-
-    for card in wanted:
-        if installed(card):
-            return card
-    have = sorted(f"{c.name} ({c.marker})" for c in cards.values()
-                  if c.kind == "marker" and installed(c))
-    if wanted:
-        return wanted[0]  # its missing weights give the message naming what to pull
-    raise ModelError(
-        f"no model makes {marker!r}; installed marker models: {', '.join(have) or 'none'}. "
-        "Train one (`stainctl train --marker ...`, installed at once), add one you have with "
-        "`stainctl models add`, or pull a published one (`stainctl models list`)")
+    return marker_card(marker, directory)
 
 
 def translate_slides(ws: Workspace, options: TranslateOptions,
