@@ -137,3 +137,57 @@ def test_help_at_80_columns_cuts_nothing(cli, path):
     for name, sub in getattr(cmd, "commands", {}).items():  # each command's first sentence
         first = " ".join(sub.help.split(". ")[0].split())
         assert first in flat, (path, name)
+
+
+def _complete(shell: str, line: str,
+              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Ask the CLI for completions the way the generated bash or fish script does."""
+    words = line.split(" ")
+    env = {**os.environ, **(env or {}), "_STAINCTL_COMPLETE": f"complete_{shell}",
+           "COMP_WORDS": line, "COMP_CWORD": str(len(words) - 1),
+           "_TYPER_COMPLETE_ARGS": line, "_TYPER_COMPLETE_FISH_ACTION": "get-args"}
+    return subprocess.run([sys.executable, "-m", "stainctl"], env=env, capture_output=True,
+                          text=True)
+
+
+def test_completion_offers_installed_markers_and_option_choices(tmp_path):
+    from models_helpers import FAST_CARD
+
+    site = tmp_path / "models" / "ki67-site"
+    site.mkdir(parents=True)
+    (site / "card.toml").write_text(FAST_CARD.format(name="ki67-site", marker="ki67"))
+    (site / "generator.safetensors").write_bytes(b"x")
+    env = {"STAINCTL_MODELS": str(tmp_path / "models"), "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(tmp_path / "hub")}
+    # Installed marker models only (pixcell-mist-her2 has no weights here), with their stain.
+    out = _complete("fish", "stainctl translate --marker ", env).stdout
+    assert out.splitlines() == ["demo-ki67\tki67", "ki67-site\tki67"]
+    assert _complete("bash", "stainctl translate -m ki", env).stdout.split() == ["ki67-site"]
+    assert _complete("bash", "stainctl translate --format ").stdout.split() == [
+        "ome-tiff", "tiff"]
+    assert _complete("bash", "stainctl stitch --format o").stdout.split() == ["ome-tiff"]
+    assert _complete("bash", "stainctl evaluate --metrics fid,c").stdout.split() == [
+        "fid,cropfid"]
+    for command in ("translate", "embed", "evaluate", "train-lora"):
+        assert _complete("bash", f"stainctl {command} --device c").stdout.split() == [
+            "cpu", "cuda"]
+
+
+def test_completion_metrics_are_evaluates():
+    from stainctl.cli.complete import METRICS
+    from stainctl.evaluate.evaluator import METRICS as EVALUATED
+
+    assert METRICS == EVALUATED
+
+
+@pytest.mark.parametrize("line", ["stainctl translate ", "stainctl tile CMU-1.svs ",
+                                  "stainctl translate -o ", "stainctl evaluate --real "])
+def test_fish_completes_files_for_slides_and_paths(line):
+    # The fish script completes files unless the CLI has words to offer (`is-args` exits 0).
+    assert "--no-files" in (ROOT / "completions" / "stainctl.fish").read_text()
+    env = {**os.environ, "_STAINCTL_COMPLETE": "complete_fish",
+           "_TYPER_COMPLETE_FISH_ACTION": "is-args", "_TYPER_COMPLETE_ARGS": line}
+    r = subprocess.run([sys.executable, "-m", "stainctl"], env=env, capture_output=True)
+    assert r.returncode == 1  # no words of its own: the shell lists files
+    env["_TYPER_COMPLETE_ARGS"] = "stainctl translate --format "
+    assert subprocess.run([sys.executable, "-m", "stainctl"], env=env).returncode == 0

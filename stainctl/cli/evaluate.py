@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.output import Output, run_command
 
@@ -22,6 +23,7 @@ def evaluate(
     marker: Annotated[str | None, typer.Option(
         "--marker", "-m", help="Whose translated tiles a --fake workspace gives.")] = None,
     metrics: Annotated[str, typer.Option(
+        autocompletion=complete.metrics,
         help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams.")]
     = "fid,cropfid,kid,stain,paired,seams",
     seeds: Annotated[int, typer.Option(help="Crop seeds for CropFID and KID (mean ± std).")] = 5,
@@ -55,7 +57,8 @@ def evaluate(
         help="Write a QC report here: metrics.json, index.html and PNG figures.",
         file_okay=False)] = None,
     batch_size: Annotated[int, typer.Option(help="Images per feature-network batch.")] = 16,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(
+        autocompletion=complete.devices, help="auto, cpu or cuda.")] = "auto",
     models_dir: opt.ModelsDir = None,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,

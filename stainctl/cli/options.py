@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 
@@ -24,3 +24,5 @@ MaxThumbnailRead = Annotated[float | None, typer.Option(
     "--max-thumbnail-read", metavar="GPX",
     help="Refuse a slide whose thumbnail needs more than this many gigapixels decoded (no "
          "small pyramid level); default 10.")]
+# A choice, so a typo stops the command before any work and the shell completes it.
+Format = Literal["ome-tiff", "tiff"]

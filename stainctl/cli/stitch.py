@@ -19,7 +19,7 @@ def stitch(
         "-o", "--output",
         help="Output directory (default WS/outputs), or a .tif file when one output is made.")]
     = None,
-    fmt: Annotated[str, typer.Option(
+    fmt: Annotated[opt.Format, typer.Option(
         "--format", help="ome-tiff (pyramid in SubIFDs; QuPath, Bio-Formats) or tiff "
                          "(levels as pages; OpenSlide).")] = "ome-tiff",
     compression: Annotated[str, typer.Option(help="jpeg, lzw, deflate or none.")] = "jpeg",

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.output import Output, run_command
 
@@ -58,7 +59,8 @@ def train_lora(
                               "tissue.")] = None,
     flow_epochs: Annotated[int, typer.Option(help="pixcell --train-flow: passes over the "
                                                   "pairs.")] = 100,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (pixcell).")] = "auto",
+    device: Annotated[str, typer.Option(
+        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N (pixcell).")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same adapter.")] = 0,
     default_mpp: Annotated[float | None, typer.Option(
         help="µm/px of images that do not record it (PNG, JPEG).")] = None,

@@ -8,7 +8,9 @@ from typing import Annotated, Any
 
 import typer
 
+from stainctl.cli import complete
 from stainctl.cli import options as opt
+from stainctl.cli.options import Format
 from stainctl.cli.output import Output, run_batch
 
 
@@ -17,8 +19,9 @@ def translate(
         help="Slides to take through tile, filter, translate and stitch; none: translate the "
              "filtered slides of -w.")] = None,
     marker: Annotated[str, typer.Option(
-        "--marker", "-m", help="A marker model (e.g. demo-ki67), or a stain with an installed "
-                               "model (e.g. ki67).")] = "demo-ki67",
+        "--marker", "-m", autocompletion=complete.markers,
+        help="A marker model (e.g. demo-ki67), or a stain with an installed model (e.g. ki67).")]
+    = "demo-ki67",
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Where the slides and side-by-side PNGs go (with SLIDES).")]
     = Path("stainctl-out"),
@@ -26,10 +29,11 @@ def translate(
         "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
         help="Workspace; default with SLIDES: OUTPUT/workspace.")] = None,
     models_dir: opt.ModelsDir = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: Annotated[str, typer.Option(
+        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
     readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the model.")] = 2,
-    fmt: Annotated[str, typer.Option("--format", help="ome-tiff or tiff (with SLIDES).")]
+    fmt: Annotated[Format, typer.Option("--format", help="ome-tiff or tiff (with SLIDES).")]
     = "ome-tiff",
     mpp: Annotated[float | None, typer.Option(
         help="Pixel size in µm/px for slides without it (PNG/JPEG).")] = None,
