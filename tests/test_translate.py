@@ -46,7 +46,18 @@ def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
     assert np.abs(img[mask].astype(int) - background).mean() > 20
 
     again = json.loads(cli("translate", CMU1, "--marker", "ki67", "-o", out, "--json").stdout)
-    assert again["slides"][0]["state"] == "done"  # stain name -> the installed model
+    # The stain name finds the installed model, whose slide is made already.
+    assert again["slides"][0]["state"] == "skipped"
+    assert again["slides"][0]["details"]["output"] == str(path)
+
+    # A rerun with nothing to do says so in every line: no "to do", each step skips the slide.
+    r = cli("translate", CMU1, "--marker", "test-ki67", "-o", out)
+    assert r.exit_code == 0
+    steps = [line.split(" INFO ")[1] for line in r.stderr.splitlines() if " INFO " in line]
+    assert [s.split(":")[0] for s in steps] == ["tile", "filter", "translate", "stitch"]
+    assert all(": CMU-1-Small-Region: skipped (" in s for s in steps), steps
+    assert r.stdout.splitlines()[0] == ("translate: nothing to do, 1 slide(s) already done "
+                                        "(--force redoes them)")
 
 
 def test_translate_resumes_with_missing_tiles(cli, tmp_path, models):

@@ -174,7 +174,12 @@ def _sqlite_message(err: sqlite3.DatabaseError) -> str:
 
 
 class _LogProgress:
-    """Plain lines for logs: a start line, a line every ~10 % or 30 s, per-slide lines."""
+    """Plain lines for logs: per-slide lines, and for a step that works through tiles, a start
+    line and a line every ~10 % or 30 s.
+
+    The start line waits for the first work: a step's total counts what it will look at, and on
+    a rerun the slides already done are skipped without any work, so "18 to do" would be
+    followed by "skipped" (the per-slide lines say what happened to each slide)."""
 
     def __init__(self, quiet: bool) -> None:
         self.quiet = quiet
@@ -182,14 +187,18 @@ class _LogProgress:
         self.name = ""
         self.last = 0.0
         self.next_pct = 10
+        self.pending = False  # the start line is not written yet
+        self.slide_lines = 0
 
     def start(self, description: str, total: int) -> None:
         self.name, self.total, self.done, self.last, self.next_pct = description, total, 0, \
             time.monotonic(), 10
-        if not self.quiet:
-            log.info("%s: %d to do", description, total)
+        self.pending, self.slide_lines = True, 0
 
     def advance(self, n: int = 1) -> None:
+        if self.pending and not self.slide_lines and not self.quiet:
+            log.info("%s: %d to do", self.name, self.total)
+        self.pending = False
         self.done += n
         pct = 100 * self.done // max(self.total, 1)
         now = time.monotonic()
@@ -200,8 +209,9 @@ class _LogProgress:
             self.last = now
 
     def log(self, message: str) -> None:
-        if not self.quiet:
-            log.info("%s", message)
+        self.slide_lines += 1
+        if not self.quiet:  # named by step: the main job writes one line per step and slide
+            log.info("%s: %s", self.name, message)
 
 
 class _RichProgress:
@@ -222,15 +232,21 @@ class _RichProgress:
                             console=self.console)
         self.bar.__enter__()
         self.task: Any = None
+        self.pending = None
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.bar.__exit__(None, None, None)
 
     def start(self, description: str, total: int) -> None:
-        self.task = self.bar.add_task(description, total=total)
+        # The bar appears with the first work (see _LogProgress): a rerun that skips every
+        # slide leaves no bar stuck at 0/18.
+        self.pending: tuple[str, int] | None = (description, total)
 
     def advance(self, n: int = 1) -> None:
+        if self.pending is not None:
+            self.task = self.bar.add_task(self.pending[0], total=self.pending[1])
+            self.pending = None
         if self.task is not None:
             self.bar.advance(self.task, n)
 

@@ -14,6 +14,9 @@ def batch_summary(result: Any) -> None:
     states = {k: sum(1 for s in slides if s.state == k) for k in ("done", "skipped", "failed")}
     head = (f"{result.step}: {len(slides)} slide(s): {states['done']} done, "
             f"{states['skipped']} already done, {states['failed']} failed")
+    if slides and states["skipped"] == len(slides):
+        head = (f"{result.step}: nothing to do, {len(slides)} slide(s) already done "
+                "(--force redoes them)")
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table

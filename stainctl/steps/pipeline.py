@@ -43,10 +43,12 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     grid = GridParams(target_mpp=card.input_mpp, tile_size=grid_tile_size(card, options),
                       min_tissue=0.05)
     failed: dict[str, SlideOutcome] = {}
+    worked: set[str] = set()  # slides some step did work on; the others were already done
 
     def keep_failures(result: BatchResult) -> None:
         for o in result.failed:
             failed.setdefault(o.slide, o)
+        worked.update(o.slide for o in result.slides if o.state == "done")
 
     steps = [
         ("tile", lambda: tile_slides(ws, requests, TileOptions(
@@ -74,7 +76,8 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         pair = side_by_side(ws, o.slide, Path(o.details["thumbnail"]),
                             unchanged=o.state == "skipped")
         o.details["side_by_side"] = str(pair)
-        result.slides.append(SlideOutcome(o.slide, o.path, "done",
+        state = "done" if o.slide in worked else "skipped"
+        result.slides.append(SlideOutcome(o.slide, o.path, state,
                                           f"{o.message}; H&E beside it: {pair.name}", o.details))
     result.slides.extend(failed.values())
     return result
