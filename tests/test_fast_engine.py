@@ -26,7 +26,10 @@ def test_size_and_shapes(he_tiles):
     assert parameter_count(model) <= 15_000_000
     with torch.inference_mode():
         out = model(he_tiles, torch.tensor([0, 1, 2, 0]))
-    assert out.shape == he_tiles.shape and out.min() >= -1 and out.max() <= 1
+    # (Its range needs no check: the output is a tanh.) An untrained generator adds a small
+    # residual to its input, so it starts from the H&E instead of from noise.
+    assert out.shape == he_tiles.shape and torch.isfinite(out).all()
+    assert (out - torch.tanh(he_tiles)).abs().mean() < 0.1
     with pytest.raises(KeyError, match="no marker 'pr'"):
         model.marker_index("pr")
 

@@ -4,6 +4,7 @@ registration modules, and model cards as every trainer writes them."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import cv2
@@ -73,9 +74,13 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     assert np.mean(d[-5:]) < np.mean(d[:5])  # the discriminator learns the IHC look
     # Resuming from the last checkpoint continues the count instead of starting again.
     longer = TrainConfig(**{**config.__dict__, "steps": 40})
+    shutil.copytree(tmp_path / "run", tmp_path / "again")
     _, resumed = train(he, ihc, longer, tmp_path / "run", log=False)
     assert resumed.step == 40 and len(resumed.history) == 40
     assert resumed.history[:30] == state.history
+    # The resumed steps are seeded from the checkpoint: resuming it again gives the same run.
+    _, again = train(he, ihc, longer, tmp_path / "again", log=False)
+    assert again.history == resumed.history
 
 
 def test_glass_loss_sees_only_glass():
