@@ -26,6 +26,44 @@ def _real_data_present() -> None:
     assert CMU1.exists(), f"real test data missing: expected {DATA} beside the checkout"
 
 
+# The real slides and images as fixtures, for tests to ask for by name. The constants above
+# stay for what runs at collection time (parametrize lists) and for helper modules.
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """../shared/data: the real slides, tiles and paired sets."""
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def cmu1_path() -> Path:
+    """CMU-1-Small-Region.svs: a small Aperio H&E slide (0.499 µm/px, 2220 x 2967 px)."""
+    return CMU1
+
+
+@pytest.fixture(scope="session")
+def dapi_path() -> Path:
+    """A Hamamatsu NDPI fluorescence (DAPI) slide: dark background, refused as H&E."""
+    return NDPI_DAPI
+
+
+@pytest.fixture(scope="session")
+def he_ome_path() -> Path:
+    """An H&E OME-TIFF that OpenSlide refuses and tiffslide reads."""
+    return OME_HE
+
+
+@pytest.fixture(scope="session")
+def ki67_ome_paths() -> list[Path]:
+    """Two Ki67 IHC OME-TIFFs (from an NDPI and a VSI scan)."""
+    return list(OME_KI67)
+
+
+@pytest.fixture(scope="session")
+def ihc_png_path() -> Path:
+    """A DAB IHC PNG without a pixel size (scikit-image's FHL2 colon image)."""
+    return PNG_IHC
+
+
 @pytest.fixture
 def cli():
     """Invoke the CLI in-process; returns the click Result (exit_code, stdout, stderr)."""

@@ -14,7 +14,6 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1
 from models_helpers import install_tiny
 
 from stainctl.models.encoders import load_encoder
@@ -37,9 +36,9 @@ def _filtered(cli, ws, *slides) -> None:
     assert cli("filter", "-w", ws).exit_code == 0
 
 
-def test_embeddings_are_the_encoders_tokens_in_float16(cli, tmp_path, models):
+def test_embeddings_are_the_encoders_tokens_in_float16(cli, tmp_path, models, cmu1_path):
     ws = tmp_path / "ws"
-    _filtered(cli, ws, CMU1)
+    _filtered(cli, ws, cmu1_path)
     r = cli("embed", "-w", ws, "--encoder", "tiny-uni2h", "--device", "cpu", "--json")
     assert r.exit_code == 0, r.output
     details = json.loads(r.stdout)["slides"][0]["details"]
@@ -53,7 +52,7 @@ def test_embeddings_are_the_encoders_tokens_in_float16(cli, tmp_path, models):
     # Row i is the encoder's output for kept tile i, read from the slide independently.
     encoder = load_encoder(get_card("tiny-uni2h", models), models, device="cpu")
     grid = db.execute("SELECT extent0, tile_size FROM grids").fetchone()
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     for i in (0, len(kept) // 2, len(kept) - 1):
         tile = read_tile(slide, kept[i][1], kept[i][2], grid[0], grid[1])
         expected = encoder.encode(tile[None])[0].numpy()
@@ -68,9 +67,9 @@ def test_embeddings_are_the_encoders_tokens_in_float16(cli, tmp_path, models):
     assert status["steps"]["embed:tiny-uni2h"] == "done"
 
 
-def test_wrong_resolution_fails_the_slide_not_the_batch(cli, tmp_path, models):
+def test_wrong_resolution_fails_the_slide_not_the_batch(cli, tmp_path, models, cmu1_path):
     ws = tmp_path / "ws"
-    assert cli("tile", CMU1, "-w", ws, "--target-mpp", "1.0").exit_code == 0
+    assert cli("tile", cmu1_path, "-w", ws, "--target-mpp", "1.0").exit_code == 0
     assert cli("filter", "-w", ws).exit_code == 0
     r = cli("embed", "-w", ws, "--encoder", "tiny-uni2h", "--json")
     assert r.exit_code == 1
@@ -78,13 +77,13 @@ def test_wrong_resolution_fails_the_slide_not_the_batch(cli, tmp_path, models):
 
 
 @pytest.mark.slow
-def test_killed_embed_resumes_with_the_unfinished_slides(cli, tmp_path, monkeypatch):
+def test_killed_embed_resumes_with_the_unfinished_slides(cli, tmp_path, monkeypatch, cmu1_path):
     models = tmp_path / "models"
     install_tiny(models, tmp_path, depth=8)  # slower: the kill must land between slides
     slides = []
     for i in range(3):
         slides.append(tmp_path / f"slide{i}.svs")
-        shutil.copyfile(CMU1, slides[-1])
+        shutil.copyfile(cmu1_path, slides[-1])
     ws = tmp_path / "ws"
     _filtered(cli, ws, *slides)
     env = {**os.environ, "STAINCTL_MODELS": str(models), "HF_HUB_OFFLINE": "1"}
@@ -118,11 +117,11 @@ def test_killed_embed_resumes_with_the_unfinished_slides(cli, tmp_path, monkeypa
     assert leftovers == [] or all("slide1" in str(p) or "slide2" in str(p) for p in leftovers)
 
 
-def test_embed_on_a_dask_cluster_matches_the_local_run(cli, tmp_path, models):
+def test_embed_on_a_dask_cluster_matches_the_local_run(cli, tmp_path, models, cmu1_path):
     from distributed import LocalCluster
 
     ws = tmp_path / "ws"
-    _filtered(cli, ws, CMU1)
+    _filtered(cli, ws, cmu1_path)
     assert cli("embed", "-w", ws, "--encoder", "tiny-uni2h").exit_code == 0
     local = np.load(ws / "slides" / "CMU-1-Small-Region" / "embeddings" / "tiny-uni2h.npy")
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=False,

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CMU1
 
 from stainctl.engines.base import (
     Engine,
@@ -86,9 +85,9 @@ def toy(use_models):
     unregister("toy")
 
 
-def test_a_registered_engine_runs_through_the_main_job(cli, tmp_path, toy):
+def test_a_registered_engine_runs_through_the_main_job(cli, tmp_path, toy, cmu1_path):
     _, loaded = toy
-    r = cli("translate", CMU1, "--marker", "toy-ki67", "-o", tmp_path / "out", "--json",
+    r = cli("translate", cmu1_path, "--marker", "toy-ki67", "-o", tmp_path / "out", "--json",
             "--device", "cpu")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["slides"][0]["state"] == "done"
@@ -106,7 +105,7 @@ def test_a_registered_engine_runs_through_the_main_job(cli, tmp_path, toy):
     assert (img.mean(axis=2) < 60).mean() > 0.05  # inverted glass inside tissue tiles is dark
 
     # Its settings are part of what the tiles were made with: the same run is skipped.
-    again = cli("translate", CMU1, "--marker", "toy-ki67", "-o", tmp_path / "out", "--json")
+    again = cli("translate", cmu1_path, "--marker", "toy-ki67", "-o", tmp_path / "out", "--json")
     assert json.loads(again.stdout)["slides"][0]["state"] in ("done", "skipped")
     assert len(loaded) == 2 and not loaded[1].calls
 

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1, DATA, OME_KI67, PNG_IHC
+from conftest import DATA
 
 from stainctl.errors import UsageError
 from stainctl.evaluate.evaluator import EvaluateOptions, evaluate
@@ -54,10 +54,10 @@ def _folder(path: Path, tiles) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ki67_sets(tmp_path_factory):
+def ki67_sets(tmp_path_factory, ki67_ome_paths):
     """Real Ki67 tiles (OS-2 crop), the same tiles, and the same tiles colour-shifted."""
     root = tmp_path_factory.mktemp("sets")
-    image = read_image(OME_KI67[0])[:1536, :1536]
+    image = read_image(ki67_ome_paths[0])[:1536, :1536]
     return {name: _folder(root / name, _tiles(image, 256, shift))
             for name, shift in (("real", (0, 0, 0)), ("same", (0, 0, 0)),
                                 ("shifted", (40, -20, 0)))}
@@ -83,11 +83,11 @@ def test_identical_sets_score_zero_and_a_colour_shift_scores_worse(ki67_sets):
     assert shifted["cropfid"]["n"] == 2 and shifted["cropfid"]["std"] > 0
 
 
-def test_dab_p90_is_higher_on_ihc_than_on_he():
-    ihc = read_image(PNG_IHC)
+def test_dab_p90_is_higher_on_ihc_than_on_he(ihc_png_path, cmu1_path):
+    ihc = read_image(ihc_png_path)
     from stainctl.slide.reader import open_slide
 
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     he = slide.read_region(800, 1200, 0, 512, 512)
     slide.close()
     assert dab_stats(ihc).p90 > 1.5 * dab_stats(he).p90
@@ -119,6 +119,7 @@ def test_anhir_pair_registers_on_landmarks(tmp_path):
     assert reg["ssim_reduced"] > raw["ssim_reduced"]
 
 
+@pytest.mark.slow
 def test_report_renders_with_all_images(tmp_path, ki67_sets):
     from stainctl.evaluate.report import write_report
 
@@ -196,22 +197,23 @@ def test_encoder_metrics_with_a_tiny_uni2h(tmp_path, ki67_sets, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def translated(tmp_path_factory):
+def translated(tmp_path_factory, cmu1_path):
     """The main job on CMU-1 with the shipped demo model: a workspace and a stitched slide."""
     from typer.testing import CliRunner
 
     from stainctl.cli.app import app
 
     out = tmp_path_factory.mktemp("main") / "out"
-    r = CliRunner().invoke(app, ["translate", str(CMU1), "--marker", "demo-ki67", "-o",
+    r = CliRunner().invoke(app, ["translate", str(cmu1_path), "--marker", "demo-ki67", "-o",
                                  str(out), "--json"], catch_exceptions=False)
     assert r.exit_code == 0, r.output
     return out
 
 
-def test_stitched_slide_and_workspace_sets(cli, translated, tmp_path):
+@pytest.mark.slow
+def test_stitched_slide_and_workspace_sets(cli, translated, tmp_path, ki67_ome_paths):
     slide = translated / "CMU-1-Small-Region.demo-ki67.ome.tiff"
-    r = cli("evaluate", "--real", OME_KI67[0], "--fake", slide, "--fake",
+    r = cli("evaluate", "--real", ki67_ome_paths[0], "--fake", slide, "--fake",
             translated / "workspace", "--marker", "demo-ki67", "--metrics", "stain,seams",
             "--tile-size", "256", "--tile-mpp", "0.5", "--report", tmp_path / "rep", "--json")
     assert r.exit_code == 0, r.output
@@ -248,7 +250,7 @@ def test_missing_inception_weights_is_one_clear_error(cli, tmp_path, monkeypatch
     assert "Traceback" not in r.stderr
 
 
-def test_inception_weights_load_from_the_hub_cache_as_tensors(tmp_path, monkeypatch):
+def test_inception_weights_load_from_the_hub_cache_as_tensors(tmp_path, monkeypatch, ihc_png_path):
     """The real loading path with a randomly initialised Inception of the same class."""
     import torch_fidelity.feature_extractor_inceptionv3 as fe
 
@@ -267,7 +269,7 @@ def test_inception_weights_load_from_the_hub_cache_as_tensors(tmp_path, monkeypa
     with pytest.raises(UsageError, match="not the FID Inception weights"):
         features.load_inception(target)  # random weights are not the published ones
     model = features.load_inception(target, verify=False)
-    feats = features.extract(model, read_image(PNG_IHC)[None, :299, :299])
+    feats = features.extract(model, read_image(ihc_png_path)[None, :299, :299])
     assert feats.shape == (1, 2048) and np.isfinite(feats).all()
     # A pickled object is refused before torch-fidelity would unpickle it.
     evil = tmp_path / "evil.pth"
@@ -276,12 +278,12 @@ def test_inception_weights_load_from_the_hub_cache_as_tensors(tmp_path, monkeypa
         features.load_inception(evil, verify=False)
 
 
-def test_dab_channel_is_scikit_image_rgb2hed():
+def test_dab_channel_is_scikit_image_rgb2hed(ihc_png_path):
     from skimage.color import rgb2hed
 
     from stainctl.evaluate.stain import HIST_BINS, HIST_RANGE, dab_channel
 
-    image = read_image(PNG_IHC)
+    image = read_image(ihc_png_path)
     ref = rgb2hed(image)[..., 2]
     assert np.abs(dab_channel(image) - ref).max() < 1e-6
     hist, _ = np.histogram(np.clip(ref, *HIST_RANGE), bins=HIST_BINS, range=HIST_RANGE)

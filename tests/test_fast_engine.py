@@ -5,16 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1
 
 from stainctl.engines.fast.model import FastConfig, FastGenerator, build, parameter_count
 from stainctl.slide.reader import open_slide
 
 
 @pytest.fixture(scope="module")
-def he_tiles() -> torch.Tensor:
+def he_tiles(cmu1_path) -> torch.Tensor:
     """Four real 512-px H&E tiles from CMU-1, scaled to [-1, 1]."""
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     tiles = [slide.read_region(x, y, 0, 512, 512) for x, y in
              [(600, 800), (1100, 800), (600, 1400), (1100, 1900)]]
     x = torch.from_numpy(np.stack(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1

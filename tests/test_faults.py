@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import CMU1, ROOT
+from conftest import ROOT
 from test_golden import MAIN_JOB_LEVEL0_SHA256, SAMPLE
 
 from stainctl.workspace import Workspace
@@ -77,10 +77,10 @@ def _read_only(folders: list[Path], *args: object) -> subprocess.CompletedProces
 
 
 @pytest.fixture(scope="module")
-def tiled(tmp_path_factory) -> Path:
+def tiled(tmp_path_factory, cmu1_path) -> Path:
     """A workspace with the sample slide tiled and filtered (copy it before changing it)."""
     ws = tmp_path_factory.mktemp("tiled") / "ws"
-    assert _stainctl("tile", CMU1, "-w", ws, "-q").returncode == 0
+    assert _stainctl("tile", cmu1_path, "-w", ws, "-q").returncode == 0
     assert _stainctl("filter", "-w", ws, "-q").returncode == 0
     return ws
 
@@ -92,11 +92,11 @@ def _copy(ws: Path, to: Path) -> Path:
 
 # --- 1. a damaged manifest -----------------------------------------------------------------
 
-def test_a_manifest_of_random_bytes_is_one_line_in_every_command(tmp_path):
+def test_a_manifest_of_random_bytes_is_one_line_in_every_command(tmp_path, cmu1_path):
     ws = tmp_path / "ws"
     ws.mkdir()
     (ws / "manifest.sqlite").write_bytes(np.random.default_rng(0).bytes(16384))
-    for args in (("status", "-w", ws), ("tile", CMU1, "-w", ws), ("filter", "-w", ws),
+    for args in (("status", "-w", ws), ("tile", cmu1_path, "-w", ws), ("filter", "-w", ws),
                  ("stitch", "-w", ws)):
         r = _stainctl(*args)
         assert r.returncode == 2, (args, r.stderr)
@@ -123,13 +123,13 @@ def test_a_manifest_with_damaged_pages_is_one_line(tiled, tmp_path):
 # --- 2, 3. read-only workspaces and output folders -----------------------------------------
 
 @pytest.mark.skipif(not CAN_MOUNT, reason="needs unshare -rm (user and mount namespaces)")
-def test_a_read_only_workspace_can_be_read(cli, tiled, tmp_path):
+def test_a_read_only_workspace_can_be_read(cli, tiled, tmp_path, cmu1_path):
     from test_stitch import _translate_identity
 
     from stainctl.slide.reader import open_slide
 
     ws = _copy(tiled, tmp_path / "ws")
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     _translate_identity(ws, "he", slide.read_region(0, 0, 0, *slide.dimensions))
     r = _read_only([ws], "status", "-w", ws, "--json")
     assert r.returncode == 0, r.stderr
@@ -157,15 +157,15 @@ def test_readers_open_the_manifest_read_only(tiled, tmp_path):
 
 
 @pytest.mark.skipif(not CAN_MOUNT, reason="needs unshare -rm (user and mount namespaces)")
-def test_a_read_only_output_folder_is_one_line(tmp_path):
+def test_a_read_only_output_folder_is_one_line(tmp_path, cmu1_path):
     out = tmp_path / "shared"
     out.mkdir()
-    r = _read_only([out], "translate", CMU1, "--marker", "demo-ki67", "-o", out / "run")
+    r = _read_only([out], "translate", cmu1_path, "--marker", "demo-ki67", "-o", out / "run")
     assert r.returncode == 2
     line = _one_error_line(r)
     assert str(out / "run") in line and "Read-only file system" in line
     (out / "file").write_text("")
-    r = _stainctl("tile", CMU1, "-w", out / "file" / "ws")
+    r = _stainctl("tile", cmu1_path, "-w", out / "file" / "ws")
     assert r.returncode == 2
     assert "Not a directory" in _one_error_line(r)
 
@@ -205,14 +205,14 @@ def giant_tiff(path: Path, side: int = 1_000_000, tile: int = 4096, mpp: float =
     return path
 
 
-def test_a_giant_slide_without_a_pyramid_does_not_hold_the_batch(tmp_path):
+def test_a_giant_slide_without_a_pyramid_does_not_hold_the_batch(tmp_path, cmu1_path):
     from stainctl.slide.reader import open_slide
 
     giant = giant_tiff(tmp_path / "giant.tif")
     assert giant.stat().st_size < 5_000_000
     assert open_slide(giant).dimensions == (1_000_000, 1_000_000)
     start = time.monotonic()
-    r = _stainctl("tile", giant, CMU1, "-w", tmp_path / "ws", "--json")
+    r = _stainctl("tile", giant, cmu1_path, "-w", tmp_path / "ws", "--json")
     assert time.monotonic() - start < 60
     assert r.returncode == 1
     slides = {s["slide"]: s for s in json.loads(r.stdout)["slides"]}
@@ -222,12 +222,12 @@ def test_a_giant_slide_without_a_pyramid_does_not_hold_the_batch(tmp_path):
     assert "1,000,000 x 1,000,000" in slides["giant"]["message"]
 
 
-def test_a_long_thumbnail_read_reports_progress():
+def test_a_long_thumbnail_read_reports_progress(cmu1_path):
     from stainctl.slide.reader import open_slide
     from stainctl.slide.thumbnail import STRIP_PIXELS, read_thumbnail
 
     heard: list[tuple[str, float]] = []
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     import stainctl.slide.thumbnail as thumbnail
 
     # Small strips, so the sample takes several (a giant slide takes thousands).
@@ -322,14 +322,14 @@ STITCH_SLOWLY = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig):
+def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, cmu1_path):
     from test_stitch import _tiled_workspace, _translate_identity
 
     from stainctl.slide.reader import open_slide
 
     ws = tmp_path / "ws"
     _tiled_workspace(cli, ws)
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     _translate_identity(ws, "he", slide.read_region(0, 0, 0, *slide.dimensions))
     out = tmp_path / "out"
     code, sent, stderr = _run_until(["stitch", "-w", ws, "-o", out], "writing the pyramid", sig,
@@ -378,7 +378,7 @@ def test_status_tells_a_running_step_from_an_interrupted_one(tiled, tmp_path):
 
 # --- 7, 8. temporaries of killed writers, and of live ones ---------------------------------
 
-def test_a_rerun_removes_the_temporaries_of_a_killed_tile(tiled, tmp_path):
+def test_a_rerun_removes_the_temporaries_of_a_killed_tile(tiled, tmp_path, cmu1_path):
     ws = _copy(tiled, tmp_path / "ws")
     folder = ws / "slides" / "CMU-1-Small-Region"
     pid = _dead_pid()
@@ -391,12 +391,12 @@ def test_a_rerun_removes_the_temporaries_of_a_killed_tile(tiled, tmp_path):
     w.manifest.set_step(sid, "tile", "running", params_hash=row["params_hash"],
                         params=json.loads(row["params"]))
     w.close()
-    assert _stainctl("tile", CMU1, "-w", ws, "-q").returncode == 0
+    assert _stainctl("tile", cmu1_path, "-w", ws, "-q").returncode == 0
     assert not any(p.exists() for p in stale)
     assert (folder / "thumbnail.png").exists()
 
 
-def test_the_lock_holder_removes_older_temporaries_whatever_their_pid(tiled, tmp_path):
+def test_the_lock_holder_removes_older_temporaries_whatever_their_pid(tiled, tmp_path, cmu1_path):
     """A pid can be reused (or belong to another pid namespace): inside the workspace, a
     temporary older than the lock is a dead run's all the same."""
     ws = _copy(tiled, tmp_path / "ws")
@@ -406,7 +406,7 @@ def test_the_lock_holder_removes_older_temporaries_whatever_their_pid(tiled, tmp
     os.utime(reused, (time.time() - 60, time.time() - 60))
     kept = folder / "notes.tmp-1.txt"  # not a temporary's name
     kept.write_text("mine")
-    r = _stainctl("tile", CMU1, "-w", ws, "--json")  # everything is skipped
+    r = _stainctl("tile", cmu1_path, "-w", ws, "--json")  # everything is skipped
     assert json.loads(r.stdout)["slides"][0]["state"] == "skipped"
     assert not reused.exists() and kept.exists()
 
@@ -438,11 +438,11 @@ def test_only_temporaries_of_dead_writers_are_removed(tmp_path):
 
 # --- 9, 10. odd slide lists ----------------------------------------------------------------
 
-def test_a_bad_csv_row_fails_that_slide_with_its_line(tmp_path):
+def test_a_bad_csv_row_fails_that_slide_with_its_line(tmp_path, cmu1_path):
     csv = tmp_path / "slides.csv"
     bad = tmp_path / "other.svs"
-    shutil.copyfile(CMU1, bad)
-    csv.write_text(f"path,mpp\n{CMU1},\n{bad},abc\n")
+    shutil.copyfile(cmu1_path, bad)
+    csv.write_text(f"path,mpp\n{cmu1_path},\n{bad},abc\n")
     r = _stainctl("tile", csv, "-w", tmp_path / "ws", "--json")
     assert r.returncode == 1, r.stderr
     slides = {s["slide"]: s for s in json.loads(r.stdout)["slides"]}
@@ -452,11 +452,11 @@ def test_a_bad_csv_row_fails_that_slide_with_its_line(tmp_path):
     assert "'abc' is not a number" in slides["other"]["message"]
 
 
-def test_a_batch_of_symlinks_gives_one_slide_per_link(tmp_path):
+def test_a_batch_of_symlinks_gives_one_slide_per_link(tmp_path, cmu1_path):
     links = []
     for name in ("case01", "case02"):
         link = tmp_path / f"{name}.svs"
-        link.symlink_to(CMU1)
+        link.symlink_to(cmu1_path)
         links.append(link)
     r = _stainctl("tile", *links, "-w", tmp_path / "ws", "--json")
     assert r.returncode == 0, r.stderr
@@ -467,13 +467,13 @@ def test_a_batch_of_symlinks_gives_one_slide_per_link(tmp_path):
 
 # --- 11. smaller ---------------------------------------------------------------------------
 
-def test_missing_paths_and_link_loops_are_named_in_full(tmp_path):
+def test_missing_paths_and_link_loops_are_named_in_full(tmp_path, cmu1_path):
     loop = tmp_path / "loop.svs"
     loop.symlink_to(loop)
     broken = tmp_path / "broken.svs"
     broken.symlink_to(tmp_path / "gone.svs")
     missing = tmp_path / "sub" / "missing.svs"
-    r = _stainctl("tile", loop, broken, missing, CMU1, "-w", tmp_path / "ws", "--json")
+    r = _stainctl("tile", loop, broken, missing, cmu1_path, "-w", tmp_path / "ws", "--json")
     assert r.returncode == 1
     msg = {s["slide"]: s["message"] for s in json.loads(r.stdout)["slides"]}
     assert str(loop) in msg["loop"] and "loop of symbolic links" in msg["loop"]
@@ -512,7 +512,8 @@ def test_models_add_refuses_a_pickled_checkpoint(cli, tmp_path, use_models):
     assert not (models / "mine").exists()
 
 
-def test_a_corrupt_weight_file_is_found_before_any_slide_is_touched(cli, tmp_path, use_models):
+def test_a_corrupt_weight_file_is_found_before_any_slide_is_touched(cli, tmp_path, use_models,
+                                                                    cmu1_path):
     from models_helpers import install_fast
 
     def install(directory: Path) -> None:
@@ -528,7 +529,7 @@ def test_a_corrupt_weight_file_is_found_before_any_slide_is_touched(cli, tmp_pat
 
     use_models(install)
     out = tmp_path / "out"
-    r = cli("translate", CMU1, "--marker", "test-ki67", "-o", out)
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", out)
     assert r.exit_code == 2
     assert "sha256" in r.stderr
     w = Workspace.open(out / "workspace", readonly=True)

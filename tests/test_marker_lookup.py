@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import CMU1
 from models_helpers import FAST_CARD
 
 from stainctl.errors import ModelError
@@ -75,10 +74,10 @@ def test_a_model_that_is_no_marker_model_says_so(use_models):
     (["--format", "tif"], "'--format'"),
 ])
 def test_main_job_usage_error_leaves_no_empty_workspace(cli, tmp_path, use_models, args,
-                                                        message):
+                                                        message, cmu1_path):
     use_models()
     out = tmp_path / "out"
-    r = cli("translate", CMU1, "-o", out, *args)
+    r = cli("translate", cmu1_path, "-o", out, *args)
     assert r.exit_code == 2 and message in r.stderr + r.stdout
     assert not out.exists()
 

@@ -133,13 +133,12 @@ def _run(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
                           text=True, env={**os.environ, **env})
 
 
-def test_offline_missing_weights_give_one_clear_error(hub, tmp_path):
-    from conftest import CMU1
+def test_offline_missing_weights_give_one_clear_error(hub, tmp_path, cmu1_path):
 
     env = {"HF_HUB_CACHE": str(hub / "hub"), "HF_HUB_OFFLINE": "1",
            "STAINCTL_MODELS": str(hub / "models")}
     ws = str(tmp_path / "ws")
-    assert _run("tile", str(CMU1), "-w", ws, "-q", env=env).returncode == 0
+    assert _run("tile", str(cmu1_path), "-w", ws, "-q", env=env).returncode == 0
     assert _run("filter", "-w", ws, "-q", env=env).returncode == 0
     r = _run("embed", "-w", ws, "--encoder", "uni2-h", env=env)
     assert r.returncode == 2
@@ -168,6 +167,7 @@ def test_models_add_list_show(cli, hub, tmp_path):
 
 
 # --- encoders -----------------------------------------------------------------------------
+@pytest.mark.slow
 def test_torchvision_shim_and_its_absence(monkeypatch):
     import importlib.util
 

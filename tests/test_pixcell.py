@@ -136,11 +136,11 @@ def test_no_flow_variant_conditions_on_the_he_tokens(tmp_path):
     assert engine.translate(tiles, [3]).shape == (1, 256, 256, 3)
 
 
-def test_translate_cmu1_to_a_stitched_ome_tiff(cli, tmp_path, models):
+def test_translate_cmu1_to_a_stitched_ome_tiff(cli, tmp_path, models, cmu1_path):
     import tiffslide
 
     out = tmp_path / "out"
-    r = cli("translate", CMU1, "--marker", "ki67", "-o", out, "--steps", "3", "--json")
+    r = cli("translate", cmu1_path, "--marker", "ki67", "-o", out, "--steps", "3", "--json")
     assert r.exit_code == 0, r.output
     details = json.loads(r.stdout)["slides"][0]["details"]
     path = Path(details["output"])
@@ -177,10 +177,13 @@ def _store(ws: Path) -> dict[tuple[int, int], np.ndarray]:
     return {(int(c), int(r)): store.read(int(c), int(r)) for r, c in zip(rows, cols, strict=True)}
 
 
-def test_rerun_is_identical_and_a_killed_run_resumes_to_the_same_output(cli, tmp_path, models):
+@pytest.mark.slow
+def test_rerun_is_identical_and_a_killed_run_resumes_to_the_same_output(cli, tmp_path, models,
+                                                                       cmu1_path):
     ref, cut = tmp_path / "ref", tmp_path / "cut"
     for ws in (ref, cut):
-        assert cli("tile", CMU1, "-w", ws, "--target-mpp", 2, "--tile-size", 192).exit_code == 0
+        r = cli("tile", cmu1_path, "-w", ws, "--target-mpp", 2, "--tile-size", 192)
+        assert r.exit_code == 0
         assert cli("filter", "-w", ws).exit_code == 0
     args = ["--marker", "tiny-pixcell-ki67", "--steps", "3", "--batch-size", "1", "--seed", 7]
     assert cli("translate", "-w", ref, *args).exit_code == 0
@@ -214,9 +217,10 @@ def test_rerun_is_identical_and_a_killed_run_resumes_to_the_same_output(cli, tmp
     assert not all(np.array_equal(v, whole[k]) for k, v in _store(ref).items())
 
 
-def test_workspace_tiled_for_another_overlap_is_refused_with_the_fix(cli, tmp_path, models):
+def test_workspace_tiled_for_another_overlap_is_refused_with_the_fix(cli, tmp_path, models,
+                                                                     cmu1_path):
     ws = tmp_path / "ws"
-    assert cli("tile", CMU1, "-w", ws, "--target-mpp", 2, "--tile-size", 256).exit_code == 0
+    assert cli("tile", cmu1_path, "-w", ws, "--target-mpp", 2, "--tile-size", 256).exit_code == 0
     assert cli("filter", "-w", ws).exit_code == 0
     r = cli("translate", "-w", ws, "--marker", "tiny-pixcell-ki67", "--steps", 2)
     assert r.exit_code == 0  # 256-px tiles: a model side of 256 means no overlap band
@@ -251,12 +255,13 @@ def test_transformer_files_with_or_without_position_tables_load(tmp_path):
                   ("y_pos_embed.y_pos_embed", "pos_embed.pos_embed"))
 
 
-def test_missing_released_weights_stop_the_main_job_before_tiling(cli, tmp_path, monkeypatch):
+def test_missing_released_weights_stop_the_main_job_before_tiling(cli, tmp_path, monkeypatch,
+                                                                  cmu1_path):
     monkeypatch.setenv("STAINCTL_MODELS", str(tmp_path / "models"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
     out = tmp_path / "out"
-    r = cli("translate", CMU1, "--marker", "pixcell-mist-pr", "-o", out)
+    r = cli("translate", cmu1_path, "--marker", "pixcell-mist-pr", "-o", out)
     assert r.exit_code == 2
     assert "stainctl models pull pixcell-mist-pr" in r.stderr
     # The transformer's and the VAE's files share a name: the subfolder keeps them apart.
@@ -265,7 +270,8 @@ def test_missing_released_weights_stop_the_main_job_before_tiling(cli, tmp_path,
     assert not (out / "workspace" / "slides").exists()  # nothing was tiled
 
 
-def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp_path, models):
+def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp_path, models,
+                                                                        cmu1_path):
     from stainctl.models.card import card_from_dict
     from stainctl.models.registry import required_cards
 
@@ -285,7 +291,7 @@ def test_the_main_job_checks_the_models_a_model_runs_with_before_tiling(cli, tmp
         rows["tiny-pixcell-ki67"]["needs"] == ["tiny-uni64"]
     assert "needs tiny-uni64" in cli("models", "list").stdout
     out = tmp_path / "out"
-    r = cli("translate", CMU1, "--marker", "tiny-pixcell-ki67", "-o", out)
+    r = cli("translate", cmu1_path, "--marker", "tiny-pixcell-ki67", "-o", out)
     assert r.exit_code == 2
     assert "model tiny-uni64: its encoder weights are missing" in r.stderr
     assert not (out / "workspace" / "slides").exists()  # nothing was tiled

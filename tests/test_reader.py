@@ -24,14 +24,14 @@ def test_openslide_formats_match_openslide(path):
     assert s.vendor == ref.properties["openslide.vendor"]
 
 
-def test_svs_level0_matches_tifffile():
-    with tifffile.TiffFile(CMU1) as tf:
+def test_svs_level0_matches_tifffile(cmu1_path):
+    with tifffile.TiffFile(cmu1_path) as tf:
         page = tf.pages[0]
-        assert open_slide(CMU1).dimensions == (page.imagewidth, page.imagelength)
+        assert open_slide(cmu1_path).dimensions == (page.imagewidth, page.imagelength)
         desc = page.description
     # The Aperio header states MPP = 0.4990.
     assert "MPP = 0.499" in desc
-    assert open_slide(CMU1).mpp == pytest.approx(0.499)
+    assert open_slide(cmu1_path).mpp == pytest.approx(0.499)
 
 
 @pytest.mark.parametrize("path", [OME_HE, *OME_KI67], ids=lambda p: p.name)
@@ -47,10 +47,10 @@ def test_ome_tiff_falls_back_to_tiffslide(path):
     assert s.mpp == pytest.approx(float(pixels), rel=1e-3)
 
 
-def test_ome_pixels_match_tifffile():
-    s = open_slide(OME_HE)
+def test_ome_pixels_match_tifffile(he_ome_path):
+    s = open_slide(he_ome_path)
     region = s.read_region(100, 200, 0, 64, 48)
-    ref = tifffile.imread(OME_HE)[200:248, 100:164, :3]
+    ref = tifffile.imread(he_ome_path)[200:248, 100:164, :3]
     np.testing.assert_array_equal(region, ref)
 
 
@@ -70,17 +70,17 @@ def test_plain_images_are_one_level_slides_without_mpp(path):
     assert open_slide(path, mpp=0.5).mpp == 0.5
 
 
-def test_mpp_override_replaces_metadata():
-    s = open_slide(CMU1, mpp=0.25)
+def test_mpp_override_replaces_metadata(cmu1_path):
+    s = open_slide(cmu1_path, mpp=0.25)
     assert (s.mpp, s.mpp_source) == (0.25, "override")
 
 
-def test_regions_outside_the_slide_read_as_white():
-    s = open_slide(CMU1)
+def test_regions_outside_the_slide_read_as_white(cmu1_path):
+    s = open_slide(cmu1_path)
     w, h = s.dimensions
     region = s.read_region(w - 10, h - 10, 0, 20, 20)
     assert (region[10:, :] == 255).all() and (region[:, 10:] == 255).all()
-    ref = np.asarray(openslide.OpenSlide(str(CMU1)).read_region((w - 10, h - 10), 0, (10, 10)))
+    ref = np.asarray(openslide.OpenSlide(str(cmu1_path)).read_region((w - 10, h - 10), 0, (10, 10)))
     np.testing.assert_array_equal(region[:10, :10], ref[..., :3])
 
 

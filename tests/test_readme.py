@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from conftest import ROOT
 
 
@@ -20,6 +21,7 @@ def test_readme_has_the_two_setup_commands_and_ci_runs_the_test_one():
     assert tests in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+@pytest.mark.slow
 def test_readme_main_job_runs_on_the_bundled_sample(cli, tmp_path, monkeypatch):
     main_job, _ = _commands()
     steps = main_job.split(" && ")[3:]  # after venv, activate and pip install

@@ -27,9 +27,9 @@ BG = (245, 245, 245)
 
 
 @pytest.fixture(scope="module")
-def cmu1() -> np.ndarray:
+def cmu1(cmu1_path) -> np.ndarray:
     """The whole CMU-1 sample at level 0 (2220 x 2967, 0.499 µm/px)."""
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     w, h = slide.dimensions
     return slide.read_region(0, 0, 0, w, h)
 
@@ -361,10 +361,11 @@ def test_stitch_refuses_incomplete_tiles_and_bad_options(cli, tmp_path, cmu1):
 
 
 @pytest.mark.slow
-def test_killed_stitch_leaves_no_output_and_reruns(cli, tmp_path, cmu1):
+def test_killed_stitch_leaves_no_output_and_reruns(cli, tmp_path, cmu1, cmu1_path):
     ws = tmp_path / "ws"
     # A 0.125 µm/px grid makes an ~9k x 12k canvas: a stitch of a few seconds.
-    assert cli("tile", CMU1, "-w", ws, "--target-mpp", "0.125", "--min-tissue", "0").exit_code == 0
+    r = cli("tile", cmu1_path, "-w", ws, "--target-mpp", "0.125", "--min-tissue", "0")
+    assert r.exit_code == 0
     from stainctl.workspace import Workspace
 
     w = Workspace.open(ws)

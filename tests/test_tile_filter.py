@@ -15,7 +15,6 @@ import cv2
 import numpy as np
 import openslide
 import pytest
-from conftest import CMU1, NDPI_DAPI, OME_HE, PNG_IHC
 
 from stainctl.quality.metrics import tile_metrics
 
@@ -26,16 +25,16 @@ def _db(ws):
     return db
 
 
-def test_cmu1_grid_and_tissue_fractions_match_an_independent_computation(cli, tmp_path):
+def test_cmu1_grid_and_tissue_fractions_match_an_independent_computation(cli, tmp_path, cmu1_path):
     ws = tmp_path / "ws"
-    r = cli("tile", CMU1, "-w", ws, "--json")
+    r = cli("tile", cmu1_path, "-w", ws, "--json")
     assert r.exit_code == 0, r.output
     db = _db(ws)
     tiles = db.execute("SELECT * FROM tiles ORDER BY row, col").fetchall()
 
     # Independent: grid from the slide's own numbers; tissue from the saved mask resampled to
     # the target resolution, then averaged over each 512-px tile (outside the slide = glass).
-    ref = openslide.OpenSlide(str(CMU1))
+    ref = openslide.OpenSlide(str(cmu1_path))
     w0, h0 = ref.dimensions
     mpp0 = float(ref.properties["openslide.mpp-x"])
     scale = 0.5 / mpp0
@@ -59,19 +58,19 @@ def test_cmu1_grid_and_tissue_fractions_match_an_independent_computation(cli, tm
     assert out["slides"][0]["details"] == {"tiles_total": len(tiles), "tiles_tissue": kept}
 
 
-def test_tile_is_idempotent_and_regrid_invalidates_downstream(cli, tmp_path):
+def test_tile_is_idempotent_and_regrid_invalidates_downstream(cli, tmp_path, cmu1_path):
     ws = tmp_path / "ws"
-    assert cli("tile", CMU1, "-w", ws).exit_code == 0
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
     assert cli("filter", "-w", ws).exit_code == 0
     db = _db(ws)
     ids = [r[0] for r in db.execute("SELECT id FROM tiles")]
-    r = cli("tile", CMU1, "-w", ws, "--json")
+    r = cli("tile", cmu1_path, "-w", ws, "--json")
     assert json.loads(r.stdout)["slides"][0]["state"] == "skipped"
     assert [r[0] for r in db.execute("SELECT id FROM tiles")] == ids  # untouched, no duplicates
     steps = {r[0] for r in db.execute("SELECT step FROM steps")}
     assert steps == {"tile", "filter"}
 
-    r = cli("tile", CMU1, "-w", ws, "--tile-size", "256", "--json")
+    r = cli("tile", cmu1_path, "-w", ws, "--tile-size", "256", "--json")
     assert json.loads(r.stdout)["slides"][0]["state"] == "done"
     assert db.execute("SELECT COUNT(*) FROM tiles").fetchone()[0] > len(ids)
     assert db.execute("SELECT tile_size FROM grids").fetchone()[0] == 256
@@ -81,22 +80,23 @@ def test_tile_is_idempotent_and_regrid_invalidates_downstream(cli, tmp_path):
                       ).fetchone()[0] == 0
 
 
-def test_bad_slides_fail_cleanly_while_good_ones_finish(cli, tmp_path):
+def test_bad_slides_fail_cleanly_while_good_ones_finish(cli, tmp_path, cmu1_path, dapi_path,
+                                                        ihc_png_path):
     truncated = tmp_path / "truncated.svs"
-    data = CMU1.read_bytes()
+    data = cmu1_path.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])  # loses the IFDs at the end of the file
     # Tile data lost but the directory intact (an interrupted copy): fails when pixels are read.
     import tifffile
 
-    with tifffile.TiffFile(CMU1) as tf:
+    with tifffile.TiffFile(cmu1_path) as tf:
         page = tf.pages[0]
         start = page.dataoffsets[40]
         end = page.dataoffsets[-1] + page.databytecounts[-1]
     holes = tmp_path / "holes.svs"
     holes.write_bytes(data[:start] + bytes(end - start) + data[end:])
     ws = tmp_path / "ws"
-    r = cli("tile", truncated, holes, CMU1, NDPI_DAPI, PNG_IHC, tmp_path / "missing.svs", "-w", ws,
-            "--json")
+    r = cli("tile", truncated, holes, cmu1_path, dapi_path, ihc_png_path,
+            tmp_path / "missing.svs", "-w", ws, "--json")
     assert r.exit_code == 1
     out = {s["slide"]: s for s in json.loads(r.stdout)["slides"]}
     assert out["CMU-1-Small-Region"]["state"] == "done"
@@ -117,21 +117,21 @@ def test_bad_slides_fail_cleanly_while_good_ones_finish(cli, tmp_path):
     assert "corrupt" in by["truncated"]["errors"]["tile"]
 
     # The fluorescence slide goes through when allowed; the filter skips failed slides.
-    assert cli("tile", NDPI_DAPI, "-w", ws, "--allow-dark").exit_code == 0
+    assert cli("tile", dapi_path, "-w", ws, "--allow-dark").exit_code == 0
     r = cli("filter", "-w", ws, "--json")
     assert r.exit_code == 0
     assert {s["slide"] for s in json.loads(r.stdout)["slides"]} == {
         "CMU-1-Small-Region", "test3-DAPI-2-387"}
 
 
-def test_inputs_from_csv_glob_and_directory(cli, tmp_path):
+def test_inputs_from_csv_glob_and_directory(cli, tmp_path, he_ome_path, ihc_png_path, cmu1_path):
     folder = tmp_path / "slides"
     (folder / "case1").mkdir(parents=True)
-    shutil.copy(OME_HE, folder / "case1" / OME_HE.name)
-    shutil.copy(PNG_IHC, folder / "ihc.png")
+    shutil.copy(he_ome_path, folder / "case1" / he_ome_path.name)
+    shutil.copy(ihc_png_path, folder / "ihc.png")
     (folder / "readme.txt").write_text("not a slide")
     csv = tmp_path / "list.csv"
-    csv.write_text(f"path,mpp\nslides/ihc.png,0.5\n{CMU1},\n")
+    csv.write_text(f"path,mpp\nslides/ihc.png,0.5\n{cmu1_path},\n")
     r = cli("tile", csv, "-w", tmp_path / "a", "--json")
     assert r.exit_code == 0, r.output
     mpps = {s["slide"]: s["mpp"] for s in
@@ -145,13 +145,14 @@ def test_inputs_from_csv_glob_and_directory(cli, tmp_path):
     assert [s["slide"] for s in json.loads(r.stdout)["slides"]] == ["OS-1-detail_HE"]
 
 
-def test_filter_metrics_match_direct_computation_and_rejudge_without_rereading(cli, tmp_path):
+def test_filter_metrics_match_direct_computation_and_rejudge_without_rereading(cli, tmp_path,
+                                                                               cmu1_path):
     ws = tmp_path / "ws"
-    cli("tile", CMU1, "-w", ws)
+    cli("tile", cmu1_path, "-w", ws)
     assert cli("filter", "-w", ws).exit_code == 0
     db = _db(ws)
     rows = db.execute("SELECT * FROM tiles WHERE in_tissue=1").fetchall()
-    ref = openslide.OpenSlide(str(CMU1))
+    ref = openslide.OpenSlide(str(cmu1_path))
     scale = 0.5 / float(ref.properties["openslide.mpp-x"])
     n = math.ceil(512 * scale - 1e-6)
     expected = {"blurry": 0, "faint": 0, "background": 0}
@@ -194,10 +195,11 @@ def test_metrics_of_blank_and_textured_tiles():
 
 
 @pytest.mark.slow
-def test_filter_killed_mid_run_resumes_where_it_stopped(cli, tmp_path):
+def test_filter_killed_mid_run_resumes_where_it_stopped(cli, tmp_path, cmu1_path):
     ws = tmp_path / "ws"
     # Small tiles at high resolution: ~10k tissue tiles, a run of a few seconds.
-    assert cli("tile", CMU1, "-w", ws, "--tile-size", "32", "--target-mpp", "0.25").exit_code == 0
+    r = cli("tile", cmu1_path, "-w", ws, "--tile-size", "32", "--target-mpp", "0.25")
+    assert r.exit_code == 0
     db = _db(ws)
     tissue = db.execute("SELECT COUNT(*) FROM tiles WHERE in_tissue=1").fetchone()[0]
     assert tissue > 5000
@@ -229,7 +231,7 @@ def test_filter_killed_mid_run_resumes_where_it_stopped(cli, tmp_path):
     assert dupes == 0
 
 
-def test_filter_on_a_dask_distributed_cluster(tmp_path):
+def test_filter_on_a_dask_distributed_cluster(tmp_path, cmu1_path):
     from distributed import LocalCluster
 
     from stainctl.quality.metrics import FilterThresholds
@@ -239,14 +241,14 @@ def test_filter_on_a_dask_distributed_cluster(tmp_path):
     from stainctl.workspace import Workspace
 
     ws = Workspace.open(tmp_path, create=True)
-    tile_slides(ws, [SlideRequest(CMU1)], TileOptions())
+    tile_slides(ws, [SlideRequest(cmu1_path)], TileOptions())
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                       dashboard_address=None, protocol="tcp") as cluster:
         result = filter_slides(ws, FilterOptions(FilterThresholds(), cluster.scheduler_address,
                                                  batch_size=3))
     assert result.exit_code == 0
     local = Workspace.open(tmp_path / "local", create=True)
-    tile_slides(local, [SlideRequest(CMU1)], TileOptions())
+    tile_slides(local, [SlideRequest(cmu1_path)], TileOptions())
     filter_slides(local, FilterOptions())
     q = "SELECT laplacian_var, saturated_frac, white_frac, keep FROM tiles ORDER BY id"
     assert ws.manifest.db.execute(q).fetchall() == local.manifest.db.execute(q).fetchall()
@@ -259,9 +261,9 @@ def test_filter_before_tile_is_a_usage_error(cli, tmp_path):
     assert "run `stainctl tile" in r.output
 
 
-def test_status_reports_per_slide_counts(cli, tmp_path):
+def test_status_reports_per_slide_counts(cli, tmp_path, cmu1_path, he_ome_path):
     ws = tmp_path / "ws"
-    cli("tile", CMU1, OME_HE, "-w", ws)
+    cli("tile", cmu1_path, he_ome_path, "-w", ws)
     cli("filter", "-w", ws)
     r = cli("status", "-w", ws, "--json")
     assert r.exit_code == 0
@@ -278,11 +280,11 @@ def test_status_reports_per_slide_counts(cli, tmp_path):
     assert "CMU-1-Small-Region" in text and "OS-1-detail_HE" in text
 
 
-def test_full_disk_gives_one_clear_message(cli, tmp_path, monkeypatch):
+def test_full_disk_gives_one_clear_message(cli, tmp_path, monkeypatch, cmu1_path):
     import stainctl.workspace.manifest as manifest
 
     ws = tmp_path / "ws"
-    cli("tile", CMU1, "-w", ws)
+    cli("tile", cmu1_path, "-w", ws)
 
     def full(*args, **kwargs):
         raise sqlite3.OperationalError("database or disk is full")

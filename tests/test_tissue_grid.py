@@ -7,7 +7,7 @@ import math
 import cv2
 import numpy as np
 import pytest
-from conftest import CMU1, NDPI_DAPI, OME_HE, OME_KI67
+from conftest import OME_HE, OME_KI67
 
 from stainctl.errors import SlideError
 from stainctl.slide import open_slide
@@ -23,8 +23,8 @@ def _mask(path):
     return thumb, tissue_mask(thumb, mpp, TissueParams())
 
 
-def test_thumbnail_matches_a_direct_downsample():
-    s = open_slide(CMU1)
+def test_thumbnail_matches_a_direct_downsample(cmu1_path):
+    s = open_slide(cmu1_path)
     mpp = thumbnail_mpp(s.mpp, *s.dimensions)
     thumb = read_thumbnail(s, mpp)
     full = s.read_region(0, 0, 0, *s.dimensions)
@@ -33,18 +33,18 @@ def test_thumbnail_matches_a_direct_downsample():
     assert np.abs(thumb.astype(int) - ref).mean() < 1.0
 
 
-def test_thumbnail_in_strips_equals_one_piece(monkeypatch):
+def test_thumbnail_in_strips_equals_one_piece(monkeypatch, cmu1_path):
     import stainctl.slide.thumbnail as th
 
-    s = open_slide(CMU1)
+    s = open_slide(cmu1_path)
     whole = th.read_thumbnail(s, 4.0)
     monkeypatch.setattr(th, "STRIP_PIXELS", 50_000)  # force many strips
     strips = th.read_thumbnail(s, 4.0)
     assert np.abs(strips.astype(int) - whole).mean() < 1.5
 
 
-def test_cmu1_tissue_is_the_stained_region():
-    thumb, mask = _mask(CMU1)
+def test_cmu1_tissue_is_the_stained_region(cmu1_path):
+    thumb, mask = _mask(cmu1_path)
     sat = cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[..., 1]
     # Tissue pixels are stained; glass is not. The mask must separate them clearly.
     assert 0.25 < mask.mean() < 0.55
@@ -57,14 +57,14 @@ def test_pale_ihc_and_dense_he_crops_are_mostly_tissue(path):
     assert mask.mean() > 0.6  # these crops are tissue with a few lumens
 
 
-def test_fluorescence_is_refused_unless_allowed():
-    s = open_slide(NDPI_DAPI)
+def test_fluorescence_is_refused_unless_allowed(dapi_path, cmu1_path):
+    s = open_slide(dapi_path)
     thumb = read_thumbnail(s, 8.0)
     with pytest.raises(SlideError, match="--allow-dark"):
-        check_brightfield(thumb, NDPI_DAPI, allow_dark=False)
-    assert check_brightfield(thumb, NDPI_DAPI, allow_dark=True) is True
-    h_e = read_thumbnail(open_slide(CMU1), 8.0)
-    assert check_brightfield(h_e, CMU1, allow_dark=False) is False
+        check_brightfield(thumb, dapi_path, allow_dark=False)
+    assert check_brightfield(thumb, dapi_path, allow_dark=True) is True
+    h_e = read_thumbnail(open_slide(cmu1_path), 8.0)
+    assert check_brightfield(h_e, cmu1_path, allow_dark=False) is False
 
 
 @pytest.mark.parametrize("width,mpp,target,size,overlap", [
@@ -83,11 +83,11 @@ def test_grid_covers_the_slide_with_no_gap(width, mpp, target, size, overlap):
     assert g.cols == expected
 
 
-def test_tissue_fractions_of_a_shifted_grid_are_those_of_its_own_footprints():
+def test_tissue_fractions_of_a_shifted_grid_are_those_of_its_own_footprints(cmu1_path):
     from stainctl.slide.grid import tissue_fractions
 
-    _, mask = _mask(CMU1)
-    s = open_slide(CMU1)
+    _, mask = _mask(cmu1_path)
+    s = open_slide(cmu1_path)
     w0, h0 = s.dimensions
     grid = make_grid(w0, h0, s.mpp, GridParams(0.5, 256, 0, 0.5))
     shift = round(grid.extent0 / 2)

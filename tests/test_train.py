@@ -11,7 +11,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1, OME_HE, OME_KI67, PNG_IHC
 
 from stainctl.engines.fast.data import load_image
 from stainctl.engines.fast.model import FastConfig
@@ -25,10 +24,12 @@ def test_train_help_lists_the_trainer_options(cli):
         assert option in r.stdout
 
 
-def test_train_makes_a_model_that_translate_uses_at_once(cli, tmp_path, use_models):
+def test_train_makes_a_model_that_translate_uses_at_once(cli, tmp_path, use_models, he_ome_path,
+                                                         ihc_png_path, cmu1_path, ki67_ome_paths):
     models = use_models()
     run = tmp_path / "runs" / "ki67"
-    r = cli("train", "--he", OME_HE, "--ihc", OME_KI67[0], "--ihc", PNG_IHC, "--marker", "ki67",
+    r = cli("train", "--he", he_ome_path, "--ihc", ki67_ome_paths[0], "--ihc", ihc_png_path,
+            "--marker", "ki67",
             "--name", "my-ki67", "--steps", "3", "--batch", "1", "--crop", "128", "--pair",
             f"{LUNG / 'Izd2-29-041-w35_HE.jpg'},{LUNG / 'Izd2-29-041-w35_proSPC.jpg'}",
             "-o", run, "--json")
@@ -45,15 +46,16 @@ def test_train_makes_a_model_that_translate_uses_at_once(cli, tmp_path, use_mode
         card.training_data and "Izd2-29-041-w35_HE.jpg" in card.training_data
     listed = json.loads(cli("models", "list", "--json").stdout)["models"]
     assert any(m["name"] == "my-ki67" and m["installed"] for m in listed)
-    r = cli("translate", CMU1, "--marker", "my-ki67", "-o", tmp_path / "out", "--json")
+    r = cli("translate", cmu1_path, "--marker", "my-ki67", "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["slides"][0]["state"] == "done"
     assert (tmp_path / "out" / "CMU-1-Small-Region.my-ki67.ome.tiff").exists()
 
 
-def test_train_refuses_bad_options_with_the_fix(cli, tmp_path, use_models):
+def test_train_refuses_bad_options_with_the_fix(cli, tmp_path, use_models, he_ome_path,
+                                                ki67_ome_paths):
     use_models()
-    base = ["train", "--he", OME_HE, "--ihc", OME_KI67[0], "--marker", "ki67"]
+    base = ["train", "--he", he_ome_path, "--ihc", ki67_ome_paths[0], "--marker", "ki67"]
     r = cli(*base, "--pair", "only-one.png")
     assert r.exit_code == 2 and "--pair takes HE,IHC" in r.stderr
     r = cli(*base, "--hold-out", "1.5")
@@ -64,9 +66,10 @@ def test_train_refuses_bad_options_with_the_fix(cli, tmp_path, use_models):
     assert r.exit_code == 2 and "shipped with stainctl" in r.stderr
 
 
-def test_short_training_lowers_the_loss_and_resumes(tmp_path):
-    he = [load_image(CMU1, 0.5), load_image(OME_HE, 0.5)]
-    ihc = [load_image(p, 0.5) for p in OME_KI67]
+def test_short_training_lowers_the_loss_and_resumes(tmp_path, cmu1_path, he_ome_path,
+                                                    ki67_ome_paths):
+    he = [load_image(cmu1_path, 0.5), load_image(he_ome_path, 0.5)]
+    ihc = [load_image(p, 0.5) for p in ki67_ome_paths]
     config = TrainConfig(crop=64, batch=2, steps=30, checkpoint_every=15, seed=1,
                          model=FastConfig(widths=(8, 16, 32), marker_dim=8))
     _, state = train(he, ihc, config, tmp_path / "run", log=False)
@@ -83,10 +86,10 @@ def test_short_training_lowers_the_loss_and_resumes(tmp_path):
     assert again.history == resumed.history
 
 
-def test_glass_loss_sees_only_glass():
+def test_glass_loss_sees_only_glass(cmu1_path):
     from stainctl.engines.fast.losses import glass_loss
 
-    tile = load_image(CMU1, 0.5)[800:1056, 400:656]  # tissue and glass
+    tile = load_image(cmu1_path, 0.5)[800:1056, 400:656]  # tissue and glass
     x = torch.from_numpy(tile.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     f = tile.astype(np.float32)
     glass = torch.from_numpy((f.mean(2) > 229.5) & (f.max(2) - f.min(2) < 12.75))
@@ -100,10 +103,11 @@ def test_glass_loss_sees_only_glass():
 
 
 
-def test_held_out_ihc_never_reaches_training(cli, tmp_path, use_models):
+def test_held_out_ihc_never_reaches_training(cli, tmp_path, use_models, he_ome_path,
+                                             ki67_ome_paths):
     from stainctl.engines.fast.data import hold_out
 
-    ki67 = load_image(OME_KI67[0], 0.5)
+    ki67 = load_image(ki67_ome_paths[0], 0.5)
     kept, strip = hold_out(ki67, 0.25, 128)
     assert strip is not None and strip.shape[1] % 128 == 0
     assert kept.shape[1] + strip.shape[1] == ki67.shape[1]
@@ -113,14 +117,15 @@ def test_held_out_ihc_never_reaches_training(cli, tmp_path, use_models):
 
     use_models()
     out = tmp_path / "run"
-    r = cli("train", "--he", OME_HE, *[a for p in OME_KI67 for a in ("--ihc", p)], "--marker",
-            "ki67", "--steps", "1", "--batch", "1", "--crop", "128", "--hold-out", "0.25",
-            "--out", out, "--json")
+    r = cli("train", "--he", he_ome_path, *[a for p in ki67_ome_paths for a in ("--ihc", p)],
+            "--marker", "ki67", "--steps", "1", "--batch", "1", "--crop", "128",
+            "--hold-out", "0.25", "--out", out, "--json")
     assert r.exit_code == 0, r.output
     crops = sorted((out / "held_out").glob("*.png"))
     assert crops and {c.name.rsplit("_", 1)[0] for c in crops} == \
-        {p.name.split(".")[0] for p in OME_KI67}
-    first = cv2.imread(str(out / "held_out" / f"{OME_KI67[0].name.split('.')[0]}_0.png"))[..., ::-1]
+        {p.name.split(".")[0] for p in ki67_ome_paths}
+    stem = ki67_ome_paths[0].name.split(".")[0]
+    first = cv2.imread(str(out / "held_out" / f"{stem}_0.png"))[..., ::-1]
     blocks = [strip[y:y + 128, x:x + 128] for y in range(0, strip.shape[0] - 127, 128)
               for x in range(0, strip.shape[1] - 127, 128)]
     assert any(np.array_equal(first, b) for b in blocks)  # a crop of the held-out strip
@@ -136,10 +141,10 @@ def _crop(image, y, x, size=256):
         / 127.5 - 1
 
 
-def test_paired_losses_tolerate_misalignment():
+def test_paired_losses_tolerate_misalignment(he_ome_path):
     from stainctl.engines.fast.losses import PatchDiscriminator, feature_matching, lowres_l1
 
-    he = load_image(OME_HE, 0.5)
+    he = load_image(he_ome_path, 0.5)
     x = _crop(he, 100, 100)
     shifted = torch.roll(x, shifts=(12, 12), dims=(2, 3))  # a serial section's offset
     other = _crop(he, 250, 250)  # different tissue
@@ -183,14 +188,14 @@ def test_training_with_pairs_adds_the_paired_losses_reproducibly(tmp_path):
     assert all(h["lowres"] > 0 and h["fm"] > 0 for h in runs[0])
 
 
-def test_training_and_evaluation_measure_dab_alike():
+def test_training_and_evaluation_measure_dab_alike(ihc_png_path, cmu1_path):
     from skimage.color import rgb2hed
 
     from stainctl.engines.fast.losses import dab_stats_loss
     from stainctl.evaluate.stain import dab_stats
     from stainctl.stain.deconvolution import dab_density, dab_density_torch
 
-    ihc = cv2.imread(str(PNG_IHC))[..., ::-1][:256, :256].copy()
+    ihc = cv2.imread(str(ihc_png_path))[..., ::-1][:256, :256].copy()
     x = torch.from_numpy(ihc).permute(2, 0, 1)[None].float() / 127.5 - 1
     numpy_dab, torch_dab = dab_density(ihc), dab_density_torch(x)[0].numpy()
     assert np.abs(numpy_dab - torch_dab).max() < 1e-4  # one definition, two backends
@@ -198,17 +203,17 @@ def test_training_and_evaluation_measure_dab_alike():
     assert numpy_dab.max() > 0.1  # the image does have DAB
     # The loss the trainer minimises is zero exactly where evaluation sees the same stain.
     assert dab_stats_loss(x, x) == 0
-    he = torch.from_numpy(load_image(CMU1, 0.5)[800:1056, 400:656].copy()).permute(2, 0, 1)
+    he = torch.from_numpy(load_image(cmu1_path, 0.5)[800:1056, 400:656].copy()).permute(2, 0, 1)
     he = he[None].float() / 127.5 - 1
     assert dab_stats_loss(he, x) > 0.01
     top = np.sort(numpy_dab.ravel())[-(numpy_dab.size // 10):]
     assert dab_stats(ihc).p90 == pytest.approx(float(top.mean(dtype=np.float64)), rel=1e-6)
 
 
-def test_one_tissue_rule_for_crops_and_glass():
+def test_one_tissue_rule_for_crops_and_glass(cmu1_path):
     from stainctl.stain.tissue import glass_mask, glass_mask_torch, is_tissue_crop
 
-    he = load_image(CMU1, 0.5)
+    he = load_image(cmu1_path, 0.5)
     tissue, glass = he[1200:1328, 900:1028], np.full((128, 128, 3), 242, np.uint8)
     assert is_tissue_crop(tissue) and not is_tissue_crop(glass)
     tile = he[800:1056, 400:656]

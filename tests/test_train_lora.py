@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1, OME_HE, OME_KI67
 from safetensors.torch import load_file
 
 from stainctl.engines.fast.adapt import AdaptOptions
@@ -18,10 +17,10 @@ from stainctl.steps.train import adapt_fast as adapt
 
 
 @pytest.fixture(scope="module")
-def adapted(tmp_path_factory):
+def adapted(tmp_path_factory, he_ome_path, ki67_ome_paths):
     models = tmp_path_factory.mktemp("models")
-    options = AdaptOptions(name="ki67-site2", marker="ki67", base="demo-ki67", he=(OME_HE,),
-                           ihc=(OME_KI67[1],), out=models / "ki67-site2", models_dir=models,
+    options = AdaptOptions(name="ki67-site2", marker="ki67", base="demo-ki67", he=(he_ome_path,),
+                           ihc=(ki67_ome_paths[1],), out=models / "ki67-site2", models_dir=models,
                            lora=LoraSpec(rank=4, alpha=4), steps=4, batch_size=2, crop=128,
                            lr=1e-2)
     return options, adapt(options, log=False)
@@ -64,25 +63,27 @@ def test_saved_adapter_reloads_to_the_same_model(adapted):
     assert len(history) == 4 and res.curve.exists()
 
 
-def test_train_lora_cli_makes_a_model_translate_can_use(cli, tmp_path, monkeypatch):
+@pytest.mark.slow
+def test_train_lora_cli_makes_a_model_translate_can_use(cli, tmp_path, monkeypatch, he_ome_path,
+                                                        cmu1_path, ki67_ome_paths):
     models = tmp_path / "models"
     monkeypatch.setenv("STAINCTL_MODELS", str(models))
-    r = cli("train-lora", "--marker", "ki67", "--he", OME_HE, "--ihc", OME_KI67[0],
+    r = cli("train-lora", "--marker", "ki67", "--he", he_ome_path, "--ihc", ki67_ome_paths[0],
             "--name", "ki67-test", "--steps", "2", "--batch-size", "1", "--json")
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["card"] == str(models / "ki67-test" / "card.toml")
     listed = json.loads(cli("models", "list", "--json").stdout)["models"]
     assert any(m["name"] == "ki67-test" and m["installed"] for m in listed)
-    r = cli("translate", CMU1, "--marker", "ki67-test", "-o", tmp_path / "out", "--json")
+    r = cli("translate", cmu1_path, "--marker", "ki67-test", "-o", tmp_path / "out", "--json")
     assert r.exit_code == 0, r.output
     assert (tmp_path / "out" / "CMU-1-Small-Region.ki67-test.ome.tiff").exists()
 
 
-def test_a_stopped_adaptation_resumes_from_its_checkpoint(tmp_path):
+def test_a_stopped_adaptation_resumes_from_its_checkpoint(tmp_path, he_ome_path, ki67_ome_paths):
     from dataclasses import replace
 
-    options = AdaptOptions(name="r", marker="ki67", base="demo-ki67", he=(OME_HE,),
-                           ihc=(OME_KI67[1],), out=tmp_path / "r", models_dir=tmp_path,
+    options = AdaptOptions(name="r", marker="ki67", base="demo-ki67", he=(he_ome_path,),
+                           ihc=(ki67_ome_paths[1],), out=tmp_path / "r", models_dir=tmp_path,
                            steps=2, batch_size=1, crop=64)
     adapt(options, log=False)
     first = json.loads((tmp_path / "r" / "history.json").read_text())

@@ -8,7 +8,6 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1, OME_KI67, PNG_IHC
 from pixcell_helpers import install_pixcell
 from safetensors.torch import load_file
 
@@ -17,7 +16,7 @@ ARGS = ["--engine", "pixcell", "--marker", "ki67", "--base", "tiny-pixcell", "--
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
+def trained(tmp_path_factory, ihc_png_path, ki67_ome_paths):
     """An IHC workspace tiled from the real Ki67 crops and scikit-image's IHC image, and a
     2-epoch adapter trained on it."""
     from typer.testing import CliRunner
@@ -36,7 +35,7 @@ def trained(tmp_path_factory):
         assert r.exit_code == 0, r.output
         return json.loads(r.stdout)
 
-    ihc = [a for p in (*OME_KI67, PNG_IHC) for a in ("--ihc", p)]
+    ihc = [a for p in (*ki67_ome_paths, ihc_png_path) for a in ("--ihc", p)]
     res = cli("train-lora", *ARGS, "-w", ws, *ihc, "--default-mpp", 0.5, "--epochs", 2,
               "--flow", "tiny-pixcell-ki67")
     return cli, models, ws, res
@@ -80,11 +79,12 @@ def test_saved_adapter_reloads_as_the_merged_model(trained):
     assert parts.flow is not None  # --flow: the flow MLP of the named model
 
 
-def test_model_is_usable_at_once_and_a_resumed_run_matches(trained, tmp_path):
+@pytest.mark.slow
+def test_model_is_usable_at_once_and_a_resumed_run_matches(trained, tmp_path, cmu1_path):
     cli, models, ws, res = trained
     listed = cli("models", "list", "--json")
     assert any(m["name"] == "ki67-lora" and m["installed"] for m in listed["models"])
-    out = cli("translate", CMU1, "--marker", "ki67-lora", "-o", tmp_path / "out", "--steps", 2,
+    out = cli("translate", cmu1_path, "--marker", "ki67-lora", "-o", tmp_path / "out", "--steps", 2,
               "--json")
     assert out["slides"][0]["state"] == "done"
 
@@ -103,7 +103,7 @@ def test_model_is_usable_at_once_and_a_resumed_run_matches(trained, tmp_path):
     shutil.rmtree(target)
 
 
-def test_train_flow_learns_a_flow_from_paired_tiles(trained, tmp_path):
+def test_train_flow_learns_a_flow_from_paired_tiles(trained, tmp_path, cmu1_path, ki67_ome_paths):
     import cv2
     import openslide
     import tiffslide
@@ -116,7 +116,7 @@ def test_train_flow_learns_a_flow_from_paired_tiles(trained, tmp_path):
     he_dir, ihc_dir = tmp_path / "he", tmp_path / "ihc"
     he_dir.mkdir()
     ihc_dir.mkdir()
-    he_slide, ihc_slide = openslide.OpenSlide(CMU1), tiffslide.TiffSlide(OME_KI67[0])
+    he_slide, ihc_slide = openslide.OpenSlide(cmu1_path), tiffslide.TiffSlide(ki67_ome_paths[0])
     for i in range(4):  # real H&E and Ki67 crops, paired by name (not the same tissue here)
         he = np.asarray(he_slide.read_region((400 + 300 * i, 900), 0, (256, 256)))[..., :3]
         ihc = np.asarray(ihc_slide.read_region((500 + 300 * i, 800), 0, (256, 256)))[..., :3]
@@ -144,11 +144,11 @@ def test_train_flow_learns_a_flow_from_paired_tiles(trained, tmp_path):
     assert (moved - ihc_tok).norm() < 0.7 * (he_tok - ihc_tok).norm()
 
 
-def test_missing_base_weights_stop_it_before_tiling(cli, tmp_path, use_models):
+def test_missing_base_weights_stop_it_before_tiling(cli, tmp_path, use_models, ki67_ome_paths):
     models = use_models(lambda d: install_pixcell(d, mpp=0.5))
     (models / "tiny-pixcell" / "vae.safetensors").unlink()
     ws = tmp_path / "ihc-ws"
-    r = cli("train-lora", *ARGS, "-w", ws, "--ihc", OME_KI67[0], "--epochs", 1)
+    r = cli("train-lora", *ARGS, "-w", ws, "--ihc", ki67_ome_paths[0], "--epochs", 1)
     assert r.exit_code == 2
     assert "model tiny-pixcell: its vae weights are missing" in r.stderr
     assert not (ws / "slides").exists()  # nothing was tiled

@@ -8,7 +8,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-from conftest import CMU1, NDPI_DAPI, OME_HE
 from models_helpers import install_fast
 
 from stainctl.engines.fast.data import load_image
@@ -19,11 +18,12 @@ def models(use_models):
     return use_models(install_fast)
 
 
-def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
+@pytest.mark.slow
+def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models, cmu1_path):
     import tiffslide
 
     out = tmp_path / "out"
-    r = cli("translate", CMU1, "--marker", "test-ki67", "-o", out, "--json")
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", out, "--json")
     assert r.exit_code == 0, r.output
     details = json.loads(r.stdout)["slides"][0]["details"]
     path = Path(details["output"])
@@ -45,13 +45,13 @@ def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
     assert np.abs(img[far_glass].astype(int) - background).mean() < 8
     assert np.abs(img[mask].astype(int) - background).mean() > 20
 
-    again = json.loads(cli("translate", CMU1, "--marker", "ki67", "-o", out, "--json").stdout)
+    again = json.loads(cli("translate", cmu1_path, "--marker", "ki67", "-o", out, "--json").stdout)
     # The stain name finds the installed model, whose slide is made already.
     assert again["slides"][0]["state"] == "skipped"
     assert again["slides"][0]["details"]["output"] == str(path)
 
     # A rerun with nothing to do says so in every line: no "to do", each step skips the slide.
-    r = cli("translate", CMU1, "--marker", "test-ki67", "-o", out)
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", out)
     assert r.exit_code == 0
     steps = [line.split(" INFO ")[1] for line in r.stderr.splitlines() if " INFO " in line]
     assert [s.split(":")[0] for s in steps] == ["tile", "filter", "translate", "stitch"]
@@ -60,9 +60,10 @@ def test_main_job_writes_a_virtual_slide_over_the_tissue(cli, tmp_path, models):
                                         "(--force redoes them)")
 
 
-def test_translate_resumes_with_missing_tiles(cli, tmp_path, models):
+@pytest.mark.slow
+def test_translate_resumes_with_missing_tiles(cli, tmp_path, models, cmu1_path):
     ws = tmp_path / "ws"
-    assert cli("tile", CMU1, "-w", ws).exit_code == 0
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
     assert cli("filter", "-w", ws).exit_code == 0
     first = json.loads(cli("translate", "-w", ws, "--marker", "test-ki67", "--json").stdout)
     total = first["slides"][0]["details"]["tiles"]
@@ -85,8 +86,9 @@ def test_translate_resumes_with_missing_tiles(cli, tmp_path, models):
 
 
 def test_main_job_leaves_out_a_fluorescence_slide_with_a_reason_it_can_act_on(cli, tmp_path,
-                                                                             models):
-    r = cli("translate", OME_HE, NDPI_DAPI, "--marker", "test-ki67", "-o", tmp_path / "out",
+                                                                             models, he_ome_path,
+                                                                             dapi_path):
+    r = cli("translate", he_ome_path, dapi_path, "--marker", "test-ki67", "-o", tmp_path / "out",
             "--json")
     assert r.exit_code == 1  # one slide done, one failed
     slides = {s["slide"]: s for s in json.loads(r.stdout)["slides"]}
@@ -96,19 +98,19 @@ def test_main_job_leaves_out_a_fluorescence_slide_with_a_reason_it_can_act_on(cl
     assert "--allow-dark" not in message  # translate has no such option
 
 
-def test_unknown_marker_lists_what_is_installed(cli, tmp_path, models):
-    r = cli("translate", CMU1, "--marker", "ck7", "-o", tmp_path / "out")
+def test_unknown_marker_lists_what_is_installed(cli, tmp_path, models, cmu1_path):
+    r = cli("translate", cmu1_path, "--marker", "ck7", "-o", tmp_path / "out")
     assert r.exit_code == 2
     assert "no model makes 'ck7'" in r.stderr and "test-ki67 (ki67)" in r.stderr
     assert "stainctl models add" in r.stderr
 
 
-def test_engine_output_is_deterministic_on_real_tiles(models):
+def test_engine_output_is_deterministic_on_real_tiles(models, cmu1_path):
     from stainctl.engines.base import EngineOptions, load_engine
     from stainctl.models.registry import get_card
 
     engine = load_engine(get_card("test-ki67", models), models, EngineOptions(device="cpu"))
-    tiles = np.stack([cv2.resize(load_image(CMU1, 0.5)[800:1376, 400:976], (576, 576))] * 2)
+    tiles = np.stack([cv2.resize(load_image(cmu1_path, 0.5)[800:1376, 400:976], (576, 576))] * 2)
     a, again = engine.translate(tiles, [0, 1]), engine.translate(tiles, [0, 1])
     alone = engine.translate(tiles[:1], [0])
     assert a.shape == tiles.shape and a.dtype == np.uint8
@@ -118,11 +120,12 @@ def test_engine_output_is_deterministic_on_real_tiles(models):
     assert np.abs(a[0].astype(int) - tiles[0]).mean() > 5  # it did change the image
 
 
-def test_the_shipped_model_stains_tissue_and_leaves_glass_alone(tmp_path):
+@pytest.mark.slow
+def test_the_shipped_model_stains_tissue_and_leaves_glass_alone(tmp_path, cmu1_path):
     from stainctl.engines.fast.engine import load_fast_engine
     from stainctl.models.registry import get_card
 
-    he = load_image(CMU1, 0.5)
+    he = load_image(cmu1_path, 0.5)
     windows = [he[y:y + 576, x:x + 576] for y in range(0, he.shape[0] - 575, 288)
                for x in range(0, he.shape[1] - 575, 288)]
     f = np.stack(windows).astype(np.float32)
