@@ -232,7 +232,8 @@ class _RichProgress:
                             console=self.console)
         self.bar.__enter__()
         self.task: Any = None
-        self.pending = None
+        self.pending: tuple[str, int] | None = None
+        self.name = ""
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -241,7 +242,8 @@ class _RichProgress:
     def start(self, description: str, total: int) -> None:
         # The bar appears with the first work (see _LogProgress): a rerun that skips every
         # slide leaves no bar stuck at 0/18.
-        self.pending: tuple[str, int] | None = (description, total)
+        self.pending = (description, total)
+        self.name = description
 
     def advance(self, n: int = 1) -> None:
         if self.pending is not None:
@@ -251,4 +253,5 @@ class _RichProgress:
             self.bar.advance(self.task, n)
 
     def log(self, message: str) -> None:
-        self.console.print(message, highlight=False, markup=False)
+        line = f"{self.name}: {message}" if self.name else message  # as _LogProgress
+        self.console.print(line, highlight=False, markup=False)

@@ -23,7 +23,8 @@ def batch_summary(result: Any) -> None:
 
         table = Table(title=head, title_justify="left")
         for col in ("slide", "state", "detail"):
-            table.add_column(col)
+            # A long path wraps onto the next line instead of ending in "…" in 80 columns.
+            table.add_column(col, overflow="fold")
         style = {"failed": "bold red", "done": "green", "skipped": "dim"}
         for s in slides:
             table.add_row(s.slide, f"[{style[s.state]}]{s.state}[/]", s.message)
