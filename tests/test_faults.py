@@ -122,6 +122,7 @@ def test_a_manifest_with_damaged_pages_is_one_line(tiled, tmp_path):
 
 # --- 2, 3. read-only workspaces and output folders -----------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.skipif(not CAN_MOUNT, reason="needs unshare -rm (user and mount namespaces)")
 def test_a_read_only_workspace_can_be_read(cli, tiled, tmp_path, cmu1_path):
     from test_stitch import _translate_identity
@@ -275,8 +276,11 @@ def test_main_job_killed_and_terminated_resumes_to_the_same_pixels(tmp_path):
     env = {**ENV, "STAINCTL_MODELS": str(tmp_path / "models")}
     job = ["translate", SAMPLE, "--marker", "demo-ki67", "-o", out]
     final = out / "CMU-1-Small-Region.demo-ki67.ome.tiff"
+    # Stitch logs nothing before its work (a rerun's log says no "to do" it will not do): its
+    # points follow translate's line for the slide.
+    stitch = r"translate: CMU-1-Small-Region: (done|skipped)"
     points = [(r"filter: \d+ to do", signal.SIGKILL), (r"translate: \d+/\d+", signal.SIGTERM),
-              (r"stitch: \d+ to do", signal.SIGKILL), (r"stitch: \d+ to do", signal.SIGTERM)]
+              (stitch, signal.SIGKILL), (stitch, signal.SIGTERM)]
     for pattern, sig in points:
         code, sent, stderr = _run_until(job, pattern, sig, env)
         assert sent, stderr
@@ -286,7 +290,7 @@ def test_main_job_killed_and_terminated_resumes_to_the_same_pixels(tmp_path):
             assert "Traceback" not in stderr
         else:
             assert code == -signal.SIGKILL
-        if pattern.startswith("stitch") and code != 0:
+        if pattern == stitch and code != 0:
             assert not final.exists()
         status = _stainctl("status", "-w", out / "workspace", env=env)
         assert "running" not in status.stdout  # nothing holds the lock now
@@ -532,9 +536,7 @@ def test_a_corrupt_weight_file_is_found_before_any_slide_is_touched(cli, tmp_pat
     r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", out)
     assert r.exit_code == 2
     assert "sha256" in r.stderr
-    w = Workspace.open(out / "workspace", readonly=True)
-    assert w.manifest.slides() == []  # nothing tiled
-    w.close()
+    assert not (out / "workspace").exists()  # nothing tiled, no empty workspace left
 
 
 @pytest.mark.slow

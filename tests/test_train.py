@@ -24,6 +24,7 @@ def test_train_help_lists_the_trainer_options(cli):
         assert option in r.stdout
 
 
+@pytest.mark.slow
 def test_train_makes_a_model_that_translate_uses_at_once(cli, tmp_path, use_models, he_ome_path,
                                                          ihc_png_path, cmu1_path, ki67_ome_paths):
     models = use_models()
