@@ -211,7 +211,7 @@ class _LogProgress:
     def log(self, message: str) -> None:
         self.slide_lines += 1
         if not self.quiet:  # named by step: the main job writes one line per step and slide
-            log.info("%s: %s", self.name, message)
+            log.info("%s", f"{self.name}: {message}" if self.name else message)
 
 
 class _RichProgress:
