@@ -117,7 +117,8 @@ def _stitch_one(ws: Workspace, slide: Any, marker: str, store_path: Path, out: P
                    "grid": _grid_annotation(store.layout, overlay)}
     res = stitch_store(store, out, options=options.pyramid,
                        background=(int(background[0]), int(background[1]), int(background[2])),
-                       name=Path(slide["path"]).name, annotations=annotations, overlay=overlay)
+                       name=image_name(slide["key"], marker), annotations=annotations,
+                       overlay=overlay)
     m.record_artifact(slide["id"], "stitched", ws.relative(res.path), phash)
     m.record_artifact(slide["id"], "stitched_thumbnail", ws.relative(res.thumbnail), phash)
     m.set_step(slide["id"], step, "done", params_hash=phash, params=params, run_id=ws.run_id)
@@ -126,6 +127,12 @@ def _stitch_one(ws: Workspace, slide: Any, marker: str, store_path: Path, out: P
         f"{marker}: {res.width} x {res.height} px at {res.mpp:.4g} µm/px -> {res.path}",
         {"marker": marker, "output": str(res.path), "thumbnail": str(res.thumbnail),
          "width": res.width, "height": res.height, "mpp": res.mpp, "tiles": res.tiles})
+
+
+def image_name(key: str, marker: str) -> str:
+    """What viewers (QuPath, OMERO) list the output as: the slide, the marker, and that it is
+    generated, so it is not taken for the H&E or for a real stain."""
+    return f"{key} {marker} (virtual)"
 
 
 def _grid_annotation(layout: Any, overlay: Any) -> str:

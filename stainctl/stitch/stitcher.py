@@ -92,8 +92,9 @@ def _resample(image: Any, overlay: Overlay) -> Any:
 def _description(name: str, width: int, height: int, mpp: float, options: PyramidOptions,
                  annotations: dict[str, str]) -> str:
     marker = annotations.get("marker", "")
-    summary = (f"stainctl virtual {marker} stain of {name}; model {annotations.get('model', '?')}"
-               "; generated, not a real stain")
+    source = Path(annotations.get("source", name)).name
+    summary = (f"stainctl virtual {marker} stain of {source}; model "
+               f"{annotations.get('model', '?')}; generated, not a real stain")
     if options.format == "tiff":
         items = "; ".join(f"{k}={v}" for k, v in annotations.items())
         return f"{summary}; {width}x{height} at {mpp:.6g} um/px; {items}"
