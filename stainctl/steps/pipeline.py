@@ -1,4 +1,5 @@
-"""The main job in one command: tile -> filter -> translate -> stitch, then side-by-side PNGs.
+"""The main job in one command: tile -> filter -> translate -> stitch, then side-by-side PNGs
+(`side_by_side.py`).
 
 Each step is the same resumable step the separate commands run, on one workspace; a slide that
 fails at any step is reported with that step's reason and the others go on.
@@ -9,15 +10,12 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-import numpy as np
-
 from stainctl.slide.grid import GridParams
 from stainctl.slide.inputs import SlideRequest
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.steps.translate import TranslateOptions
-from stainctl.workspace import Workspace, atomic_path
-from stainctl.workspace.atomic import remove_stale
+from stainctl.workspace import Workspace
 
 
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
@@ -26,6 +24,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
+    from stainctl.steps.side_by_side import side_by_side
     from stainctl.steps.stitch import StitchOptions, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
     from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
@@ -73,8 +72,12 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
-        pair = side_by_side(ws, o.slide, Path(o.details["thumbnail"]),
-                            unchanged=o.state == "skipped")
+        slide = ws.manifest.slide_by_path(o.path)
+        assert slide is not None
+        pair = side_by_side(o.path, float(slide["mpp"]), Path(o.details["output"]),
+                            Path(o.details["thumbnail"]), card.name,
+                            unchanged=o.state == "skipped",
+                            max_read_gpx=max_thumbnail_read or DEFAULT_MAX_READ_GPX)
         o.details["side_by_side"] = str(pair)
         state = "done" if o.slide in worked else "skipped"
         result.slides.append(SlideOutcome(o.slide, o.path, state,
@@ -82,41 +85,3 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     result.slides.extend(failed.values())
     return result
 
-
-def side_by_side(ws: Workspace, key: str, thumbnail: Path, *, unchanged: bool = False) -> Path:
-    """H&E thumbnail | virtual IHC thumbnail, at the same height, beside the output. With
-    `unchanged` (the stitched output was not remade) an existing one is kept as it is."""
-    import cv2
-
-    path = side_by_side_path(thumbnail)
-    if unchanged and _newer_than(path, ws.slide_dir(key) / "thumbnail.png", thumbnail):
-        remove_stale(path)  # what a killed run left beside it
-        return path
-
-    he = cv2.imread(str(ws.slide_dir(key) / "thumbnail.png"))
-    ihc = cv2.imread(str(thumbnail))
-    if he is None or ihc is None:
-        raise FileNotFoundError(f"thumbnails of {key} are missing")
-    h = min(he.shape[0], ihc.shape[0], 1024)
-
-    def fit(im: np.ndarray) -> np.ndarray:
-        return cv2.resize(im, (round(im.shape[1] * h / im.shape[0]), h),
-                          interpolation=cv2.INTER_AREA)
-
-    gap = np.full((h, 8, 3), 255, np.uint8)
-    with atomic_path(path) as tmp:
-        cv2.imwrite(str(tmp), np.hstack([fit(he), gap, fit(ihc)]))
-    return path
-
-
-def side_by_side_path(thumbnail: Path) -> Path:
-    return thumbnail.with_name(thumbnail.stem + ".side-by-side.png")
-
-
-def _newer_than(path: Path, *sources: Path) -> bool:
-    """`path` exists and was written after every one of `sources`."""
-    try:
-        mtime = path.stat().st_mtime_ns
-        return all(mtime >= s.stat().st_mtime_ns for s in sources)
-    except FileNotFoundError:
-        return False
