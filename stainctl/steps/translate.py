@@ -4,7 +4,8 @@ Tiles are read with the model's context margin on each side; the generated tiles
 included) go to WS/slides/<slide>/translated/<model>.zarr, which `stitch` blends. A killed run
 resumes with the tiles the store lacks. All tissue tiles are translated, also those the quality
 filter rejected: the filter chooses tiles for training and evaluation, while a virtual slide must
-cover all of its tissue. Glass tiles are left to `stitch`'s background colour.
+cover all of its tissue. Glass tiles are left to `stitch`, which fills them with the colour this
+model gives the slide's glass, measured once per slide and model (`glass.py`) and kept in the store.
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ from stainctl.workspace import Workspace
 
 log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.1
-BACKGROUND = (240, 240, 238)  # the near-white glass of a DAB/haematoxylin slide
 
 
 @dataclass(frozen=True)
@@ -110,6 +110,7 @@ def _translate_one(ws: Workspace, s: Any, card: ModelCard, engine: Engine,
                    options: TranslateOptions,
                    progress: Progress) -> SlideOutcome:
     from stainctl.slide.tiles import TileSource, read_batches
+    from stainctl.steps.glass import glass_colour
     from stainctl.workspace.tilestore import TileStore, create_for_slide
 
     m = ws.manifest
@@ -127,7 +128,8 @@ def _translate_one(ws: Workspace, s: Any, card: ModelCard, engine: Engine,
     step = f"translate:{card.name}"
     params: dict[str, Any] = {
         "model": card.name, "margin": margin, "grid": grid["params_hash"],
-        "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"]}
+        "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"],
+        "background": "the model's glass"}  # was a fixed near-white: such stores are redone
     params.update(engine.settings())  # what changes the pixels; batching and device do not
     if not engine.deterministic:
         params["seed"] = options.seed
@@ -140,16 +142,18 @@ def _translate_one(ws: Workspace, s: Any, card: ModelCard, engine: Engine,
         return SlideOutcome(s["key"], s["path"], "skipped", "already translated",
                             {"store": str(path)})
     m.set_step(s["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
+    scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
+    margin0 = margin * scale
+    source = TileSource(s["path"], float(grid["extent0"]) + 2 * margin0, side)
+    background = _resumed_background(path) or glass_colour(
+        ws, s, grid, engine, source, margin, tile_seed(options.seed, s["key"], -1, -1))
     store = create_for_slide(ws, s, card.name, margin,
-                             {"model": card.name, "background": list(BACKGROUND)})
+                             {"model": card.name, "background": list(background)})
     todo = np.asarray(m.db.execute(
         "SELECT col, row, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 ORDER BY row, col",
         (s["id"],)).fetchall(), np.int64).reshape(-1, 4)
     written = store.written()
     todo = todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what the store lacks
-    scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
-    margin0 = margin * scale
-    source = TileSource(s["path"], float(grid["extent0"]) + 2 * margin0, side)
     coords = np.round(todo[:, 2:] - margin0).astype(np.int64)
     start = 0
     for batch in read_batches(source, coords, options.batch_size, options.readers):
@@ -167,6 +171,20 @@ def _translate_one(ws: Workspace, s: Any, card: ModelCard, engine: Engine,
     return SlideOutcome(s["key"], s["path"], "done",
                         f"{len(todo)} tile(s) translated ({total} in the store)",
                         {"store": str(path), "translated_now": len(todo), "tiles": total})
+
+
+def _resumed_background(path: Path) -> tuple[int, int, int] | None:
+    """The glass colour an interrupted run already measured into its store (measuring again
+    could differ by a rounding step on other kernels, and the store would not reopen)."""
+    from stainctl.workspace.tilestore import StoreError, TileStore
+
+    if not path.exists():
+        return None
+    try:
+        colour = TileStore.open(path, writable=False).meta.get("background")
+    except StoreError:
+        return None
+    return (int(colour[0]), int(colour[1]), int(colour[2])) if colour else None
 
 
 def _margin(path: str, tile_size: int, card: ModelCard, engine: Engine,
