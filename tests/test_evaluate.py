@@ -243,11 +243,38 @@ def test_workspace_real_set_is_the_kept_tiles(translated):
 
 def test_missing_inception_weights_is_one_clear_error(cli, tmp_path, monkeypatch, ki67_sets):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    r = cli("evaluate", "--real", ki67_sets["real"], "--fake", ki67_sets["same"])
+    # Asked for by name, a metric that cannot run is an error.
+    r = cli("evaluate", "--real", ki67_sets["real"], "--fake", ki67_sets["same"],
+            "--metrics", "stain,kid")
     assert r.exit_code == 2
     assert "weights-inception-2015-12-05-6726825d.pth" in r.stderr
     assert str(tmp_path / "torch" / "hub" / "checkpoints") in r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_default_metrics_offline_compute_what_can_run_and_list_the_rest(cli, tmp_path,
+                                                                         monkeypatch, ki67_sets):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights here
+    r = cli("evaluate", "--real", ki67_sets["real"], "--fake", ki67_sets["shifted"], "--json")
+    assert r.exit_code == 0, r.output  # was 2: nothing computed
+    data = json.loads(r.stdout)
+    fake = data["fakes"][0]
+    assert fake["stain"]["p90_wasserstein"] > 0 and "fid" not in fake and "kid" not in fake
+    assert data["settings"]["metrics"] == ["paired", "seams", "stain"]
+    [missing] = data["unavailable"]
+    assert missing["metrics"] == ["fid", "cropfid", "kid"]
+    assert "weights-inception-2015-12-05-6726825d.pth" in missing["reason"]
+    assert "--inception-weights" in missing["reason"]  # the fix
+
+    human = cli("evaluate", "--real", ki67_sets["real"], "--fake", ki67_sets["shifted"],
+                "--report", tmp_path / "report")
+    assert human.exit_code == 0
+    assert "not computed: fid, cropfid, kid: FID/KID need the Inception-v3" in human.stdout
+    assert "Not computed: fid, cropfid, kid" in (tmp_path / "report" / "index.html").read_text()
+    # A weights file named on the command line asks for FID: a missing one is still an error.
+    named = cli("evaluate", "--real", ki67_sets["real"], "--fake", ki67_sets["shifted"],
+                "--inception-weights", tmp_path / "nowhere.pth")
+    assert named.exit_code == 2 and "nowhere.pth does not exist" in named.stderr
 
 
 def test_inception_weights_load_from_the_hub_cache_as_tensors(tmp_path, monkeypatch, ihc_png_path):

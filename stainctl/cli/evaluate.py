@@ -22,10 +22,11 @@ def evaluate(
                              "--marker tiles. Repeat to compare and rank several.")],
     marker: Annotated[str | None, typer.Option(
         "--marker", "-m", help="Whose translated tiles a --fake workspace gives.")] = None,
-    metrics: Annotated[str, typer.Option(
+    metrics: Annotated[str | None, typer.Option(
         autocompletion=complete.metrics,
-        help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams.")]
-    = "fid,cropfid,kid,stain,paired,seams",
+        help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams; each must run. "
+             "Default: fid, cropfid, kid, stain, paired, seams, leaving out (and listing) those "
+             "that cannot run here, such as FID without its Inception weights.")] = None,
     seeds: Annotated[int, typer.Option(help="Crop seeds for CropFID and KID (mean ± std).")] = 5,
     crops: Annotated[int, typer.Option(help="Random crops per tile for CropFID/KID.")] = 4,
     crop_size: Annotated[int, typer.Option(help="Crop side in pixels.")] = 256,
@@ -69,13 +70,15 @@ def evaluate(
     out = Output(json_out, quiet, verbose)
 
     def body() -> int:
-        from stainctl.evaluate.evaluator import EvaluateOptions
+        from stainctl.evaluate.evaluator import DEFAULT_METRICS, EvaluateOptions
         from stainctl.evaluate.evaluator import evaluate as run
         from stainctl.evaluate.sources import SourceOptions
 
         options = EvaluateOptions(
             real=real, fakes=tuple(fake),
-            metrics=tuple(m.strip() for m in metrics.split(",") if m.strip()),
+            metrics=DEFAULT_METRICS if metrics is None else tuple(
+                m.strip() for m in metrics.split(",") if m.strip()),
+            strict=metrics is not None,
             seeds=seeds, crops=crops, crop_size=crop_size, max_images=max_images,
             source=SourceOptions(tile_size, tile_mpp, min_tissue, marker),
             inception_weights=inception_weights, encoder=encoder, models_dir=models_dir,

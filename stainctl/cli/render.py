@@ -67,5 +67,7 @@ def metrics_table(data: dict[str, Any]) -> None:
             typer.echo(f"failed: {f['label']}: {f['error']}", err=True)
     for c in data["caveats"]:
         typer.echo(f"caveat: {c}")
+    for u in data.get("unavailable", []):
+        typer.echo(f"not computed: {', '.join(u['metrics'])}: {u['reason']}")
     if data.get("report"):
         typer.echo(f"report: {data['report']}")

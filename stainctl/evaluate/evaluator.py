@@ -2,7 +2,9 @@
 
 Each set is measured once in one streaming pass (`measure.py`); the metrics are computed from
 those measures; generated sets are ranked. A set that cannot be opened is reported as failed
-and the others are still compared.
+and the others are still compared. With the default metrics, one whose network cannot be loaded
+(the FID Inception weights offline) is left out and listed with the reason and the fix; asked
+for by name, it is an error.
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ class EvaluateOptions:
     real: Path
     fakes: tuple[Path, ...]
     metrics: tuple[str, ...] = DEFAULT_METRICS
+    # True: every metric in `metrics` must run (they were asked for by name); False (the
+    # default set): those that cannot are left out and listed in `Evaluation.unavailable`.
+    strict: bool = True
     seeds: int = 5
     crops: int = 4
     crop_size: int = 256
@@ -87,6 +92,8 @@ class Evaluation:
     rank_by: str | None
     settings: dict[str, Any]
     caveats: list[str]
+    # Metrics left out because they cannot run here: [{"metrics": [...], "reason": "..."}].
+    unavailable: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         def one(r: SetResult) -> dict[str, Any]:
@@ -100,7 +107,8 @@ class Evaluation:
 
         return _json_safe({"real": one(self.real), "fakes": [one(f) for f in self.fakes],
                            "ranking": self.ranking, "rank_by": self.rank_by,
-                           "settings": self.settings, "caveats": self.caveats})
+                           "settings": self.settings, "caveats": self.caveats,
+                           "unavailable": self.unavailable})
 
 
 def _json_safe(value: Any) -> Any:
@@ -120,8 +128,27 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
     """`progress`: an object with start(description, total) and advance(n), as the CLI's."""
     options.validate()
     wanted = set(options.metrics)
-    network = _feature_network(options) if wanted & INCEPTION_METRICS else None
-    encoder = _encoder(options) if "encoder" in wanted else None
+    unavailable: list[dict[str, Any]] = []
+
+    def load(metrics: set[str], loader: Callable[[EvaluateOptions], Any],
+             asked: bool = False) -> Any:
+        """The network `metrics` need, or None; when it cannot be loaded and the metrics were
+        not asked for (by name, or by `asked`), they are left out with the reason."""
+        if not wanted & metrics:
+            return None
+        try:
+            return loader(options)
+        except UsageError as err:
+            if options.strict or asked:
+                raise
+            unavailable.append({"metrics": [m for m in METRICS if m in wanted & metrics],
+                                "reason": str(err)})
+            wanted.difference_update(metrics)
+            return None
+
+    # A weights file given by name asks for FID: a wrong one is an error, not a note.
+    network = load(INCEPTION_METRICS, _feature_network, options.inception_weights is not None)
+    encoder = load({"encoder"}, _encoder)
 
     real_set = open_set(options.real, options.source, fake=False)
     fakes: list[SetResult] = []
@@ -172,7 +199,8 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
                 "dab_threshold": options.dab_threshold, "encoder": options.encoder,
                 "features": "custom" if options.feature_model is not None
                 else "inception-v3-compat pool3 (2048)"}
-    return Evaluation(real, fakes, ranking, rank_by, settings, sorted(set(caveats)))
+    return Evaluation(real, fakes, ranking, rank_by, settings, sorted(set(caveats)),
+                      unavailable)
 
 
 def _feature_network(options: EvaluateOptions) -> Callable[[np.ndarray], np.ndarray]:

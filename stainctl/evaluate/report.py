@@ -37,6 +37,8 @@ for FID, CropFID, KID, Fréchet distances, Wasserstein distances and divergences
 {% endfor %}</table>
 {% for f in failed %}<p class="error">{{ f.label }}: {{ f.error }}</p>{% endfor %}
 {% for c in caveats %}<p class="caveat">Caveat: {{ c }}</p>{% endfor %}
+{% for u in unavailable %}<p class="caveat">Not computed: {{ u.metrics|join(", ") }}:
+{{ u.reason }}</p>{% endfor %}
 {% for fig in figures %}<h2>{{ fig.title }}</h2>
 <p>{{ fig.caption }}</p>{% if fig.file %}<img src="{{ fig.file }}" alt="{{ fig.title }}">{% endif %}
 {% endfor %}
@@ -59,6 +61,7 @@ def write_report(evaluation: Evaluation, folder: Path, seed: int = 0) -> Path:
     page = Environment(autoescape=True).from_string(PAGE).render(
         real=evaluation.real, rank_by=evaluation.rank_by, columns=columns, rows=rows,
         failed=[f for f in evaluation.fakes if f.error], caveats=evaluation.caveats,
+        unavailable=evaluation.unavailable,
         figures=figures, settings=json.dumps(evaluation.settings), path=lambda r: r.path)
     html = folder / "index.html"
     with atomic_path(html) as tmp:
