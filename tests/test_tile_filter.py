@@ -116,6 +116,11 @@ def test_bad_slides_fail_cleanly_while_good_ones_finish(cli, tmp_path, cmu1_path
     assert by["CMU-1-Small-Region"]["last_done"] == "tile"
     assert "corrupt" in by["truncated"]["errors"]["tile"]
 
+    # One clean line: the cause, none of tifffile's own log lines or its consequences.
+    assert "truncated or corrupt: it ends at byte" in out["truncated"]["message"]
+    assert "index 0 out of range" not in out["truncated"]["message"]
+    assert "tifffile" not in r.stderr.lower() and "TiffPages" not in r.stderr
+
     # The fluorescence slide goes through when allowed; the filter skips failed slides.
     assert cli("tile", dapi_path, "-w", ws, "--allow-dark").exit_code == 0
     r = cli("filter", "-w", ws, "--json")

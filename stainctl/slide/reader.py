@@ -7,8 +7,13 @@ top-left. Areas outside the slide and transparent pixels read as white glass.
 
 from __future__ import annotations
 
+import logging
 import math
+import struct
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,6 +29,43 @@ SLIDE_SUFFIXES = {
 }
 # Above this a plain image is not loaded whole (decoding would need its full size in memory).
 MAX_PLAIN_IMAGE_PIXELS = 400_000_000
+
+log = logging.getLogger(__name__)
+
+
+class _TifffileLog(logging.Handler):
+    """tifffile reports some faults of a file only through `logging`, which with no handler of
+    ours printed its raw line on stderr. They go into the reason of the slide being opened on
+    this thread (`_tifffile_messages`), else to stainctl's debug log (-v)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sink = getattr(self.local, "messages", None)
+        if sink is not None:
+            sink.append(record.getMessage())
+        else:
+            log.debug("tifffile: %s", record.getMessage())
+
+
+_TIFFFILE_LOG = _TifffileLog()
+_tifffile_logger = logging.getLogger("tifffile")
+_tifffile_logger.addHandler(_TIFFFILE_LOG)
+_tifffile_logger.propagate = False
+
+
+@contextmanager
+def _tifffile_messages() -> Iterator[list[str]]:
+    """What tifffile logs on this thread inside the block."""
+    messages: list[str] = []
+    previous = getattr(_TIFFFILE_LOG.local, "messages", None)
+    _TIFFFILE_LOG.local.messages = messages
+    try:
+        yield messages
+    finally:
+        _TIFFFILE_LOG.local.messages = previous
 
 
 class _Backend(Protocol):
@@ -163,6 +205,9 @@ def _open_wsi(path: Path, target: Path) -> Slide:
     try:
         handle = openslide.OpenSlide(str(target))
     except openslide.OpenSlideUnsupportedFormatError:
+        truncated = _truncated_tiff(target)
+        if truncated:  # OpenSlide calls a truncated TIFF "unsupported"; say what it is
+            raise SlideError(path, truncated) from None
         return _open_tiffslide(path, target)
     except openslide.OpenSlideError as err:
         raise SlideError(path, f"OpenSlide cannot read it ({err}); the file may be truncated "
@@ -179,19 +224,53 @@ def _open_wsi(path: Path, target: Path) -> Slide:
 def _open_tiffslide(path: Path, target: Path) -> Slide:
     import tiffslide
 
-    try:
-        handle = tiffslide.TiffSlide(str(target))
-        props = {k: str(v) for k, v in handle.properties.items() if v is not None}
-        handle.level_dimensions  # noqa: B018  (forces tifffile to parse the pyramid now)
-    except Exception as err:
-        raise SlideError(path, f"neither OpenSlide nor tiffslide can read it ({err}); "
-                         "the format is unsupported or the file is corrupt") from err
+    with _tifffile_messages() as messages:
+        try:
+            handle = tiffslide.TiffSlide(str(target))
+            props = {k: str(v) for k, v in handle.properties.items() if v is not None}
+            handle.level_dimensions  # noqa: B018  (forces tifffile to parse the pyramid now)
+        except Exception as err:
+            # tifffile's own account (logged) first: the exception that follows it is often
+            # only its consequence (an empty page list indexed).
+            detail = "; ".join(messages) or (
+                "no image in it" if isinstance(err, IndexError) else str(err))
+            raise SlideError(path, f"neither OpenSlide nor tiffslide can read it ({detail}); "
+                             "the format is unsupported or the file is corrupt") from err
     mpp = _mpp(props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y"), path)
     return Slide(
         path=path, backend="tiffslide", handle=handle,
         vendor=props.get("tiffslide.vendor") or ("ome" if ".ome." in path.name.lower() else None),
         mpp=mpp, mpp_source="metadata" if mpp else None,
         objective_power=_float(props.get("tiffslide.objective-power")), properties=props)
+
+
+def _truncated_tiff(path: Path) -> str | None:
+    """The reason, when `path` is a TIFF whose header points past its end (a cut-off copy:
+    TIFF writers such as Aperio's put the image directories after the pixels), else None."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as fh:
+            head = fh.read(16)
+    except OSError:
+        return None
+    if head[:2] not in (b"II", b"MM"):
+        return None
+    order = "<" if head[:2] == b"II" else ">"
+    if len(head) < 8:
+        return (f"the file is truncated or corrupt ({size} bytes, less than a TIFF header); "
+                "copy it again from its source")
+    version = struct.unpack(order + "H", head[2:4])[0]
+    if version == 42:
+        first = struct.unpack(order + "I", head[4:8])[0]
+    elif version == 43 and len(head) >= 16:
+        first = struct.unpack(order + "Q", head[8:16])[0]
+    else:
+        return None
+    if first + 2 <= size:
+        return None
+    return (f"the file is truncated or corrupt: it ends at byte {size:,} but its first image "
+            f"directory is at byte {first:,}; copy it again from its source (an interrupted "
+            "transfer?)")
 
 
 class _OpenSlideArrays:
