@@ -17,12 +17,17 @@ class WorkspaceLocked(UsageError):
 
 
 class SlideError(StainctlError):
-    """One slide cannot be processed; the batch goes on with the others."""
+    """One slide cannot be processed; the batch goes on with the others. `code` names a kind of
+    failure whose way out is not "run again" (NO_MPP), so the summary can give that instead."""
 
-    def __init__(self, path: object, reason: str) -> None:
+    def __init__(self, path: object, reason: str, code: str | None = None) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
+        self.code = code
+
+
+NO_MPP = "no-mpp"  # the slide has no pixel size: --mpp or a CSV mpp column is the fix
 
 
 class ModelError(UsageError):

@@ -301,3 +301,18 @@ def test_full_disk_gives_one_clear_message(cli, tmp_path, monkeypatch, cmu1_path
     assert "Traceback" not in r.output
     monkeypatch.undo()
     assert cli("filter", "-w", ws).exit_code == 0  # resumes once there is space
+
+
+def test_the_hint_after_a_failure_follows_its_reason(cli, tmp_path):
+    ws = tmp_path / "ws"
+    r = cli("tile", PNG_IHC, CMU1, "-w", ws)
+    assert r.exit_code == 1
+    assert "add --mpp" in r.stderr and "`mpp` column" in r.stderr
+    assert "run the same command again" not in r.stderr  # it would fail the same way
+    assert json.loads(cli("tile", PNG_IHC, "-w", ws, "--json").stdout)["slides"][0]["code"] \
+        == "no-mpp"
+    # Other reasons keep "fix it and run again", beside the mpp hint.
+    mixed = cli("tile", PNG_IHC, tmp_path / "missing.svs", "-w", ws)
+    assert "1 slide(s) have no pixel size" in mixed.stderr
+    assert "1 slide(s) failed" in mixed.stderr and "run the same command again" in mixed.stderr
+    assert cli("tile", PNG_IHC, "--mpp", "0.5", "-w", ws).exit_code == 0  # the hint's fix

@@ -34,9 +34,24 @@ def batch_summary(result: Any) -> None:
         for s in slides:
             typer.echo(f"  {s.state:<8} {s.slide}: {s.message}")
     if states["failed"]:
-        typer.echo(f"{states['failed']} slide(s) failed; the others are saved. Fix the cause "
-                   "shown above and run the same command again: finished work is skipped.",
+        _failure_hint([s for s in slides if s.state == "failed"])
+
+
+def _failure_hint(failed: list[Any]) -> None:
+    """What to do next, following the reasons: the same command again only helps once the
+    cause is fixed, and for some causes the fix is an option of the command."""
+    from stainctl.errors import NO_MPP
+
+    no_mpp = sum(1 for s in failed if s.code == NO_MPP)
+    if no_mpp:
+        typer.echo(f"{no_mpp} slide(s) have no pixel size in their metadata: add --mpp "
+                   "MICRONS_PER_PIXEL to the command (or give a CSV slide list with an `mpp` "
+                   "column, `path,mpp` rows) and run it again; finished work is skipped.",
                    err=True)
+    if len(failed) > no_mpp:
+        typer.echo(f"{len(failed) - no_mpp} slide(s) failed; the others are saved. Fix the "
+                   "cause shown above and run the same command again: finished work is "
+                   "skipped.", err=True)
 
 
 def metrics_table(data: dict[str, Any]) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stainctl.errors import SlideError
+from stainctl.errors import NO_MPP, SlideError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 SLIDE_SUFFIXES = {
@@ -106,7 +106,8 @@ class Slide:
     def require_mpp(self) -> float:
         if self.mpp is None:
             raise SlideError(self.path, "the slide has no pixel size (mpp) in its metadata; "
-                             "give it with --mpp, or an `mpp` column in a CSV slide list")
+                             "give it with --mpp, or an `mpp` column in a CSV slide list",
+                             code=NO_MPP)
         return self.mpp
 
     def best_level(self, downsample: float) -> int:

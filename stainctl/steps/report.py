@@ -32,6 +32,7 @@ class SlideOutcome:
     state: str  # "done", "skipped" (already done, same parameters) or "failed"
     message: str = ""
     details: dict[str, Any] = field(default_factory=dict)
+    code: str | None = None  # a failure's kind, when its fix is not "run again" (errors.NO_MPP)
 
 
 @dataclass

@@ -51,7 +51,8 @@ def tile_slides(ws: Workspace, requests: list[SlideRequest], options: TileOption
             slide = (ws.manifest.slide_by_path(str(req.path))
                      or ws.manifest.add_slide(str(req.path), _stem(req), ""))
             ws.manifest.set_step(slide["id"], "tile", "failed", error=reason, run_id=ws.run_id)
-            outcome = SlideOutcome(slide["key"], str(req.path), "failed", reason)
+            outcome = SlideOutcome(slide["key"], str(req.path), "failed", reason,
+                                   code=getattr(err, "code", None))
         result.slides.append(outcome)
         progress.log(_line(outcome))
         progress.advance()
