@@ -316,3 +316,31 @@ def test_the_hint_after_a_failure_follows_its_reason(cli, tmp_path):
     assert "1 slide(s) have no pixel size" in mixed.stderr
     assert "1 slide(s) failed" in mixed.stderr and "run the same command again" in mixed.stderr
     assert cli("tile", PNG_IHC, "--mpp", "0.5", "-w", ws).exit_code == 0  # the hint's fix
+
+
+def test_a_coloured_background_is_warned_about_and_normal_slides_are_not(cli, tmp_path):
+    from conftest import DATA, OME_KI67
+    from PIL import Image
+
+    from stainctl.slide.reader import open_slide
+
+    # CMU-1's pixels converted to YCbCr and saved as RGB: what a DICOM file whose header says
+    # RGB but whose frames are YCbCr gives a reader.
+    slide = open_slide(CMU1)
+    rgb = slide.read_region(0, 0, 0, *slide.dimensions)
+    ycbcr = tmp_path / "CMU-1-ycbcr.png"
+    Image.fromarray(np.asarray(Image.fromarray(rgb).convert("YCbCr"))).save(ycbcr)
+    ws = tmp_path / "ws"
+    r = cli("tile", ycbcr, "--mpp", "0.499", "-w", ws, "--json")
+    assert r.exit_code == 0
+    [out] = json.loads(r.stdout)["slides"]
+    assert "YCbCr" in out["details"]["warning"] and "YCbCr" in out["message"]
+    assert "WARNING" in r.stderr and "CMU-1-ycbcr.png" in r.stderr
+
+    normal = [CMU1, OME_HE, *OME_KI67, PNG_IHC, NDPI_DAPI, *sorted(DATA.glob("paired/*/*.jpg"))]
+    r = cli("tile", *normal, "--mpp", "0.5", "--allow-dark", "-w", tmp_path / "ws2", "--json")
+    assert r.exit_code == 0, r.output
+    slides = json.loads(r.stdout)["slides"]
+    assert len(slides) == len(normal)
+    assert not [s["slide"] for s in slides if "warning" in s["details"]]
+    assert "WARNING" not in r.stderr

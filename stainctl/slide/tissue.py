@@ -38,6 +38,36 @@ def background_brightness(thumb: np.ndarray) -> float:
 
 DARK_HINT = "pass --allow-dark to process it anyway"
 
+# Glass is near-white or grey: its channels differ by a few levels (measured on the brightfield
+# slides in the test data: at most 10; an all-tissue H&E crop's brightest pixels: 42). CMU-1 with
+# its YCbCr pixels read as RGB: (244, 127, 128), 117 apart.
+TINT_LIMIT = 60
+
+
+def background_colour(thumb: np.ndarray) -> np.ndarray:
+    """Median RGB of the brightest 10 % of the thumbnail (by R + G + B): the glass of a
+    brightfield slide."""
+    rgb = thumb.reshape(-1, 3).astype(np.int32)
+    total = rgb.sum(axis=1)
+    return np.median(rgb[total >= np.percentile(total, 90)], axis=0)
+
+
+def colour_warning(thumb: np.ndarray) -> str | None:
+    """A warning when the background of a brightfield slide is far from neutral, else None.
+    The usual cause: pixels stored as YCbCr while the file says RGB (a known fault of some
+    scanners and DICOM converters; the public CMU-1 DICOM conversion has it), which the model
+    would turn into a false-colour slide without a word."""
+    if background_brightness(thumb) < DARK_P90:
+        return None  # fluorescence: a dark background, refused or allowed elsewhere
+    colour = background_colour(thumb)
+    if colour.max() - colour.min() < TINT_LIMIT or colour.max() < DARK_P90:
+        return None
+    r, g, b = (int(np.rint(c)) for c in colour)
+    return (f"the background is coloured ({r}, {g}, {b}), not near-white or grey glass: the "
+            "colours are likely wrong, most often pixels stored as YCbCr in a file whose "
+            "header says RGB (a known fault of some scanners and DICOM converters); check the "
+            "slide in a viewer and convert it to RGB before trusting the result")
+
 
 def check_brightfield(thumb: np.ndarray, path: object, allow_dark: bool,
                       hint: str = DARK_HINT) -> bool:

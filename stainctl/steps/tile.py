@@ -98,6 +98,11 @@ def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions,
         grid_row, tiles, mask, thumb = _layout(slide, options, _reporter(row["key"], progress))
     finally:
         slide.close()
+    from stainctl.slide.tissue import colour_warning
+
+    warning = colour_warning(thumb)
+    if warning:
+        log.warning("%s: %s", req.path, warning)
 
     out_dir = ws.slide_dir(row["key"])
     _save_png(ws, row["id"], out_dir / "thumbnail.png", thumb, "thumbnail")
@@ -105,10 +110,12 @@ def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions,
               mask.astype(np.uint8) * 255, "tissue_mask")
     m.replace_grid(row["id"], {**grid_row, "params_hash": phash}, tiles)
     m.set_step(row["id"], "tile", "done", params_hash=phash, params=params, run_id=ws.run_id)
-    counts = m.tile_counts(row["id"])
-    return SlideOutcome(row["key"], str(req.path), "done",
-                        f"{counts['tiles_tissue']} of {counts['tiles_total']} tiles on tissue",
-                        counts)
+    counts: dict[str, Any] = dict(m.tile_counts(row["id"]))
+    message = f"{counts['tiles_tissue']} of {counts['tiles_total']} tiles on tissue"
+    if warning:
+        counts["warning"] = warning
+        message += f"; warning: {warning}"
+    return SlideOutcome(row["key"], str(req.path), "done", message, counts)
 
 
 def _reporter(key: str, progress: Progress, every: float = 30.0) -> Any:
