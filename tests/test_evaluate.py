@@ -252,6 +252,7 @@ def test_missing_inception_weights_is_one_clear_error(cli, tmp_path, monkeypatch
     assert "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_default_metrics_offline_compute_what_can_run_and_list_the_rest(cli, tmp_path,
                                                                          monkeypatch, ki67_sets):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no Inception weights here

@@ -19,6 +19,7 @@ from stainctl.cli.app import app
 
 SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 NAME = "CMU-1-Small-Region.demo-ki67"
+pytestmark = pytest.mark.slow  # the main job runs once for the module (~10 s)
 
 
 @pytest.fixture(scope="module")

@@ -303,30 +303,33 @@ def test_full_disk_gives_one_clear_message(cli, tmp_path, monkeypatch, cmu1_path
     assert cli("filter", "-w", ws).exit_code == 0  # resumes once there is space
 
 
-def test_the_hint_after_a_failure_follows_its_reason(cli, tmp_path):
+@pytest.mark.slow
+def test_the_hint_after_a_failure_follows_its_reason(cli, tmp_path, cmu1_path, ihc_png_path):
     ws = tmp_path / "ws"
-    r = cli("tile", PNG_IHC, CMU1, "-w", ws)
+    r = cli("tile", ihc_png_path, cmu1_path, "-w", ws)
     assert r.exit_code == 1
     assert "add --mpp" in r.stderr and "`mpp` column" in r.stderr
     assert "run the same command again" not in r.stderr  # it would fail the same way
-    assert json.loads(cli("tile", PNG_IHC, "-w", ws, "--json").stdout)["slides"][0]["code"] \
+    assert json.loads(cli("tile", ihc_png_path, "-w", ws, "--json").stdout)["slides"][0]["code"] \
         == "no-mpp"
     # Other reasons keep "fix it and run again", beside the mpp hint.
-    mixed = cli("tile", PNG_IHC, tmp_path / "missing.svs", "-w", ws)
+    mixed = cli("tile", ihc_png_path, tmp_path / "missing.svs", "-w", ws)
     assert "1 slide(s) have no pixel size" in mixed.stderr
     assert "1 slide(s) failed" in mixed.stderr and "run the same command again" in mixed.stderr
-    assert cli("tile", PNG_IHC, "--mpp", "0.5", "-w", ws).exit_code == 0  # the hint's fix
+    assert cli("tile", ihc_png_path, "--mpp", "0.5", "-w", ws).exit_code == 0  # the hint's fix
 
 
-def test_a_coloured_background_is_warned_about_and_normal_slides_are_not(cli, tmp_path):
-    from conftest import DATA, OME_KI67
+@pytest.mark.slow
+def test_a_coloured_background_is_warned_about_and_normal_slides_are_not(
+        cli, tmp_path, data_dir, cmu1_path, he_ome_path, ki67_ome_paths, ihc_png_path,
+        dapi_path):
     from PIL import Image
 
     from stainctl.slide.reader import open_slide
 
     # CMU-1's pixels converted to YCbCr and saved as RGB: what a DICOM file whose header says
     # RGB but whose frames are YCbCr gives a reader.
-    slide = open_slide(CMU1)
+    slide = open_slide(cmu1_path)
     rgb = slide.read_region(0, 0, 0, *slide.dimensions)
     ycbcr = tmp_path / "CMU-1-ycbcr.png"
     Image.fromarray(np.asarray(Image.fromarray(rgb).convert("YCbCr"))).save(ycbcr)
@@ -337,7 +340,8 @@ def test_a_coloured_background_is_warned_about_and_normal_slides_are_not(cli, tm
     assert "YCbCr" in out["details"]["warning"] and "YCbCr" in out["message"]
     assert "WARNING" in r.stderr and "CMU-1-ycbcr.png" in r.stderr
 
-    normal = [CMU1, OME_HE, *OME_KI67, PNG_IHC, NDPI_DAPI, *sorted(DATA.glob("paired/*/*.jpg"))]
+    normal = [cmu1_path, he_ome_path, *ki67_ome_paths, ihc_png_path, dapi_path,
+              *sorted(data_dir.glob("paired/*/*.jpg"))]
     r = cli("tile", *normal, "--mpp", "0.5", "--allow-dark", "-w", tmp_path / "ws2", "--json")
     assert r.exit_code == 0, r.output
     slides = json.loads(r.stdout)["slides"]
