@@ -356,7 +356,7 @@ def test_status_tells_a_running_step_from_an_interrupted_one(tiled, tmp_path):
         from stainctl.workspace import Workspace
         ws = Workspace.open({str(ws)!r})
         with ws.writing("filter", {{}}):
-            sid = ws.manifest.slides()[0]["id"]
+            sid = ws.manifest.slides()[0].id
             ws.manifest.set_step(sid, "filter", "running", run_id=ws.run_id)
             print("running", flush=True)
             sys.stdin.readline()
@@ -390,10 +390,10 @@ def test_a_rerun_removes_the_temporaries_of_a_killed_tile(tiled, tmp_path, cmu1_
     for p in stale:
         p.write_bytes(b"half a png")
     w = Workspace.open(ws)  # what the kill left: the step still 'running'
-    sid = w.manifest.slides()[0]["id"]
+    sid = w.manifest.slides()[0].id
     row = w.manifest.step(sid, "tile")
-    w.manifest.set_step(sid, "tile", "running", params_hash=row["params_hash"],
-                        params=json.loads(row["params"]))
+    assert row is not None
+    w.manifest.set_step(sid, "tile", "running", params_hash=row.params_hash, params=row.params)
     w.close()
     assert _stainctl("tile", cmu1_path, "-w", ws, "-q").returncode == 0
     assert not any(p.exists() for p in stale)

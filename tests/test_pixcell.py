@@ -153,8 +153,9 @@ def test_translate_cmu1_to_a_stitched_ome_tiff(cli, tmp_path, models, cmu1_path)
     from stainctl.workspace import Workspace
 
     ws = Workspace.open(out / "workspace")
-    grid = ws.manifest.grid(ws.manifest.slides()[0]["id"])
-    assert grid["tile_size"] == 256 - 2 * 32  # the card's overlap band on each side
+    grid = ws.manifest.grid(ws.manifest.slides()[0].id)
+    assert grid is not None
+    assert grid.tile_size == 256 - 2 * 32  # the card's overlap band on each side
     tissue = np.asarray(ws.manifest.db.execute(
         "SELECT x, y, in_tissue FROM tiles ORDER BY row, col").fetchall())
     ws.close()

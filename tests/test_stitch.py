@@ -21,6 +21,7 @@ from stainctl.slide.reader import open_slide
 from stainctl.stitch.blend import Canvas, ramps
 from stainctl.stitch.pyramid import PyramidOptions
 from stainctl.stitch.stitcher import Overlay, stitch_store
+from stainctl.workspace import SlideRecord
 from stainctl.workspace.tilestore import StoreError, StoreLayout, TileStore, create_for_slide
 
 BG = (245, 245, 245)
@@ -267,7 +268,7 @@ def test_level0_overlays_the_source_slide(tmp_path, cmu1):
 
 
 # --- the command --------------------------------------------------------------------------
-def _tiled_workspace(cli, ws: Path, *extra: object) -> sqlite3.Row:
+def _tiled_workspace(cli, ws: Path, *extra: object) -> SlideRecord:
     assert cli("tile", CMU1, "-w", ws, "--target-mpp", "0.499", "--tile-size", "256",
                *extra).exit_code == 0
     from stainctl.workspace import Workspace
@@ -287,7 +288,7 @@ def _translate_identity(ws_path: Path, marker: str, cmu1: np.ndarray, *, finish:
     slide = ws.manifest.slides()[0]
     store = create_for_slide(ws, slide, marker, 16, {"model": "identity", "background": BG})
     rows = ws.manifest.db.execute(
-        "SELECT col, row FROM tiles WHERE slide_id=? AND in_tissue=1", (slide["id"],))
+        "SELECT col, row FROM tiles WHERE slide_id=? AND in_tissue=1", (slide.id,))
     for col, row in rows:
         store.write(col, row, _crop(cmu1, *store.layout.origin(col, row), store.layout.side))
     if finish:

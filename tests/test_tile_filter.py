@@ -249,7 +249,8 @@ def test_filter_on_a_dask_distributed_cluster(tmp_path, cmu1_path):
     tile_slides(ws, [SlideRequest(cmu1_path)], TileOptions())
     with LocalCluster(n_workers=1, threads_per_worker=2, processes=False,
                       dashboard_address=None, protocol="tcp") as cluster:
-        result = filter_slides(ws, FilterOptions(FilterThresholds(), cluster.scheduler_address,
+        result = filter_slides(ws, FilterOptions(thresholds=FilterThresholds(),
+                                                 scheduler=cluster.scheduler_address,
                                                  batch_size=3))
     assert result.exit_code == 0
     local = Workspace.open(tmp_path / "local", create=True)

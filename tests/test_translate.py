@@ -80,10 +80,11 @@ def test_translate_resumes_with_missing_tiles(cli, tmp_path, models, cmu1_path):
     from stainctl.workspace import Workspace
 
     w = Workspace.open(ws)  # a killed run leaves the step "running", same parameters
-    sid = w.manifest.slides()[0]["id"]
+    sid = w.manifest.slides()[0].id
     row = w.manifest.step(sid, "translate:test-ki67")
-    w.manifest.set_step(sid, "translate:test-ki67", "running", params_hash=row["params_hash"],
-                        params=json.loads(row["params"]))
+    assert row is not None
+    w.manifest.set_step(sid, "translate:test-ki67", "running", params_hash=row.params_hash,
+                        params=row.params)
     w.close()
     again = json.loads(cli("translate", "-w", ws, "--marker", "test-ki67", "--json").stdout)
     assert again["slides"][0]["details"]["translated_now"] == 2

@@ -9,7 +9,7 @@ import typer
 
 from stainctl.cli import complete
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_batch
+from stainctl.cli.output import Batch, Output, run_batch
 
 
 def embed(
@@ -33,9 +33,13 @@ def embed(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Embed every kept tile with a foundation model; float16 arrays per slide (resumable)."""
-    from stainctl.steps.embed import EmbedOptions, embed_slides
+    def prepare() -> Batch:
+        from stainctl.steps.embed import EmbedOptions, embed_slides
 
-    options = EmbedOptions(encoder, Path(models_dir) if models_dir else None, batch_size,
-                           device, dtype, scheduler, readers, force)
-    run_batch(Output(json_out, quiet, verbose), workspace, "embed", vars(options),
-              lambda ws, progress: embed_slides(ws, options, progress))
+        options = EmbedOptions(encoder=encoder, models_dir=Path(models_dir) if models_dir else None,
+                               batch_size=batch_size, device=device, dtype=dtype,
+                               scheduler=scheduler, readers=readers, force=force)
+        return Batch(params=vars(options),
+                     step=lambda ws, progress: embed_slides(ws, options, progress))
+
+    run_batch(Output(json_out, quiet, verbose), workspace, "embed", prepare)

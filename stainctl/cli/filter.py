@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_batch
+from stainctl.cli.output import Batch, Output, run_batch
 
 
 def filter_tiles(
@@ -29,10 +29,15 @@ def filter_tiles(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Compute the tile quality metrics (resumable) and set keep/reject from the thresholds."""
-    from stainctl.quality.metrics import FilterThresholds
-    from stainctl.steps.filter import FilterOptions, filter_slides
+    def prepare() -> Batch:
+        from stainctl.quality.metrics import FilterThresholds
+        from stainctl.steps.filter import FilterOptions, filter_slides
 
-    options = FilterOptions(FilterThresholds(min_laplacian, min_saturated, max_white),
-                            scheduler, workers, batch_size, force)
-    run_batch(Output(json_out, quiet, verbose), workspace, "filter", vars(options),
-              lambda ws, progress: filter_slides(ws, options, progress))
+        options = FilterOptions(
+            thresholds=FilterThresholds(min_laplacian=min_laplacian,
+                                        min_saturated=min_saturated, max_white=max_white),
+            scheduler=scheduler, workers=workers, batch_size=batch_size, force=force)
+        return Batch(params=vars(options),
+                     step=lambda ws, progress: filter_slides(ws, options, progress))
+
+    run_batch(Output(json_out, quiet, verbose), workspace, "filter", prepare)

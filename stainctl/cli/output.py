@@ -9,15 +9,19 @@ import logging
 import sqlite3
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
 from stainctl.errors import StainctlError, UsageError
+
+if TYPE_CHECKING:
+    from stainctl.steps.report import BatchResult, Progress
+    from stainctl.workspace import Workspace
 
 log = logging.getLogger("stainctl")
 
@@ -95,30 +99,48 @@ def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
     raise typer.Exit(code)
 
 
-def run_batch(out: Output, workspace: Any, command: str, params: dict[str, Any],
-              step: Callable[[Any, Any], Any], *, create: bool = False) -> NoReturn:
-    """The body of a batch command: open the workspace (`create` it for commands that add
-    slides), hold the writer lock, run `step(ws, progress)`, record the run (partial if some
-    slides failed), print the summary."""
+@dataclass(frozen=True, kw_only=True)
+class Batch:
+    """What a batch command runs: built, and its options checked, before the workspace is
+    opened, so a usage error leaves no workspace behind."""
+
+    params: Mapping[str, object]  # recorded with the run
+    step: Callable[[Workspace, Progress], BatchResult]
+    # More lines for a person after the summary (e.g. where `tile` put the thumbnails).
+    after: Callable[[Workspace, BatchResult], None] | None = None
+
+
+def run_batch(out: Output, workspace: Path, command: str, prepare: Callable[[], Batch], *,
+              create: bool = False) -> NoReturn:
+    """The body of a batch command: `prepare()` (parse and check the arguments), then open the
+    workspace (`create` it for commands that add slides), hold the writer lock, run the step,
+    record the run (partial if some slides failed), print the summary."""
 
     def body() -> int:
         from stainctl.cli.render import batch_summary
         from stainctl.workspace import Workspace
 
+        batch = prepare()
         created = _missing_dirs(Path(workspace)) if create else []
         ws = Workspace.open(workspace, create=create)
         try:
-            with ws.writing(command, params), out.progress() as progress:
-                result = step(ws, progress)
+            with ws.writing(command, batch.params), out.progress() as progress:
+                result = batch.step(ws, progress)
                 ws.partial = bool(result.failed)
         except UsageError:
             if created and not ws.manifest.slides():
-                # Stopped before any slide was added (a bad option, an unknown marker): leave
-                # no empty workspace behind to puzzle over or to pass by mistake as -w.
+                # Stopped before any slide was added (an unknown marker, missing weights):
+                # leave no empty workspace behind to puzzle over or to pass by mistake as -w.
                 ws.close()
                 _remove_created(created)
             raise
-        out.emit(result.as_dict(), lambda: batch_summary(result))
+
+        def human() -> None:
+            batch_summary(result)
+            if batch.after is not None:
+                batch.after(ws, result)
+
+        out.emit(result.as_dict(), human)
         return int(result.exit_code)
 
     run_command(out, body)

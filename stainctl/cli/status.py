@@ -23,7 +23,7 @@ def status(workspace: opt.Workspace, json_out: opt.Json = False) -> None:
         ws = Workspace.open(workspace, readonly=True)
         # A step is running only while its run holds the lock; else it was interrupted.
         live = ws.manifest.live_run() if holder(ws.root / ".lock") else None
-        slides = ws.manifest.slide_summaries(live)
+        slides = [s.as_dict() for s in ws.manifest.slide_summaries(live)]
         failed = sum(1 for s in slides if s["errors"])
         data = {"workspace": str(ws.root), "slides": slides, "failed": failed}
         out.emit(data, lambda: _print(slides))

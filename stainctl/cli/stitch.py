@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_batch
+from stainctl.cli.output import Batch, Output, run_batch
+from stainctl.errors import UsageError
 
 
 def stitch(
@@ -37,27 +38,29 @@ def stitch(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Blend each slide's translated tiles and write a pyramidal slide with a PNG thumbnail."""
-    from stainctl.steps.stitch import StitchOptions, stitch_slides
-    from stainctl.stitch.pyramid import PyramidOptions
 
-    out = Output(json_out, quiet, verbose)
-    options = StitchOptions(
-        pyramid=PyramidOptions(fmt, compression, quality, tile),
-        markers=tuple(marker or ()), output=output, level0=level0,
-        background=_rgb(out, background), force=force)
-    run_batch(out, workspace, "stitch", vars(options),
-              lambda ws, progress: stitch_slides(ws, options, progress))
+    def prepare() -> Batch:
+        from stainctl.steps.stitch import StitchOptions, stitch_slides
+        from stainctl.stitch.pyramid import PyramidOptions
+
+        options = StitchOptions(
+            pyramid=PyramidOptions(format=fmt, compression=compression, quality=quality,
+                                   tile=tile),
+            markers=tuple(marker or ()), output=output, level0=level0,
+            background=_rgb(background), force=force)
+        return Batch(params=vars(options),
+                     step=lambda ws, progress: stitch_slides(ws, options, progress))
+
+    run_batch(Output(json_out, quiet, verbose), workspace, "stitch", prepare)
 
 
-def _rgb(out: Output, text: str | None) -> tuple[int, int, int] | None:
+def _rgb(text: str | None) -> tuple[int, int, int] | None:
+    """--background R,G,B as numbers; StitchOptions checks their range."""
     if text is None:
         return None
     try:
         r, g, b = (int(v) for v in text.split(","))
-        if all(0 <= v <= 255 for v in (r, g, b)):
-            return r, g, b
     except ValueError:
-        pass
-    out.error(f"--background must be R,G,B with values in 0..255 (e.g. 245,245,245), "
-              f"got {text!r}")
-    raise typer.Exit(2)
+        raise UsageError("--background must be R,G,B with values in 0..255 (e.g. 245,245,245), "
+                         f"got {text!r}") from None
+    return r, g, b

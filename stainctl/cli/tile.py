@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from stainctl.cli import options as opt
-from stainctl.cli.output import Output, run_command
+from stainctl.cli.output import Batch, Output, run_batch
+
+if TYPE_CHECKING:
+    from stainctl.steps.report import BatchResult
+    from stainctl.workspace import Workspace
 
 
 def tile(
@@ -33,34 +37,31 @@ def tile(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Find tissue on each slide and lay a grid of tiles over it (first step of a workspace)."""
-    out = Output(json_out, quiet, verbose)
 
-    def body() -> int:
-        from stainctl.cli.render import batch_summary
+    def prepare() -> Batch:
+        # Everything that can be wrong with the arguments, slide paths included, is found here,
+        # before the workspace is created: a typo leaves no empty workspace behind.
         from stainctl.slide.grid import GridParams
         from stainctl.slide.inputs import expand_slides
         from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
         from stainctl.slide.tissue import TissueParams
         from stainctl.steps.tile import TileOptions, tile_slides
-        from stainctl.workspace import Workspace
 
         options = TileOptions(
-            grid=GridParams(target_mpp, tile_size, overlap, min_tissue),
+            grid=GridParams(target_mpp=target_mpp, tile_size=tile_size, overlap=overlap,
+                            min_tissue=min_tissue),
             tissue=TissueParams(saturation=tissue_threshold, allow_dark=allow_dark),
             max_thumbnail_read=max_thumbnail_read or DEFAULT_MAX_READ_GPX, force=force)
-        options.grid.validate()
         requests = expand_slides(slides, mpp)
-        ws = Workspace.open(workspace, create=True)
-        with ws.writing("tile", {"slides": slides, **vars(options)}), out.progress() as p:
-            result = tile_slides(ws, requests, options, p)
-            ws.partial = bool(result.failed)
-        def human() -> None:
-            batch_summary(result)
-            if any(s.state != "failed" for s in result.slides):
-                typer.echo(f"Thumbnails and tissue masks: {ws.root / 'slides'}/<slide>/ "
-                           "(thumbnail.png, tissue_mask.png)")
+        return Batch(params={"slides": slides, **vars(options)},
+                     step=lambda ws, progress: tile_slides(ws, requests, options, progress),
+                     after=_where_thumbnails_are)
 
-        out.emit(result.as_dict(), human)
-        return result.exit_code
+    run_batch(Output(json_out, quiet, verbose), workspace, "tile", prepare, create=True)
 
-    run_command(out, body)
+
+def _where_thumbnails_are(ws: Workspace, result: BatchResult) -> None:
+    if any(s.state != "failed" for s in result.slides):
+        thumbnail, mask = ws.thumbnail_path("<slide>"), ws.tissue_mask_path("<slide>")
+        typer.echo(f"Thumbnails and tissue masks: {thumbnail.parent}/ "
+                   f"({thumbnail.name}, {mask.name})")

@@ -4,14 +4,17 @@ the translation step alone."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.options import Format
-from stainctl.cli.output import Output, run_batch
+from stainctl.cli.output import Batch, Output, run_batch
+
+if TYPE_CHECKING:
+    from stainctl.steps.translate import TranslateOptions
 
 
 def translate(
@@ -57,28 +60,40 @@ def translate(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Generate a virtual IHC slide from each H&E slide (or translate a workspace's tiles)."""
-    from stainctl.steps.translate import TranslateOptions
-
     out = Output(json_out, quiet, verbose)
-    options = TranslateOptions(marker, Path(models_dir) if models_dir else None, device,
-                               batch_size, readers, force, steps, guidance, seed, dtype, overlap)
-    if not slides:
-        if workspace is None:
-            out.error("give slides, or a workspace with -w to translate its filtered tiles")
-            raise typer.Exit(2)
+    if not slides and workspace is None:
+        out.error("give slides, or a workspace with -w to translate its filtered tiles")
+        raise typer.Exit(2)
+
+    def translate_options() -> TranslateOptions:
+        from stainctl.steps.translate import TranslateOptions
+
+        return TranslateOptions(
+            marker=marker, models_dir=Path(models_dir) if models_dir else None, device=device,
+            batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
+            seed=seed, dtype=dtype, overlap=overlap)
+
+    def step_alone() -> Batch:
         from stainctl.steps.translate import translate_slides
 
-        run_batch(out, workspace, "translate", vars(options),
-                  lambda ws, progress: translate_slides(ws, options, progress))
+        options = translate_options()
+        return Batch(params=vars(options),
+                     step=lambda ws, progress: translate_slides(ws, options, progress))
 
-    def main_job(ws: Any, progress: Any) -> Any:
+    def main_job() -> Batch:
         from stainctl.slide.inputs import expand_slides
         from stainctl.steps.pipeline import run_main_job
+        from stainctl.stitch.pyramid import PyramidOptions
 
-        # Inside the run, so a bad slide argument is reported like any other usage error.
+        options = translate_options()
+        pyramid = PyramidOptions(format=fmt)
         requests = expand_slides(slides or [], mpp)
-        return run_main_job(ws, requests, options, output.resolve(), fmt, progress,
-                            max_thumbnail_read=max_thumbnail_read)
+        return Batch(params={"slides": slides, **vars(options)},
+                     step=lambda ws, progress: run_main_job(
+                         ws, requests, options, output.resolve(), pyramid, progress,
+                         max_thumbnail_read=max_thumbnail_read))
 
-    run_batch(out, workspace or output / "workspace", "translate",
-              {"slides": slides, **vars(options)}, main_job, create=True)
+    if not slides:
+        assert workspace is not None
+        run_batch(out, workspace, "translate", step_alone)
+    run_batch(out, workspace or output / "workspace", "translate", main_job, create=True)

@@ -58,7 +58,7 @@ class EvaluateOptions:
     # A feature network given in code (tests; other backbones): uint8 NCHW -> (B, D).
     feature_model: Any = field(default=None, compare=False)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         unknown = sorted(set(self.metrics) - set(METRICS))
         if unknown:
             raise UsageError(f"unknown metric(s) {', '.join(unknown)}; choose from "
@@ -126,7 +126,6 @@ def _json_safe(value: Any) -> Any:
 
 def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
     """`progress`: an object with start(description, total) and advance(n), as the CLI's."""
-    options.validate()
     wanted = set(options.metrics)
     unavailable: list[dict[str, Any]] = []
 

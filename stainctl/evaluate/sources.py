@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".tif", ".tiff", ".bif", ".vms", ".dcm")
-WORKSPACE_MANIFEST = "manifest.sqlite"
 
 
 @dataclass(frozen=True)
@@ -66,7 +65,9 @@ def open_set(path: str | Path, options: SourceOptions, *, fake: bool) -> ImageSe
     if not p.exists():
         raise UsageError(f"{p}: no such file or folder; give a folder of images, a slide or a "
                          "workspace")
-    if (p / WORKSPACE_MANIFEST).is_file():
+    from stainctl.workspace.workspace import Workspace
+
+    if Workspace.exists_at(p):
         return _workspace_set(p, options, fake=fake)
     if p.is_dir():
         return _folder_set(p)
@@ -256,14 +257,13 @@ def _kept_set(ws: Workspace) -> ImageSet:
     root, m = ws.root, ws.manifest
     items: list[Item] = []
     for s in m.slides():
-        g = m.grid(s["id"])
+        g = m.grid(s.id)
         if g is None:
             continue
-        source = TileSource(s["path"], float(g["extent0"]), int(g["tile_size"]))
-        for t in m.db.execute("SELECT col, row, x, y FROM tiles WHERE slide_id=? AND keep=1 "
-                              "ORDER BY row, col", (s["id"],)):
-            items.append(Item(f"{s['key']}/c{t['col']}_r{t['row']}", s["key"],
-                              _tile_loader(source, int(t["x"]), int(t["y"]))))
+        source = TileSource(s.path, g.extent0, g.tile_size)
+        for t in m.kept_tiles(s.id):
+            items.append(Item(f"{s.key}/c{t.col}_r{t.row}", s.key,
+                              _tile_loader(source, t.x, t.y)))
     if not items:
         raise UsageError(f"{root}: no kept tiles; run `stainctl tile` and `stainctl filter` on "
                          "the real slides first")
@@ -278,20 +278,19 @@ def _translated_set(ws: Workspace, marker: str) -> ImageSet:
     items: list[Item] = []
     previews: list[SlidePreview] = []
     for s in m.slides():
-        path = ws.tile_store_path(s["key"], marker)
+        path = ws.tile_store_path(s.key, marker)
         if not path.is_dir():
             continue
         store = TileStore.open(path, writable=False)
         written = store.written()
         for row, col in zip(*np.nonzero(written), strict=True):
-            items.append(Item(f"{s['key']}/c{col}_r{row}", s["key"],
+            items.append(Item(f"{s.key}/c{col}_r{row}", s.key,
                               _store_loader(path, int(col), int(row), store.layout.margin,
                                             store.layout.tile_size)))
-        for a in m.db.execute("SELECT path FROM artifacts WHERE slide_id=? AND kind='stitched' "
-                              "AND stale=0", (s["id"],)):
-            out = root / a["path"] if not Path(a["path"]).is_absolute() else Path(a["path"])
+        for a in m.artifacts(s.id, "stitched"):
+            out = root / a.path  # an absolute path stays itself
             if f".{marker}." in out.name and out.exists():
-                previews.append(SlidePreview(s["key"], out, Path(s["path"])))
+                previews.append(SlidePreview(s.key, out, Path(s.path)))
                 break
     if not items:
         raise UsageError(f"{root}: no translated {marker} tiles; run `stainctl translate -w "

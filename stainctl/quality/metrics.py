@@ -20,6 +20,16 @@ class FilterThresholds:
     min_saturated: float = 0.10
     max_white: float = 0.60
 
+    def __post_init__(self) -> None:
+        from stainctl.errors import UsageError
+
+        if self.min_laplacian < 0:
+            raise UsageError(f"--min-laplacian must be 0 or more, got {self.min_laplacian}")
+        for flag, value in (("--min-saturated", self.min_saturated),
+                            ("--max-white", self.max_white)):
+            if not 0 <= value <= 1:
+                raise UsageError(f"{flag} is a fraction of the tile, in [0, 1], got {value}")
+
     def as_dict(self) -> dict[str, float]:
         return asdict(self)
 

@@ -19,7 +19,7 @@ class GridParams:
     overlap: int = 0
     min_tissue: float = 0.25
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         from stainctl.errors import UsageError
 
         if not self.target_mpp > 0:

@@ -28,6 +28,12 @@ class TissueParams:
     min_object_um2: float = 5_000.0  # specks smaller than this are dropped
     allow_dark: bool = False
 
+    def __post_init__(self) -> None:
+        from stainctl.errors import UsageError
+
+        if not 0 <= self.saturation <= 255:
+            raise UsageError(f"--tissue-threshold must be in 0..255, got {self.saturation}")
+
 
 def background_brightness(thumb: np.ndarray) -> float:
     import cv2

@@ -13,26 +13,32 @@ import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.errors import ModelError, SlideError, UsageError
+from stainctl.steps.lifecycle import Failure, SlidePlan, SlideStep
 from stainctl.steps.report import (
     BatchResult,
     Progress,
     SilentProgress,
     SlideOutcome,
-    params_hash,
     unexpected,
 )
-from stainctl.workspace import Workspace, atomic_path
+from stainctl.workspace import SlideRecord, StepRecord, Workspace, atomic_path
+
+if TYPE_CHECKING:
+    from stainctl.models.card import ModelCard
+    from stainctl.models.encoders import TileEncoder
 
 log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.1  # a grid within 10 % of the encoder's resolution is used as it is
+DTYPES = ("fp32", "bf16")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class EmbedOptions:
     encoder: str = "uni2-h"
     models_dir: Path | None = None
@@ -42,6 +48,12 @@ class EmbedOptions:
     scheduler: str | None = None  # Dask distributed address: slides spread over its workers
     readers: int = 2  # threads reading tiles ahead of the network
     force: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.readers < 1:
+            raise UsageError("--batch-size and --readers must be at least 1")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be fp32 or bf16, got {self.dtype}")
 
 
 @dataclass(frozen=True)
@@ -53,10 +65,10 @@ class EmbedJob:
     slide_path: str
     extent0: float
     tile_size: int
-    tiles: np.ndarray  # (N, 3) int64: manifest id, level-0 x, y
-    out_dir: str
+    tiles: NDArray[np.int64]  # (N, 3): manifest id, level-0 x, y
+    tokens_path: Path  # Workspace.embedding_files
+    ids_path: Path
     card: str  # as the user gave it: a model name or a card file
-    name: str  # the card's name, which names the files
     models_dir: str
     device: str
     dtype: str
@@ -65,8 +77,7 @@ class EmbedJob:
 
     @property
     def paths(self) -> tuple[Path, Path]:
-        base = Path(self.out_dir)
-        return base / f"{self.name}.npy", base / f"{self.name}.tiles.npy"
+        return self.tokens_path, self.ids_path
 
 
 @dataclass
@@ -83,90 +94,94 @@ def embed_slides(ws: Workspace, options: EmbedOptions,
     from stainctl.models.weights import resolve
 
     progress = progress or SilentProgress()
-    if options.batch_size < 1 or options.readers < 1:
-        raise UsageError("--batch-size and --readers must be at least 1")
-    if options.dtype not in ("fp32", "bf16"):
-        raise UsageError(f"--dtype must be fp32 or bf16, got {options.dtype}")
     directory = models_dir(options.models_dir)
     card = get_card(options.encoder, directory)
     if card.kind != "encoder":
         raise ModelError(f"{card.name} is a {card.kind} model; --encoder needs an encoder "
                          "(see `stainctl models list`)")
     weights = resolve(card, "encoder", directory)  # fail before any slide if missing
-    m = ws.manifest
-    ready = m.slides_done("filter")
+    ready = ws.manifest.slides_done(Workspace.FILTER)
     if not ready:
         raise UsageError(f"nothing to embed in {ws.root}: no slide has been filtered; run "
                          "`stainctl filter -w WS` first")
-
-    step = f"embed:{card.name}"
-    result = BatchResult("embed")
-    jobs: list[tuple[Any, EmbedJob, str, dict[str, Any]]] = []
-    for s in ready:
-        try:
-            job, phash, params = _plan(ws, s, card, options, directory, weights)
-        except SlideError as err:
-            m.set_step(s["id"], step, "failed", error=err.reason, run_id=ws.run_id)
-            result.slides.append(SlideOutcome(s["key"], s["path"], "failed", err.reason))
-            continue
-        done = m.step(s["id"], step)
-        if (not options.force and done is not None and done["state"] == "done"
-                and done["params_hash"] == phash and all(p.exists() for p in job.paths)):
-            result.slides.append(SlideOutcome(s["key"], s["path"], "skipped",
-                                              f"{len(job.tiles)} tiles already embedded"))
-            continue
-        m.set_step(s["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
-        jobs.append((s, job, phash, params))
-
-    progress.start("embed", sum(len(j.tiles) for _, j, _, _ in jobs))
-    runner = _run_distributed if options.scheduler else _run_local
-    by_id = {s["id"]: (s, job, phash, params) for s, job, phash, params in jobs}
-    for res in runner([j for _, j, _, _ in jobs], options, progress):
-        s, job, phash, params = by_id[res.slide_id]
-        if res.error is None:
-            for path, kind in zip(job.paths, ("embeddings", "embedding_tiles"), strict=True):
-                m.record_artifact(s["id"], kind, ws.relative(path), phash)
-            m.set_step(s["id"], step, "done", params_hash=phash, params=params,
-                       run_id=ws.run_id)
-            outcome = SlideOutcome(s["key"], s["path"], "done",
-                                   f"{res.tiles} tiles -> {res.shape[1]} x {res.shape[2]} tokens",
-                                   {"tiles": res.tiles, "shape": list(res.shape),
-                                    "embeddings": str(job.paths[0])})
-        else:
-            m.set_step(s["id"], step, "failed", params_hash=phash, params=params,
-                       error=res.error, run_id=ws.run_id)
-            outcome = SlideOutcome(s["key"], s["path"], "failed", res.error)
-        result.slides.append(outcome)
-        progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
-    return result
+    return EmbedStep(ws, progress, options, card, directory, weights).run(ready)
 
 
-def _plan(ws: Workspace, s: Any, card: Any, options: EmbedOptions, directory: Path,
-          weights: Path) -> tuple[EmbedJob, str, dict[str, Any]]:
-    grid = ws.manifest.grid(s["id"])
-    assert grid is not None
-    if abs(grid["target_mpp"] - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
-        raise SlideError(s["path"], f"tiles are at {grid['target_mpp']} µm/px but {card.name} "
-                         f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
-                         f"{card.input_mpp}")
-    crop = int(card.architecture.get("crop", grid["tile_size"]))
-    if grid["tile_size"] % crop:
-        raise SlideError(s["path"], f"{card.name} cuts tiles into {crop}-px crops; re-tile with "
-                         f"a --tile-size that is a multiple of {crop} (e.g. {card.tile_size})")
-    tiles = np.asarray(ws.manifest.db.execute(
-        "SELECT id, x, y FROM tiles WHERE slide_id=? AND keep=1 ORDER BY id",
-        (s["id"],)).fetchall(), np.int64).reshape(-1, 3)
-    if not len(tiles):
-        raise SlideError(s["path"], "no tile was kept by the filter; lower its thresholds")
-    filtered = ws.manifest.step(s["id"], "filter")
-    params = {"encoder": card.name, "weights": str(weights), "dtype": options.dtype,
-              "grid": grid["params_hash"], "tiles": len(tiles),
-              "filter": filtered["params_hash"] if filtered else None}
-    job = EmbedJob(s["id"], s["key"], s["path"], float(grid["extent0"]), int(grid["tile_size"]),
-                   tiles, str(ws.slide_dir(s["key"]) / "embeddings"), options.encoder,
-                   card.name, str(directory), options.device, options.dtype,
-                   options.batch_size, options.readers)
-    return job, params_hash(params), params
+class EmbedStep(SlideStep[SlideRecord, EmbedJob]):
+    label = "embed"
+
+    def __init__(self, ws: Workspace, progress: Progress, options: EmbedOptions,
+                 card: ModelCard, directory: Path, weights: Path) -> None:
+        super().__init__(ws, progress, force=options.force)
+        self.options, self.card, self.directory, self.weights = (options, card, directory,
+                                                                 weights)
+
+    def slide(self, item: SlideRecord) -> SlideRecord:
+        return item
+
+    def step_name(self, item: SlideRecord) -> str:
+        return Workspace.embed_step(self.card.name)
+
+    def plan(self, item: SlideRecord, slide: SlideRecord,
+             previous: StepRecord | None) -> SlidePlan[SlideRecord, EmbedJob]:
+        card, options, m = self.card, self.options, self.manifest
+        grid = m.grid(slide.id)
+        assert grid is not None  # filtered slides have a grid
+        if abs(grid.target_mpp - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
+            raise SlideError(slide.path, f"tiles are at {grid.target_mpp} µm/px but "
+                             f"{card.name} takes {card.input_mpp} µm/px; re-tile with "
+                             f"--target-mpp {card.input_mpp}")
+        crop = int(card.architecture.get("crop", grid.tile_size))
+        if grid.tile_size % crop:
+            raise SlideError(slide.path, f"{card.name} cuts tiles into {crop}-px crops; re-tile "
+                             f"with a --tile-size that is a multiple of {crop} (e.g. "
+                             f"{card.tile_size})")
+        tiles = np.asarray([(t.id, t.x, t.y) for t in m.kept_tiles(slide.id)],
+                           np.int64).reshape(-1, 3)
+        if not len(tiles):
+            raise SlideError(slide.path, "no tile was kept by the filter; lower its thresholds")
+        filtered = m.step(slide.id, Workspace.FILTER)
+        params = {"encoder": card.name, "weights": str(self.weights), "dtype": options.dtype,
+                  "grid": grid.params_hash, "tiles": len(tiles),
+                  "filter": filtered.params_hash if filtered else None}
+        files = self.ws.embedding_files(slide.key, card.name)
+        job = EmbedJob(slide.id, slide.key, slide.path, grid.extent0, grid.tile_size, tiles,
+                       files.tokens, files.ids, options.encoder, str(self.directory),
+                       options.device, options.dtype, options.batch_size, options.readers)
+        return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
+                         work=job, previous=previous)
+
+    def up_to_date(self, plan: SlidePlan[SlideRecord, EmbedJob]) -> bool:
+        return plan.done_before and all(p.exists() for p in plan.work.paths)
+
+    def skipped(self, plan: SlidePlan[SlideRecord, EmbedJob]) -> SlideOutcome:
+        return SlideOutcome(plan.slide.key, plan.slide.path, "skipped",
+                            f"{len(plan.work.tiles)} tiles already embedded")
+
+    def process(self, plans: Iterator[SlidePlan[SlideRecord, EmbedJob]]
+                ) -> Iterator[tuple[SlidePlan[SlideRecord, EmbedJob], SlideOutcome | Failure]]:
+        todo = list(plans)  # every slide planned first: the progress total, the Dask jobs
+        self.progress.start("embed", sum(len(p.work.tiles) for p in todo))
+        runner = _run_distributed if self.options.scheduler else _run_local
+        by_id = {p.slide.id: p for p in todo}
+        for res in runner([p.work for p in todo], self.options, self.progress):
+            plan = by_id[res.slide_id]
+            yield plan, self._outcome(plan, res)
+
+    def run_one(self, plan: SlidePlan[SlideRecord, EmbedJob]) -> SlideOutcome:
+        raise AssertionError("embed runs its jobs in process()")  # local or on Dask workers
+
+    def _outcome(self, plan: SlidePlan[SlideRecord, EmbedJob],
+                 res: JobResult) -> SlideOutcome | Failure:
+        if res.error is not None:
+            return Failure(res.error)
+        job = plan.work
+        for path, kind in zip(job.paths, ("embeddings", "embedding_tiles"), strict=True):
+            self.manifest.record_artifact(job.slide_id, kind, self.ws.relative(path), plan.phash)
+        return SlideOutcome(plan.slide.key, plan.slide.path, "done",
+                            f"{res.tiles} tiles -> {res.shape[1]} x {res.shape[2]} tokens",
+                            {"tiles": res.tiles, "shape": list(res.shape),
+                             "embeddings": str(job.tokens_path)})
 
 
 def _run_local(jobs: list[EmbedJob], options: EmbedOptions,
@@ -192,7 +207,7 @@ def _run_distributed(jobs: list[EmbedJob], options: EmbedOptions,
 
 
 @functools.lru_cache(maxsize=2)
-def _encoder(card: str, models_dir: str, device: str, dtype: str) -> Any:
+def _encoder(card: str, models_dir: str, device: str, dtype: str) -> TileEncoder:
     """One network per process (a Dask worker keeps it across slides)."""
     from stainctl.models.encoders import load_encoder
     from stainctl.models.registry import get_card
@@ -201,7 +216,7 @@ def _encoder(card: str, models_dir: str, device: str, dtype: str) -> Any:
     return load_encoder(get_card(card, directory), directory, device=device, dtype=dtype)
 
 
-def run_job(job: EmbedJob, encoder: Any = None,
+def run_job(job: EmbedJob, encoder: TileEncoder | None = None,
             advance: Callable[[int], None] | None = None) -> JobResult:
     """Embed one slide and write its files; errors come back in the result, for the driver."""
     try:
@@ -215,7 +230,7 @@ def run_job(job: EmbedJob, encoder: Any = None,
         return JobResult(job.slide_id, error=unexpected(err))
 
 
-def embed_to_files(job: EmbedJob, encoder: Any, advance: Callable[[int], None]
+def embed_to_files(job: EmbedJob, encoder: TileEncoder, advance: Callable[[int], None]
                     ) -> tuple[int, ...]:
     from stainctl.slide.tiles import TileSource, read_batches
 

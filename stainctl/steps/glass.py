@@ -9,19 +9,23 @@ the engine and the median of its output (context margin left out) is the fill.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.slide.tiles import TileSource
-from stainctl.workspace import Workspace
+from stainctl.workspace import GridRecord, SlideRecord, Workspace
+
+if TYPE_CHECKING:
+    from stainctl.engines.base import Engine
 
 # When a slide has no glass at all to measure (tissue everywhere, or no thumbnail).
 FALLBACK_GLASS = (240, 240, 238)
 
 
-def glass_colour(ws: Workspace, slide: Any, grid: Any, engine: Any, source: TileSource,
-                 margin: int, seed: int) -> tuple[int, int, int]:
+def glass_colour(ws: Workspace, slide: SlideRecord, grid: GridRecord, engine: Engine,
+                 source: TileSource, margin: int, seed: int) -> tuple[int, int, int]:
     """The median RGB the engine gives a glass tile of `slide` (read like the tissue tiles:
     `source` gives tiles with `margin` px of context on each side)."""
     tile = glass_tile(ws, slide, grid, source, margin)
@@ -32,21 +36,21 @@ def glass_colour(ws: Workspace, slide: Any, grid: Any, engine: Any, source: Tile
     return _rgb(median)
 
 
-def glass_tile(ws: Workspace, slide: Any, grid: Any, source: TileSource,
-               margin: int) -> np.ndarray:
+def glass_tile(ws: Workspace, slide: SlideRecord, grid: GridRecord, source: TileSource,
+               margin: int) -> NDArray[np.uint8]:
     """The slide tile, context included, with the least tissue among those the tissue mask left
     out that lie wholly inside the slide; failing one, a uniform tile of the glass colour the
     slide's thumbnail shows."""
-    scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
+    scale = grid.extent0 / grid.tile_size  # level-0 px per output px
     m0 = margin * scale
-    reach = float(grid["extent0"]) + m0
-    row = ws.manifest.db.execute(
-        "SELECT x, y FROM tiles WHERE slide_id=? AND in_tissue=0 AND x>=? AND y>=? "
-        "AND x+?<=? AND y+?<=? ORDER BY tissue, row, col LIMIT 1",
-        (slide["id"], m0, m0, reach, slide["width"], reach, slide["height"])).fetchone()
-    if row is not None:
-        return source.read(round(row[0] - m0), round(row[1] - m0))
-    colour = thumbnail_glass(ws, slide["key"])
+    reach = grid.extent0 + m0
+    tile = None
+    if slide.width is not None and slide.height is not None:
+        tile = ws.manifest.glass_tile(slide.id, margin0=m0, reach=reach, width=slide.width,
+                                      height=slide.height)
+    if tile is not None:
+        return source.read(round(tile.x - m0), round(tile.y - m0))
+    colour = thumbnail_glass(ws, slide.key)
     return np.full((source.tile_size, source.tile_size, 3), colour, np.uint8)
 
 
@@ -55,9 +59,8 @@ def thumbnail_glass(ws: Workspace, key: str) -> tuple[int, int, int]:
     mask covers everything)."""
     import cv2
 
-    folder = ws.slide_dir(key)
-    thumb = cv2.imread(str(folder / "thumbnail.png"), cv2.IMREAD_COLOR)
-    mask = cv2.imread(str(folder / "tissue_mask.png"), cv2.IMREAD_GRAYSCALE)
+    thumb = cv2.imread(str(ws.thumbnail_path(key)), cv2.IMREAD_COLOR)
+    mask = cv2.imread(str(ws.tissue_mask_path(key)), cv2.IMREAD_GRAYSCALE)
     if thumb is None:
         return FALLBACK_GLASS
     rgb = thumb[..., ::-1].reshape(-1, 3)
@@ -70,6 +73,6 @@ def thumbnail_glass(ws: Workspace, key: str) -> tuple[int, int, int]:
     return _rgb(median)
 
 
-def _rgb(values: np.ndarray) -> tuple[int, int, int]:
+def _rgb(values: NDArray[np.float64]) -> tuple[int, int, int]:
     r, g, b = (int(np.rint(v)) for v in values)
     return r, g, b

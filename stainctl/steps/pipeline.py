@@ -15,20 +15,21 @@ from stainctl.slide.inputs import SlideRequest
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.steps.translate import TranslateOptions
+from stainctl.stitch.pyramid import PyramidOptions
 from stainctl.workspace import Workspace
 
 
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
-                 output: Path, fmt: str = "ome-tiff", progress: Progress | None = None, *,
+                 output: Path, pyramid: PyramidOptions | None = None,
+                 progress: Progress | None = None, *,
                  max_thumbnail_read: float | None = None) -> BatchResult:
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
     from stainctl.steps.side_by_side import side_by_side
-    from stainctl.steps.stitch import StitchOptions, stitch_slides
+    from stainctl.steps.stitch import StitchOptions, output_path, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
     from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
-    from stainctl.stitch.pyramid import PyramidOptions
 
     progress = progress or SilentProgress()
     directory = models_dir(options.models_dir)
@@ -41,6 +42,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     # virtual slide covers the whole section.
     grid = GridParams(target_mpp=card.input_mpp, tile_size=grid_tile_size(card, options),
                       min_tissue=0.05)
+    pyramid = pyramid or PyramidOptions()
     failed: dict[str, SlideOutcome] = {}
     worked: set[str] = set()  # slides some step did work on; the others were already done
 
@@ -50,13 +52,14 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         worked.update(o.slide for o in result.slides if o.state == "done")
 
     steps = [
-        ("tile", lambda: tile_slides(ws, requests, TileOptions(
+        (Workspace.TILE, lambda: tile_slides(ws, requests, TileOptions(
             grid=grid, force=options.force,
             max_thumbnail_read=max_thumbnail_read or DEFAULT_MAX_READ_GPX,
             dark_hint="a virtual IHC slide is made from a brightfield H&E slide, so this one "
                       "was left out"), progress)),
-        ("filter", lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
-        (f"translate:{card.name}", lambda: translate_slides(ws, options, progress)),
+        (Workspace.FILTER,
+         lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
+        (Workspace.translate_step(card.name), lambda: translate_slides(ws, options, progress)),
     ]
     for name, run in steps:
         keep_failures(run())
@@ -65,18 +68,19 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
             result = BatchResult("translate")
             result.slides.extend(failed.values())
             return result
-    stitched = stitch_slides(ws, StitchOptions(PyramidOptions(fmt), (card.name,), output,
-                                               force=options.force), progress)
+    stitch = StitchOptions(pyramid=pyramid, markers=(card.name,), output=output,
+                           force=options.force)
+    stitched = stitch_slides(ws, stitch, progress)
     keep_failures(stitched)
     result = BatchResult("translate")
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
         slide = ws.manifest.slide_by_path(o.path)
-        assert slide is not None
-        pair = side_by_side(o.path, float(slide["mpp"]), Path(o.details["output"]),
-                            Path(o.details["thumbnail"]), card.name,
-                            unchanged=o.state == "skipped",
+        assert slide is not None and slide.mpp is not None  # stitched slides were tiled
+        stitched_file = output_path(ws, stitch, o.slide, card.name)
+        pair = side_by_side(o.path, slide.mpp, stitched_file, pyramid.thumbnail(stitched_file),
+                            card.name, unchanged=o.state == "skipped",
                             max_read_gpx=max_thumbnail_read or DEFAULT_MAX_READ_GPX)
         o.details["side_by_side"] = str(pair)
         state = "done" if o.slide in worked else "skipped"

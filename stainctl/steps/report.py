@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 
 class Progress(Protocol):
@@ -31,7 +32,7 @@ class SlideOutcome:
     path: str
     state: str  # "done", "skipped" (already done, same parameters) or "failed"
     message: str = ""
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, object] = field(default_factory=dict)
     code: str | None = None  # a failure's kind, when its fix is not "run again" (errors.NO_MPP)
 
 
@@ -48,7 +49,7 @@ class BatchResult:
     def exit_code(self) -> int:
         return 1 if self.failed else 0
 
-    def as_dict(self) -> dict[str, Any]:
+    def as_dict(self) -> dict[str, object]:
         return {
             "step": self.step,
             "ok": not self.failed,
@@ -56,7 +57,7 @@ class BatchResult:
         }
 
 
-def params_hash(params: dict[str, Any]) -> str:
+def params_hash(params: Mapping[str, object]) -> str:
     blob = json.dumps(params, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

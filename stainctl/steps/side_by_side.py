@@ -11,12 +11,16 @@ field is kept to 768 px).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
 from stainctl.workspace import atomic_path
+
+if TYPE_CHECKING:
+    import pyvips
 from stainctl.workspace.atomic import remove_stale
 
 PANEL = 1020  # two panels and the gap: a 2,048-px-wide overview
@@ -91,7 +95,7 @@ def _newer_than(path: Path, *sources: Path) -> bool:
         return False
 
 
-def densest_field(overview: np.ndarray, k: int, scale: float, size: tuple[int, int],
+def densest_field(overview: NDArray[np.uint8], k: int, scale: float, size: tuple[int, int],
                   side: int) -> tuple[int, int]:
     """Top-left (x, y), in output px, of the `side`-px field whose `k`-px window on the
     overview (`scale` output px per overview px) holds the most stain: the sum of 255 - grey
@@ -110,14 +114,14 @@ def densest_field(overview: np.ndarray, k: int, scale: float, size: tuple[int, i
     return int(x), int(y)
 
 
-def _rgb(image: Any) -> np.ndarray:
+def _rgb(image: pyvips.Image) -> NDArray[np.uint8]:
     if image.bands > 3:
         image = image.extract_band(0, n=3)
     return np.ndarray(buffer=image.write_to_memory(), dtype=np.uint8,
                       shape=(image.height, image.width, image.bands))
 
 
-def _frame(image: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
+def _frame(image: NDArray[np.uint8], box: tuple[int, int, int]) -> NDArray[np.uint8]:
     import cv2
 
     x, y, k = box
@@ -126,7 +130,7 @@ def _frame(image: np.ndarray, box: tuple[int, int, int]) -> np.ndarray:
     return out
 
 
-def _label(image: np.ndarray, text: str) -> np.ndarray:
+def _label(image: NDArray[np.uint8], text: str) -> NDArray[np.uint8]:
     import cv2
 
     out = np.ascontiguousarray(image).copy()
@@ -137,16 +141,16 @@ def _label(image: np.ndarray, text: str) -> np.ndarray:
     return out
 
 
-def _row(images: list[np.ndarray]) -> np.ndarray:
+def _row(images: list[NDArray[np.uint8]]) -> NDArray[np.uint8]:
     h = max(im.shape[0] for im in images)
     gap = np.full((h, GAP, 3), 255, np.uint8)
-    parts: list[np.ndarray] = []
+    parts: list[NDArray[np.uint8]] = []
     for im in images:
         parts.extend([gap] if parts else [])
         parts.append(np.vstack([im, np.full((h - im.shape[0], im.shape[1], 3), 255, np.uint8)]))
     return np.hstack(parts)
 
 
-def _pad(image: np.ndarray, width: int) -> np.ndarray:
+def _pad(image: NDArray[np.uint8], width: int) -> NDArray[np.uint8]:
     return np.hstack([image, np.full((image.shape[0], width - image.shape[1], 3), 255,
                                      np.uint8)])

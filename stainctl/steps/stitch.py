@@ -6,27 +6,22 @@ skipped; a failed slide is recorded and the others go on.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from stainctl.errors import SlideError, UsageError
-from stainctl.steps.report import (
-    BatchResult,
-    Progress,
-    SilentProgress,
-    SlideOutcome,
-    params_hash,
-    unexpected,
-)
+from stainctl.steps.lifecycle import Failure, SlidePlan, SlideStep
+from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.stitch.pyramid import PyramidOptions
-from stainctl.workspace import Workspace
+from stainctl.workspace import SlideRecord, StepRecord, Workspace
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from stainctl.stitch.stitcher import Overlay
+    from stainctl.workspace.tilestore import StoreLayout, TileStore
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class StitchOptions:
     pyramid: PyramidOptions = field(default_factory=PyramidOptions)
     markers: tuple[str, ...] = ()  # empty: every marker that has tiles
@@ -35,98 +30,148 @@ class StitchOptions:
     background: tuple[int, int, int] | None = None  # None: the store's, else near-white
     force: bool = False
 
+    def __post_init__(self) -> None:
+        if self.background is not None and not all(0 <= v <= 255 for v in self.background):
+            raise UsageError("--background must be R,G,B with values in 0..255 (e.g. "
+                             f"245,245,245), got {','.join(map(str, self.background))}")
+
+    @property
+    def single_file(self) -> bool:
+        """-o names one file rather than a folder."""
+        return self.output is not None and self.output.suffix.lower() in (".tif", ".tiff")
+
+
+@dataclass(frozen=True)
+class StitchJob:
+    """One slide and marker to stitch."""
+
+    slide: SlideRecord
+    marker: str
+    store: Path
+    output: Path
+
 
 def stitch_slides(ws: Workspace, options: StitchOptions,
                   progress: Progress | None = None) -> BatchResult:
     progress = progress or SilentProgress()
-    options.pyramid.validate()
-    jobs = [(s, marker, path) for s in ws.manifest.slides()
-            for marker, path in ws.tile_stores(s["key"]).items()
-            if not options.markers or marker in options.markers]
-    if not jobs:
+    found = [(s, marker, path) for s in ws.manifest.slides()
+             for marker, path in ws.tile_stores(s.key).items()
+             if not options.markers or marker in options.markers]
+    if not found:
         which = f" for {', '.join(options.markers)}" if options.markers else ""
         raise UsageError(f"nothing to stitch in {ws.root}: no translated tiles{which}; "
                          "run `stainctl translate -w WS --marker M` first")
-    single_file = options.output is not None and options.output.suffix.lower() in (".tif",
-                                                                                   ".tiff")
-    if single_file and len(jobs) > 1:
-        raise UsageError(f"-o {options.output} names one file but there are {len(jobs)} "
+    if options.single_file and len(found) > 1:
+        raise UsageError(f"-o {options.output} names one file but there are {len(found)} "
                          "slide/marker outputs; give a directory or one --marker")
-    result = BatchResult("stitch")
+    jobs = [StitchJob(s, marker, path, output_path(ws, options, s.key, marker))
+            for s, marker, path in found]
     progress.start("stitch", len(jobs))
-    for slide, marker, store_path in jobs:
-        out = options.output if single_file else _default_output(ws, options, slide, marker)
-        assert out is not None
+    return StitchStep(ws, progress, options).run(jobs)
+
+
+def output_path(ws: Workspace, options: StitchOptions, key: str, marker: str) -> Path:
+    """Where the slide `key`'s `marker` output goes (its thumbnail: `pyramid.thumbnail`)."""
+    if options.single_file:
+        assert options.output is not None
+        return options.output
+    return ws.output_path(key, marker, options.pyramid.suffix, options.output)
+
+
+@dataclass(frozen=True)
+class StitchWork:
+    store: TileStore
+    background: tuple[int, int, int]
+
+
+class StitchStep(SlideStep[StitchJob, StitchWork]):
+    label = "stitch"
+    counts_items = True
+
+    def __init__(self, ws: Workspace, progress: Progress, options: StitchOptions) -> None:
+        super().__init__(ws, progress, force=options.force)
+        self.options = options
+
+    def slide(self, item: StitchJob) -> SlideRecord:
+        return item.slide
+
+    def step_name(self, item: StitchJob) -> str:
+        return Workspace.stitch_step(item.marker)
+
+    def plan(self, item: StitchJob, slide: SlideRecord,
+             previous: StepRecord | None) -> SlidePlan[StitchJob, StitchWork]:
+        from stainctl.stitch.stitcher import DEFAULT_BACKGROUND
+        from stainctl.workspace.tilestore import StoreError, TileStore
+
         try:
-            outcome = _stitch_one(ws, slide, marker, store_path, out, options)
-        except Exception as err:  # one bad slide must not stop the batch
-            reason = err.reason if isinstance(err, SlideError) else unexpected(err, out.parent)
-            log.debug("%s failed", store_path, exc_info=not isinstance(err, SlideError))
-            ws.manifest.set_step(slide["id"], f"stitch:{marker}", "failed", error=reason,
-                                 run_id=ws.run_id)
-            outcome = SlideOutcome(slide["key"], slide["path"], "failed", f"{marker}: {reason}")
-        result.slides.append(outcome)
-        progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
-        progress.advance()
-    return result
+            store = TileStore.open(item.store, writable=False)
+        except StoreError as err:
+            raise SlideError(item.store, f"{err}; run `stainctl translate --force` for it"
+                             ) from err
+        written = store.written()
+        if not store.complete:
+            raise SlideError(item.store, f"the {item.marker} translation is incomplete "
+                             f"({written.sum()} tiles so far); run `stainctl translate` again "
+                             "to finish it")
+        background = self.options.background or _rgb(store.meta.get("background"),
+                                                      DEFAULT_BACKGROUND)
+        params = {"pyramid": asdict(self.options.pyramid), "level0": self.options.level0,
+                  "background": list(background), "output": str(item.output),
+                  "store": store.generation, "tiles": int(written.sum())}
+        return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
+                         work=StitchWork(store, background), previous=previous)
+
+    def up_to_date(self, plan: SlidePlan[StitchJob, StitchWork]) -> bool:
+        return plan.done_before and plan.item.output.exists()
+
+    def skipped(self, plan: SlidePlan[StitchJob, StitchWork]) -> SlideOutcome:
+        job = plan.item
+        return SlideOutcome(plan.slide.key, plan.slide.path, "skipped",
+                            f"{job.marker}: already stitched to {job.output}",
+                            {"marker": job.marker, "output": str(job.output),
+                             "thumbnail": str(self.options.pyramid.thumbnail(job.output))})
+
+    def where(self, item: StitchJob) -> Path:
+        return item.output.parent
+
+    def failed(self, item: StitchJob, slide: SlideRecord, failure: Failure) -> SlideOutcome:
+        return SlideOutcome(slide.key, slide.path, "failed", f"{item.marker}: {failure.reason}",
+                            code=failure.code)
+
+    def run_one(self, plan: SlidePlan[StitchJob, StitchWork]) -> SlideOutcome:
+        from stainctl.stitch.stitcher import Overlay, stitch_store
+
+        slide, job, store = plan.slide, plan.item, plan.work.store
+        overlay = None
+        if self.options.level0:
+            if not slide.mpp or not slide.width or not slide.height:
+                raise SlideError(slide.path, "--level0 needs the slide's level-0 size and mpp, "
+                                 "which the manifest lacks; run `stainctl tile --force` on it")
+            overlay = Overlay(slide.width, slide.height, slide.mpp)
+        annotations = {"source": slide.path, "marker": job.marker,
+                       "model": str(store.meta.get("model", "unknown")),
+                       "tile_store": self.ws.relative(job.store), "stainctl": _version(),
+                       "grid": _grid_annotation(store.layout, overlay)}
+        res = stitch_store(store, job.output, options=self.options.pyramid,
+                           background=plan.work.background, name=image_name(slide.key, job.marker),
+                           annotations=annotations, overlay=overlay)
+        m = self.manifest
+        m.record_artifact(slide.id, "stitched", self.ws.relative(res.path), plan.phash)
+        m.record_artifact(slide.id, "stitched_thumbnail", self.ws.relative(res.thumbnail),
+                          plan.phash)
+        return SlideOutcome(
+            slide.key, slide.path, "done",
+            f"{job.marker}: {res.width} x {res.height} px at {res.mpp:.4g} µm/px -> {res.path}",
+            {"marker": job.marker, "output": str(res.path), "thumbnail": str(res.thumbnail),
+             "width": res.width, "height": res.height, "mpp": res.mpp, "tiles": res.tiles})
 
 
-def _default_output(ws: Workspace, options: StitchOptions, slide: Any, marker: str) -> Path:
-    folder = options.output if options.output is not None else ws.root / "outputs"
-    return folder / f"{slide['key']}.{marker}{options.pyramid.suffix}"
-
-
-def _stitch_one(ws: Workspace, slide: Any, marker: str, store_path: Path, out: Path,
-                options: StitchOptions) -> SlideOutcome:
-    from stainctl.stitch.stitcher import DEFAULT_BACKGROUND, Overlay, stitch_store
-    from stainctl.workspace.tilestore import StoreError, TileStore
-
-    m = ws.manifest
-    try:
-        store = TileStore.open(store_path, writable=False)
-    except StoreError as err:
-        raise SlideError(store_path, f"{err}; run `stainctl translate --force` for it") from err
-    written = store.written()
-    if not store.complete:
-        raise SlideError(store_path, f"the {marker} translation is incomplete ({written.sum()} "
-                         "tiles so far); run `stainctl translate` again to finish it")
-    background = options.background or tuple(store.meta.get("background", DEFAULT_BACKGROUND))
-    params = {"pyramid": asdict(options.pyramid), "level0": options.level0,
-              "background": list(background), "output": str(out),
-              "store": store.generation, "tiles": int(written.sum())}
-    phash = params_hash(params)
-    step = f"stitch:{marker}"
-    done = m.step(slide["id"], step)
-    if (not options.force and done is not None and done["state"] == "done"
-            and done["params_hash"] == phash and out.exists()):
-        return SlideOutcome(slide["key"], slide["path"], "skipped",
-                            f"{marker}: already stitched to {out}",
-                            {"marker": marker, "output": str(out),
-                             "thumbnail": str(options.pyramid.thumbnail(out))})
-
-    m.set_step(slide["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
-    overlay = None
-    if options.level0:
-        if not slide["mpp"] or not slide["width"]:
-            raise SlideError(slide["path"], "--level0 needs the slide's level-0 size and mpp, "
-                             "which the manifest lacks; run `stainctl tile --force` on it")
-        overlay = Overlay(int(slide["width"]), int(slide["height"]), float(slide["mpp"]))
-    annotations = {"source": slide["path"], "marker": marker,
-                   "model": str(store.meta.get("model", "unknown")),
-                   "tile_store": ws.relative(store_path), "stainctl": _version(),
-                   "grid": _grid_annotation(store.layout, overlay)}
-    res = stitch_store(store, out, options=options.pyramid,
-                       background=(int(background[0]), int(background[1]), int(background[2])),
-                       name=image_name(slide["key"], marker), annotations=annotations,
-                       overlay=overlay)
-    m.record_artifact(slide["id"], "stitched", ws.relative(res.path), phash)
-    m.record_artifact(slide["id"], "stitched_thumbnail", ws.relative(res.thumbnail), phash)
-    m.set_step(slide["id"], step, "done", params_hash=phash, params=params, run_id=ws.run_id)
-    return SlideOutcome(
-        slide["key"], slide["path"], "done",
-        f"{marker}: {res.width} x {res.height} px at {res.mpp:.4g} µm/px -> {res.path}",
-        {"marker": marker, "output": str(res.path), "thumbnail": str(res.thumbnail),
-         "width": res.width, "height": res.height, "mpp": res.mpp, "tiles": res.tiles})
+def _rgb(value: object, default: tuple[int, int, int]) -> tuple[int, int, int]:
+    """The background a store's metadata names, else `default`."""
+    if isinstance(value, list | tuple) and len(value) == 3:
+        r, g, b = (int(v) for v in value)
+        return r, g, b
+    return default
 
 
 def image_name(key: str, marker: str) -> str:
@@ -135,7 +180,7 @@ def image_name(key: str, marker: str) -> str:
     return f"{key} {marker} (virtual)"
 
 
-def _grid_annotation(layout: Any, overlay: Any) -> str:
+def _grid_annotation(layout: StoreLayout, overlay: Overlay | None) -> str:
     """Where tiles meet in the output's pixels, so `evaluate` can measure seams later."""
     scale = layout.mpp / overlay.mpp if overlay is not None else 1.0
     return (f"stride={layout.stride * scale:.8g},offset={layout.overlap // 2 * scale:.8g},"

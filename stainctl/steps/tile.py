@@ -3,30 +3,37 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.errors import SlideError
 from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
 from stainctl.slide.inputs import SlideRequest
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
 from stainctl.slide.tissue import DARK_HINT, TissueParams
-from stainctl.steps.report import (
-    BatchResult,
-    Progress,
-    SilentProgress,
-    SlideOutcome,
-    params_hash,
-    unexpected,
+from stainctl.steps.lifecycle import SlidePlan, SlideStep
+from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
+from stainctl.workspace import (
+    GridRecord,
+    SlideRecord,
+    StepRecord,
+    TileCell,
+    Workspace,
+    atomic_path,
 )
-from stainctl.workspace import Workspace, atomic_path
+
+if TYPE_CHECKING:
+    from stainctl.slide.reader import Slide
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TileOptions:
     grid: GridParams = field(default_factory=GridParams)
     tissue: TissueParams = field(default_factory=TissueParams)
@@ -39,86 +46,104 @@ class TileOptions:
 def tile_slides(ws: Workspace, requests: list[SlideRequest], options: TileOptions,
                 progress: Progress | None = None) -> BatchResult:
     progress = progress or SilentProgress()
-    options.grid.validate()
-    result = BatchResult("tile")
     progress.start("tile", len(requests))
-    for req in requests:
+    return TileStep(ws, progress, options).run(requests)
+
+
+@dataclass(frozen=True)
+class TileWork:
+    fingerprint: str
+
+
+class TileStep(SlideStep[SlideRequest, TileWork]):
+    label = "tile"
+    counts_items = True
+
+    def __init__(self, ws: Workspace, progress: Progress, options: TileOptions) -> None:
+        super().__init__(ws, progress, force=options.force)
+        self.options = options
+
+    def slide(self, item: SlideRequest) -> SlideRecord:
+        known = self.manifest.slide_by_path(str(item.path))
+        if known is not None:
+            return known
         try:
-            outcome = _tile_one(ws, req, options, progress)
-        except Exception as err:  # one bad slide must not stop the batch
-            reason = err.reason if isinstance(err, SlideError) else unexpected(err, ws.root)
-            log.debug("%s failed", req.path, exc_info=not isinstance(err, SlideError))
-            slide = (ws.manifest.slide_by_path(str(req.path))
-                     or ws.manifest.add_slide(str(req.path), _stem(req), ""))
-            ws.manifest.set_step(slide["id"], "tile", "failed", error=reason, run_id=ws.run_id)
-            outcome = SlideOutcome(slide["key"], str(req.path), "failed", reason,
-                                   code=getattr(err, "code", None))
-        result.slides.append(outcome)
-        progress.log(_line(outcome))
-        progress.advance()
-    return result
+            fp = _fingerprint(item)
+        except SlideError:
+            fp = ""  # registered all the same, so its failure is recorded
+        return self.manifest.add_slide(str(item.path), _stem(item), fp)
+
+    def step_name(self, item: SlideRequest) -> str:
+        return Workspace.TILE
+
+    def where(self, item: SlideRequest) -> Path:
+        return self.ws.root
+
+    def plan(self, item: SlideRequest, slide: SlideRecord,
+             previous: StepRecord | None) -> SlidePlan[SlideRequest, TileWork]:
+        fp = _fingerprint(item)
+        params = {
+            "grid": self.options.grid.as_dict(),
+            "tissue": asdict(self.options.tissue),
+            "mpp_override": item.mpp,
+            "fingerprint": fp,
+        }
+        return SlidePlan(item=item, slide=slide, step=Workspace.TILE, params=params,
+                         work=TileWork(fp), previous=previous)
+
+    def skipped(self, plan: SlidePlan[SlideRequest, TileWork]) -> SlideOutcome:
+        return SlideOutcome(plan.slide.key, plan.slide.path, "skipped", "already tiled",
+                            dict(self.manifest.tile_counts(plan.slide.id)))
+
+    def run_one(self, plan: SlidePlan[SlideRequest, TileWork]) -> SlideOutcome:
+        from stainctl.slide.reader import open_slide
+
+        m, key, slide_id = self.manifest, plan.slide.key, plan.slide.id
+        slide = open_slide(plan.item.path, plan.item.mpp)
+        try:
+            info = slide.describe()
+            m.describe_slide(slide_id, fingerprint=plan.work.fingerprint, backend=slide.backend,
+                             vendor=slide.vendor, width=int(info["width"]),
+                             height=int(info["height"]), levels=_levels_json(info),
+                             mpp=slide.mpp, mpp_source=slide.mpp_source,
+                             objective_power=slide.objective_power)
+            grid, tiles, mask, thumb = _layout(slide, self.options, slide_id, plan.phash,
+                                               _reporter(key, self.progress))
+        finally:
+            slide.close()
+        from stainctl.slide.tissue import colour_warning
+
+        warning = colour_warning(thumb)
+        if warning:
+            log.warning("%s: %s", plan.slide.path, warning)
+
+        _save_png(self.ws, slide_id, self.ws.thumbnail_path(key), thumb, "thumbnail")
+        _save_png(self.ws, slide_id, self.ws.tissue_mask_path(key),
+                  mask.astype(np.uint8) * 255, "tissue_mask")
+        m.replace_grid(grid, tiles)
+        counts = m.tile_counts(slide_id)
+        details: dict[str, object] = dict(counts)
+        message = f"{counts['tiles_tissue']} of {counts['tiles_total']} tiles on tissue"
+        if warning:
+            details["warning"] = warning
+            message += f"; warning: {warning}"
+        return SlideOutcome(key, plan.slide.path, "done", message, details)
 
 
-def _tile_one(ws: Workspace, req: SlideRequest, options: TileOptions,
-              progress: Progress) -> SlideOutcome:
+def _fingerprint(req: SlideRequest) -> str:
     from stainctl.slide.fingerprint import fingerprint
-    from stainctl.slide.reader import check_exists, open_slide
+    from stainctl.slide.reader import check_exists
 
     if req.error:
         raise SlideError(req.path, req.error)
     check_exists(req.path)
     try:
-        fp = fingerprint(req.path)
+        return fingerprint(req.path)
     except OSError as err:
         raise SlideError(req.path, f"cannot read the file ({err.strerror})") from err
-    m = ws.manifest
-    row = m.add_slide(str(req.path), _stem(req), fp)
-    params = {
-        "grid": options.grid.as_dict(),
-        "tissue": vars(options.tissue),
-        "mpp_override": req.mpp,
-        "fingerprint": fp,
-    }
-    phash = params_hash(params)
-    done = m.step(row["id"], "tile")
-    if (not options.force and done is not None and done["state"] == "done"
-            and done["params_hash"] == phash):
-        return SlideOutcome(row["key"], str(req.path), "skipped", "already tiled",
-                            m.tile_counts(row["id"]))
-
-    m.set_step(row["id"], "tile", "running", params_hash=phash, params=params,
-               run_id=ws.run_id)
-    slide = open_slide(req.path, req.mpp)
-    try:
-        info = slide.describe()
-        m.update_slide(row["id"], fingerprint=fp, backend=slide.backend, vendor=slide.vendor,
-                       width=info["width"], height=info["height"],
-                       levels=_levels_json(info), mpp=slide.mpp, mpp_source=slide.mpp_source,
-                       objective_power=slide.objective_power)
-        grid_row, tiles, mask, thumb = _layout(slide, options, _reporter(row["key"], progress))
-    finally:
-        slide.close()
-    from stainctl.slide.tissue import colour_warning
-
-    warning = colour_warning(thumb)
-    if warning:
-        log.warning("%s: %s", req.path, warning)
-
-    out_dir = ws.slide_dir(row["key"])
-    _save_png(ws, row["id"], out_dir / "thumbnail.png", thumb, "thumbnail")
-    _save_png(ws, row["id"], out_dir / "tissue_mask.png",
-              mask.astype(np.uint8) * 255, "tissue_mask")
-    m.replace_grid(row["id"], {**grid_row, "params_hash": phash}, tiles)
-    m.set_step(row["id"], "tile", "done", params_hash=phash, params=params, run_id=ws.run_id)
-    counts: dict[str, Any] = dict(m.tile_counts(row["id"]))
-    message = f"{counts['tiles_tissue']} of {counts['tiles_total']} tiles on tissue"
-    if warning:
-        counts["warning"] = warning
-        message += f"; warning: {warning}"
-    return SlideOutcome(row["key"], str(req.path), "done", message, counts)
 
 
-def _reporter(key: str, progress: Progress, every: float = 30.0) -> Any:
+def _reporter(key: str, progress: Progress, every: float = 30.0) -> Callable[[str, float], None]:
     """A callback for long per-slide work: a progress line at most every `every` seconds."""
     import time
 
@@ -133,8 +158,9 @@ def _reporter(key: str, progress: Progress, every: float = 30.0) -> Any:
     return report
 
 
-def _layout(slide: Any, options: TileOptions, report: Any = None
-            ) -> tuple[dict[str, Any], list[tuple[Any, ...]], np.ndarray, np.ndarray]:
+def _layout(slide: Slide, options: TileOptions, slide_id: int, phash: str,
+            report: Callable[[str, float], None] | None = None
+            ) -> tuple[GridRecord, list[TileCell], NDArray[np.bool_], NDArray[np.uint8]]:
     from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
     from stainctl.slide.tissue import check_brightfield, tissue_mask
 
@@ -159,17 +185,19 @@ def _layout(slide: Any, options: TileOptions, report: Any = None
     xs, ys = grid.origins()
     cols = np.tile(np.arange(grid.cols), grid.rows)
     rows = np.repeat(np.arange(grid.rows), grid.cols)
-    tiles = list(zip(cols.tolist(), rows.tolist(), xs.tolist(), ys.tolist(),
-                     frac.astype(float).tolist(), keep.astype(int).tolist(), strict=True))
-    grid_row = {
-        "target_mpp": gp.target_mpp, "tile_size": gp.tile_size, "overlap": gp.overlap,
-        "extent0": grid.extent0, "stride0": grid.stride0, "cols": grid.cols,
-        "rows": grid.rows, "min_tissue": gp.min_tissue,
-    }
-    return grid_row, tiles, mask, thumb
+    # Row by row, so manifest ids grow in raster order.
+    tiles = [TileCell(col=c, row=r, x=x, y=y, tissue=f, in_tissue=k)
+             for c, r, x, y, f, k in zip(cols.tolist(), rows.tolist(), xs.tolist(), ys.tolist(),
+                                         frac.astype(float).tolist(), keep.tolist(), strict=True)]
+    record = GridRecord(
+        slide_id=slide_id, params_hash=phash, target_mpp=gp.target_mpp,
+        tile_size=gp.tile_size, overlap=gp.overlap, extent0=grid.extent0,
+        stride0=grid.stride0, cols=grid.cols, rows=grid.rows, min_tissue=gp.min_tissue)
+    return record, tiles, mask, thumb
 
 
-def _save_png(ws: Workspace, slide_id: int, path: Any, image: np.ndarray, kind: str) -> None:
+def _save_png(ws: Workspace, slide_id: int, path: Path, image: NDArray[np.uint8],
+              kind: str) -> None:
     import cv2
 
     with atomic_path(path) as tmp:
@@ -179,7 +207,7 @@ def _save_png(ws: Workspace, slide_id: int, path: Any, image: np.ndarray, kind: 
     ws.manifest.record_artifact(slide_id, kind, ws.relative(path))
 
 
-def _levels_json(info: dict[str, Any]) -> str:
+def _levels_json(info: Mapping[str, object]) -> str:
     import json
 
     return json.dumps({"dimensions": info["level_dimensions"],
@@ -192,7 +220,3 @@ def _stem(req: SlideRequest) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return name if req.path.is_dir() else req.path.stem
-
-
-def _line(o: SlideOutcome) -> str:
-    return f"{o.slide}: {o.state}" + (f" ({o.message})" if o.message else "")

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.errors import UsageError
 from stainctl.steps.report import Progress, SilentProgress
@@ -163,7 +164,6 @@ def adapt_fast(options: AdaptOptions, log: bool = True) -> AdaptResult:
     from stainctl.engines.fast.data import load_image
     from stainctl.models.registry import get_card
 
-    options.validate()
     base = get_card(options.base, options.models_dir)
     check_base(base)
     mpp = float(base.input_mpp or 0.5)
@@ -183,7 +183,6 @@ def adapt_pixcell(workspace: Path, ihc: list[Path], default_mpp: float | None,
     from stainctl.workspace import Workspace
 
     progress = progress or SilentProgress()
-    options.validate()
     base = get_card(options.base, options.models_dir)
     # Missing base, VAE or encoder weights: say so before tiling the IHC slides.
     check_installed(required_cards(base, options.models_dir), options.models_dir, verify=True)
@@ -220,27 +219,27 @@ def pixcell_training_set(ws: Workspace, parts: PixCellParts, options: PixCellLor
     for o in embedded.failed:
         log.warning("%s: not used (%s)", o.slide, o.message)
     cache = options.out / "lora-run" / "latents"
-    latents: list[np.ndarray] = []
-    tokens: list[np.ndarray] = []
+    latents: list[NDArray[np.float16]] = []
+    tokens: list[NDArray[np.float16]] = []
     index: list[tuple[int, int]] = []
     side = parts.config.image_size
-    for s in ws.manifest.slides_done(f"embed:{encoder}"):
-        grid = ws.manifest.grid(s["id"])
+    for s in ws.manifest.slides_done(ws.embed_step(encoder)):
+        grid = ws.manifest.grid(s.id)
         assert grid is not None  # filtered slides have a grid
-        if int(grid["tile_size"]) != side or abs(float(grid["target_mpp"]) / mpp - 1) > 0.1:
-            raise UsageError(f"{ws.root}: {s['key']} is tiled at {grid['tile_size']} px, "
-                             f"{grid['target_mpp']} µm/px; {options.base} trains on {side}-px "
+        if grid.tile_size != side or abs(grid.target_mpp / mpp - 1) > 0.1:
+            raise UsageError(f"{ws.root}: {s.key} is tiled at {grid.tile_size} px, "
+                             f"{grid.target_mpp} µm/px; {options.base} trains on {side}-px "
                              f"tiles at {mpp} µm/px: re-tile with --tile-size {side} "
                              f"--target-mpp {mpp}")
-        base = ws.slide_dir(s["key"]) / "embeddings"
-        ids_all = np.load(base / f"{encoder}.tiles.npy")
-        chosen = select_tiles(ids_all, options.max_tiles_per_slide, options.seed, s["key"])
-        tok = np.load(base / f"{encoder}.npy", mmap_mode="r")[np.searchsorted(ids_all, chosen)]
-        path = cache / f"{s['key']}.{hashlib.sha256(chosen.tobytes()).hexdigest()[:12]}.npy"
+        files = ws.embedding_files(s.key, encoder)
+        ids_all = np.load(files.ids)
+        chosen = select_tiles(ids_all, options.max_tiles_per_slide, options.seed, s.key)
+        tok = np.load(files.tokens, mmap_mode="r")[np.searchsorted(ids_all, chosen)]
+        path = cache / f"{s.key}.{hashlib.sha256(chosen.tobytes()).hexdigest()[:12]}.npy"
         if not path.exists():
-            coords = np.array(ws.manifest.tile_positions(s["id"], chosen),
+            coords = np.array(ws.manifest.tile_positions(s.id, chosen),
                               np.int64).reshape(-1, 2)
-            source = TileSource(s["path"], float(grid["extent0"]), side)
+            source = TileSource(s.path, grid.extent0, side)
             stats = [encode_latents(parts.vae, batch, device)
                      for batch in read_batches(source, coords, options.batch_size, 2)]
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:

@@ -10,10 +10,8 @@ model gives the slide's glass, measured once per slide and model (`glass.py`) an
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -26,21 +24,14 @@ from stainctl.engines.base import (
 )
 from stainctl.errors import SlideError, UsageError
 from stainctl.models.card import ModelCard
-from stainctl.steps.report import (
-    BatchResult,
-    Progress,
-    SilentProgress,
-    SlideOutcome,
-    params_hash,
-    unexpected,
-)
-from stainctl.workspace import Workspace
+from stainctl.steps.lifecycle import SlidePlan, SlideStep
+from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
+from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
 
-log = logging.getLogger(__name__)
 MPP_TOLERANCE = 0.1
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class TranslateOptions:
     marker: str  # a marker model's name, or a stain (ki67, ck7...) with an installed model
     models_dir: Path | None = None
@@ -54,6 +45,11 @@ class TranslateOptions:
     seed: int = 0
     dtype: str = "auto"
     overlap: int | None = None  # context px each side; default: the model card's margin
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.readers < 1:
+            raise UsageError("--batch-size and --readers must be at least 1")
+        self.engine_options()  # EngineOptions checks --steps and --dtype
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, dtype=self.dtype, steps=self.steps,
@@ -77,100 +73,122 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
     from stainctl.models.registry import models_dir
 
     progress = progress or SilentProgress()
-    if options.batch_size < 1 or options.readers < 1:
-        raise UsageError("--batch-size and --readers must be at least 1")
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
     engine = load_engine(card, directory, options.engine_options())
     m = ws.manifest
-    ready = m.slides_done("filter")
+    ready = m.slides_done(Workspace.FILTER)
     if not ready:
         raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; run "
                          "`stainctl filter -w WS` first")
-    result = BatchResult("translate")
-    todo = sum(int(m.tile_counts(s["id"])["tiles_tissue"]) for s in ready)
-    progress.start("translate", todo)
-    for s in ready:
-        try:
-            outcome = _translate_one(ws, s, card, engine, options, progress)
-        except Exception as err:  # one bad slide must not stop the batch
-            reason = (err.reason if isinstance(err, SlideError)
-                      else unexpected(err, ws.slide_dir(s["key"])))
-            log.debug("%s failed", s["path"], exc_info=not isinstance(err, SlideError))
-            m.set_step(s["id"], f"translate:{card.name}", "failed", error=reason,
-                       run_id=ws.run_id)
-            outcome = SlideOutcome(s["key"], s["path"], "failed", reason)
-        result.slides.append(outcome)
-        progress.log(f"{outcome.slide}: {outcome.state} ({outcome.message})")
-    engine.close()
-    return result
+    progress.start("translate", sum(m.tile_counts(s.id)["tiles_tissue"] for s in ready))
+    try:
+        return TranslateStep(ws, progress, options, card, engine).run(ready)
+    finally:
+        engine.close()
 
 
-def _translate_one(ws: Workspace, s: Any, card: ModelCard, engine: Engine,
-                   options: TranslateOptions,
-                   progress: Progress) -> SlideOutcome:
-    from stainctl.slide.tiles import TileSource, read_batches
-    from stainctl.steps.glass import glass_colour
-    from stainctl.workspace.tilestore import TileStore, create_for_slide
+@dataclass(frozen=True)
+class TranslateWork:
+    grid: GridRecord
+    margin: int  # context px on each side of a grid tile
+    side: int  # the generated tile: grid tile plus margins
+    store: Path
 
-    m = ws.manifest
-    grid = m.grid(s["id"])
-    assert grid is not None
-    if abs(grid["target_mpp"] - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
-        raise SlideError(s["path"], f"tiles are at {grid['target_mpp']} µm/px but {card.name} "
-                         f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
-                         f"{card.input_mpp}")
-    margin = _margin(s["path"], int(grid["tile_size"]), card, engine, options)
-    side = int(grid["tile_size"]) + 2 * margin
-    if side % engine.multiple:
-        raise SlideError(s["path"], f"{card.name} needs tiles of a multiple of "
-                         f"{engine.multiple} px; re-tile with --tile-size {card.tile_size}")
-    step = f"translate:{card.name}"
-    params: dict[str, Any] = {
-        "model": card.name, "margin": margin, "grid": grid["params_hash"],
-        "filter": (m.step(s["id"], "filter") or {"params_hash": None})["params_hash"],
-        "background": "the model's glass"}  # was a fixed near-white: such stores are redone
-    params.update(engine.settings())  # what changes the pixels; batching and device do not
-    if not engine.deterministic:
-        params["seed"] = options.seed
-    phash = params_hash(params)
-    path = ws.tile_store_path(s["key"], card.name)
-    done = m.step(s["id"], step)
-    if options.force or (done is not None and done["params_hash"] != phash):
-        TileStore.remove(path)  # made with other settings: start again
-    elif done is not None and done["state"] == "done" and path.exists():
-        return SlideOutcome(s["key"], s["path"], "skipped", "already translated",
-                            {"store": str(path)})
-    m.set_step(s["id"], step, "running", params_hash=phash, params=params, run_id=ws.run_id)
-    scale = float(grid["extent0"]) / float(grid["tile_size"])  # level-0 px per output px
-    margin0 = margin * scale
-    source = TileSource(s["path"], float(grid["extent0"]) + 2 * margin0, side)
-    background = _resumed_background(path) or glass_colour(
-        ws, s, grid, engine, source, margin, tile_seed(options.seed, s["key"], -1, -1))
-    store = create_for_slide(ws, s, card.name, margin,
-                             {"model": card.name, "background": list(background)})
-    todo = np.asarray(m.db.execute(
-        "SELECT col, row, x, y FROM tiles WHERE slide_id=? AND in_tissue=1 ORDER BY row, col",
-        (s["id"],)).fetchall(), np.int64).reshape(-1, 4)
-    written = store.written()
-    todo = todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what the store lacks
-    coords = np.round(todo[:, 2:] - margin0).astype(np.int64)
-    start = 0
-    for batch in read_batches(source, coords, options.batch_size, options.readers):
-        cells = todo[start:start + len(batch), :2]
-        seeds = [tile_seed(options.seed, s["key"], int(c), int(r)) for c, r in cells]
-        out = engine.translate(batch, seeds)
-        for (col, row), tile in zip(cells, out, strict=True):
-            store.write(int(col), int(row), tile)
-        start += len(batch)
-        progress.advance(len(batch))
-    store.finish()
-    m.record_artifact(s["id"], "tile_store", ws.relative(path), phash)
-    m.set_step(s["id"], step, "done", params_hash=phash, params=params, run_id=ws.run_id)
-    total = int(store.written().sum())
-    return SlideOutcome(s["key"], s["path"], "done",
-                        f"{len(todo)} tile(s) translated ({total} in the store)",
-                        {"store": str(path), "translated_now": len(todo), "tiles": total})
+
+class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
+    label = "translate"
+
+    def __init__(self, ws: Workspace, progress: Progress, options: TranslateOptions,
+                 card: ModelCard, engine: Engine) -> None:
+        super().__init__(ws, progress, force=options.force)
+        self.options, self.card, self.engine = options, card, engine
+
+    def slide(self, item: SlideRecord) -> SlideRecord:
+        return item
+
+    def step_name(self, item: SlideRecord) -> str:
+        return Workspace.translate_step(self.card.name)
+
+    def plan(self, item: SlideRecord, slide: SlideRecord,
+             previous: StepRecord | None) -> SlidePlan[SlideRecord, TranslateWork]:
+        card, options, m = self.card, self.options, self.manifest
+        grid = m.grid(slide.id)
+        assert grid is not None  # filtered slides have a grid
+        if abs(grid.target_mpp - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
+            raise SlideError(slide.path, f"tiles are at {grid.target_mpp} µm/px but {card.name} "
+                             f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
+                             f"{card.input_mpp}")
+        margin = _margin(slide.path, grid.tile_size, card, self.engine, options)
+        side = grid.tile_size + 2 * margin
+        if side % self.engine.multiple:
+            raise SlideError(slide.path, f"{card.name} needs tiles of a multiple of "
+                             f"{self.engine.multiple} px; re-tile with --tile-size "
+                             f"{card.tile_size}")
+        filtered = m.step(slide.id, Workspace.FILTER)
+        params: dict[str, object] = {
+            "model": card.name, "margin": margin, "grid": grid.params_hash,
+            "filter": filtered.params_hash if filtered else None,
+            "background": "the model's glass"}  # was a fixed near-white: such stores are redone
+        params.update(self.engine.settings())  # what changes the pixels; batching and device
+        if not self.engine.deterministic:  # do not
+            params["seed"] = options.seed
+        work = TranslateWork(grid, margin, side, self.ws.tile_store_path(slide.key, card.name))
+        return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
+                         work=work, previous=previous)
+
+    def where(self, item: SlideRecord) -> Path:
+        return self.ws.slide_dir(item.key)
+
+    def up_to_date(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> bool:
+        return plan.done_before and plan.work.store.exists()
+
+    def skipped(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> SlideOutcome:
+        return SlideOutcome(plan.slide.key, plan.slide.path, "skipped", "already translated",
+                            {"store": str(plan.work.store)})
+
+    def start(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> None:
+        from stainctl.workspace.tilestore import TileStore
+
+        previous = plan.previous
+        if self.force or (previous is not None and previous.params_hash != plan.phash):
+            TileStore.remove(plan.work.store)  # made with other settings: start again
+        super().start(plan)
+
+    def run_one(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> SlideOutcome:
+        from stainctl.slide.tiles import TileSource, read_batches
+        from stainctl.steps.glass import glass_colour
+        from stainctl.workspace.tilestore import create_for_slide
+
+        s, work, options = plan.slide, plan.work, self.options
+        grid, margin, path = work.grid, work.margin, work.store
+        scale = grid.extent0 / grid.tile_size  # level-0 px per output px
+        margin0 = margin * scale
+        source = TileSource(s.path, grid.extent0 + 2 * margin0, work.side)
+        background = _resumed_background(path) or glass_colour(
+            self.ws, s, grid, self.engine, source, margin, tile_seed(options.seed, s.key, -1, -1))
+        store = create_for_slide(self.ws, s, self.card.name, margin,
+                                 {"model": self.card.name, "background": list(background)})
+        todo = np.asarray([(t.col, t.row, t.x, t.y) for t in self.manifest.tissue_tiles(s.id)],
+                          np.int64).reshape(-1, 4)
+        written = store.written()
+        todo = todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what the store lacks
+        coords = np.round(todo[:, 2:] - margin0).astype(np.int64)
+        start = 0
+        for batch in read_batches(source, coords, options.batch_size, options.readers):
+            cells = todo[start:start + len(batch), :2]
+            seeds = [tile_seed(options.seed, s.key, int(c), int(r)) for c, r in cells]
+            out = self.engine.translate(batch, seeds)
+            for (col, row), tile in zip(cells, out, strict=True):
+                store.write(int(col), int(row), tile)
+            start += len(batch)
+            self.progress.advance(len(batch))
+        store.finish()
+        self.manifest.record_artifact(s.id, "tile_store", self.ws.relative(path), plan.phash)
+        total = int(store.written().sum())
+        return SlideOutcome(s.key, s.path, "done",
+                            f"{len(todo)} tile(s) translated ({total} in the store)",
+                            {"store": str(path), "translated_now": len(todo), "tiles": total})
 
 
 def _resumed_background(path: Path) -> tuple[int, int, int] | None:
@@ -184,7 +202,10 @@ def _resumed_background(path: Path) -> tuple[int, int, int] | None:
         colour = TileStore.open(path, writable=False).meta.get("background")
     except StoreError:
         return None
-    return (int(colour[0]), int(colour[1]), int(colour[2])) if colour else None
+    if not isinstance(colour, list) or len(colour) != 3:
+        return None
+    r, g, b = (int(c) for c in colour)
+    return r, g, b
 
 
 def _margin(path: str, tile_size: int, card: ModelCard, engine: Engine,

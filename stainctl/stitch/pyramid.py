@@ -21,7 +21,7 @@ class PyramidOptions:
     quality: int = 90  # JPEG; libvips writes Q >= 90 without chroma subsampling (NOTES.md)
     tile: int = 512
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         from stainctl.errors import UsageError
 
         if self.format not in FORMATS:

@@ -3,6 +3,18 @@
 from stainctl.workspace.atomic import atomic_path
 from stainctl.workspace.lock import WriterLock
 from stainctl.workspace.manifest import SCHEMA_VERSION, Manifest
-from stainctl.workspace.workspace import Workspace
+from stainctl.workspace.records import (
+    ArtifactRecord,
+    GridRecord,
+    RunRecord,
+    SlideRecord,
+    SlideSummary,
+    StepRecord,
+    TileCell,
+    TileRecord,
+)
+from stainctl.workspace.workspace import EmbeddingFiles, Workspace
 
-__all__ = ["SCHEMA_VERSION", "Manifest", "Workspace", "WriterLock", "atomic_path"]
+__all__ = ["SCHEMA_VERSION", "ArtifactRecord", "EmbeddingFiles", "GridRecord", "Manifest",
+           "RunRecord", "SlideRecord", "SlideSummary", "StepRecord", "TileCell", "TileRecord",
+           "Workspace", "WriterLock", "atomic_path"]

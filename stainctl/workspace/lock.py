@@ -13,7 +13,6 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
 
 from stainctl.errors import WorkspaceLocked
 
@@ -60,7 +59,7 @@ class WriterLock:
         self.release()
 
 
-def holder(path: Path) -> dict[str, Any] | None:
+def holder(path: Path) -> dict[str, object] | None:
     """Who holds the lock at `path` now (pid, host, since, command), or None when nobody does.
 
     Takes no lock (a reader must never make a writer fail to start): the holder writes its pid
@@ -76,7 +75,8 @@ def holder(path: Path) -> dict[str, Any] | None:
         if not info:
             return None
         if info.get("host") == socket.gethostname():
-            return info if pid_alive(int(info.get("pid") or 0)) else None
+            pid = info.get("pid")
+            return info if isinstance(pid, int) and pid_alive(pid) else None
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -102,7 +102,7 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def _read_holder(fd: int) -> dict[str, Any]:
+def _read_holder(fd: int) -> dict[str, object]:
     try:
         data = json.loads(os.pread(fd, 4096, 0) or b"{}")
     except (OSError, ValueError):
@@ -110,7 +110,7 @@ def _read_holder(fd: int) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _describe(holder: dict[str, Any]) -> str:
+def _describe(holder: dict[str, object]) -> str:
     if not holder:
         return "holder unknown"
     return (

@@ -1,7 +1,8 @@
 """The workspace manifest: one SQLite file (WAL mode), the single source of truth.
 
 Only the driver process writes it; workers hand their results back. Bulk arrays live in files
-beside it and are referenced from the `artifacts` table.
+beside it and are referenced from the `artifacts` table. This module is the only place with SQL:
+everything else asks a named method and gets typed records (`records.py`) back.
 """
 
 from __future__ import annotations
@@ -9,13 +10,27 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from stainctl.errors import UsageError
+from stainctl.workspace.records import (
+    ArtifactRecord,
+    GridRecord,
+    RunRecord,
+    SlideRecord,
+    SlideSummary,
+    StepRecord,
+    StepState,
+    TileCell,
+    TileRecord,
+)
 from stainctl.workspace.schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
+
+if TYPE_CHECKING:
+    from sqlite3 import _Parameters  # typeshed's alias for what execute() binds
 
 # Pipeline order, used to report the last step done for a slide.
 STEP_ORDER = ("tile", "filter", "embed", "translate", "stitch", "evaluate")
@@ -41,15 +56,15 @@ class _Connection(sqlite3.Connection):
 
     manifest_path: Path
 
-    def execute(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+    def execute(self, sql: str, parameters: _Parameters = (), /) -> sqlite3.Cursor:
         try:
-            return super().execute(*args, **kwargs)
+            return super().execute(sql, parameters)
         except sqlite3.DatabaseError as err:
             raise _damaged(self.manifest_path, err) from None
 
-    def executemany(self, *args: Any, **kwargs: Any) -> sqlite3.Cursor:
+    def executemany(self, sql: str, parameters: Iterable[_Parameters], /) -> sqlite3.Cursor:
         try:
-            return super().executemany(*args, **kwargs)
+            return super().executemany(sql, parameters)
         except sqlite3.DatabaseError as err:
             raise _damaged(self.manifest_path, err) from None
 
@@ -136,7 +151,7 @@ class Manifest:
         self.db.execute("COMMIT")
 
     # --- runs -------------------------------------------------------------------------------
-    def start_run(self, command: str, params: dict[str, Any], versions: dict[str, str],
+    def start_run(self, command: str, params: Mapping[str, object], versions: Mapping[str, str],
                   host: str, pid: int) -> int:
         with self.transaction():
             cur = self.db.execute(
@@ -163,23 +178,31 @@ class Manifest:
             self.db.execute("UPDATE runs SET ended=?, outcome=? WHERE id=?",
                             (now(), outcome, run_id))
 
+    def runs(self) -> list[RunRecord]:
+        """Every run, oldest first."""
+        return [RunRecord.from_row(r) for r in self.db.execute("SELECT * FROM runs ORDER BY id")]
+
     # --- slides -----------------------------------------------------------------------------
-    def slide_by_path(self, path: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.db.execute(
-            "SELECT * FROM slides WHERE path=?", (path,)).fetchone()
-        return row
+    def slide_by_path(self, path: str) -> SlideRecord | None:
+        row = self.db.execute("SELECT * FROM slides WHERE path=?", (path,)).fetchone()
+        return None if row is None else SlideRecord.from_row(row)
 
-    def slides(self) -> list[sqlite3.Row]:
-        return list(self.db.execute("SELECT * FROM slides ORDER BY id"))
+    def slide_by_key(self, key: str) -> SlideRecord | None:
+        row = self.db.execute("SELECT * FROM slides WHERE key=?", (key,)).fetchone()
+        return None if row is None else SlideRecord.from_row(row)
 
-    def slides_done(self, step: str) -> list[sqlite3.Row]:
+    def slides(self) -> list[SlideRecord]:
+        return [SlideRecord.from_row(r)
+                for r in self.db.execute("SELECT * FROM slides ORDER BY id")]
+
+    def slides_done(self, step: str) -> list[SlideRecord]:
         """The slides whose `step` is done: the input of the next step."""
-        return list(self.db.execute(
+        return [SlideRecord.from_row(r) for r in self.db.execute(
             "SELECT s.* FROM slides s JOIN steps t ON t.slide_id = s.id "
-            "WHERE t.step = ? AND t.state = 'done' ORDER BY s.id", (step,)))
+            "WHERE t.step = ? AND t.state = 'done' ORDER BY s.id", (step,))]
 
-    def add_slide(self, path: str, stem: str, fingerprint: str) -> sqlite3.Row:
-        """Register a slide (or return the existing row); its key is unique in the workspace."""
+    def add_slide(self, path: str, stem: str, fingerprint: str) -> SlideRecord:
+        """Register a slide (or return the existing one); its key is unique in the workspace."""
         row = self.slide_by_path(path)
         if row is not None:
             return row
@@ -196,20 +219,27 @@ class Manifest:
         assert row is not None
         return row
 
-    def update_slide(self, slide_id: int, **fields: Any) -> None:
-        cols = ", ".join(f"{k}=?" for k in fields)
+    def describe_slide(self, slide_id: int, *, fingerprint: str, backend: str,
+                       vendor: str | None, width: int, height: int, levels: str,
+                       mpp: float | None, mpp_source: str | None,
+                       objective_power: float | None) -> None:
+        """What `tile` learnt on opening the slide."""
         with self.transaction():
-            self.db.execute(f"UPDATE slides SET {cols} WHERE id=?", (*fields.values(), slide_id))
+            self.db.execute(
+                "UPDATE slides SET fingerprint=?, backend=?, vendor=?, width=?, height=?, "
+                "levels=?, mpp=?, mpp_source=?, objective_power=? WHERE id=?",
+                (fingerprint, backend, vendor, width, height, levels, mpp, mpp_source,
+                 objective_power, slide_id))
 
     # --- steps ------------------------------------------------------------------------------
-    def step(self, slide_id: int, step: str) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.db.execute(
+    def step(self, slide_id: int, step: str) -> StepRecord | None:
+        row = self.db.execute(
             "SELECT * FROM steps WHERE slide_id=? AND step=?", (slide_id, step)).fetchone()
-        return row
+        return None if row is None else StepRecord.from_row(row)
 
-    def set_step(self, slide_id: int, step: str, state: str, *, params_hash: str | None = None,
-                 params: dict[str, Any] | None = None, error: str | None = None,
-                 run_id: int | None = None) -> None:
+    def set_step(self, slide_id: int, step: str, state: StepState, *,
+                 params_hash: str | None = None, params: Mapping[str, object] | None = None,
+                 error: str | None = None, run_id: int | None = None) -> None:
         stamp = now()
         with self.transaction():
             self.db.execute(
@@ -224,28 +254,56 @@ class Manifest:
                  error, run_id, stamp, None if state == "running" else stamp))
 
     # --- grid and tiles ---------------------------------------------------------------------
-    def grid(self, slide_id: int) -> sqlite3.Row | None:
-        row: sqlite3.Row | None = self.db.execute(
-            "SELECT * FROM grids WHERE slide_id=?", (slide_id,)).fetchone()
-        return row
+    def grid(self, slide_id: int) -> GridRecord | None:
+        row = self.db.execute("SELECT * FROM grids WHERE slide_id=?", (slide_id,)).fetchone()
+        return None if row is None else GridRecord.from_row(row)
 
-    def replace_grid(self, slide_id: int, grid: dict[str, Any],
-                     tiles: Iterable[Sequence[Any]]) -> None:
+    def replace_grid(self, grid: GridRecord, tiles: Iterable[TileCell]) -> None:
         """Replace the slide's grid and tiles; whatever was made from the old grid goes stale."""
+        slide_id = grid.slide_id
         with self.transaction():
             self.db.execute("DELETE FROM tiles WHERE slide_id=?", (slide_id,))
             self.db.execute("DELETE FROM grids WHERE slide_id=?", (slide_id,))
             self.db.execute("DELETE FROM steps WHERE slide_id=? AND step != 'tile'", (slide_id,))
             self.db.execute("UPDATE artifacts SET stale=1 WHERE slide_id=? AND kind NOT IN "
                             "('thumbnail', 'tissue_mask')", (slide_id,))
-            cols = ", ".join(grid)
-            marks = ", ".join("?" for _ in grid)
-            self.db.execute(f"INSERT INTO grids (slide_id, {cols}) VALUES (?, {marks})",
-                            (slide_id, *grid.values()))
+            self.db.execute(
+                "INSERT INTO grids (slide_id, params_hash, target_mpp, tile_size, overlap, "
+                "extent0, stride0, cols, rows, min_tissue) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                grid.values())
             self.db.executemany(
                 "INSERT INTO tiles (slide_id, col, row, x, y, tissue, in_tissue) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
-                ((slide_id, *t) for t in tiles))
+                ((slide_id, t.col, t.row, t.x, t.y, t.tissue, int(t.in_tissue)) for t in tiles))
+
+    def tiles(self, slide_id: int) -> list[TileRecord]:
+        """Every grid tile of the slide, in raster order."""
+        return self._tiles("slide_id=?", slide_id)
+
+    def tissue_tiles(self, slide_id: int) -> list[TileRecord]:
+        """The tiles on tissue (what `translate` generates), in raster order."""
+        return self._tiles("slide_id=? AND in_tissue=1", slide_id)
+
+    def kept_tiles(self, slide_id: int) -> list[TileRecord]:
+        """The tiles the filter kept (what `embed`, training and evaluation use), in raster
+        order."""
+        return self._tiles("slide_id=? AND keep=1", slide_id)
+
+    def _tiles(self, where: str, slide_id: int) -> list[TileRecord]:
+        # Ids grow in raster order (`tile` inserts row by row), so id order is raster order.
+        return [TileRecord.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM tiles WHERE {where} ORDER BY id", (slide_id,))]
+
+    def glass_tile(self, slide_id: int, *, margin0: float, reach: float, width: int,
+                   height: int) -> TileRecord | None:
+        """The tile off the tissue mask with the least tissue that lies, with `margin0` level-0
+        px of context before it and `reach` px from its origin onwards, wholly inside the
+        `width` x `height` slide; the first in raster order among equals."""
+        row = self.db.execute(
+            "SELECT * FROM tiles WHERE slide_id=? AND in_tissue=0 AND x>=? AND y>=? "
+            "AND x+?<=? AND y+?<=? ORDER BY tissue, row, col LIMIT 1",
+            (slide_id, margin0, margin0, reach, width, reach, height)).fetchone()
+        return None if row is None else TileRecord.from_row(row)
 
     def tile_counts(self, slide_id: int) -> dict[str, int]:
         total, tissue = self.db.execute(
@@ -309,46 +367,47 @@ class Manifest:
                 "params_hash=excluded.params_hash, created=excluded.created, stale=0",
                 (slide_id, kind, path, params_hash, now()))
 
+    def artifacts(self, slide_id: int, kind: str) -> list[ArtifactRecord]:
+        """The slide's current (not stale) artifacts of one kind, oldest first."""
+        return [ArtifactRecord.from_row(r) for r in self.db.execute(
+            "SELECT * FROM artifacts WHERE slide_id=? AND kind=? AND stale=0 ORDER BY id",
+            (slide_id, kind))]
+
     # --- status -----------------------------------------------------------------------------
-    def slide_summaries(self, live_run: int | None = None) -> list[dict[str, Any]]:
+    def slide_summaries(self, live_run: int | None = None) -> list[SlideSummary]:
         """Per slide: tile counts, each step's state, the last step done and any error. A step
         left 'running' by any run but `live_run` (the one holding the lock) is 'interrupted'."""
         counts = {
-            r["slide_id"]: r for r in self.db.execute(
+            int(r["slide_id"]): (int(r["total"]), int(r["tissue"] or 0), int(r["measured"]),
+                                 int(r["kept"] or 0))
+            for r in self.db.execute(
                 "SELECT slide_id, COUNT(*) AS total, SUM(in_tissue) AS tissue, "
                 "COUNT(laplacian_var) AS measured, SUM(keep) AS kept "
                 "FROM tiles GROUP BY slide_id")
         }
-        steps: dict[int, dict[str, sqlite3.Row]] = {}
+        steps: dict[int, dict[str, StepRecord]] = {}
         for r in self.db.execute("SELECT * FROM steps"):
-            steps.setdefault(r["slide_id"], {})[r["step"]] = r
+            rec = StepRecord.from_row(r)
+            steps.setdefault(rec.slide_id, {})[rec.step] = rec
         out = []
         for s in self.slides():
-            c = counts.get(s["id"])
-            st = steps.get(s["id"], {})
+            total, tissue, measured, kept = counts.get(s.id, (0, 0, 0, 0))
+            st = steps.get(s.id, {})
             # Per-marker steps are named like "stitch:ck7".
-            done = sorted((n for n, r in st.items() if r["state"] == "done"),
-                          key=lambda n: _step_rank(n))
-            errors = {name: r["error"] for name, r in st.items() if r["state"] == "failed"}
-            out.append({
-                "slide": s["key"],
-                "path": s["path"],
-                "mpp": s["mpp"],
-                "tiles_total": int(c["total"]) if c else 0,
-                "tiles_tissue": int(c["tissue"] or 0) if c else 0,
-                "tiles_measured": int(c["measured"]) if c else 0,
-                "tiles_kept": int(c["kept"] or 0) if c else 0,
-                "steps": {name: _state(r, live_run) for name, r in st.items()},
-                "last_done": done[-1] if done else None,
-                "errors": errors,
-            })
+            done = sorted((n for n, r in st.items() if r.state == "done"), key=_step_rank)
+            out.append(SlideSummary(
+                slide=s.key, path=s.path, mpp=s.mpp, tiles_total=total, tiles_tissue=tissue,
+                tiles_measured=measured, tiles_kept=kept,
+                steps={name: _state(r, live_run) for name, r in st.items()},
+                last_done=done[-1] if done else None,
+                errors={name: r.error for name, r in st.items() if r.state == "failed"}))
         return out
 
 
-def _state(step: sqlite3.Row, live_run: int | None) -> str:
-    if step["state"] == "running" and (live_run is None or step["run_id"] != live_run):
+def _state(step: StepRecord, live_run: int | None) -> str:
+    if step.state == "running" and (live_run is None or step.run_id != live_run):
         return "interrupted"
-    return str(step["state"])
+    return step.state
 
 
 def _step_rank(step: str) -> int:

@@ -13,15 +13,21 @@ from __future__ import annotations
 import os
 import shutil
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.errors import StainctlError
 
 if TYPE_CHECKING:
+    from zarr.core.common import JSON
+    from zarr.types import AnyArray
+
+    from stainctl.workspace.records import GridRecord, SlideRecord
     from stainctl.workspace.workspace import Workspace
 
 ARRAY = "tiles"
@@ -69,6 +75,20 @@ class StoreLayout:
         ys = [r * self.stride + half for r in range(1, self.rows)]
         return [x for x in xs if x < self.width], [y for y in ys if y < self.height]
 
+    @classmethod
+    def from_attrs(cls, path: Path, attrs: Mapping[str, object]) -> StoreLayout:
+        """The layout a store's attributes hold."""
+        values: dict[str, int | float] = {}
+        for f in fields(cls):
+            v = attrs.get(f.name)
+            if not isinstance(v, int | float) or isinstance(v, bool):
+                raise StoreError(f"{path}: the tile store's layout has no valid {f.name}")
+            values[f.name] = v
+        return cls(width=int(values["width"]), height=int(values["height"]),
+                   mpp=float(values["mpp"]), cols=int(values["cols"]), rows=int(values["rows"]),
+                   tile_size=int(values["tile_size"]), overlap=int(values["overlap"]),
+                   margin=int(values["margin"]))
+
     def validate(self) -> None:
         if min(self.width, self.height, self.cols, self.rows, self.tile_size) < 1:
             raise StoreError(f"invalid tile store layout {self}")
@@ -85,45 +105,67 @@ class StoreLayout:
                              f"{self.width} x {self.height} canvas")
 
 
-def _plain_blosc_layout(meta: Any) -> bool:
+def _plain_blosc_layout(array: AnyArray) -> bool:
     """True when chunks are single tiles at c/<row>/<col>/0/0/0, encoded bytes -> blosc."""
+    from zarr.core.chunk_grids import RegularChunkGrid
+    from zarr.core.metadata import ArrayV3Metadata
+
+    meta = array.metadata
+    if not isinstance(meta, ArrayV3Metadata) or not isinstance(meta.chunk_grid,
+                                                                  RegularChunkGrid):
+        return False
     try:
         names = [c.to_dict()["name"] for c in meta.codecs]
         encoding = meta.chunk_key_encoding.to_dict()
         chunks = tuple(meta.chunk_grid.chunk_shape)
     except (AttributeError, KeyError):
         return False
-    return (names == ["bytes", "blosc"] and encoding["name"] == "default"
-            and encoding.get("configuration", {}).get("separator") == "/"
+    config = encoding.get("configuration")
+    separator = config.get("separator") if isinstance(config, dict) else None
+    return (names == ["bytes", "blosc"] and encoding["name"] == "default" and separator == "/"
             and chunks[:2] == (1, 1) and chunks[2:] == tuple(meta.shape[2:]))
 
 
-def layout_for_grid(slide: Any, grid: Any, margin: int) -> StoreLayout:
-    """The store layout for a slide's grid (manifest rows), with `margin` px of context."""
-    scale = grid["target_mpp"] / slide["mpp"]
+def _json(meta: Mapping[str, object]) -> JSON:
+    """`meta` as zarr attributes take it (a JSON round trip: what a reopened store reads)."""
+    import json
+
+    value: JSON = json.loads(json.dumps(dict(meta)))
+    return value
+
+
+def layout_for_grid(slide: SlideRecord, grid: GridRecord, margin: int) -> StoreLayout:
+    """The store layout for a slide's grid, with `margin` px of context."""
+    if slide.mpp is None or slide.width is None or slide.height is None:
+        raise StoreError(f"{slide.path} has no size or pixel size in the manifest; run "
+                         "`stainctl tile --force` on it")
+    scale = grid.target_mpp / slide.mpp
     return StoreLayout(
-        width=max(1, round(slide["width"] / scale)), height=max(1, round(slide["height"] / scale)),
-        mpp=float(grid["target_mpp"]), cols=int(grid["cols"]), rows=int(grid["rows"]),
-        tile_size=int(grid["tile_size"]), overlap=int(grid["overlap"]), margin=margin)
+        width=max(1, round(slide.width / scale)), height=max(1, round(slide.height / scale)),
+        mpp=grid.target_mpp, cols=grid.cols, rows=grid.rows, tile_size=grid.tile_size,
+        overlap=grid.overlap, margin=margin)
 
 
 class TileStore:
     """Write generated tiles in any order from any process; read them back by grid row."""
 
-    def __init__(self, path: Path, array: Any) -> None:
+    def __init__(self, path: Path, array: AnyArray) -> None:
         self.path = path
         self._array = array
         attrs = dict(array.attrs)
-        if attrs.get("format") != FORMAT:
+        layout, meta, generation = attrs.get("layout"), attrs.get("meta", {}), \
+            attrs.get("generation")
+        if (attrs.get("format") != FORMAT or not isinstance(layout, dict)
+                or not isinstance(meta, dict) or not isinstance(generation, str)):
             raise StoreError(f"{path} is not a stainctl tile store")
-        self.layout = StoreLayout(**attrs["layout"])
-        self.meta: dict[str, Any] = attrs.get("meta", {})
-        self.generation: str = attrs["generation"]
-        self._direct = _plain_blosc_layout(array.metadata)
+        self.layout = StoreLayout.from_attrs(path, layout)
+        self.meta: dict[str, object] = dict(meta)
+        self.generation = generation
+        self._direct = _plain_blosc_layout(array)
 
     @classmethod
     def create(cls, path: str | os.PathLike[str], layout: StoreLayout,
-               meta: dict[str, Any] | None = None, *, resume: bool = True) -> TileStore:
+               meta: Mapping[str, object] | None = None, *, resume: bool = True) -> TileStore:
         """Create a store, or with `resume` reopen an existing one that has the same layout and
         meta (a different one is an error: remove it first, as `translate --force` does)."""
         import zarr
@@ -146,7 +188,7 @@ class TileStore:
             chunks=(1, 1, s, s, 3), dtype="uint8", fill_value=0,
             compressors=BloscCodec(cname="lz4", clevel=5, shuffle="shuffle"),
             chunk_key_encoding={"name": "default", "separator": "/"},
-            attributes={"format": FORMAT, "layout": asdict(layout), "meta": meta,
+            attributes={"format": FORMAT, "layout": asdict(layout), "meta": _json(meta),
                         "generation": uuid.uuid4().hex, "complete": False})
         return cls(path, array)
 
@@ -168,7 +210,7 @@ class TileStore:
         shutil.rmtree(path, ignore_errors=True)
 
     # --- writing (translate) ----------------------------------------------------------------
-    def write(self, col: int, row: int, tile: np.ndarray) -> None:
+    def write(self, col: int, row: int, tile: NDArray[np.uint8]) -> None:
         s = self.layout.side
         if tile.shape != (s, s, 3) or tile.dtype != np.uint8:
             raise StoreError(f"a tile must be uint8 ({s}, {s}, 3), got {tile.dtype} {tile.shape}")
@@ -186,7 +228,7 @@ class TileStore:
         return bool(self._array.attrs.get("complete", False))
 
     # --- reading (stitch) -------------------------------------------------------------------
-    def written(self) -> np.ndarray:
+    def written(self) -> NDArray[np.bool_]:
         """Boolean (rows, cols): which tiles are present. Read from the chunk files themselves
         (zarr v3 default key encoding c/<row>/<col>/0/0/0), so it is true after any crash."""
         mask = np.zeros((self.layout.rows, self.layout.cols), bool)
@@ -201,10 +243,10 @@ class TileStore:
                     mask[int(rdir.name), int(cdir.name)] = True
         return mask
 
-    def read(self, col: int, row: int) -> np.ndarray:
+    def read(self, col: int, row: int) -> NDArray[np.uint8]:
         return np.asarray(self._array[row, col])
 
-    def read_row(self, row: int, out: np.ndarray | None = None) -> np.ndarray:
+    def read_row(self, row: int, out: NDArray[np.uint8] | None = None) -> NDArray[np.uint8]:
         """All tiles of one grid row, (cols, side, side, 3); absent tiles read as zeros.
 
         With `out` (a C-contiguous uint8 array of that shape), the row is decoded into it: reusing
@@ -219,7 +261,7 @@ class TileStore:
         self._array.get_basic_selection((row,), out=target)
         return out
 
-    def _read_row_direct(self, row: int, out: np.ndarray) -> np.ndarray:
+    def _read_row_direct(self, row: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """Decode the row's chunk files straight into `out` with numcodecs' Blosc, the codec zarr
         itself uses: zarr's asynchronous machinery costs ~1 ms per chunk here, three times the
         decoding, and stitching reads every tile. Only for stores laid out as `create` makes
@@ -238,20 +280,20 @@ class TileStore:
         return out
 
 
-def create_for_slide(ws: Workspace, slide: Any, marker: str, margin: int,
-                     meta: dict[str, Any] | None = None) -> TileStore:
+def create_for_slide(ws: Workspace, slide: SlideRecord, marker: str, margin: int,
+                     meta: Mapping[str, object] | None = None) -> TileStore:
     """The store `translate` fills for one slide and marker (created, or reopened to resume),
-    recorded in the manifest. `slide` is the manifest row of a tiled slide."""
+    recorded in the manifest. `slide` is a tiled slide."""
     from stainctl.errors import UsageError
 
     if not marker.replace("-", "").replace("_", "").isalnum():
         raise UsageError(f"a marker name may hold letters, digits, - and _ only: {marker!r}")
-    grid = ws.manifest.grid(slide["id"])
+    grid = ws.manifest.grid(slide.id)
     if grid is None:
-        raise StoreError(f"{slide['path']} has no tile grid yet; run `stainctl tile` first")
-    path = ws.tile_store_path(slide["key"], marker)
-    full_meta = {"marker": marker, "slide": slide["path"], "grid": grid["params_hash"],
+        raise StoreError(f"{slide.path} has no tile grid yet; run `stainctl tile` first")
+    path = ws.tile_store_path(slide.key, marker)
+    full_meta = {"marker": marker, "slide": slide.path, "grid": grid.params_hash,
                  **(meta or {})}
     store = TileStore.create(path, layout_for_grid(slide, grid, margin), full_meta)
-    ws.manifest.record_artifact(slide["id"], "tile_store", ws.relative(path))
+    ws.manifest.record_artifact(slide.id, "tile_store", ws.relative(path))
     return store

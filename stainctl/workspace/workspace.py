@@ -1,4 +1,14 @@
-"""A workspace directory: its layout, its manifest, and one writer run at a time."""
+"""A workspace directory: its layout, its manifest, and one writer run at a time.
+
+Every path inside the workspace and every manifest step name is derived here, and nowhere else:
+
+    manifest.sqlite                              the manifest
+    slides/<key>/thumbnail.png, tissue_mask.png  `tile`
+    slides/<key>/embeddings/<encoder>.npy        `embed`: tokens, and <encoder>.tiles.npy, the
+                                                 manifest tile id of each row
+    slides/<key>/translated/<model>.zarr         `translate`: the tile store
+    outputs/<key>.<marker><suffix>               `stitch` (unless -o), and its .png thumbnail
+"""
 
 from __future__ import annotations
 
@@ -6,11 +16,11 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from stainctl.errors import UsageError
 from stainctl.workspace.atomic import sweep_older
@@ -18,6 +28,15 @@ from stainctl.workspace.lock import WriterLock
 from stainctl.workspace.manifest import Manifest
 
 MANIFEST = "manifest.sqlite"
+
+
+@dataclass(frozen=True)
+class EmbeddingFiles:
+    """One slide's embeddings for one encoder: row i of `tokens` is the tile whose manifest id
+    is row i of `ids`."""
+
+    tokens: Path
+    ids: Path
 
 
 @dataclass
@@ -48,12 +67,50 @@ class Workspace:
             raise UsageError(f"workspace {root}: its manifest cannot be opened ({err}); "
                              "check the folder and its permissions") from None
 
+    @staticmethod
+    def exists_at(root: str | os.PathLike[str]) -> bool:
+        """Whether `root` is a workspace (holds a manifest)."""
+        return (Path(root) / MANIFEST).is_file()
+
+    # --- step names: the manifest's `steps.step` values ---------------------------------------
+    TILE: ClassVar[str] = "tile"
+    FILTER: ClassVar[str] = "filter"
+
+    @staticmethod
+    def embed_step(encoder: str) -> str:
+        return f"embed:{encoder}"
+
+    @staticmethod
+    def translate_step(model: str) -> str:
+        return f"translate:{model}"
+
+    @staticmethod
+    def stitch_step(marker: str) -> str:
+        return f"stitch:{marker}"
+
+    # --- paths ------------------------------------------------------------------------------
     def slide_dir(self, key: str) -> Path:
         return self.root / "slides" / key
+
+    def thumbnail_path(self, key: str) -> Path:
+        """The H&E thumbnail `tile` saves (at the tissue detection's resolution)."""
+        return self.slide_dir(key) / "thumbnail.png"
+
+    def tissue_mask_path(self, key: str) -> Path:
+        return self.slide_dir(key) / "tissue_mask.png"
+
+    def embedding_files(self, key: str, encoder: str) -> EmbeddingFiles:
+        base = self.slide_dir(key) / "embeddings"
+        return EmbeddingFiles(base / f"{encoder}.npy", base / f"{encoder}.tiles.npy")
 
     def tile_store_path(self, key: str, marker: str) -> Path:
         """Where `translate` writes a slide's generated tiles for one marker."""
         return self.slide_dir(key) / "translated" / f"{marker}.zarr"
+
+    def output_path(self, key: str, marker: str, suffix: str,
+                    folder: Path | None = None) -> Path:
+        """A stitched slide: in `folder` (-o), by default WS/outputs."""
+        return (folder if folder is not None else self.root / "outputs") / f"{key}.{marker}{suffix}"
 
     def tile_stores(self, key: str) -> dict[str, Path]:
         """marker -> tile store path, for the stores a slide has."""
@@ -68,7 +125,7 @@ class Workspace:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     @contextmanager
-    def writing(self, command: str, params: dict[str, Any]) -> Iterator[Workspace]:
+    def writing(self, command: str, params: Mapping[str, object]) -> Iterator[Workspace]:
         """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error."""
         since = time.time()
         with WriterLock(self.root / ".lock", command):

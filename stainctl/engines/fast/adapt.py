@@ -37,7 +37,7 @@ class AdaptOptions:
     seed: int = 0
     default_mpp: float | None = None  # for images without a pixel size (PNG)
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if not self.he or not self.ihc:
             raise UsageError("train-lora --engine fast needs H&E (--he) and IHC (--ihc) images")
         if self.steps < 1 or self.lora.rank < 1 or self.batch_size < 1:
@@ -68,7 +68,6 @@ def adapt(options: AdaptOptions, base: ModelCard, he: list[np.ndarray], ihc: lis
     from stainctl.engines.fast.train import TrainConfig, train
     from stainctl.models.lora import attach, save_adapter
 
-    options.validate()
     check_base(base)
     mpp = float(base.input_mpp or 0.5)
     model = attach(load_generator(base, options.models_dir), options.lora)

@@ -31,6 +31,10 @@ class FlowTrainOptions:
     batch_size: int = 4  # tile pairs a step (x tokens a tile)
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise UsageError("--flow-epochs and --batch-size must be at least 1")
+
 
 def paired_images(he_dir: Path, ihc_dir: Path) -> list[tuple[Path, Path]]:
     def images(folder: Path) -> dict[str, Path]:
@@ -69,8 +73,6 @@ def train_flow(encoder: Any, flow_config: dict[str, Any], side: int, options: Fl
     from stainctl.engines.pixcell.flow import FlowMLP
     from stainctl.workspace.atomic import atomic_path
 
-    if options.epochs < 1 or options.batch_size < 1:
-        raise UsageError("--flow-epochs and --batch-size must be at least 1")
     pairs = paired_images(options.he_dir, options.ihc_dir)
     he, ihc = [], []
     for a, b in pairs:

@@ -55,7 +55,7 @@ class PixCellLoraOptions:
     flow: str | None = None  # a card whose flow MLP the adapted model uses at inference
     train_flow: FlowTrainOptions | None = None  # or a new flow MLP from paired tiles
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         if min(self.rank, self.epochs, self.batch_size, self.accumulate,
                self.max_tiles_per_slide) < 1:
             raise UsageError("--rank, --epochs, --batch-size, --accumulate and "
@@ -145,7 +145,6 @@ def load_base(options: PixCellLoraOptions) -> tuple[ModelCard, PixCellParts, Any
     from stainctl.models.encoders import resolve_device
     from stainctl.models.registry import get_card
 
-    options.validate()
     base = get_card(options.base, options.models_dir)
     if base.engine != "pixcell":
         raise ModelError(f"--base {base.name} is a {base.engine} model; --engine pixcell adapts "
