@@ -8,7 +8,8 @@ import pytest
 
 from stainctl.models.torch_compat import prepare_torchvision
 
-# Before any test imports timm or torchvision (NOTES.md: its CUDA build cannot load on CPU torch).
+# Before any test imports timm or torchvision (docs/NOTES.md: its CUDA build cannot load on CPU
+# torch).
 prepare_torchvision()
 
 ROOT = Path(__file__).resolve().parents[1]

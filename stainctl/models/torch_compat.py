@@ -4,8 +4,8 @@ The only torchvision wheel for this torch is a CUDA build: its compiled `_C` lib
 against CPU torch, and then `import torchvision` fails ("operator torchvision::nms does not exist")
 because it registers fake kernels for two operators that `_C` would have defined. Declaring those
 two operator schemas first lets the pure-Python parts (transforms, model classes) import and work;
-only the compiled ops stay unavailable, and stainctl does not use them (NOTES.md). Where `_C` loads
-(a CUDA machine) nothing is changed.
+only the compiled ops stay unavailable, and stainctl does not use them (docs/NOTES.md). Where `_C`
+loads (a CUDA machine) nothing is changed.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The tile quality metrics of the CK7 study: blur, stain and background.
 
 Computed with OpenCV reductions on float32/uint8 buffers; `Laplacian(...).var()` in float64
-is 4x slower for the same numbers (NOTES.md).
+is 4x slower for the same numbers (docs/NOTES.md).
 """
 
 from __future__ import annotations

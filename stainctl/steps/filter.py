@@ -25,7 +25,7 @@ class FilterOptions:
     thresholds: FilterThresholds = field(default_factory=FilterThresholds)
     scheduler: str | None = None  # Dask distributed address; None = local threads
     workers: int | None = None
-    batch_size: int = 100  # tiles per Dask task (~0.6 ms overhead per task, NOTES.md)
+    batch_size: int = 100  # tiles per Dask task (~0.6 ms overhead per task, docs/NOTES.md)
     force: bool = False
 
     def __post_init__(self) -> None:

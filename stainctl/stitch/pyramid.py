@@ -1,7 +1,7 @@
 """Saving a (streamed) image as a tiled pyramidal TIFF with libvips, and its thumbnail.
 
 OME-TIFF keeps the reduced levels in SubIFDs (tiffslide, QuPath, Bio-Formats read them; OpenSlide
-sees level 0 only); plain TIFF keeps them as pages, which OpenSlide reads (NOTES.md).
+sees level 0 only); plain TIFF keeps them as pages, which OpenSlide reads (docs/NOTES.md).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ COMPRESSIONS = ("jpeg", "lzw", "deflate", "none")
 class PyramidOptions:
     format: str = "ome-tiff"
     compression: str = "jpeg"
-    quality: int = 90  # JPEG; libvips writes Q >= 90 without chroma subsampling (NOTES.md)
+    quality: int = 90  # JPEG; libvips writes Q >= 90 without chroma subsampling (docs/NOTES.md)
     tile: int = 512
 
     def __post_init__(self) -> None:
@@ -56,7 +56,7 @@ def save_pyramid(image: Any, path: Path, mpp: float, description: str,
 
     image = image.copy()
     # Drop metadata the input carried so it cannot leak into the output (an inherited Aperio
-    # description makes OpenSlide read the wrong mpp, NOTES.md).
+    # description makes OpenSlide read the wrong mpp, docs/NOTES.md).
     for field in image.get_fields():
         if field in ("image-description", "xmp-data", "exif-data", "ipct-data"):
             image.remove(field)

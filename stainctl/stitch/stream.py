@@ -4,7 +4,7 @@ libvips can build a pyramid from a sequential source while holding only a few ti
 a seekable custom source that reads as an uncompressed, stripped BigTIFF: the header is made by
 tifffile (for a sparse file that is never filled), the pixel data are served from the blocks as
 libvips asks for them. With sequential access libvips reads the strips in order, so only the
-current blocks are held. Measured: as fast as saving the same raster from memory (NOTES.md).
+current blocks are held. Measured: as fast as saving the same raster from memory (docs/NOTES.md).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def tiff_header(width: int, height: int) -> bytes:
 
     with tempfile.TemporaryDirectory(prefix="stainctl-") as tmp:
         path = os.path.join(tmp, "header.tif")
-        # Sparse: only the header is written to disk. No description (NOTES.md: libvips would
+        # Sparse: only the header is written to disk. No description (docs/NOTES.md: libvips would
         # copy tifffile's JSON description into the output).
         mm = tifffile.memmap(path, shape=(height, width, 3), dtype=np.uint8, photometric="rgb",
                              bigtiff=True, rowsperstrip=ROWS_PER_STRIP, metadata=None)

@@ -98,7 +98,7 @@ class PixCellTransformer2DModel(PixArtTransformer2DModel):
                 encoder_hidden_states: torch.Tensor, timestep: Any, **kwargs: Any) -> Any:
         if self.y_pos_embed is not None:
             encoder_hidden_states = self.y_pos_embed(encoder_hidden_states)
-        # PixArt reads these even without additional conditions (NOTES.md).
+        # PixArt reads these even without additional conditions (docs/NOTES.md).
         kwargs.setdefault("added_cond_kwargs", {"resolution": None, "aspect_ratio": None})
         return super().forward(hidden_states, encoder_hidden_states=encoder_hidden_states,
                                timestep=timestep, **kwargs)
