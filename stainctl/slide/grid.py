@@ -2,14 +2,25 @@
 
 Tiles cover the whole slide: the last column/row may extend past the edge (read as white glass)
 so that no tissue at the border is lost.
+
+When the target resolution is within `SNAP_TOLERANCE` of a pyramid level's own, the grid is laid
+on that level's pixels: tile side and stride are whole level pixels and origins fall on them, so
+tiles are read without resampling and, when the tile side is a multiple of the stored tiles'
+(or the stored tiles' of it), coincide with stored tiles; the grid then records the level's
+µm/px, which the tiles really have.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+# How far (relative) a target µm/px may be from a level's for tiles to be read from that level
+# as they are stored: the margin `Slide.best_level` allows when it picks a level.
+SNAP_TOLERANCE = 0.01
 
 
 @dataclass(frozen=True)
@@ -41,6 +52,8 @@ class Grid:
     stride0: float  # distance between tile origins in level-0 pixels
     cols: int
     rows: int
+    mpp: float = 0.0  # µm per tile pixel (the target, or the level's when snapped to it)
+    level: int | None = None  # the pyramid level whose pixels the grid is laid on, if any
 
     def origins(self) -> tuple[np.ndarray, np.ndarray]:
         """Level-0 (x, y) of every tile, row-major, as integer arrays."""
@@ -50,15 +63,33 @@ class Grid:
         return gx.ravel(), gy.ravel()
 
 
-def make_grid(width0: int, height0: int, slide_mpp: float, params: GridParams) -> Grid:
+def make_grid(width0: int, height0: int, slide_mpp: float, params: GridParams,
+              level_downsamples: Sequence[float] = ()) -> Grid:
+    """The grid for a slide of `width0` x `height0` level-0 pixels; with the slide's
+    `level_downsamples`, laid on a level's pixels when the target is that level's µm/px
+    (within SNAP_TOLERANCE)."""
     scale = params.target_mpp / slide_mpp
+    level = snap_level(scale, level_downsamples)
+    if level is not None:
+        scale = float(level_downsamples[level])
     extent0 = params.tile_size * scale
     stride0 = (params.tile_size - params.overlap) * scale
 
     def count(length: int) -> int:
         return 1 + max(0, math.ceil((length - extent0) / stride0 - 1e-9))
 
-    return Grid(extent0, stride0, count(width0), count(height0))
+    mpp = params.target_mpp if level is None else slide_mpp * scale
+    return Grid(extent0, stride0, count(width0), count(height0), mpp, level)
+
+
+def snap_level(scale: float, level_downsamples: Sequence[float]) -> int | None:
+    """The level whose downsample is within SNAP_TOLERANCE of `scale` (the nearest), or None."""
+    best = None
+    for i, ds in enumerate(level_downsamples):
+        err = abs(scale / ds - 1)
+        if err <= SNAP_TOLERANCE and (best is None or err < best[0]):
+            best = (err, i)
+    return None if best is None else best[1]
 
 
 def tissue_fractions(mask: np.ndarray, width0: int, height0: int, grid: Grid,

@@ -115,10 +115,13 @@ class Slide:
         return self.mpp
 
     def best_level(self, downsample: float) -> int:
-        """The coarsest level that is still at least as fine as `downsample`."""
+        """The coarsest level that is still at least as fine as `downsample` (within
+        SNAP_TOLERANCE: a level that close is read as it is, not resampled)."""
+        from stainctl.slide.grid import SNAP_TOLERANCE
+
         best = 0
         for i, d in enumerate(self.level_downsamples):
-            if d <= downsample * 1.01:
+            if d <= downsample * (1 + SNAP_TOLERANCE):
                 best = i
         return best
 

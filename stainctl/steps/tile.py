@@ -176,7 +176,7 @@ def _layout(slide: Slide, options: TileOptions, slide_id: int, phash: str,
                          "faint, lower --tissue-threshold (now "
                          f"{options.tissue.saturation})")
     gp = options.grid
-    grid = make_grid(w0, h0, mpp, gp)
+    grid = make_grid(w0, h0, mpp, gp, slide.level_downsamples)
     frac = tissue_fractions(mask, w0, h0, grid)
     keep = frac >= gp.min_tissue
     if not keep.any():
@@ -190,7 +190,7 @@ def _layout(slide: Slide, options: TileOptions, slide_id: int, phash: str,
              for c, r, x, y, f, k in zip(cols.tolist(), rows.tolist(), xs.tolist(), ys.tolist(),
                                          frac.astype(float).tolist(), keep.tolist(), strict=True)]
     record = GridRecord(
-        slide_id=slide_id, params_hash=phash, target_mpp=gp.target_mpp,
+        slide_id=slide_id, params_hash=phash, target_mpp=grid.mpp,
         tile_size=gp.tile_size, overlap=gp.overlap, extent0=grid.extent0,
         stride0=grid.stride0, cols=grid.cols, rows=grid.rows, min_tissue=gp.min_tissue)
     return record, tiles, mask, thumb
