@@ -26,7 +26,7 @@ def test_target_at_a_level_snaps_to_its_pixels() -> None:
     xs, _ = g1.origins()
     # Every origin maps back to a whole level-1 pixel on the tile lattice.
     ds = SVS_DOWNSAMPLES[1]
-    assert np.array_equal(np.round(xs / ds), np.arange(g1.cols) * 256)
+    assert np.array_equal(np.round(xs[:g1.cols] / ds), np.arange(g1.cols) * 256)
     assert np.abs(xs / ds - np.round(xs / ds)).max() < 0.5 / ds
 
 
