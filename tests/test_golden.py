@@ -16,8 +16,11 @@ from conftest import ROOT
 
 SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 # Recorded on main at d95613c (before the typed step core), demo-ki67, CPU torch 2.13.0;
-# re-recorded when untranslated tiles took the colour the model gives glass (issue 15, item 1).
-MAIN_JOB_LEVEL0_SHA256 = "4ad2c3472af0406100c40427cd4c04e0248d85117fd889d3e0a50cb8f0e87e6a"
+# re-recorded when untranslated tiles took the colour the model gives glass (issue 15, item 1);
+# re-recorded when the grid was laid on the sample's level-0 pixels (issue 21: 0.5 µm/px is
+# within 1 % of its 0.499), so the output has the slide's own size. The same digest with
+# STAINCTL_DIRECT_READ=0: the direct tile reader changes nothing.
+MAIN_JOB_LEVEL0_SHA256 = "354a9237d551e36b55494e91c30f5f2ab82d244dd063ec5b20115d39ff74d4ae"
 
 
 @pytest.mark.slow
@@ -27,6 +30,6 @@ def test_main_job_output_is_unchanged(cli, tmp_path):
     assert r.exit_code == 0, r.output
     with tifffile.TiffFile(out / "CMU-1-Small-Region.demo-ki67.ome.tiff") as tif:
         level0 = tif.series[0].levels[0].asarray()
-    assert level0.shape == (2961, 2216, 3)
+    assert level0.shape == (2967, 2220, 3)  # the sample's own size
     digest = hashlib.sha256(np.ascontiguousarray(level0).tobytes()).hexdigest()
     assert digest == MAIN_JOB_LEVEL0_SHA256
