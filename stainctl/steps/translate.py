@@ -45,15 +45,16 @@ class TranslateOptions:
     seed: int = 0
     dtype: str = "auto"
     overlap: int | None = None  # context px each side; default: the model card's margin
+    sampler: str = "dpm++"  # diffusion solver (engines.base.SAMPLERS)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.readers < 1:
             raise UsageError("--batch-size and --readers must be at least 1")
-        self.engine_options()  # EngineOptions checks --steps and --dtype
+        self.engine_options()  # EngineOptions checks --steps, --dtype and --sampler
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, dtype=self.dtype, steps=self.steps,
-                             guidance=self.guidance)
+                             guidance=self.guidance, sampler=self.sampler)
 
 
 def grid_tile_size(card: ModelCard, options: TranslateOptions) -> int:

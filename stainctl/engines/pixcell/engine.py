@@ -82,8 +82,12 @@ class PixCellEngine:
         return tokens
 
     def settings(self) -> Mapping[str, object]:
-        return {"steps": self.sampling.steps, "guidance": self.sampling.guidance,
-                "dtype": self.sampling.dtype}
+        out: dict[str, object] = {"steps": self.sampling.steps,
+                                  "guidance": self.sampling.guidance,
+                                  "dtype": self.sampling.dtype}
+        if self.sampling.sampler != "dpm++":  # absent = the default: older stores stay valid
+            out["sampler"] = self.sampling.sampler
+        return out
 
     def close(self) -> None:
         for net in (self.parts.transformer, self.parts.vae, self.parts.flow):
@@ -108,7 +112,8 @@ class PixCellEngine:
         transformer = self.parts.transformer
         latents = sample_latents(transformer, self.parts.config.scheduler, cond,
                                  transformer.uncond_embedding.float(), noise.to(self.device),
-                                 self.sampling.steps, self.sampling.guidance, self.dtype)
+                                 self.sampling.steps, self.sampling.guidance, self.dtype,
+                                 self.sampling.sampler)
         return decode_latents(self.parts.vae, latents, self.dtype).numpy()
 
 

@@ -1,4 +1,5 @@
-"""Batched diffusion sampling: DPM-Solver++ with classifier-free guidance, one seed per tile.
+"""Batched diffusion sampling: DPM-Solver++ (or, for few steps, DPM-Solver++ with Karras sigmas
+or UniPC) with classifier-free guidance, one seed per tile.
 
 One forward pass per solver step for the whole batch: the conditional and unconditional inputs
 are stacked (2B) and the timestep is a (B,) tensor, where the public scripts loop tile by tile
@@ -40,20 +41,30 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Te
     return out
 
 
-def make_scheduler(config: dict[str, Any]) -> Any:
-    from diffusers import DPMSolverMultistepScheduler
+def make_scheduler(config: dict[str, Any], sampler: str = "dpm++") -> Any:
+    """The solver for `sampler` (engines.base.SAMPLERS) on the model's noise schedule `config`:
+    the shipped DPM-Solver++ 2M; the same on Karras-spaced sigmas, which put more of few steps
+    at low noise; or UniPC (bh2, order 2), a predictor-corrector made for 5-10 steps."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
-    return DPMSolverMultistepScheduler.from_config(config)
+    if sampler == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config)
+    if sampler == "dpm++-karras":
+        return DPMSolverMultistepScheduler.from_config(config, use_karras_sigmas=True)
+    if sampler == "unipc":
+        unipc = {k: v for k, v in config.items() if k not in ("algorithm_type", "solver_type")}
+        return UniPCMultistepScheduler.from_config(unipc, solver_type="bh2", predict_x0=True)
+    raise UsageError(f"unknown sampler {sampler!r}")
 
 
 @torch.no_grad()
 def sample_latents(transformer: Any, scheduler_config: dict[str, Any], cond: torch.Tensor,
                    uncond: torch.Tensor, noise: torch.Tensor, steps: int, guidance: float,
-                   dtype: torch.dtype) -> torch.Tensor:
+                   dtype: torch.dtype, sampler: str = "dpm++") -> torch.Tensor:
     """Latents (B, C, h, w) from tokens `cond` (B, T, D), the stored `uncond` (T, D) and the
     starting `noise` (on the transformer's device)."""
     device = noise.device
-    scheduler = make_scheduler(scheduler_config)
+    scheduler = make_scheduler(scheduler_config, sampler)
     scheduler.set_timesteps(steps, device=device)
     b, channels = noise.shape[0], noise.shape[1]
     x = noise * scheduler.init_noise_sigma
