@@ -1,14 +1,20 @@
-"""Benchmark: `stainctl tile` + `stainctl filter` on a gigapixel slide, against raw decoding.
+"""Benchmark: `stainctl tile` + `filter` on a gigapixel slide, against hs2p and raw decoding.
 
 Builds a ~40k x 30k pyramidal TIFF at 0.5 µm/px from real tissue (the CMU-1 sample, mosaicked with
-flips so neighbours differ) with pyvips, JPEG Q90, 512-px tiles. Then, in this one script:
-  * raw decode: the same tissue tiles read with OpenSlide (the reader stainctl uses), on as many
-    threads as stainctl gets, and the same JPEG tiles decoded by tifffile without OpenSlide;
-  * stainctl: the real CLI (`tile`, then `filter`) in subprocesses, timed, with their peak RSS.
-Both sides are the best of two runs with the slide in the page cache.
-Target (issue 2): tile + filter within 1.5x of the raw OpenSlide decode time, peak RSS < 1 GB.
+flips so neighbours differ) with pyvips, JPEG Q90, 512-px tiles. Then, in this one script, in
+interleaved rounds (medians reported), all with the slide in the page cache:
+  * hs2p 6.1.0: its tissue coordinates, then every tile read at full resolution (libvips backend),
+    one whole process run by `--hs2p-python` (a separate environment: hs2p is not a stainctl
+    dependency; see bench/RESULTS.md for how it was installed);
+  * stainctl: the real CLI (`tile`, then `filter`) in subprocesses, timed, with their peak RSS;
+    and `filter` again with STAINCTL_DIRECT_READ=0 (OpenSlide reads every tile) for reference;
+  * raw: the bytes of stainctl's tissue tiles read and decoded by tifffile/imagecodecs on as many
+    threads as stainctl gets, with and without the three filter metrics, in this process.
+Targets (issue 21): stainctl tile + filter >= 1.5x hs2p's tiles/s, and <= 1.3x the raw
+decode + metrics time of the same tiles plus 1 s of process start-up; peak RSS < 1 GB.
 
-    python bench/tile_filter.py [--width 40000 --height 30000] [--workers 2]
+    python bench/tile_filter.py [--width 40000 --height 30000] [--workers 2] [--rounds 3] \
+        [--hs2p-python /work/bench-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ import json
 import os
 import platform
 import resource
+import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,39 +34,51 @@ from pathlib import Path
 from _common import ROOT, build_slide, run_cli
 
 
-def raw_openslide(path: Path, coords: list[tuple[int, int]], workers: int) -> float:
-    import openslide
-
-    slide = openslide.OpenSlide(str(path))
-
-    def read(chunk: list[tuple[int, int]]) -> int:
-        for x, y in chunk:
-            slide.read_region((x, y), 0, (512, 512))
-        return len(chunk)
-
-    chunks = [coords[i::workers] for i in range(workers)]
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        assert sum(pool.map(read, chunks)) == len(coords)
-    return time.perf_counter() - t0
-
-
-def raw_tifffile(path: Path, coords: list[tuple[int, int]], workers: int) -> float:
+def raw_decode(path: Path, coords: list[tuple[int, int]], workers: int,
+               metrics: bool) -> float:
+    """Seconds to read (pread) and decode the JPEG tiles at `coords`, with the filter metrics
+    of each when `metrics`, on `workers` threads: the floor for what `filter` does."""
     import tifffile
+
+    from stainctl.quality.metrics import tile_metrics
 
     with tifffile.TiffFile(path) as tf:
         page = tf.pages[0]
-        per_row = -(-page.imagewidth // 512)
-        index = [(y // 512) * per_row + x // 512 for x, y in coords]
-        fh = tf.filehandle
-        blobs = []
-        for i in index:  # read the compressed bytes first: this measures decoding alone
-            fh.seek(page.dataoffsets[i])
-            blobs.append((fh.read(page.databytecounts[i]), i))
+        per_row = -(-page.imagewidth // page.tilewidth)
+        index = [(y // page.tilelength) * per_row + x // page.tilewidth for x, y in coords]
+        offsets, counts = page.dataoffsets, page.databytecounts
+        decode, tables = page.decode, page.jpegtables
+        fd = os.open(path, os.O_RDONLY)
+
+        def work(chunk: list[int]) -> int:
+            for i in chunk:
+                tile = decode(os.pread(fd, counts[i], offsets[i]), i, jpegtables=tables)[0][0]
+                if metrics:
+                    tile_metrics(tile)
+            return len(chunk)
+
+        chunks = [index[i::workers] for i in range(workers)]
         t0 = time.perf_counter()
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(lambda b: page.decode(b[0], b[1], jpegtables=page.jpegtables), blobs))
-        return time.perf_counter() - t0
+            assert sum(pool.map(work, chunks)) == len(coords)
+        elapsed = time.perf_counter() - t0
+        os.close(fd)
+    return elapsed
+
+
+def run_hs2p(python: str, slide: Path, workers: int) -> tuple[float, float, dict[str, object]]:
+    """hs2p in its own environment, one whole process: (seconds, peak RSS MB, its report)."""
+    script = Path(__file__).with_name("_hs2p_tiles.py")
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([python, str(script), str(slide), str(workers), "vips", "512", "0.5"],
+                            stdout=subprocess.PIPE, cwd=slide.parent)
+    assert proc.stdout is not None
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    elapsed = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"hs2p failed ({python})")
+    return elapsed, usage.ru_maxrss / 1024, json.loads(out.decode().strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -65,6 +86,9 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=40_000)
     ap.add_argument("--height", type=int, default=30_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--hs2p-python", default="/work/bench-venv/bin/python",
+                    help="an interpreter with hs2p[openslide,vips,tifffile]==6.1.0; '' skips it")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -79,40 +103,69 @@ def main() -> None:
 
         shutil.rmtree(ws)
 
-    # Best of two runs, like the raw reads below (the second with --force redoes everything).
-    tiles = [run_cli(["tile", str(slide), "-w", str(ws), *f]) for f in ([], ["--force"])]
-    filters = [run_cli(["filter", "-w", str(ws), "--workers", str(args.workers), *f])
-               for f in ([], ["--force"])]
-    t_tile, rss_tile = min(t for t, _ in tiles), max(r for _, r in tiles)
-    t_filter, rss_filter = min(t for t, _ in filters), max(r for _, r in filters)
-
     import sqlite3
 
-    db = sqlite3.connect(ws / "manifest.sqlite")
-    coords = [(x, y) for x, y in db.execute("SELECT x, y FROM tiles WHERE in_tissue=1")]
-    total = db.execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
-    db.close()
-    # Best of two passes: both see the file in the page cache, as stainctl's run did.
-    t_raw = min(raw_openslide(slide, coords, args.workers) for _ in range(2))
-    t_tf = min(raw_tifffile(slide, coords, args.workers) for _ in range(2))
+    rows: dict[str, list[float]] = {k: [] for k in (
+        "hs2p_s", "hs2p_rss", "tile_s", "filter_s", "tile_rss", "filter_rss", "filter_openslide_s",
+        "raw_decode_metrics_s", "raw_decode_s")}
+    hs2p_report: dict[str, object] = {}
+    coords: list[tuple[int, int]] = []
+    total = 0
+    for r in range(args.rounds):
+        if args.hs2p_python:
+            t, rss, hs2p_report = run_hs2p(args.hs2p_python, slide, args.workers)
+            rows["hs2p_s"].append(t)
+            rows["hs2p_rss"].append(rss)
+        force = ["--force"] if r else []
+        t, rss = run_cli(["tile", str(slide), "-w", str(ws), *force])
+        rows["tile_s"].append(t)
+        rows["tile_rss"].append(rss)
+        t, rss = run_cli(["filter", "-w", str(ws), "--workers", str(args.workers), "--force"])
+        rows["filter_s"].append(t)
+        rows["filter_rss"].append(rss)
+        os.environ["STAINCTL_DIRECT_READ"] = "0"
+        try:
+            t, _ = run_cli(["filter", "-w", str(ws), "--workers", str(args.workers), "--force"])
+        finally:
+            del os.environ["STAINCTL_DIRECT_READ"]
+        rows["filter_openslide_s"].append(t)
+        if not coords:
+            db = sqlite3.connect(ws / "manifest.sqlite")
+            coords = [(x, y) for x, y in db.execute("SELECT x, y FROM tiles WHERE in_tissue=1")]
+            total = db.execute("SELECT COUNT(*) FROM tiles").fetchone()[0]
+            db.close()
+        rows["raw_decode_metrics_s"].append(raw_decode(slide, coords, args.workers, True))
+        rows["raw_decode_s"].append(raw_decode(slide, coords, args.workers, False))
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in rows.items() if v),
+              flush=True)
 
+    med = {k: statistics.median(v) for k, v in rows.items() if v}
     n = len(coords)
-    result = {
+    ours = med["tile_s"] + med["filter_s"]
+    result: dict[str, object] = {
         "slide": f"{args.width}x{args.height} px at 0.5 µm/px, JPEG Q90, 512-px tiles",
-        "tiles_total": total, "tiles_tissue": n, "workers": args.workers,
-        "tile_s": round(t_tile, 2), "filter_s": round(t_filter, 2),
-        "tile_filter_s": round(t_tile + t_filter, 2),
-        "tiles_per_s": round(n / (t_tile + t_filter), 1),
-        "raw_openslide_s": round(t_raw, 2), "raw_openslide_tiles_per_s": round(n / t_raw, 1),
-        "raw_tifffile_decode_s": round(t_tf, 2),
-        "ratio_vs_openslide": round((t_tile + t_filter) / t_raw, 2),
-        "ratio_vs_tifffile_decode": round((t_tile + t_filter) / t_tf, 2),
-        "peak_rss_mb": {"tile": round(rss_tile), "filter": round(rss_filter)},
+        "rounds": args.rounds, "workers": args.workers,
+        "tiles_total": total, "tiles_tissue": n,
+        "stainctl_tile_s": round(med["tile_s"], 2), "stainctl_filter_s": round(med["filter_s"], 2),
+        "stainctl_tiles_per_s": round(n / ours, 1),
+        "stainctl_filter_openslide_s": round(med["filter_openslide_s"], 2),
+        "raw_decode_metrics_s": round(med["raw_decode_metrics_s"], 2),
+        "raw_decode_s": round(med["raw_decode_s"], 2),
+        "ratio_vs_raw_decode_metrics_plus_1s": round(ours / (med["raw_decode_metrics_s"] + 1), 2),
+        "peak_rss_mb": {"tile": round(max(rows["tile_rss"])),
+                        "filter": round(max(rows["filter_rss"]))},
         "bench_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
     }
+    if "hs2p_s" in med:
+        tiles = int(hs2p_report["tiles"])  # type: ignore[call-overload]
+        result.update({
+            "hs2p_tiles": tiles, "hs2p_s": round(med["hs2p_s"], 2),
+            "hs2p_tiles_per_s": round(tiles / med["hs2p_s"], 1),
+            "hs2p_peak_rss_mb": round(max(rows["hs2p_rss"])), "hs2p_report": hs2p_report,
+            "speed_vs_hs2p": round((n / ours) / (tiles / med["hs2p_s"]), 2)})
     print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
