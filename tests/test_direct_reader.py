@@ -8,13 +8,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 from stainctl.errors import SlideError
 from stainctl.slide import direct
 from stainctl.slide.reader import Slide, open_slide
 from stainctl.slide.tiles import read_tile
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
 SLIDES = {  # file -> the levels the direct reader serves
     "wsi/aperio/CMU-1-Small-Region.svs": [0],
     "wsi/hamamatsu/test3-DAPI-2-387.ndpi": [0, 1, 2, 3],  # 4-6 are OpenSlide's scaled decodes
@@ -52,7 +52,9 @@ def _compare(fast: Slide, ref: Slide, seed: int = 0, regions: int = 12) -> int:
     return worst
 
 
-@pytest.mark.parametrize("name", sorted(SLIDES))
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if n.endswith(".ndpi") else n  # ~3 s: 7 levels
+    for n in sorted(SLIDES)])
 def test_real_slides_read_directly_with_the_library_pixels(
         name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     path = DATA / name

@@ -7,14 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CMU1
 
 from stainctl.slide import direct
 from stainctl.slide.grid import SNAP_TOLERANCE, GridParams, make_grid, snap_level
 from stainctl.slide.reader import open_slide
 from stainctl.slide.tiles import read_tile
 
-CMU1 = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "wsi" / "aperio" / \
-    "CMU-1-Small-Region.svs"
 SVS_DOWNSAMPLES = (1.0, 4.000345, 16.00291)  # the shape of a real Aperio pyramid's levels
 
 
