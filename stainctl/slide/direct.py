@@ -5,7 +5,7 @@ TIFF page with JPEG (own or shared tables, YCbCr or RGB), Aperio JPEG 2000 (3300
 33005 RGB), LZW, deflate or no compression, a region is read as: the tiles it touches, their bytes
 fetched with `os.pread` at the offsets in the page's tags, decoded by tifffile's decoder for that
 page (imagecodecs, which releases the GIL, so reader threads decode in parallel) and pasted
-together. OpenSlide spends ~5 ms more per 512-px tile on the same decode (NOTES.md, issue 21).
+together. OpenSlide spends ~5 ms more per 512-px tile on the same decode (docs/NOTES.md, issue 21).
 
 Levels this cannot serve (other compressions, alpha, 16-bit, sparse layouts, vendors whose tiles
 overlap or are offset such as MRXS, SCN, BIF, Philips) are left to OpenSlide/tiffslide: a
