@@ -14,7 +14,7 @@ Targets (issue 21): stainctl tile + filter >= 1.5x hs2p's tiles/s, and <= 1.3x t
 decode + metrics time of the same tiles plus 1 s of process start-up; peak RSS < 1 GB.
 
     python bench/tile_filter.py [--width 40000 --height 30000] [--workers 2] [--rounds 3] \
-        [--hs2p-python /work/bench-venv/bin/python]
+        [--hs2p-python bench/_work/hs2p-venv/bin/python]
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--height", type=int, default=30_000)
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--hs2p-python", default="/work/bench-venv/bin/python",
+    ap.add_argument("--hs2p-python", default=str(ROOT / "bench/_work/hs2p-venv/bin/python"),
                     help="an interpreter with hs2p[openslide,vips,tifffile]==6.1.0; '' skips it")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
     args = ap.parse_args()

@@ -34,7 +34,6 @@ if TYPE_CHECKING:
     from stainctl.models.encoders import TileEncoder
 
 log = logging.getLogger(__name__)
-MPP_TOLERANCE = 0.1  # a grid within 10 % of the encoder's resolution is used as it is
 DTYPES = ("fp32", "bf16")
 
 
@@ -125,12 +124,7 @@ class EmbedStep(SlideStep[SlideRecord, EmbedJob]):
     def plan(self, item: SlideRecord, slide: SlideRecord,
              previous: StepRecord | None) -> SlidePlan[SlideRecord, EmbedJob]:
         card, options, m = self.card, self.options, self.manifest
-        grid = m.grid(slide.id)
-        assert grid is not None  # filtered slides have a grid
-        if abs(grid.target_mpp - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
-            raise SlideError(slide.path, f"tiles are at {grid.target_mpp} µm/px but "
-                             f"{card.name} takes {card.input_mpp} µm/px; re-tile with "
-                             f"--target-mpp {card.input_mpp}")
+        grid = self.model_grid(slide, card)
         crop = int(card.architecture.get("crop", grid.tile_size))
         if grid.tile_size % crop:
             raise SlideError(slide.path, f"{card.name} cuts tiles into {crop}-px crops; re-tile "

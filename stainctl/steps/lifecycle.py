@@ -16,13 +16,17 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar, Generic, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 
 from stainctl.errors import SlideError
 from stainctl.steps.report import BatchResult, Progress, SlideOutcome, params_hash, unexpected
-from stainctl.workspace import SlideRecord, StepRecord, Workspace
+from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
+
+if TYPE_CHECKING:
+    from stainctl.models.card import ModelCard
 
 log = logging.getLogger(__name__)
+MPP_TOLERANCE = 0.1  # a grid within 10 % of a model's resolution is used as it is
 
 I = TypeVar("I")  # noqa: E741  # what a step is given per slide: a slide, a request, a job
 W = TypeVar("W")  # the step's own work for one slide
@@ -109,6 +113,17 @@ class SlideStep(ABC, Generic[I, W]):
         """Mark the slide running, so an interrupted run shows (and resumes)."""
         self.manifest.set_step(plan.slide.id, plan.step, "running", params_hash=plan.phash,
                                params=plan.params, run_id=self.ws.run_id)
+
+    def model_grid(self, slide: SlideRecord, card: ModelCard) -> GridRecord:
+        """The slide's grid, refused when its tiles are not at the model's µm/px (within
+        MPP_TOLERANCE: closer than that, the model takes them as they are)."""
+        grid = self.manifest.grid(slide.id)
+        assert grid is not None  # the steps that run models follow tile and filter
+        if abs(grid.target_mpp - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
+            raise SlideError(slide.path, f"tiles are at {grid.target_mpp} µm/px but {card.name} "
+                             f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
+                             f"{card.input_mpp}")
+        return grid
 
     def where(self, item: I) -> Path | None:
         """The folder this step writes `item`'s results in (for a disk-full reason)."""

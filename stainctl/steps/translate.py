@@ -28,8 +28,6 @@ from stainctl.steps.lifecycle import SlidePlan, SlideStep
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
 
-MPP_TOLERANCE = 0.1
-
 
 @dataclass(frozen=True, kw_only=True)
 class TranslateOptions:
@@ -114,12 +112,7 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
     def plan(self, item: SlideRecord, slide: SlideRecord,
              previous: StepRecord | None) -> SlidePlan[SlideRecord, TranslateWork]:
         card, options, m = self.card, self.options, self.manifest
-        grid = m.grid(slide.id)
-        assert grid is not None  # filtered slides have a grid
-        if abs(grid.target_mpp - card.input_mpp) > MPP_TOLERANCE * card.input_mpp:
-            raise SlideError(slide.path, f"tiles are at {grid.target_mpp} µm/px but {card.name} "
-                             f"takes {card.input_mpp} µm/px; re-tile with --target-mpp "
-                             f"{card.input_mpp}")
+        grid = self.model_grid(slide, card)
         margin = _margin(slide.path, grid.tile_size, card, self.engine, options)
         side = grid.tile_size + 2 * margin
         if side % self.engine.multiple:
