@@ -65,6 +65,14 @@ def test_train_refuses_bad_options_with_the_fix(cli, tmp_path, use_models, he_om
     assert r.exit_code == 2 and "a model name may hold" in r.stderr
     r = cli(*base, "--name", "demo-ki67")
     assert r.exit_code == 2 and "shipped with stainctl" in r.stderr
+    # A name translate could not use (it becomes part of file names) is refused before training,
+    # by the same rule that every card, train-lora and the tile store apply.
+    r = cli(*base, "--name", "ki67.v2", "-o", tmp_path / "m")
+    assert r.exit_code == 2 and "a model name may hold" in r.stderr
+    assert not (tmp_path / "m").exists()
+    r = cli("train-lora", "--marker", "ki67", "--he", he_ome_path, "--ihc", ki67_ome_paths[0],
+            "--name", "ki67.v2", "-o", tmp_path / "l")
+    assert r.exit_code == 2 and "a model name may hold" in r.stderr
 
 
 def test_short_training_lowers_the_loss_and_resumes(tmp_path, cmu1_path, he_ome_path,

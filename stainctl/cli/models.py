@@ -139,24 +139,13 @@ def add(
     out = Output(json_out)
 
     def body() -> int:
-        import shutil
-
-        from stainctl.models.card import load_card
+        from stainctl.models.registry import install
         from stainctl.models.registry import models_dir as resolve_dir
-        from stainctl.models.weights import check_weight_file
-        from stainctl.workspace.atomic import atomic_path
 
-        card = load_card(card_file)  # refuse a bad card before copying anything
-        for w in weights or []:  # and weights that every later use would refuse
-            check_weight_file(w)
-        target = resolve_dir(models_dir) / card.name
-        for w in weights or []:
-            with atomic_path(target / w.name) as tmp:
-                shutil.copyfile(w, tmp)
-        with atomic_path(target / f"card{card_file.suffix}") as tmp:
-            shutil.copyfile(card_file, tmp)
-        out.emit({"model": card.name, "directory": str(target)},
-                 lambda: typer.echo(f"added {card.name} in {target}"))
+        installed = install(card_file, list(weights or []), resolve_dir(models_dir))
+        card, target = installed.parent.name, installed.parent
+        out.emit({"model": card, "directory": str(target)},
+                 lambda: typer.echo(f"added {card} in {target}"))
         return 0
 
     run_command(out, body)

@@ -165,11 +165,20 @@ def card_from_dict(data: dict[str, Any], origin: Path | None = None) -> ModelCar
     return card
 
 
+# A model name becomes part of file names (`<slide>.<name>.ome.tiff`, `<name>.zarr`) and a
+# manifest step name; a '.' would make those ambiguous, so one rule, checked wherever a name enters.
+NAME_RULE = "a model name may hold letters, digits, '-' and '_' only"
+
+
+def valid_name(name: str) -> bool:
+    return bool(name) and name.isascii() and name.replace("-", "").replace("_", "").isalnum()
+
+
 def _validate(card: ModelCard, where: object) -> None:
     if card.kind not in KINDS:
         raise ModelError(f"{where}: kind must be one of {', '.join(KINDS)}, got {card.kind!r}")
-    if not card.name or not card.name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-        raise ModelError(f"{where}: a model name may hold letters, digits, '.', '-' and '_'")
+    if not valid_name(card.name):
+        raise ModelError(f"{where}: {NAME_RULE}, got {card.name!r}")
     if card.input_mpp <= 0 or card.tile_size < 16:
         raise ModelError(f"{where}: input_mpp must be positive and tile_size at least 16")
     if card.kind == "marker" and not card.marker:

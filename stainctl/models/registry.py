@@ -75,9 +75,12 @@ def install(card_file: Path, files: list[Path], directory: Path) -> Path:
     returns the installed card."""
     import shutil
 
+    from stainctl.models.weights import check_weight_file
     from stainctl.workspace.atomic import atomic_path
 
     card = load_card(card_file)  # refuse a bad card before copying anything
+    for f in files:  # and weights that every later use would refuse
+        check_weight_file(f)
     target = directory / card.name
     for f in files:
         with atomic_path(target / f.name) as tmp:

@@ -24,6 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl.errors import UsageError
+from stainctl.models.card import NAME_RULE, valid_name
 from stainctl.steps.report import Progress, SilentProgress
 
 if TYPE_CHECKING:
@@ -70,9 +71,8 @@ class FastTrainOptions:
                              "16 of at least 32")
         if not 0 <= self.hold_out < 1:
             raise UsageError(f"--hold-out must be in [0, 1), got {self.hold_out}")
-        if not self.model_name.replace("-", "").replace("_", "").replace(".", "").isalnum():
-            raise UsageError(f"--name {self.model_name!r}: a model name may hold letters, "
-                             "digits, '.', '-' and '_'")
+        if not valid_name(self.model_name):
+            raise UsageError(f"--name {self.model_name!r}: {NAME_RULE}")
         names = [image_name(p) for p in self.ihc]
         if len(set(names)) < len(names):
             raise UsageError("--ihc: two images share a name; their held-out crops would collide")

@@ -285,9 +285,10 @@ def create_for_slide(ws: Workspace, slide: SlideRecord, marker: str, margin: int
     """The store `translate` fills for one slide and marker (created, or reopened to resume),
     recorded in the manifest. `slide` is a tiled slide."""
     from stainctl.errors import UsageError
+    from stainctl.models.card import NAME_RULE, valid_name
 
-    if not marker.replace("-", "").replace("_", "").isalnum():
-        raise UsageError(f"a marker name may hold letters, digits, - and _ only: {marker!r}")
+    if not valid_name(marker):
+        raise UsageError(f"{NAME_RULE}: {marker!r}")
     grid = ws.manifest.grid(slide.id)
     if grid is None:
         raise StoreError(f"{slide.path} has no tile grid yet; run `stainctl tile` first")

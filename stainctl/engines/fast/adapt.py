@@ -16,7 +16,7 @@ import numpy as np
 
 from stainctl.errors import ModelError, UsageError
 from stainctl.models.adapted import ADAPTER, loss_curve
-from stainctl.models.card import ModelCard, WeightFile, write_card
+from stainctl.models.card import NAME_RULE, ModelCard, WeightFile, valid_name, write_card
 from stainctl.models.lora import LoraSpec
 
 
@@ -40,6 +40,8 @@ class AdaptOptions:
     def __post_init__(self) -> None:
         if not self.he or not self.ihc:
             raise UsageError("train-lora --engine fast needs H&E (--he) and IHC (--ihc) images")
+        if not valid_name(self.name):
+            raise UsageError(f"--name {self.name!r}: {NAME_RULE}")
         if self.steps < 1 or self.lora.rank < 1 or self.batch_size < 1:
             raise UsageError("--steps, --rank and --batch-size must be at least 1")
 

@@ -28,7 +28,7 @@ from stainctl.engines.pixcell.engine import PixCellParts
 from stainctl.engines.pixcell.flow_train import FlowTrainOptions
 from stainctl.errors import ModelError, UsageError
 from stainctl.models.adapted import ADAPTER, loss_curve
-from stainctl.models.card import ModelCard, WeightFile, write_card
+from stainctl.models.card import NAME_RULE, ModelCard, WeightFile, valid_name, write_card
 from stainctl.models.lora import CROSS_ATTENTION_TARGETS, LoraSpec
 from stainctl.workspace import atomic_path
 
@@ -56,6 +56,8 @@ class PixCellLoraOptions:
     train_flow: FlowTrainOptions | None = None  # or a new flow MLP from paired tiles
 
     def __post_init__(self) -> None:
+        if not valid_name(self.name):
+            raise UsageError(f"--name {self.name!r}: {NAME_RULE}")
         if min(self.rank, self.epochs, self.batch_size, self.accumulate,
                self.max_tiles_per_slide) < 1:
             raise UsageError("--rank, --epochs, --batch-size, --accumulate and "
