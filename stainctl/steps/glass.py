@@ -55,9 +55,11 @@ def glass_tile(ws: Workspace, slide: SlideRecord, grid: GridRecord, source: Tile
 
 
 def thumbnail_glass(ws: Workspace, key: str) -> tuple[int, int, int]:
-    """Median colour of the thumbnail outside the tissue mask (the brightest 5 % of it where the
-    mask covers everything)."""
+    """Median colour of the thumbnail outside the tissue mask (where the mask covers nearly
+    everything: the slide layer's background colour, the brightest part of the thumbnail)."""
     import cv2
+
+    from stainctl.slide.tissue import background_colour
 
     thumb = cv2.imread(str(ws.thumbnail_path(key)), cv2.IMREAD_COLOR)
     mask = cv2.imread(str(ws.tissue_mask_path(key)), cv2.IMREAD_GRAYSCALE)
@@ -67,10 +69,8 @@ def thumbnail_glass(ws: Workspace, key: str) -> tuple[int, int, int]:
     glass = rgb[(mask.reshape(-1) == 0)] if mask is not None and mask.shape == thumb.shape[:2] \
         else rgb[:0]
     if len(glass) < 100:
-        brightness = rgb.astype(np.int32).sum(axis=1)
-        glass = rgb[brightness >= np.percentile(brightness, 95)]
-    median = np.median(glass, axis=0)
-    return _rgb(median)
+        return _rgb(background_colour(rgb))
+    return _rgb(np.median(glass, axis=0))
 
 
 def _rgb(values: NDArray[np.float64]) -> tuple[int, int, int]:
