@@ -16,9 +16,43 @@ class WorkspaceLocked(UsageError):
     """Another process is writing to the workspace."""
 
 
+# Kinds of slide failure. Each has its own next step (HINTS), so the summary after a batch says
+# what to do about the slides that failed instead of one "fix it and run again" for all.
+NO_MPP = "no-mpp"  # the slide has no pixel size: a CSV mpp column (or --mpp) is the fix
+MISSING = "missing"  # the path cannot be reached
+UNSUPPORTED = "unsupported"  # a format stainctl does not read
+CORRUPT = "corrupt"  # truncated or damaged: copy it again
+NO_TISSUE = "no-tissue"
+DARK = "dark"  # fluorescence or dark-field, refused by `tile` (--allow-dark takes it)
+LEFT_OUT = "left-out"  # fluorescence or dark-field in the main job: nothing to fix
+
+# What the summary says after "N slide(s) ", per kind; `None`: any other reason.
+HINTS: dict[str | None, str] = {
+    NO_MPP: "have no pixel size in their metadata: give each its pixel size in a CSV slide "
+            "list with an `mpp` column (`path,mpp` rows), or add --mpp MICRONS_PER_PIXEL only "
+            "when every slide of the command lacks one or has that size (--mpp overrides the "
+            "pixel size of every slide of the command); then run it again, finished work is "
+            "skipped.",
+    MISSING: "failed: the file cannot be reached; check the path (a typo, an unmounted drive, "
+             "a broken link) and run the same command again: finished work is skipped.",
+    UNSUPPORTED: "are in a format stainctl does not read: convert them to a pyramidal TIFF "
+                 "(e.g. `vips tiffsave --tile --pyramid`) or leave them out of the command.",
+    CORRUPT: "are truncated or corrupt: copy the file again from its source (compare its "
+             "size), then run the same command again: finished work is skipped.",
+    NO_TISSUE: "have no tissue found: check the slide (is it the right one?), or lower "
+               "--min-tissue / --tissue-threshold and run the same command again.",
+    DARK: "look like fluorescence or dark-field slides: if they are brightfield after all, add "
+          "--allow-dark and run the same command again.",
+    LEFT_OUT: "were left out as not brightfield H&E (fluorescence or dark-field): nothing to "
+              "fix, a virtual IHC slide is made from a brightfield H&E slide.",
+    None: "failed: fix the cause shown above and run the same command again: finished work is "
+          "skipped.",
+}
+
+
 class SlideError(StainctlError):
-    """One slide cannot be processed; the batch goes on with the others. `code` names a kind of
-    failure whose way out is not "run again" (NO_MPP), so the summary can give that instead."""
+    """One slide cannot be processed; the batch goes on with the others. `code` names the kind
+    of failure (NO_MPP, CORRUPT, ...), whose next step the summary gives (`hint`)."""
 
     def __init__(self, path: object, reason: str, code: str | None = None) -> None:
         super().__init__(f"{path}: {reason}")
@@ -26,8 +60,14 @@ class SlideError(StainctlError):
         self.reason = reason
         self.code = code
 
+    @property
+    def hint(self) -> str:
+        return hint(self.code)
 
-NO_MPP = "no-mpp"  # the slide has no pixel size: --mpp or a CSV mpp column is the fix
+
+def hint(code: str | None) -> str:
+    """The next step for a failure of kind `code` (the generic one for an unknown kind)."""
+    return HINTS.get(code, HINTS[None])
 
 
 class ModelError(UsageError):

@@ -24,5 +24,12 @@ MaxThumbnailRead = Annotated[float | None, typer.Option(
     "--max-thumbnail-read", metavar="GPX",
     help="Refuse a slide whose thumbnail needs more than this many gigapixels decoded (no "
          "small pyramid level); default 10.")]
+# One help for `tile` and the main job: --mpp overrides the metadata of EVERY slide of the
+# command, so it is the fix for a slide without a pixel size only when all share one.
+Mpp = Annotated[float | None, typer.Option(
+    "--mpp",
+    help="Pixel size in µm/px for every slide of the command, overriding their metadata (a "
+         "CSV's `mpp` column overrides it per slide); for a batch where only some slides lack "
+         "one (PNG/JPEG), give those theirs in a CSV `path,mpp` list instead.")]
 # A choice, so a typo stops the command before any work and the shell completes it.
 Format = Literal["ome-tiff", "tiff"]

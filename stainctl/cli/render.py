@@ -34,24 +34,22 @@ def batch_summary(result: Any) -> None:
         for s in slides:
             typer.echo(f"  {s.state:<8} {s.slide}: {s.message}")
     if states["failed"]:
-        _failure_hint([s for s in slides if s.state == "failed"])
+        _failure_hints(slides)
 
 
-def _failure_hint(failed: list[Any]) -> None:
-    """What to do next, following the reasons: the same command again only helps once the
-    cause is fixed, and for some causes the fix is an option of the command."""
-    from stainctl.errors import NO_MPP
+def _failure_hints(slides: list[Any]) -> None:
+    """What to do next, per kind of failure (errors.HINTS: each kind has its own way out, and
+    "run it again" alone would fail the same way), once per kind with its count."""
+    from stainctl.errors import hint
 
-    no_mpp = sum(1 for s in failed if s.code == NO_MPP)
-    if no_mpp:
-        typer.echo(f"{no_mpp} slide(s) have no pixel size in their metadata: add --mpp "
-                   "MICRONS_PER_PIXEL to the command (or give a CSV slide list with an `mpp` "
-                   "column, `path,mpp` rows) and run it again; finished work is skipped.",
-                   err=True)
-    if len(failed) > no_mpp:
-        typer.echo(f"{len(failed) - no_mpp} slide(s) failed; the others are saved. Fix the "
-                   "cause shown above and run the same command again: finished work is "
-                   "skipped.", err=True)
+    failed = [s for s in slides if s.state == "failed"]
+    counts: dict[str | None, int] = {}
+    for s in failed:  # in the order the slides failed
+        counts[s.code] = counts.get(s.code, 0) + 1
+    for code, n in counts.items():
+        typer.echo(f"{n} slide(s) {hint(code)}", err=True)
+    if len(failed) < len(slides):  # only then is there something saved to speak of
+        typer.echo(f"The other {len(slides) - len(failed)} slide(s) are saved.", err=True)
 
 
 def metrics_table(data: dict[str, Any]) -> None:

@@ -18,8 +18,7 @@ def tile(
     slides: Annotated[list[str], typer.Argument(
         help="Slides: files, globs, directories, or a CSV with `path[,mpp]` rows.")],
     workspace: opt.Workspace,
-    mpp: Annotated[float | None, typer.Option(
-        help="Pixel size in µm/px, overriding the slide metadata (needed for PNG/JPEG).")] = None,
+    mpp: opt.Mpp = None,
     target_mpp: Annotated[float, typer.Option(help="Tile resolution in µm/px.")] = 0.5,
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels at --target-mpp.")] = 512,
     overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 0,

@@ -38,8 +38,7 @@ def translate(
     readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the model.")] = 2,
     fmt: Annotated[Format, typer.Option("--format", help="ome-tiff or tiff (with SLIDES).")]
     = "ome-tiff",
-    mpp: Annotated[float | None, typer.Option(
-        help="Pixel size in µm/px for slides without it (PNG/JPEG).")] = None,
+    mpp: opt.Mpp = None,
     steps: Annotated[int, typer.Option(help="Diffusion solver steps (pixcell).")] = 20,
     sampler: Annotated[str, typer.Option(
         help="Diffusion solver (pixcell): dpm++ (the model's own DPM-Solver++ 2M), "

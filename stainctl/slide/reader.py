@@ -22,7 +22,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from stainctl.errors import NO_MPP, SlideError
+from stainctl.errors import CORRUPT, MISSING, NO_MPP, UNSUPPORTED, SlideError
 from stainctl.slide.direct import DirectReader, Unsupported, open_direct
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -110,7 +110,9 @@ class Slide:
     def require_mpp(self) -> float:
         if self.mpp is None:
             raise SlideError(self.path, "the slide has no pixel size (mpp) in its metadata; "
-                             "give it with --mpp, or an `mpp` column in a CSV slide list",
+                             "give it in an `mpp` column of a CSV slide list (`path,mpp` "
+                             "rows), or with --mpp if every slide of the command has that "
+                             "size (--mpp overrides them all)",
                              code=NO_MPP)
         return self.mpp
 
@@ -149,8 +151,9 @@ class Slide:
                 self.direct.give_up(level, str(err))
                 return self.read_region(x, y, level, width, height)
             except Exception as err:
-                raise SlideError(self.path, f"could not read pixels ({type(err).__name__}: "
-                                 f"{err}); the file may be truncated or corrupt") from err
+                raise SlideError(self.path, f"{self.path}: could not read pixels "
+                                 f"({type(err).__name__}: {err}); the file may be truncated "
+                                 "or corrupt", CORRUPT) from err
             if (x0, y0, x1, y1) == (lx, ly, lx + width, ly + height):
                 return region  # wholly inside: no white frame to paste into
             out = np.full((height, width, 3), 255, np.uint8)
@@ -160,8 +163,9 @@ class Slide:
         try:
             region = self.handle.read_region(loc, level, (x1 - x0, y1 - y0))
         except Exception as err:  # readers raise their own error types for corrupt data
-            raise SlideError(self.path, f"could not read pixels ({type(err).__name__}: {err}); "
-                             "the file may be truncated or corrupt") from err
+            raise SlideError(self.path, f"{self.path}: could not read pixels "
+                             f"({type(err).__name__}: {err}); the file may be truncated or "
+                             "corrupt", CORRUPT) from err
         out = np.full((height, width, 3), 255, np.uint8)
         out[y0 - ly:y1 - ly, x0 - lx:x1 - lx] = _to_rgb_on_white(region)
         return out
@@ -201,17 +205,29 @@ def check_exists(path: Path) -> None:
         reason = "no such file or directory"
     else:
         reason = f"cannot be reached ({cause.strerror})"
-    raise SlideError(path, f"{path}: {reason}")
+    raise SlideError(path, f"{path}: {reason}", MISSING)
 
 
 def open_slide(path: str | Path, mpp: float | None = None) -> Slide:
-    """Open `path`; `mpp` (µm/px) overrides the metadata. Raises SlideError with the reason."""
+    """Open `path`; `mpp` (µm/px) overrides the metadata. Raises SlideError with the reason,
+    which names the path as given: the summary names a slide by its key (the file's stem),
+    and "trunc: truncated" alone does not say which file to copy again."""
     path = Path(path)
+    try:
+        return _open_slide(path, mpp)
+    except SlideError as err:
+        if err.reason.startswith(str(path)):
+            raise
+        raise SlideError(path, f"{path}: {err.reason}", err.code) from err
+
+
+def _open_slide(path: Path, mpp: float | None) -> Slide:
     check_exists(path)
     target = _dicom_member(path) if path.is_dir() else path
     if path.is_file() and path.suffix.lower() not in SLIDE_SUFFIXES:
         raise SlideError(path, f"unsupported file type {path.suffix!r}; stainctl reads "
-                         "whole-slide formats (SVS, NDPI, MRXS, DICOM, TIFF/OME-TIFF) and PNG/JPEG")
+                         "whole-slide formats (SVS, NDPI, MRXS, DICOM, TIFF/OME-TIFF) and PNG/JPEG",
+                         UNSUPPORTED)
     if target.suffix.lower() in IMAGE_SUFFIXES:
         slide = _open_plain(path)
     else:
@@ -238,11 +254,11 @@ def _open_wsi(path: Path, target: Path) -> Slide:
     except openslide.OpenSlideUnsupportedFormatError:
         truncated = _truncated_tiff(target)
         if truncated:  # OpenSlide calls a truncated TIFF "unsupported"; say what it is
-            raise SlideError(path, truncated) from None
+            raise SlideError(path, truncated, CORRUPT) from None
         return _open_tiffslide(path, target)
     except openslide.OpenSlideError as err:
         raise SlideError(path, f"OpenSlide cannot read it ({err}); the file may be truncated "
-                         "or corrupt") from err
+                         "or corrupt", CORRUPT) from err
     props = dict(handle.properties)
     vendor = props.get("openslide.vendor")
     return Slide(
@@ -373,13 +389,13 @@ def _open_plain(path: Path) -> Slide:
         with Image.open(path) as im:
             width, height = im.size
     except (UnidentifiedImageError, OSError) as err:
-        raise SlideError(path, f"cannot read the image header ({err})") from err
+        raise SlideError(path, f"cannot read the image header ({err})", CORRUPT) from err
     if width * height > MAX_PLAIN_IMAGE_PIXELS:
         raise SlideError(path, "plain image too large to hold in memory; convert it to a "
                          "tiled pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`)")
     bgr = cv2.imread(str(path), cv2.IMREAD_COLOR)
     if bgr is None or bgr.shape[:2] != (height, width):
-        raise SlideError(path, "cannot decode the image (truncated or corrupt?)")
+        raise SlideError(path, "cannot decode the image (truncated or corrupt?)", CORRUPT)
     rgb = np.ascontiguousarray(bgr[..., ::-1])
     return Slide(path=path, backend="image", handle=_PlainImage(rgb), vendor=None, mpp=None,
                  mpp_source=None, objective_power=None)

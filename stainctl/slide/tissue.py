@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stainctl.errors import SlideError
+from stainctl.errors import DARK, SlideError
 
 # Brightfield glass is the brightest part of any slide; on a fluorescence slide even the 90th
 # percentile of brightness is near black (measured: 18/255 on the DAPI NDPI, >= 186 on H&E/IHC).
@@ -76,9 +76,10 @@ def colour_warning(thumb: np.ndarray) -> str | None:
 
 
 def check_brightfield(thumb: np.ndarray, path: object, allow_dark: bool,
-                      hint: str = DARK_HINT) -> bool:
+                      hint: str = DARK_HINT, code: str = DARK) -> bool:
     """Return True if the slide is dark (allowed); raise SlideError if dark and not allowed,
-    with the caller's `hint` of what to do (the way out differs per command)."""
+    with the caller's `hint` of what to do and failure `code` (the way out differs per
+    command: `tile` takes --allow-dark, the main job leaves the slide out)."""
     p90 = background_brightness(thumb)
     if p90 >= DARK_P90:
         return False
@@ -86,7 +87,7 @@ def check_brightfield(thumb: np.ndarray, path: object, allow_dark: bool,
         return True
     raise SlideError(path, f"dark background (90th percentile brightness {p90:.0f}/255): this "
                      f"looks like a fluorescence or dark-field slide, not brightfield H&E/IHC; "
-                     f"{hint}")
+                     f"{hint}", code)
 
 
 def tissue_mask(thumb: np.ndarray, mpp: float, params: TissueParams,

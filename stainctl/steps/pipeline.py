@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from stainctl.errors import LEFT_OUT
 from stainctl.slide.grid import GridParams
 from stainctl.slide.inputs import SlideRequest
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
@@ -56,7 +57,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
             grid=grid, force=options.force,
             max_thumbnail_read=max_thumbnail_read or DEFAULT_MAX_READ_GPX,
             dark_hint="a virtual IHC slide is made from a brightfield H&E slide, so this one "
-                      "was left out"), progress)),
+                      "was left out", dark_code=LEFT_OUT), progress)),
         (Workspace.FILTER,
          lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
         (Workspace.translate_step(card.name), lambda: translate_slides(ws, options, progress)),

@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from stainctl.errors import hint
+
 
 class Progress(Protocol):
     def start(self, description: str, total: int) -> None: ...
@@ -53,7 +55,9 @@ class BatchResult:
         return {
             "step": self.step,
             "ok": not self.failed,
-            "slides": [vars(s) for s in self.slides],
+            # A failed slide's next step, as the summary gives it (errors.HINTS).
+            "slides": [{**vars(s), "hint": hint(s.code)} if s.state == "failed" else vars(s)
+                       for s in self.slides],
         }
 
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from stainctl.errors import SlideError
+from stainctl.errors import DARK, NO_TISSUE, SlideError
 from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
 from stainctl.slide.inputs import SlideRequest
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
@@ -38,6 +38,7 @@ class TileOptions:
     grid: GridParams = field(default_factory=GridParams)
     tissue: TissueParams = field(default_factory=TissueParams)
     dark_hint: str = DARK_HINT  # what to do about a dark (fluorescence) slide
+    dark_code: str = DARK  # its kind of failure (errors.LEFT_OUT in the main job)
     # Gigapixels read at most to make a thumbnail (a slide without a small pyramid level).
     max_thumbnail_read: float = DEFAULT_MAX_READ_GPX
     force: bool = False
@@ -169,19 +170,20 @@ def _layout(slide: Slide, options: TileOptions, slide_id: int, phash: str,
     t_mpp = thumbnail_mpp(mpp, w0, h0)
     thumb = read_thumbnail(slide, t_mpp, max_read_gpx=options.max_thumbnail_read,
                            report=report)
-    dark = check_brightfield(thumb, slide.path, options.tissue.allow_dark, options.dark_hint)
+    dark = check_brightfield(thumb, slide.path, options.tissue.allow_dark, options.dark_hint,
+                            options.dark_code)
     mask = tissue_mask(thumb, t_mpp, options.tissue, dark=dark)
     if not mask.any():
         raise SlideError(slide.path, "no tissue found on the thumbnail; if the tissue is "
                          "faint, lower --tissue-threshold (now "
-                         f"{options.tissue.saturation})")
+                         f"{options.tissue.saturation})", NO_TISSUE)
     gp = options.grid
     grid = make_grid(w0, h0, mpp, gp, slide.level_downsamples)
     frac = tissue_fractions(mask, w0, h0, grid)
     keep = frac >= gp.min_tissue
     if not keep.any():
         raise SlideError(slide.path, f"no tile has at least {gp.min_tissue:.0%} tissue "
-                         f"(best: {frac.max():.0%}); lower --min-tissue")
+                         f"(best: {frac.max():.0%}); lower --min-tissue", NO_TISSUE)
     xs, ys = grid.origins()
     cols = np.tile(np.arange(grid.cols), grid.rows)
     rows = np.repeat(np.arange(grid.rows), grid.cols)
