@@ -230,6 +230,9 @@ class _LogProgress:
             self.next_pct = pct - pct % 10 + 10
             self.last = now
 
+    def drop(self, n: int = 1) -> None:
+        self.total = max(self.total - n, self.done)
+
     def log(self, message: str) -> None:
         self.slide_lines += 1
         if not self.quiet:  # named by step: the main job writes one line per step and slide
@@ -273,6 +276,13 @@ class _RichProgress:
             self.pending = None
         if self.task is not None:
             self.bar.advance(self.task, n)
+
+    def drop(self, n: int = 1) -> None:
+        if self.pending is not None:
+            self.pending = (self.pending[0], max(self.pending[1] - n, 0))
+        elif self.task is not None:
+            [task] = [t for t in self.bar.tasks if t.id == self.task]
+            self.bar.update(self.task, total=max((task.total or 0) - n, task.completed))
 
     def log(self, message: str) -> None:
         line = f"{self.name}: {message}" if self.name else message  # as _LogProgress

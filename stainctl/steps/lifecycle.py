@@ -187,4 +187,8 @@ class SlideStep(ABC, Generic[I, W]):
         self.progress.log(f"{outcome.slide}: {outcome.state}"
                           + (f" ({outcome.message})" if outcome.message else ""))
         if self.counts_items:
-            self.progress.advance()
+            # Only slides that did work count: a skipped one leaves the total instead.
+            if outcome.state == "skipped":
+                self.progress.drop()
+            else:
+                self.progress.advance()

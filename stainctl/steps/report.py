@@ -14,6 +14,9 @@ from stainctl.errors import hint
 class Progress(Protocol):
     def start(self, description: str, total: int) -> None: ...
     def advance(self, n: int = 1) -> None: ...
+    # `n` of the items counted in `start` need no work (already done): they leave the total,
+    # so a rerun does not show "1/3" for a slide it only skipped.
+    def drop(self, n: int = 1) -> None: ...
     def log(self, message: str) -> None: ...
 
 
@@ -22,6 +25,9 @@ class SilentProgress:
         pass
 
     def advance(self, n: int = 1) -> None:
+        pass
+
+    def drop(self, n: int = 1) -> None:
         pass
 
     def log(self, message: str) -> None:
