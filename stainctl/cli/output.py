@@ -233,10 +233,13 @@ class _LogProgress:
     def drop(self, n: int = 1) -> None:
         self.total = max(self.total - n, self.done)
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, warning: bool = False) -> None:
         self.slide_lines += 1
-        if not self.quiet:  # named by step: the main job writes one line per step and slide
-            log.info("%s", f"{self.name}: {message}" if self.name else message)
+        line = f"{self.name}: {message}" if self.name else message
+        if warning:  # shown even with --quiet
+            log.warning("%s", line)
+        elif not self.quiet:  # named by step: the main job writes one line per step and slide
+            log.info("%s", line)
 
 
 class _RichProgress:
@@ -284,6 +287,7 @@ class _RichProgress:
             [task] = [t for t in self.bar.tasks if t.id == self.task]
             self.bar.update(self.task, total=max((task.total or 0) - n, task.completed))
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, warning: bool = False) -> None:
         line = f"{self.name}: {message}" if self.name else message  # as _LogProgress
-        self.console.print(line, highlight=False, markup=False)
+        self.console.print(line, highlight=False, markup=False,
+                           style="yellow" if warning else None)

@@ -184,8 +184,10 @@ class SlideStep(ABC, Generic[I, W]):
 
     def _report(self, result: BatchResult, outcome: SlideOutcome) -> None:
         result.slides.append(outcome)
-        self.progress.log(f"{outcome.slide}: {outcome.state}"
-                          + (f" ({outcome.message})" if outcome.message else ""))
+        # A slide with a warning is named by its path: the line says which file to check.
+        self.progress.log(f"{outcome.path if outcome.warning else outcome.slide}: "
+                          f"{outcome.state}" + (f" ({outcome.message})" if outcome.message else ""),
+                          warning=outcome.warning is not None)
         if self.counts_items:
             # Only slides that did work count: a skipped one leaves the total instead.
             if outcome.state == "skipped":

@@ -86,7 +86,8 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         o.details["side_by_side"] = str(pair)
         state = "done" if o.slide in worked else "skipped"
         result.slides.append(SlideOutcome(o.slide, o.path, state,
-                                          f"{o.message}; H&E beside it: {pair.name}", o.details))
+                                          f"{o.message}; H&E beside it: {pair.name}", o.details
+                                          ).warn(slide.warning))
     result.slides.extend(failed.values())
     return result
 

@@ -17,7 +17,8 @@ class Progress(Protocol):
     # `n` of the items counted in `start` need no work (already done): they leave the total,
     # so a rerun does not show "1/3" for a slide it only skipped.
     def drop(self, n: int = 1) -> None: ...
-    def log(self, message: str) -> None: ...
+    # `warning`: a line about a slide whose result may be wrong (logged at WARNING level).
+    def log(self, message: str, warning: bool = False) -> None: ...
 
 
 class SilentProgress:
@@ -30,7 +31,7 @@ class SilentProgress:
     def drop(self, n: int = 1) -> None:
         pass
 
-    def log(self, message: str) -> None:
+    def log(self, message: str, warning: bool = False) -> None:
         pass
 
 
@@ -41,7 +42,22 @@ class SlideOutcome:
     state: str  # "done", "skipped" (already done, same parameters) or "failed"
     message: str = ""
     details: dict[str, object] = field(default_factory=dict)
-    code: str | None = None  # a failure's kind, when its fix is not "run again" (errors.NO_MPP)
+    code: str | None = None  # a failure's kind (errors.HINTS gives its next step)
+
+    @property
+    def warning(self) -> str | None:
+        """What the slide's tiling found suspect (a coloured background), if anything."""
+        value = self.details.get("warning")
+        return None if value is None else str(value)
+
+    def warn(self, warning: str | None) -> SlideOutcome:
+        """Carry `warning` (SlideRecord.warning) in the details and the message, on every run:
+        a rerun that skips the slide must still say its result may be wrong."""
+        if warning:
+            self.details["warning"] = warning
+            self.message = f"{self.message}; warning: {warning}" if self.message else \
+                f"warning: {warning}"
+        return self
 
 
 @dataclass

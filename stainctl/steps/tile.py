@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -30,7 +29,6 @@ from stainctl.workspace import (
 if TYPE_CHECKING:
     from stainctl.slide.reader import Slide
 
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,7 +92,8 @@ class TileStep(SlideStep[SlideRequest, TileWork]):
 
     def skipped(self, plan: SlidePlan[SlideRequest, TileWork]) -> SlideOutcome:
         return SlideOutcome(plan.slide.key, plan.slide.path, "skipped", "already tiled",
-                            dict(self.manifest.tile_counts(plan.slide.id)))
+                            dict(self.manifest.tile_counts(plan.slide.id))
+                            ).warn(plan.slide.warning)
 
     def run_one(self, plan: SlidePlan[SlideRequest, TileWork]) -> SlideOutcome:
         from stainctl.slide.reader import open_slide
@@ -114,21 +113,16 @@ class TileStep(SlideStep[SlideRequest, TileWork]):
             slide.close()
         from stainctl.slide.tissue import colour_warning
 
-        warning = colour_warning(thumb)
-        if warning:
-            log.warning("%s: %s", plan.slide.path, warning)
+        warning = colour_warning(thumb)  # logged once, with the outcome (lifecycle._report)
+        m.set_slide_warning(slide_id, warning)
 
         _save_png(self.ws, slide_id, self.ws.thumbnail_path(key), thumb, "thumbnail")
         _save_png(self.ws, slide_id, self.ws.tissue_mask_path(key),
                   mask.astype(np.uint8) * 255, "tissue_mask")
         m.replace_grid(grid, tiles)
         counts = m.tile_counts(slide_id)
-        details: dict[str, object] = dict(counts)
         message = f"{counts['tiles_tissue']} of {counts['tiles_total']} tiles on tissue"
-        if warning:
-            details["warning"] = warning
-            message += f"; warning: {warning}"
-        return SlideOutcome(key, plan.slide.path, "done", message, details)
+        return SlideOutcome(key, plan.slide.path, "done", message, dict(counts)).warn(warning)
 
 
 def _fingerprint(req: SlideRequest) -> str:

@@ -231,6 +231,11 @@ class Manifest:
                 (fingerprint, backend, vendor, width, height, levels, mpp, mpp_source,
                  objective_power, slide_id))
 
+    def set_slide_warning(self, slide_id: int, warning: str | None) -> None:
+        """What `tile` found suspect in the slide (None: nothing), shown by every later run."""
+        with self.transaction():
+            self.db.execute("UPDATE slides SET warning=? WHERE id=?", (warning, slide_id))
+
     # --- steps ------------------------------------------------------------------------------
     def step(self, slide_id: int, step: str) -> StepRecord | None:
         row = self.db.execute(

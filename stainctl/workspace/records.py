@@ -33,6 +33,7 @@ class SlideRecord:
     mpp_source: str | None = None
     objective_power: float | None = None
     added: str = ""
+    warning: str | None = None  # what `tile` found suspect (e.g. a coloured background)
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> SlideRecord:
@@ -42,7 +43,8 @@ class SlideRecord:
             fingerprint=str(row["fingerprint"]), backend=_str(c["backend"]),
             vendor=_str(c["vendor"]), width=_int(c["width"]), height=_int(c["height"]),
             levels=_str(c["levels"]), mpp=_float(c["mpp"]), mpp_source=_str(c["mpp_source"]),
-            objective_power=_float(c["objective_power"]), added=str(row["added"]))
+            objective_power=_float(c["objective_power"]), added=str(row["added"]),
+            warning=_str(c["warning"]))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,6 +1,6 @@
 """Manifest schema and its migrations. Bump SCHEMA_VERSION and add a migration for each change."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Version 1. Coordinates are level-0 pixels, top-left. Filter metrics are NULL until measured;
 # `keep` is NULL until the filter step has judged the tile.
@@ -83,4 +83,8 @@ CREATE TABLE artifacts (
 """
 
 # MIGRATIONS[v] upgrades a manifest from version v to v + 1.
-MIGRATIONS: dict[int, str] = {}
+MIGRATIONS: dict[int, str] = {
+    # Version 2: slides.warning, what `tile` found suspect in a slide it could tile (a coloured
+    # background: YCbCr read as RGB), kept so every later run and step can still say it.
+    1: "ALTER TABLE slides ADD COLUMN warning TEXT;",
+}
