@@ -157,6 +157,24 @@ def test_readers_open_the_manifest_read_only(tiled, tmp_path):
     reader.close()
 
 
+def test_a_workspace_of_an_older_schema_is_read_read_only(tiled, tmp_path):
+    """An archived workspace made by an earlier stainctl (schema 1, before slides.warning) cannot
+    be migrated when it is read-only; readers take it as it is."""
+    ws = _copy(tiled, tmp_path / "ws")
+    db = sqlite3.connect(ws / "manifest.sqlite")
+    db.execute("ALTER TABLE slides DROP COLUMN warning")
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    reader = Workspace.open(ws, readonly=True)
+    slides = reader.manifest.slides()
+    assert slides and slides[0].warning is None and slides[0].mpp
+    reader.close()
+    writer = Workspace.open(ws)  # a writer upgrades it
+    assert writer.manifest.db.execute("PRAGMA user_version").fetchone()[0] >= 2
+    writer.close()
+
+
 @pytest.mark.skipif(not CAN_MOUNT, reason="needs unshare -rm (user and mount namespaces)")
 def test_a_read_only_output_folder_is_one_line(tmp_path, cmu1_path):
     out = tmp_path / "shared"

@@ -27,7 +27,7 @@ from stainctl.workspace.records import (
     TileCell,
     TileRecord,
 )
-from stainctl.workspace.schema import MIGRATIONS, SCHEMA_V1, SCHEMA_VERSION
+from stainctl.workspace.schema import MIGRATIONS, READ_ONLY_FROM, SCHEMA_V1, SCHEMA_VERSION
 
 if TYPE_CHECKING:
     from sqlite3 import _Parameters  # typeshed's alias for what execute() binds
@@ -122,6 +122,8 @@ class Manifest:
             )
         if version == SCHEMA_VERSION:
             return
+        if self.readonly and version >= READ_ONLY_FROM:
+            return  # an older, additive schema: read as it is (an archived workspace)
         if self.readonly:
             raise UsageError(f"{self.path} has schema {version}, this stainctl reads "
                              f"{SCHEMA_VERSION}; run a command that writes to the workspace "

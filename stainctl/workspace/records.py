@@ -44,7 +44,9 @@ class SlideRecord:
             vendor=_str(c["vendor"]), width=_int(c["width"]), height=_int(c["height"]),
             levels=_str(c["levels"]), mpp=_float(c["mpp"]), mpp_source=_str(c["mpp_source"]),
             objective_power=_float(c["objective_power"]), added=str(row["added"]),
-            warning=_str(c["warning"]))
+            # Absent in a schema-1 manifest read as it is (read-only). `in` on a Row tests its
+            # values, not its column names, hence keys().
+            warning=_str(c["warning"]) if "warning" in c.keys() else None)  # noqa: SIM118
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -82,7 +82,10 @@ CREATE TABLE artifacts (
 );
 """
 
-# MIGRATIONS[v] upgrades a manifest from version v to v + 1.
+# MIGRATIONS[v] upgrades a manifest from version v to v + 1. Keep them additive (new tables, new
+# nullable columns): a read-only workspace cannot be migrated, and is read at its own version from
+# READ_ONLY_FROM on, the records taking a missing column as NULL.
+READ_ONLY_FROM = 1
 MIGRATIONS: dict[int, str] = {
     # Version 2: slides.warning, what `tile` found suspect in a slide it could tile (a coloured
     # background: YCbCr read as RGB), kept so every later run and step can still say it.
