@@ -569,3 +569,189 @@ def test_a_main_job_rerun_keeps_the_side_by_side_png(cli, tmp_path):
     again = json.loads(cli(*job).stdout)["slides"][0]["details"]["side_by_side"]
     assert again == first and os.stat(first).st_mtime_ns == before
     assert not stale.exists()
+
+
+# --- runs started together on a new workspace ----------------------------------------------
+
+def _hold_lock(ws: Path) -> subprocess.Popen[str]:
+    """Another stainctl run that creates `ws` and holds its writer lock until told to go."""
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys
+        from stainctl.workspace import Workspace
+        ws = Workspace.open({str(ws)!r}, create=True)
+        with ws.writing("tile winner.svs", {{}}):
+            print("locked", flush=True)
+            sys.stdin.readline()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=ENV)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+@pytest.mark.parametrize("command", ["tile", "translate"])
+def test_a_run_refused_by_the_lock_leaves_the_winners_new_workspace(cli, tmp_path, monkeypatch,
+                                                                    command, cmu1_path):
+    # Both runs find no workspace; the other one creates it and takes the lock between this
+    # run's look and its open (made deterministic by starting it from inside `open`).
+    out = tmp_path / "out"
+    ws = out / "workspace"
+    real_open = Workspace.open.__func__  # type: ignore[attr-defined]
+    holders: list[subprocess.Popen[str]] = []
+
+    def racing_open(cls, root, **kwargs):
+        holders.append(_hold_lock(ws))
+        return real_open(cls, root, **kwargs)
+
+    monkeypatch.setattr(Workspace, "open", classmethod(racing_open))
+    args = (("tile", cmu1_path, "-w", ws) if command == "tile" else
+            ("translate", cmu1_path, "--marker", "demo-ki67", "-o", out))
+    try:
+        r = cli(*args)
+        assert r.exit_code == 2 and "being written by another stainctl run" in r.stderr
+        assert "winner.svs" in r.stderr
+        assert (ws / "manifest.sqlite").is_file() and (ws / ".lock").is_file()
+    finally:
+        for holder in holders:
+            holder.communicate("\n", timeout=30)
+    assert [h.returncode for h in holders] == [0]  # the winner finished its run
+    runs = [r.outcome for r in Workspace.open(ws, readonly=True).manifest.runs()]
+    assert runs == ["ok"]
+
+
+def test_a_usage_error_still_removes_the_workspace_the_run_created(cli, tmp_path, cmu1_path):
+    out = tmp_path / "a" / "out"
+    r = cli("translate", cmu1_path, "--marker", "no-such-model", "-o", out)
+    assert r.exit_code == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_two_runs_creating_a_workspace_at_once_both_open_it(tmp_path, monkeypatch):
+    """Both read schema version 0, then both set the schema up: the second finds it done."""
+    import threading
+
+    from stainctl.workspace.manifest import Manifest
+
+    both_read = threading.Barrier(2, timeout=30)
+    real = Manifest.transaction
+
+    def after_both_read(self):
+        if self.db.execute("PRAGMA user_version").fetchone()[0] == 0:
+            both_read.wait()
+        return real(self)
+
+    monkeypatch.setattr(Manifest, "transaction", after_both_read)
+    errors: list[BaseException] = []
+
+    def create() -> None:
+        try:
+            Workspace.open(tmp_path / "ws", create=True).close()
+        except BaseException as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=create) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    ws = Workspace.open(tmp_path / "ws", readonly=True)
+    assert ws.manifest.slides() == [] and ws.manifest.runs() == []
+
+
+def test_runs_started_together_on_a_new_workspace_work_or_are_refused(tmp_path, cmu1_path):
+    ws = tmp_path / "new" / "ws"
+    procs = [subprocess.Popen([sys.executable, "-m", "stainctl", "tile", str(cmu1_path),
+                               "-w", str(ws), "-q"], stderr=subprocess.PIPE, text=True, env=ENV)
+             for _ in range(3)]
+    results = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
+    assert any(code == 0 for code, _ in results), results
+    for code, err in results:
+        assert code == 0 or (code == 2 and "being written by another stainctl run" in err), err
+    assert Workspace.open(ws, readonly=True).manifest.slides()[0].key == "CMU-1-Small-Region"
+
+
+# --- manifest damage met while reading rows ------------------------------------------------
+
+def _damage_table_tail(manifest: Path, table: str) -> None:
+    """Overwrite the last leaf pages of `table`, keeping the header, the schema and the
+    table's first pages: a query starts well and meets the damage while fetching."""
+    db = sqlite3.connect(manifest)
+    page = db.execute("PRAGMA page_size").fetchone()[0]
+    leaves = [n for (n,) in db.execute(
+        "SELECT pageno FROM dbstat WHERE name=? AND pagetype='leaf' ORDER BY path", (table,))]
+    db.close()
+    assert len(leaves) > 4, leaves
+    data = bytearray(manifest.read_bytes())
+    for n in leaves[len(leaves) // 2:]:
+        data[(n - 1) * page:n * page] = b"\xff" * page
+    manifest.write_bytes(bytes(data))
+
+
+def test_damage_met_while_fetching_rows_is_the_one_line_message(tmp_path, cmu1_path):
+    from stainctl.workspace.manifest import Manifest, ManifestDamaged
+
+    ws = tmp_path / "ws"  # small tiles: the tiles table spans several pages
+    assert _stainctl("tile", cmu1_path, "-w", ws, "--tile-size", "64", "-q").returncode == 0
+    manifest = ws / "manifest.sqlite"
+    _damage_table_tail(manifest, "tiles")
+    m = Manifest(manifest)
+    try:
+        slide = m.slides()[0]
+        for read in (m.tiles, m.tissue_tiles, m.unmeasured_tiles):
+            with pytest.raises(ManifestDamaged, match=re.escape(str(manifest))):
+                read(slide.id)
+        for fetch in (lambda c: c.fetchall(), lambda c: c.fetchmany(10_000), list):
+            cur = m.db.execute("SELECT * FROM tiles ORDER BY id")
+            assert cur.fetchone() is not None  # the statement starts well: the damage is on
+            with pytest.raises(ManifestDamaged, match="damaged"):
+                fetch(cur)
+    finally:
+        m.close()
+    r = _stainctl("filter", "-w", ws)
+    assert r.returncode == 2
+    line = _one_error_line(r)
+    assert str(manifest) in line and "damaged" in line and "restore it" in line
+
+
+def test_a_manifest_that_cannot_be_opened_is_closed(tmp_path, monkeypatch):
+    from stainctl.workspace.manifest import Manifest, ManifestDamaged
+
+    opened: list[sqlite3.Connection] = []
+    real = sqlite3.connect
+
+    def tracked(*args, **kwargs):
+        db = real(*args, **kwargs)
+        opened.append(db)
+        return db
+
+    monkeypatch.setattr(sqlite3, "connect", tracked)
+    path = tmp_path / "manifest.sqlite"
+    path.write_bytes(np.random.default_rng(0).bytes(16384))
+    for readonly in (False, True):
+        with pytest.raises(ManifestDamaged):
+            Manifest(path, readonly=readonly)
+    assert len(opened) == 2
+    for db in opened:
+        with pytest.raises(sqlite3.ProgrammingError, match="closed"):
+            db.execute("SELECT 1")
+
+
+# --- the side-by-side PNG -------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_side_by_side_that_cannot_be_written_fails_only_that_png(cli, tmp_path, cmu1_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for name in ("a", "b"):
+        (slides / f"{name}.svs").symlink_to(cmu1_path)
+    out = tmp_path / "out"
+    blocked = out / "a.demo-ki67.side-by-side.png"
+    blocked.mkdir(parents=True)  # a folder where the PNG goes: renaming onto it fails
+    r = cli("translate", slides, "--marker", "demo-ki67", "-o", out, "--json")
+    assert r.exit_code == 0, r.output
+    outcomes = {o["slide"]: o for o in json.loads(r.stdout)["slides"]}
+    assert set(outcomes) == {"a", "b"} and all(o["state"] == "done" for o in outcomes.values())
+    a, b = outcomes["a"], outcomes["b"]
+    assert Path(a["details"]["output"]).is_file() and "side_by_side" not in a["details"]
+    assert "side-by-side PNG could not be written" in a["message"]
+    assert str(blocked) in a["message"]
+    assert Path(b["details"]["side_by_side"]).is_file()

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, ClassVar, Generic, TypeVar
 from stainctl.errors import SlideError
 from stainctl.steps.report import BatchResult, Progress, SlideOutcome, params_hash, unexpected
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
+from stainctl.workspace.manifest import ManifestDamaged
 
 if TYPE_CHECKING:
     from stainctl.models.card import ModelCard
@@ -139,6 +140,8 @@ class SlideStep(ABC, Generic[I, W]):
         for plan in plans:
             try:
                 yield plan, self.run_one(plan)
+            except ManifestDamaged:
+                raise  # the workspace's fault, not this slide's: every slide would fail so
             except Exception as err:  # one bad slide must not stop the batch
                 yield plan, Failure.of(err, plan.slide.path, self.where(plan.item))
 
@@ -157,6 +160,8 @@ class SlideStep(ABC, Generic[I, W]):
                         self._report(result, self.skipped(plan))
                         continue
                     self.start(plan)
+                except ManifestDamaged:
+                    raise  # as in process()
                 except Exception as err:  # one bad slide must not stop the batch
                     self._fail(result, item, slide, step, plan,
                                Failure.of(err, slide.path, self.where(item)))

@@ -52,19 +52,66 @@ class ManifestDamaged(UsageError):
 
 
 class _Connection(sqlite3.Connection):
-    """A connection that names its file when SQLite finds it is not a sound database."""
+    """A connection that names its file when SQLite finds it is not a sound database: while a
+    statement runs and while its rows are fetched (damaged pages further on in a table are only
+    met there), through the `_Cursor`s it hands out."""
 
     manifest_path: Path
 
-    def execute(self, sql: str, parameters: _Parameters = (), /) -> sqlite3.Cursor:
+    def execute(self, sql: str, parameters: _Parameters = (), /) -> _Cursor:
+        return self._cursor().execute(sql, parameters)
+
+    def executemany(self, sql: str, parameters: Iterable[_Parameters], /) -> _Cursor:
+        return self._cursor().executemany(sql, parameters)
+
+    def _cursor(self) -> _Cursor:
+        cur = self.cursor(_Cursor)
+        cur.manifest_path = self.manifest_path
+        return cur
+
+
+class _Cursor(sqlite3.Cursor):
+    """Every way of running a statement and reading its rows turns damage into
+    `ManifestDamaged`. The fetch methods return what sqlite3.Cursor's do (rows of the
+    connection's row factory, typed Any there), so their return types are not restated."""
+
+    manifest_path: Path
+
+    def execute(self, sql: str, parameters: _Parameters = (), /) -> _Cursor:
         try:
-            return super().execute(sql, parameters)
+            super().execute(sql, parameters)
+        except sqlite3.DatabaseError as err:
+            raise _damaged(self.manifest_path, err) from None
+        return self
+
+    def executemany(self, sql: str, parameters: Iterable[_Parameters], /) -> _Cursor:
+        try:
+            super().executemany(sql, parameters)
+        except sqlite3.DatabaseError as err:
+            raise _damaged(self.manifest_path, err) from None
+        return self
+
+    def fetchone(self):
+        try:
+            return super().fetchone()
         except sqlite3.DatabaseError as err:
             raise _damaged(self.manifest_path, err) from None
 
-    def executemany(self, sql: str, parameters: Iterable[_Parameters], /) -> sqlite3.Cursor:
+    def fetchmany(self, size: int | None = None):
         try:
-            return super().executemany(sql, parameters)
+            return super().fetchmany(self.arraysize if size is None else size)
+        except sqlite3.DatabaseError as err:
+            raise _damaged(self.manifest_path, err) from None
+
+    def fetchall(self):
+        try:
+            return super().fetchall()
+        except sqlite3.DatabaseError as err:
+            raise _damaged(self.manifest_path, err) from None
+
+    def __next__(self):
+        try:
+            return super().__next__()
         except sqlite3.DatabaseError as err:
             raise _damaged(self.manifest_path, err) from None
 
@@ -93,7 +140,24 @@ def _connect(path: Path, readonly: bool) -> _Connection:
             return db
         except sqlite3.OperationalError:
             db.close()
+        except BaseException:  # not a database: said by the caller, nothing left open
+            db.close()
+            raise
     raise UsageError(f"{path} cannot be opened for reading; check its permissions")
+
+
+def _wal(db: sqlite3.Connection, wait: float = 30) -> None:
+    """Switch to WAL. SQLite does not wait for its busy timeout here: two runs opening a new
+    manifest at once can find it busy (`database is locked`), so retry for as long."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL").fetchall()
+            return
+        except sqlite3.OperationalError as err:
+            if "locked" not in str(err) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class Manifest:
@@ -107,11 +171,15 @@ class Manifest:
         self.readonly = readonly
         self.db = _connect(path, readonly)
         self.db.row_factory = sqlite3.Row
-        if not readonly:
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            if not readonly:
+                _wal(self.db)
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.db.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except BaseException:  # damaged, newer, locked: the caller gets no Manifest to close
+            self.db.close()
+            raise
 
     def _migrate(self) -> None:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -129,6 +197,11 @@ class Manifest:
                              f"{SCHEMA_VERSION}; run a command that writes to the workspace "
                              "(e.g. `stainctl tile`) once to upgrade it")
         with self.transaction():
+            # Under the write lock now: a run that opened a new workspace at the same moment
+            # may have set the schema up since the version was read.
+            version = self.db.execute("PRAGMA user_version").fetchone()[0]
+            if version == SCHEMA_VERSION:
+                return
             if version == 0:
                 for stmt in _statements(SCHEMA_V1):
                     self.db.execute(stmt)
