@@ -598,7 +598,8 @@ def test_a_run_refused_by_the_lock_leaves_the_winners_new_workspace(cli, tmp_pat
     holders: list[subprocess.Popen[str]] = []
 
     def racing_open(cls, root, **kwargs):
-        holders.append(_hold_lock(ws))
+        if not holders:
+            holders.append(_hold_lock(ws))
         return real_open(cls, root, **kwargs)
 
     monkeypatch.setattr(Workspace, "open", classmethod(racing_open))

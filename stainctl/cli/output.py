@@ -123,17 +123,11 @@ def run_batch(out: Output, workspace: Path, command: str, prepare: Callable[[], 
         batch = prepare()
         created = _missing_dirs(Path(workspace)) if create else []
         ws = Workspace.open(workspace, create=create)
-        try:
-            with ws.writing(command, batch.params), out.progress() as progress:
-                result = batch.step(ws, progress)
-                ws.partial = bool(result.failed)
-        except UsageError:
-            if created and not ws.manifest.slides():
-                # Stopped before any slide was added (an unknown marker, missing weights):
-                # leave no empty workspace behind to puzzle over or to pass by mistake as -w.
-                ws.close()
-                _remove_created(created)
-            raise
+        # A usage error in the step removes what this run `created` (under its lock, see
+        # Workspace.writing).
+        with ws.writing(command, batch.params, created=created), out.progress() as progress:
+            result = batch.step(ws, progress)
+            ws.partial = bool(result.failed)
 
         def human() -> None:
             batch_summary(result)
@@ -150,17 +144,6 @@ def _missing_dirs(path: Path) -> list[Path]:
     """`path` and those of its parents that do not exist yet, deepest first."""
     path = path.resolve()
     return [p for p in (path, *path.parents) if not p.exists()]
-
-
-def _remove_created(created: list[Path]) -> None:
-    import shutil
-
-    shutil.rmtree(created[0], ignore_errors=True)
-    for parent in created[1:]:  # parents made for it, if nothing else went there since
-        try:
-            parent.rmdir()
-        except OSError:
-            break
 
 
 def _disk_full(err: BaseException) -> bool:

@@ -16,7 +16,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,8 +125,15 @@ class Workspace:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
     @contextmanager
-    def writing(self, command: str, params: Mapping[str, object]) -> Iterator[Workspace]:
-        """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error."""
+    def writing(self, command: str, params: Mapping[str, object], *,
+                created: Sequence[Path] = ()) -> Iterator[Workspace]:
+        """Hold the writer lock and record the run; the outcome is 'ok', 'partial' or the error.
+
+        `created`: the workspace folder and the parents this run made for it (deepest first).
+        A usage error before any slide was added (an unknown marker, missing weights) removes
+        them, so no empty workspace is left to puzzle over or to pass by mistake as -w. Only
+        while the lock is still held: a run refused by the lock never removes anything, as the
+        workspace it thought it made is the live one of the run that holds the lock."""
         since = time.time()
         with WriterLock(self.root / ".lock", command):
             self.manifest.close_dead_runs()
@@ -135,17 +142,34 @@ class Workspace:
                 command, params, _versions(), socket.gethostname(), os.getpid())
             outcome = "interrupted"
             self.partial = False
+            discard = False
             try:
                 yield self
                 outcome = "partial" if self.partial else "ok"
             except Exception as err:
                 outcome = f"error: {err}"
+                discard = bool(created) and isinstance(err, UsageError) and \
+                    not self.manifest.slides()
                 raise
             finally:
                 self.manifest.end_run(self.run_id, outcome)
+                if discard:
+                    self.close()
+                    _remove_created(created)
 
     def close(self) -> None:
         self.manifest.close()
+
+
+def _remove_created(created: Sequence[Path]) -> None:
+    import shutil
+
+    shutil.rmtree(created[0], ignore_errors=True)
+    for parent in created[1:]:  # parents made for it, if nothing else went there since
+        try:
+            parent.rmdir()
+        except OSError:
+            break
 
 
 def _os_reason(root: Path, err: OSError) -> str:
