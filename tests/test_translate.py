@@ -146,3 +146,23 @@ def test_the_shipped_model_stains_tissue_and_leaves_glass_alone(tmp_path, cmu1_p
     assert change[glass].mean() < 6  # glass stays glass (a bad seed once tinted it blue-grey)
 
 
+
+
+def test_the_engine_is_closed_when_there_is_nothing_to_translate(tmp_path, monkeypatch):
+    from stainctl.errors import UsageError
+    from stainctl.steps import translate
+    from stainctl.workspace import Workspace
+
+    closed: list[bool] = []
+    real = translate.load_engine
+
+    def tracked(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        monkeypatch.setattr(engine, "close", lambda: closed.append(True))
+        return engine
+
+    monkeypatch.setattr(translate, "load_engine", tracked)
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    with pytest.raises(UsageError, match="no slide has been filtered"):
+        translate.translate_slides(ws, translate.TranslateOptions(marker="demo-ki67"))
+    assert closed == [True]

@@ -75,13 +75,13 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
     engine = load_engine(card, directory, options.engine_options())
-    m = ws.manifest
-    ready = m.slides_done(Workspace.FILTER)
-    if not ready:
-        raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; run "
-                         "`stainctl filter -w WS` first")
-    progress.start("translate", sum(m.tile_counts(s.id)["tiles_tissue"] for s in ready))
-    try:
+    try:  # whatever happens once it is loaded (nothing to translate, a stop): close it
+        m = ws.manifest
+        ready = m.slides_done(Workspace.FILTER)
+        if not ready:
+            raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; "
+                             "run `stainctl filter -w WS` first")
+        progress.start("translate", sum(m.tile_counts(s.id)["tiles_tissue"] for s in ready))
         return TranslateStep(ws, progress, options, card, engine).run(ready)
     finally:
         engine.close()
