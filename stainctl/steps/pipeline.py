@@ -27,7 +27,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
-    from stainctl.steps.side_by_side import side_by_side
+    from stainctl.steps.side_by_side import side_by_side, side_by_side_errors
     from stainctl.steps.stitch import StitchOptions, output_path, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
     from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
@@ -80,14 +80,32 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         slide = ws.manifest.slide_by_path(o.path)
         assert slide is not None and slide.mpp is not None  # stitched slides were tiled
         stitched_file = output_path(ws, stitch, o.slide, card.name)
-        pair = side_by_side(o.path, slide.mpp, stitched_file, pyramid.thumbnail(stitched_file),
-                            card.name, unchanged=o.state == "skipped",
-                            max_read_gpx=max_thumbnail_read or DEFAULT_MAX_READ_GPX)
-        o.details["side_by_side"] = str(pair)
         state = "done" if o.slide in worked else "skipped"
+        try:
+            pair = side_by_side(o.path, slide.mpp, stitched_file,
+                                pyramid.thumbnail(stitched_file), card.name,
+                                unchanged=o.state == "skipped",
+                                max_read_gpx=max_thumbnail_read or DEFAULT_MAX_READ_GPX)
+        except side_by_side_errors() as err:
+            # The virtual slide is made and kept: only its preview is missing. Say why, and
+            # go on with the other slides.
+            result.slides.append(SlideOutcome(
+                o.slide, o.path, state,
+                f"{o.message}; the side-by-side PNG could not be written ({_reason(err)})",
+                o.details))
+            continue
+        o.details["side_by_side"] = str(pair)
         result.slides.append(SlideOutcome(o.slide, o.path, state,
                                           f"{o.message}; H&E beside it: {pair.name}", o.details
                                           ).warn(slide.warning))
     result.slides.extend(failed.values())
     return result
 
+
+
+def _reason(err: Exception) -> str:
+    """The cause in a line: an OS error with the file it names (a rename's target, not the
+    temporary beside it)."""
+    if isinstance(err, OSError) and err.filename is not None:
+        return f"{err.filename2 or err.filename}: {err.strerror or err}"
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -82,6 +82,18 @@ def side_by_side(slide_path: str, slide_mpp: float, output: Path, thumbnail: Pat
     return path
 
 
+def side_by_side_errors() -> tuple[type[Exception], ...]:
+    """What writing the PNG can meet that is about its files, not a bug: a file that cannot be
+    read or written (OSError), a slide that no longer opens, an image libvips or OpenCV
+    cannot decode."""
+    import cv2
+    import pyvips
+
+    from stainctl.errors import StainctlError
+
+    return OSError, StainctlError, pyvips.Error, cv2.error
+
+
 def side_by_side_path(thumbnail: Path) -> Path:
     return thumbnail.with_name(thumbnail.stem + ".side-by-side.png")
 
