@@ -57,6 +57,11 @@ def test_the_main_job_carries_the_warning_on_every_run(cli, tmp_path, use_models
     [record] = ws.manifest.slides()
     assert record.warning is not None and "YCbCr" in record.warning
     ws.close()
+    # status shows it too, in its table and its JSON.
+    r = cli("status", "-w", out / "workspace")
+    assert "warning: the background is coloured" in " ".join(r.stdout.split())
+    [row] = json.loads(cli("status", "-w", out / "workspace", "--json").stdout)["slides"]
+    assert "YCbCr" in row["warning"]
 
 
 def test_a_slide_without_warning_has_none(cli, tmp_path, cmu1_path):
@@ -67,6 +72,8 @@ def test_a_slide_without_warning_has_none(cli, tmp_path, cmu1_path):
     ws = Workspace.open(tmp_path / "ws", readonly=True)
     assert [s.warning for s in ws.manifest.slides()] == [None]
     ws.close()
+    [row] = json.loads(cli("status", "-w", tmp_path / "ws", "--json").stdout)["slides"]
+    assert row["warning"] is None
 
 
 def test_a_version_1_manifest_gains_the_warning_column(tmp_path):

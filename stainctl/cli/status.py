@@ -13,7 +13,8 @@ from stainctl.cli.output import Output, run_command
 
 
 def status(workspace: opt.Workspace, json_out: opt.Json = False) -> None:
-    """Show per slide: tiles total / on tissue / kept, the last step done, and errors."""
+    """Show per slide: tiles total / on tissue / kept, the last step done, errors and
+    warnings."""
     out = Output(json_out)
 
     def body() -> int:
@@ -45,10 +46,11 @@ def _print(slides: list[dict[str, Any]]) -> None:
             steps = [k for k, v in s["steps"].items() if v == state]
             if steps:
                 last += f" ({', '.join(steps)} {state})"
-        error = "; ".join(f"{k}: {v}" for k, v in s["errors"].items())
+        error = "; ".join([f"{k}: {v}" for k, v in s["errors"].items()]
+                          + ([f"warning: {s['warning']}"] if s["warning"] else []))
         rows.append((s["slide"], str(s["tiles_total"]), str(s["tiles_tissue"]), str(kept),
                      str(pending) if s["steps"].get("filter") else "-", last, error))
-    head = ("slide", "tiles", "tissue", "kept", "unfiltered", "last done", "error")
+    head = ("slide", "tiles", "tissue", "kept", "unfiltered", "last done", "error / warning")
     if sys.stdout.isatty():
         from rich.console import Console
         from rich.table import Table
@@ -56,7 +58,7 @@ def _print(slides: list[dict[str, Any]]) -> None:
         table = Table()
         for h in head:
             table.add_column(h, no_wrap=h == "slide", overflow="fold",
-                             ratio=3 if h == "error" else None)
+                             ratio=3 if h.startswith("error") else None)
         for r in rows:
             table.add_row(*r)
         Console().print(table)

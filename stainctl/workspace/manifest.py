@@ -480,7 +480,8 @@ class Manifest:
                 tiles_measured=measured, tiles_kept=kept,
                 steps={name: _state(r, live_run) for name, r in st.items()},
                 last_done=done[-1] if done else None,
-                errors={name: r.error for name, r in st.items() if r.state == "failed"}))
+                errors={name: r.error for name, r in st.items() if r.state == "failed"},
+                warning=s.warning))
         return out
 
 

@@ -224,13 +224,14 @@ class SlideSummary:
     steps: Mapping[str, str]  # a StepState, or "interrupted": left running by a dead run
     last_done: str | None
     errors: Mapping[str, str | None]
+    warning: str | None = None  # what `tile` found suspect (SlideRecord.warning)
 
     def as_dict(self) -> dict[str, object]:
         return {"slide": self.slide, "path": self.path, "mpp": self.mpp,
                 "tiles_total": self.tiles_total, "tiles_tissue": self.tiles_tissue,
                 "tiles_measured": self.tiles_measured, "tiles_kept": self.tiles_kept,
                 "steps": dict(self.steps), "last_done": self.last_done,
-                "errors": dict(self.errors)}
+                "errors": dict(self.errors), "warning": self.warning}
 
 
 def _str(value: object) -> str | None:
