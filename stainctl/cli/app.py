@@ -13,10 +13,12 @@ from stainctl.cli import (
     embed,
     evaluate,
     models,
+    predict,
     status,
     stitch,
     tile,
     train,
+    train_align,
     train_lora,
     translate,
 )
@@ -56,7 +58,9 @@ def root(
 COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
-    "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "status": status.status}
+    "stitch": stitch.stitch, "evaluate": evaluate.evaluate,
+    "train-align": train_align.train_align, "predict": predict.predict,
+    "status": status.status}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")
