@@ -143,7 +143,7 @@ def tile_probabilities(heads: AlignHeads, tokens: np.ndarray, batch: int = 4096
     probs, zs = [], []
     with torch.inference_mode():
         for s in range(0, len(tokens), batch):
-            x = heads.tile_embedding(torch.from_numpy(np.asarray(tokens[s:s + batch])))
+            x = heads.tile_embedding(torch.from_numpy(np.array(tokens[s:s + batch])))
             z = heads.project_he(x)
             zs.append(z)
             probs.append(torch.softmax(heads.tile_logits(z), dim=-1))
