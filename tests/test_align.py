@@ -89,7 +89,8 @@ def test_train_align_learns_the_pairs_and_predict_classifies_slides(cli, tmp_pat
     assert r.exit_code == 0, r.output
     slides = json.loads(r.stdout)["slides"]
     assert [s["state"] for s in slides] == ["done", "done"]
-    rows = list(csv.DictReader(open(ws / "outputs" / "predict.pck-align.csv")))
+    with open(ws / "outputs" / "predict.pck-align.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
     assert len(rows) == 2
     for row, s in zip(rows, slides, strict=True):
         assert row["class"] in ("low", "high") and row["slide"] == s["slide"]
@@ -98,7 +99,8 @@ def test_train_align_learns_the_pairs_and_predict_classifies_slides(cli, tmp_pat
         d = s["details"]
         heat = cv2.imread(d["heatmap"])
         assert heat is not None and heat.shape[1] >= 200 and heat.std() > 5
-        geo = json.loads(open(d["geojson"]).read())
+        with open(d["geojson"]) as fh:
+            geo = json.load(fh)
         assert geo["type"] == "FeatureCollection" and len(geo["features"]) == int(row["tiles"])
         xs = np.array([f["geometry"]["coordinates"][0] for f in geo["features"]])
         w, h = (2220, 2967) if "CMU" in s["slide"] else cv2.imread(str(he_jpg)).shape[1::-1]

@@ -131,8 +131,8 @@ def _registered(he_path: Path, ihc_path: Path, mpp: float, default_mpp: float | 
         return he, warped, np.ones(he.shape[:2], bool), {"method": "resize"}, scale0
 
     def scaled(csv_path: Path, image: Path, loaded: np.ndarray) -> dict[str, np.ndarray]:
-        return {k: v * loaded.shape[1] / width0(image)
-                for k, v in read_landmarks(csv_path).items()}
+        factor = loaded.shape[1] / width0(image)  # landmarks are in the file's own pixels
+        return {k: v * factor for k, v in read_landmarks(csv_path).items()}
 
     reg = register_landmarks(scaled(lh, he_path, he), scaled(li, ihc_path, ihc), he.shape[:2])
     warped, inside = warp_onto(ihc, reg.matrix, he.shape[:2])
