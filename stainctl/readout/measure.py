@@ -127,16 +127,22 @@ def sum_readouts(records: Iterable[TileReadout], *, nuclear: bool | None = None)
 
 def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = None,
                  nuclear: bool = False, *, white: tuple[int, int, int] = WHITE,
-                 valid: np.ndarray | None = None) -> TileReadout:
+                 valid: np.ndarray | None = None,
+                 tissue: np.ndarray | None = None) -> TileReadout:
     """Measure a uint8 RGB(A) tile at `mpp` µm/px. `white` is the slide's glass colour;
     `valid` (H, W) bool, when given, limits the areas to those pixels (a tile's part inside the
-    slide) and nuclei to those whose centre lies in them."""
+    slide) and nuclei to those whose centre lies in them. `tissue` (H, W) bool, when given, is
+    the tissue (the slide's tissue mask) instead of the pixel rule of `tissue_od`: pale cytoplasm
+    is near glass on some scanners, so the mask's area is the one that compares across them."""
     from stainctl.readout.nuclei import _check_input, densities, detect_nuclei
 
     params = params or ReadoutParams()
     _check_input(rgb, mpp)
     haematoxylin, dab = densities(rgb, white)
-    tissue = (haematoxylin + dab) > params.tissue_od
+    if tissue is None:
+        tissue = (haematoxylin + dab) > params.tissue_od
+    else:
+        tissue = tissue.copy()
     if valid is not None:
         tissue &= valid
     px = mpp * mpp
