@@ -139,10 +139,7 @@ def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = Non
     params = params or ReadoutParams()
     _check_input(rgb, mpp)
     haematoxylin, dab = densities(rgb, white)
-    if tissue is None:
-        tissue = (haematoxylin + dab) > params.tissue_od
-    else:
-        tissue = tissue.copy()
+    tissue = (haematoxylin + dab > params.tissue_od) if tissue is None else tissue.copy()
     if valid is not None:
         tissue &= valid
     px = mpp * mpp

@@ -82,7 +82,7 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
         except SlideError as err:
             result.slides.append(SlideOutcome(item.name, str(item.path), "failed",
                                               err.reason, code=err.code))
-            progress.log(f"{item.name}: failed: {err.reason}", warning=True)
+            progress.log(f"failed: {err.reason}", warning=True)
             continue
         done.append(slide)
         message = _summary(slide)
@@ -90,7 +90,7 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
                                details=slide_row(slide))
         result.slides.append(outcome.warn(slide.warning))
         if slide.warning:
-            progress.log(f"{item.name}: warning: {slide.warning}", warning=True)
+            progress.log(f"warning: {slide.warning}", warning=True)
     write_outputs(done, options.out)
     return result, done
 
