@@ -95,6 +95,41 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
     return result, done
 
 
+def read_out_virtual(outcomes: list[SlideOutcome], virtual: dict[str, Path], marker: str,
+                     out: Path, progress: Progress) -> None:
+    """`translate --readout`: read out the main job's virtual slides into `out` and put each
+    one's index (or DAB area and H-score) in its outcome's message and details. A marker that
+    readout does not know is read as DAB area and H-score only; a slide whose readout fails
+    keeps its virtual slide, and the failure is said in its message."""
+    from stainctl.errors import UsageError
+    from stainctl.readout.markers import is_nuclear, resolve_marker
+
+    try:
+        stain = resolve_marker(marker)
+    except UsageError:
+        stain = marker.lower()
+    inputs = [ReadoutInput(name=f"{o.slide}", path=virtual[o.slide]) for o in outcomes
+              if o.slide in virtual]
+    if not inputs:
+        return
+    options = ReadoutOptions(marker=stain, nuclear=is_nuclear(stain), out=out)
+    result, _ = read_out(inputs, options, progress)
+    by_slide = {r.slide: r for r in result.slides}
+    for o in outcomes:
+        r = by_slide.get(o.slide)
+        if r is None:
+            continue
+        if r.state == "failed":
+            o.message = f"{o.message}; readout failed ({r.message})"
+            continue
+        o.details["readout"] = r.details
+        index = r.details.get("index_pct")
+        text = (f"{stain} index {index:.1f}%" if isinstance(index, float)
+                else f"DAB+ {r.details['dab_positive_area_pct']:.1f}%, H-score "
+                     f"{r.details['h_score']:.0f}")
+        o.message = f"{o.message}; readout: {text}"
+
+
 def _summary(slide: SlideReadout) -> str:
     t = slide.total
     text = f"DAB+ {100 * t.positive_fraction:.1f}% of tissue, H-score {t.h_score:.0f}"
