@@ -8,18 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import OME_HE as HE
+from conftest import OME_KI67, ROOT
+from conftest import PNG_IHC as SKIMAGE_IHC
 
 from stainctl.readout.measure import ReadoutParams, TileReadout, measure_tile, sum_readouts
 from stainctl.readout.nuclei import NucleiParams, detect_nuclei
 from stainctl.steps.readout import ReadoutInput, ReadoutOptions, read_out
 
-DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-if not DATA.is_dir():
-    DATA = Path("../shared/data").resolve()
-NDPI = DATA / "tiles/ihc/OS-2-ndpi_Ki67.ome.tif"
-VSI = DATA / "tiles/ihc/OS-2-vsi_Ki67.ome.tif"
-HE = DATA / "tiles/he/OS-1-detail_HE.ome.tif"
-SKIMAGE_IHC = DATA / "tiles/ihc/skimage_ihc_FHL2-DAB_colon.png"
+NDPI, VSI = OME_KI67
+SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +138,39 @@ def test_rerun_resumes_and_bad_input(tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="ki67"):
         resolve_marker("nosuchmarker")
     assert resolve_marker("Ki-67") == "ki67" and resolve_marker("demo-ki67") == "ki67"
+
+
+def test_cli_readout_json_and_bad_input(cli, tmp_path: Path) -> None:
+    r = cli("readout", NDPI, SKIMAGE_IHC, "--marker", "ki67", "-o", tmp_path, "--json")
+    assert r.exit_code == 1  # the PNG has no pixel size; the other slide is read
+    data = json.loads(r.stdout)
+    states = {s["slide"]: s["state"] for s in data["slides"]}
+    assert states == {"OS-2-ndpi_Ki67": "done", "skimage_ihc_FHL2-DAB_colon": "failed"}
+    assert (tmp_path / "readout.csv").exists()
+    r = cli("readout", SKIMAGE_IHC, "--marker", "fhl2", "--mpp", "0.5", "-o", tmp_path, "--json")
+    assert r.exit_code == 0
+    row = json.loads(r.stdout)["slides"][0]["details"]
+    assert row["nuclei"] is None and row["dab_positive_area_pct"] > 10  # not nuclear
+    r = cli("readout", NDPI, "--marker", "nosuch", "-o", tmp_path)
+    assert r.exit_code == 2 and "ki67" in r.output and "her2" in r.output
+
+
+@pytest.mark.slow
+def test_main_job_readout_then_workspace_readout(cli, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAINCTL_MODELS", str(tmp_path / "models"))  # only the shipped models
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    r = cli("translate", SAMPLE, "--marker", "demo-ki67", "-o", out, "--readout", "--json")
+    assert r.exit_code == 0, r.output
+    slide = json.loads(r.stdout)["slides"][0]
+    assert "readout: ki67 index" in slide["message"]
+    index = slide["details"]["readout"]["index_pct"]
+    with (out / "readout" / "readout.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["index_pct"]) == pytest.approx(index)
+    r = cli("readout", "-w", out / "workspace", "--marker", "demo-ki67", "-o", tmp_path / "ws",
+            "--json")
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)["slides"][0]["details"]
+    assert again["index_pct"] == pytest.approx(index)
