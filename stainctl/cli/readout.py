@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -33,6 +34,8 @@ def readout(
     target_mpp: Annotated[float, typer.Option(
         help="Resolution the tiles are measured at, µm/px (all scanners alike).")] = 0.5,
     tile_size: Annotated[int, typer.Option(help="Tile side in pixels at --target-mpp.")] = 512,
+    workers: Annotated[int | None, typer.Option(
+        help="Threads reading and measuring tiles; default: the CPU count.")] = None,
     models_dir: opt.ModelsDir = None,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -55,7 +58,8 @@ def readout(
         inputs = _inputs(slides or [], workspace, marker, mpp)
         folder = out_dir or (workspace / "readout" if workspace is not None else Path("readout"))
         options = ReadoutOptions(marker=stain, nuclear=nuclear or is_nuclear(stain), out=folder,
-                                 target_mpp=target_mpp, tile_size=tile_size)
+                                 target_mpp=target_mpp, tile_size=tile_size,
+                                 workers=workers or os.cpu_count() or 1)
         with out.progress() as progress:
             result, _ = read_out(inputs, options, progress)
         data: dict[str, Any] = {**result.as_dict(), "output": str(folder / "readout.csv")}

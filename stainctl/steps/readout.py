@@ -51,6 +51,7 @@ class ReadoutOptions:
     target_mpp: float = 0.5
     tile_size: int = 512
     min_tissue: float = 0.05  # a tile with less tissue (thumbnail mask) is not read
+    workers: int = 2
 
     def __post_init__(self) -> None:
         from stainctl.errors import UsageError
@@ -61,8 +62,11 @@ class ReadoutOptions:
             raise UsageError(f"--tile-size must be at least 64, got {self.tile_size}")
         if not 0 <= self.min_tissue <= 1:
             raise UsageError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {self.workers}")
 
     def as_dict(self) -> dict[str, object]:
+        # Not `workers`: the same tiles give the same numbers on any number of threads.
         return {"marker": self.marker, "nuclear": self.nuclear, "target_mpp": self.target_mpp,
                 "tile_size": self.tile_size, "min_tissue": self.min_tissue,
                 "params": asdict(self.params)}
@@ -174,7 +178,7 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
         margin = max(1, round(MARGIN_UM / grid.mpp))
         level = slide.best_level(scale)
         ds = slide.level_downsamples[level]
-        for i in todo:
+        def measure(i: int) -> TileRecord:
             x0, y0 = int(xs[i]), int(ys[i])
             rgb, valid = _read_tile(slide, x0, y0, grid.extent0, options.tile_size, margin,
                                     level, ds, w0, h0)
@@ -182,10 +186,23 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
                                    white=white, valid=valid,
                                    tissue=_tile_mask(mask, x0, y0, grid.extent0, margin,
                                                      rgb.shape[0], w0, h0))
-            rec = TileRecord(x0=x0, y0=y0, extent0=float(grid.extent0), readout=readout)
-            store.append(rec)
-            records[(x0, y0)] = rec
-            progress.advance(1)
+            return TileRecord(x0=x0, y0=y0, extent0=float(grid.extent0), readout=readout)
+
+        # Tiles are read and measured on `workers` threads (the readers, scipy and
+        # scikit-image release the GIL for most of it); only this thread writes the log, a
+        # batch at a time so a signal stops the slide between batches with all before saved.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stainctl import interrupt
+
+        batch = max(1, 4 * options.workers)
+        with ThreadPoolExecutor(options.workers) as pool:
+            for start in range(0, len(todo), batch):
+                interrupt.check()
+                for rec in pool.map(measure, todo[start:start + batch]):
+                    store.append(rec)
+                    records[(rec.x0, rec.y0)] = rec
+                    progress.advance(1)
         tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
         total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
         return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
