@@ -14,6 +14,7 @@ from stainctl.cli import (
     evaluate,
     models,
     predict,
+    readout,
     status,
     stitch,
     tile,
@@ -58,7 +59,7 @@ def root(
 COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
-    "stitch": stitch.stitch, "evaluate": evaluate.evaluate,
+    "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "readout": readout.readout,
     "train-align": train_align.train_align, "predict": predict.predict,
     "status": status.status}
 for _name, _command in COMMANDS.items():

@@ -1,1 +1,1 @@
-"""Slide-level IHC readouts and the files they are written to (CSV, GeoJSON, heat-map PNG)."""
+"""Slide-level IHC readouts: DAB area, H-score, nuclei and their positivity (`stainctl readout`)."""

@@ -1,111 +1,145 @@
-"""The files a per-slide readout is written to, shared by `readout` and `predict`:
+"""What `readout` writes: OUT/readout.csv (a row per slide), a heat-map PNG and a GeoJSON per slide.
 
-  * a CSV with a row per slide (`write_csv`), the columns given in a stable order;
-  * a GeoJSON FeatureCollection of tile polygons in level-0 pixel coordinates, each carrying its
-    measurements (`write_geojson`), in the form QuPath imports as-is (objectType "tile",
-    classification, measurements);
-  * a heat-map PNG of one value per tile over the slide's thumbnail (`write_heatmap`).
-Every file is written under a temporary name and renamed into place.
+The CSV's columns are fixed (`COLUMNS`) and carry their units in their names. The GeoJSON is a
+FeatureCollection of one square Polygon per tile in level-0 pixel coordinates (x right, y down, as
+QuPath uses them), each with the tile's measurements as properties; QuPath imports it as-is
+(File > Import objects) as tiles over the slide. The heat map shows per tile the index (nuclear
+markers) or the DAB-positive area fraction, 0 to 100 %, one pixel per tile scaled up; glass and
+unread tiles are white. Files are written under a temporary name and renamed into place.
+`predict` writes its CSV, tiles and heat-map with the same functions (`write_table`,
+`tile_feature`, `grid_png`), so its files sit beside readout's in the same form.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from stainctl.workspace.atomic import atomic_path
+if TYPE_CHECKING:
+    from stainctl.readout.measure import TileReadout
+    from stainctl.readout.records import SlideReadout
 
-HEATMAP_WIDTH = 1024  # px, at most
-
-
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: _cell(row.get(k, "")) for k in columns})
-    return path
+COLUMNS = ("slide", "path", "marker", "mpp_um", "tiles", "tissue_mm2", "dab_positive_area_pct",
+           "h_score", "weak_area_pct", "moderate_area_pct", "strong_area_pct", "nuclei",
+           "positive_nuclei", "index_pct", "nuclei_per_mm2", "warning")
+HEATMAP_TILE_PX = 8  # each tile is drawn as a square this many pixels wide
 
 
-def _cell(value: Any) -> Any:
-    if isinstance(value, float):
-        return "" if math.isnan(value) else f"{value:.6g}"
-    return value
+def write_outputs(slides: list[SlideReadout], out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    _write_csv(slides, out / "readout.csv")
+    for s in slides:
+        _atomic_bytes(out / f"{s.name}.heatmap.png", heatmap_png(s))
+        _atomic_bytes(out / f"{s.name}.geojson",
+                      json.dumps(geojson(s), indent=1).encode())
 
 
-def _json_number(value: Any) -> Any:
-    if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else float(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
+def _write_csv(slides: list[SlideReadout], path: Path) -> None:
+    from stainctl.readout.records import slide_row
+
+    write_table(path, {s.name: slide_row(s) for s in slides}, COLUMNS)
 
 
-def write_geojson(path: Path, xy0: np.ndarray, extent0: float,
-                  measurements: Sequence[Mapping[str, Any]],
-                  classes: Sequence[str | None] | None = None) -> Path:
-    """Tile i: the square (xy0[i], xy0[i] + extent0) in level-0 px, its measurements and, when
-    given, its class."""
-    features = []
-    for i, (x, y) in enumerate(np.asarray(xy0, np.float64)):
-        x1, y1 = x + extent0, y + extent0
-        ring = [[x, y], [x1, y], [x1, y1], [x, y1], [x, y]]
-        props: dict[str, Any] = {"objectType": "tile",
-                                 "measurements": {k: _json_number(v)
-                                                  for k, v in measurements[i].items()}}
-        if classes is not None and classes[i] is not None:
-            props["classification"] = {"name": classes[i]}
-        features.append({"type": "Feature", "geometry": {"type": "Polygon",
-                                                         "coordinates": [ring]},
-                         "properties": props})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
-    return path
+def write_table(path: Path, new_rows: Mapping[str, Mapping[str, object]],
+                columns: Sequence[str]) -> None:
+    """A CSV of a row per slide (`slide` column first): these slides' rows; rows of other
+    slides already in the file are kept (a run over part of a batch does not drop the rest).
+    Shared by `readout` and `predict`."""
+    rows: dict[str, Mapping[str, object]] = {}
+    if path.exists():
+        with path.open(newline="") as f:
+            for old in csv.DictReader(f):
+                if old.get("slide"):
+                    rows[old["slide"]] = dict(old)
+    rows.update(new_rows)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows.values():
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
+    _atomic_bytes(path, buf.getvalue().encode())
 
 
-def write_heatmap(path: Path, xy0: np.ndarray, values: np.ndarray, stride0: float,
-                  size0: tuple[int, int], thumbnail: Path | None = None,
-                  vmin: float = 0.0, vmax: float = 1.0, cmap: str = "magma") -> Path:
-    """One value per tile (top-left `xy0`, grid step `stride0`, slide `size0` = level-0 width,
-    height) coloured over the thumbnail (or white), at most HEATMAP_WIDTH px wide."""
-    import cv2
-    import matplotlib
+def tile_properties(r: TileReadout) -> dict[str, object]:
+    index = r.index
+    return {
+        "tissue_um2": round(r.tissue_um2, 3),
+        "dab_positive_area_pct": round(100 * r.positive_fraction, 3),
+        "h_score": round(r.h_score, 2),
+        "nuclei": r.nuclei, "positive_nuclei": r.positive_nuclei,
+        "index_pct": None if index is None else round(100 * index, 3),
+    }
 
-    width0, height0 = size0
-    cols = max(1, math.ceil(width0 / stride0))
-    rows = max(1, math.ceil(height0 / stride0))
+
+def geojson(slide: SlideReadout) -> dict[str, object]:
+    features = [tile_feature(t.x0, t.y0, t.extent0, (slide.width0, slide.height0),
+                             tile_properties(t.readout)) for t in slide.tiles]
+    return {"type": "FeatureCollection", "features": features,
+            "properties": {"slide": slide.name, "marker": slide.marker,
+                           "coordinates": "level-0 pixels"}}
+
+
+def tile_feature(x0: float, y0: float, extent0: float, size0: tuple[float, float],
+                 measurements: Mapping[str, object], classification: str | None = None
+                 ) -> dict[str, object]:
+    """One tile as a QuPath tile object: its square, clipped to the slide (`size0`: level-0
+    width, height), its measurements and, when given, its class. Shared by `predict`."""
+    # The part of the tile inside the slide: the measurements cover only that.
+    x1 = min(x0 + extent0, size0[0])
+    y1 = min(y0 + extent0, size0[1])
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    props: dict[str, object] = {"objectType": "tile", "name": f"{x0},{y0}",
+                                "measurements": dict(measurements)}
+    if classification is not None:
+        props["classification"] = {"name": classification}
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": props}
+
+
+def heatmap_values(slide: SlideReadout) -> np.ndarray:
+    """(rows, cols) per-tile value 0-1 (index, else DAB-positive fraction); NaN where no tile."""
+    if not slide.tiles:
+        return np.full((1, 1), np.nan)
+    extent = slide.tiles[0].extent0
+    cols = max(1, int(np.ceil(slide.width0 / extent)))
+    rows = max(1, int(np.ceil(slide.height0 / extent)))
     grid = np.full((rows, cols), np.nan)
-    for (x, y), v in zip(np.asarray(xy0), np.asarray(values, np.float64), strict=True):
-        r, c = round(float(y) / stride0), round(float(x) / stride0)
-        if 0 <= r < rows and 0 <= c < cols:
-            grid[r, c] = v
-    cell = max(1, min(64, HEATMAP_WIDTH // cols))
-    h, w = rows * cell, cols * cell
-    base = np.full((h, w, 3), 255, np.uint8)
-    if thumbnail is not None and thumbnail.is_file():
-        thumb = cv2.imread(str(thumbnail), cv2.IMREAD_COLOR)
-        if thumb is not None:
-            # The thumbnail spans the slide; the grid may reach past its edge.
-            tw, th = round(w * width0 / (cols * stride0)), round(h * height0 / (rows * stride0))
-            base[:th, :tw] = cv2.resize(thumb, (tw, th), interpolation=cv2.INTER_AREA)[..., ::-1]
-    colours = matplotlib.colormaps[cmap](np.clip((grid - vmin) / (vmax - vmin or 1), 0, 1))
-    colours = (colours[..., :3] * 255).astype(np.uint8)
-    big = np.repeat(np.repeat(colours, cell, axis=0), cell, axis=1)
-    known = np.repeat(np.repeat(np.isfinite(grid), cell, axis=0), cell, axis=1)
-    out = base.copy()
-    out[known] = (0.35 * base[known] + 0.65 * big[known]).astype(np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        ok, data = cv2.imencode(".png", out[..., ::-1])
-        if not ok:
-            raise OSError(f"could not encode {path}")
-        tmp.write_bytes(data.tobytes())
-    return path
+    for t in slide.tiles:
+        r = t.readout
+        value = r.index if r.index is not None else r.positive_fraction
+        if r.nuclei is not None and r.index is None:
+            value = 0.0  # tissue without nuclei found: nothing positive
+        grid[min(rows - 1, round(t.y0 / extent)), min(cols - 1, round(t.x0 / extent))] = value
+    return grid
+
+
+def heatmap_png(slide: SlideReadout) -> bytes:
+    return grid_png(heatmap_values(slide))
+
+
+def grid_png(values: np.ndarray) -> bytes:
+    """(rows, cols) values 0-1, NaN where no tile -> the heat-map PNG (shared by `predict`)."""
+    import cv2
+
+    scaled = np.nan_to_num(values, nan=0.0)
+    grey = np.clip(scaled * 255, 0, 255).astype(np.uint8)
+    rgb = cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)
+    rgb[np.isnan(values)] = 255
+    rgb = np.repeat(np.repeat(rgb, HEATMAP_TILE_PX, axis=0), HEATMAP_TILE_PX, axis=1)
+    ok, data = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    if not ok:  # pragma: no cover - PNG encoding of a uint8 image does not fail
+        raise OSError("could not encode the heat map")
+    return bytes(data.tobytes())
+
+
+def _atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)

@@ -2,17 +2,20 @@
 the `embed` step (run first, with the model's encoder; resumable).
 
 Per slide: `<slide>.<model>.geojson` (tile polygons in level-0 px with their class
-probabilities), `<slide>.<model>.heatmap.png` (each tile's score over the thumbnail: the
-probability of the last class, or with more than two classes the expected class index over
-the number of classes less one) in OUT (default WS/outputs), and a row in
-`OUT/predict.<model>.csv`. Predictions are recomputed on every run: from stored tokens they
-take milliseconds per slide.
+probabilities), `<slide>.<model>.heatmap.png` (each tile's score, 0-1: the probability of the
+last class, or with more than two classes the expected class index over the number of classes
+less one) in OUT (default WS/outputs), and a row in `OUT/predict.<model>.csv` (rows of other
+slides already there are kept). The files take the form of `readout`'s (the same writers), so
+the virtual-IHC readout and the direct prediction can be put side by side. Predictions are
+recomputed on every run: from stored tokens they take milliseconds per slide.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -22,7 +25,7 @@ import numpy as np
 from stainctl.errors import ModelError, SlideError, UsageError
 from stainctl.steps.lifecycle import SlidePlan, SlideStep
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
-from stainctl.workspace import SlideRecord, StepRecord, Workspace
+from stainctl.workspace import SlideRecord, StepRecord, Workspace, atomic_path
 
 if TYPE_CHECKING:
     from stainctl.align.heads import AlignHeads
@@ -56,7 +59,7 @@ def predict_slides(ws: Workspace, options: PredictOptions,
     from stainctl.align.heads import HeadsConfig, load_heads
     from stainctl.models.registry import all_cards, get_card, models_dir, required_cards
     from stainctl.models.weights import check_installed, resolve
-    from stainctl.readout.outputs import write_csv
+    from stainctl.readout.outputs import write_table
     from stainctl.steps.embed import EmbedOptions, embed_slides
 
     progress = progress or SilentProgress()
@@ -77,11 +80,11 @@ def predict_slides(ws: Workspace, options: PredictOptions,
     step = PredictStep(ws, progress, card, heads, weights, folder)
     result = step.run(ws.manifest.slides_done(Workspace.embed_step(card.encoder)))
     result.slides[:0] = embedded.failed  # not embedded: no prediction either
-    rows = [s.details for s in result.slides if s.state == "done"]
+    rows = {s.slide: s.details for s in result.slides if s.state == "done"}
     if rows:
         columns = ["slide", "path", "model", "class", "probability",
                    *[f"p_{c}" for c in heads.config.classes], "tiles", "mean_tile_score"]
-        write_csv(csv_path(folder, card.name), rows, columns)
+        write_table(csv_path(folder, card.name), rows, columns)
     return result
 
 
@@ -119,7 +122,7 @@ class PredictStep(SlideStep[SlideRecord, Path]):
         import torch
 
         from stainctl.align.heads import tile_probabilities
-        from stainctl.readout.outputs import write_geojson, write_heatmap
+        from stainctl.readout.outputs import grid_png, tile_feature
 
         slide, card, classes = plan.slide, self.card, self.heads.config.classes
         files = self.ws.embedding_files(slide.key, card.encoder)
@@ -139,18 +142,30 @@ class PredictStep(SlideStep[SlideRecord, Path]):
         k = len(classes)
         score = probs @ np.arange(k) / (k - 1)  # P(last class) with two classes
         best = int(slide_p.argmax())
-        measurements = [{**{f"p_{c}": float(p[j]) for j, c in enumerate(classes)},
-                         "score": float(s)} for p, s in zip(probs, score, strict=True)]
-        tile_classes = [classes[int(j)] for j in probs.argmax(axis=1)]
+        size0 = (float(slide.width or xy0[:, 0].max() + grid.extent0),
+                 float(slide.height or xy0[:, 1].max() + grid.extent0))
+        features = [tile_feature(int(x), int(y), grid.extent0, size0,
+                                 {**{f"p_{c}": round(float(p[j]), 6)
+                                     for j, c in enumerate(classes)},
+                                  "score": round(float(s), 6)}, classes[int(p.argmax())])
+                    for (x, y), p, s in zip(xy0, probs, score, strict=True)]
         base = self.folder / f"{slide.key}.{card.name}"
-        geojson = write_geojson(base.with_name(base.name + ".geojson"), xy0, grid.extent0,
-                                measurements, tile_classes)
-        heatmap = write_heatmap(base.with_name(base.name + ".heatmap.png"), xy0, score,
-                                grid.stride0, (int(slide.width or 0) or int(xy0[:, 0].max()
-                                               + grid.extent0),
-                                               int(slide.height or 0) or int(xy0[:, 1].max()
-                                               + grid.extent0)),
-                                self.ws.thumbnail_path(slide.key))
+        geojson = base.with_name(base.name + ".geojson")
+        heatmap = base.with_name(base.name + ".heatmap.png")
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(geojson) as tmp:
+            tmp.write_text(json.dumps({
+                "type": "FeatureCollection", "features": features,
+                "properties": {"slide": slide.key, "model": card.name,
+                               "coordinates": "level-0 pixels"}}, indent=1))
+        cols = max(1, math.ceil(size0[0] / grid.stride0))
+        rows = max(1, math.ceil(size0[1] / grid.stride0))
+        values = np.full((rows, cols), np.nan)
+        for (x, y), s in zip(xy0, score, strict=True):
+            values[min(rows - 1, round(y / grid.stride0)),
+                   min(cols - 1, round(x / grid.stride0))] = s
+        with atomic_path(heatmap) as tmp:
+            tmp.write_bytes(grid_png(values))
         details: dict[str, object] = {
             "slide": slide.key, "path": slide.path, "model": card.name,
             "class": classes[best], "probability": float(slide_p[best]),
