@@ -151,6 +151,23 @@ def test_killed_train_align_resumes_to_the_same_history(cli, tmp_path, models, p
     assert (cut / "heads.safetensors").read_bytes() == (whole / "heads.safetensors").read_bytes()
 
 
+def test_tile_labels_are_readouts_of_the_registered_ihc_tiles(pairs):
+    from stainctl.align.data import ClassBins, default_measure, pair_tiles, tile_labels
+    from stainctl.readout.measure import measure_tile
+
+    he, ihc = pairs[0]
+    pair = pair_tiles(he, ihc, mpp=0.5, tile=128, default_mpp=0.5)
+    assert len(pair.he) == len(pair.ihc) == len(pair.xy0) >= 20
+    bins = ClassBins.parse("low<2<high")
+    values, labels, slide_label, source = tile_labels(pair, bins, "positive-area", None)
+    expected = [100 * measure_tile(t, 0.5).positive_fraction for t in pair.ihc]
+    assert values == pytest.approx(expected)
+    assert labels.tolist() == [int(v >= 2) for v in expected]
+    assert slide_label == int(np.mean(expected) >= 2) and source == "mean tile positive-area"
+    assert default_measure("Ki-67") == "index" and default_measure("her2") == "positive-area"
+    assert ClassBins.parse("neg<1<low<20<high").bin(20) == 2
+
+
 def test_train_align_refuses_bad_input_with_the_fix(cli, tmp_path, models, pairs):
     he, ihc = pairs[0]
     base = ["train-align", "--marker", "pck", "--encoder", "tiny-enc", "--pair", f"{he},{ihc}"]

@@ -9,17 +9,20 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from stainctl.errors import UsageError
 from stainctl.stain.tissue import MIN_TISSUE, is_tissue_crop
 
+if TYPE_CHECKING:
+    from stainctl.readout.measure import TileReadout
+
 
 @dataclass(frozen=True, kw_only=True)
 class ClassBins:
-    """`--classes low<0.1<high`: class names between increasing thresholds of a measure (a
+    """`--classes low<20<high`: class names between increasing thresholds of a measure (a
     value below the first threshold is the first class, at or above the last the last); or
     just names (`low,high`) when the labels come from a CSV."""
 
@@ -33,7 +36,7 @@ class ClassBins:
         if self.thresholds and (len(self.thresholds) != len(self.names) - 1
                                 or list(self.thresholds) != sorted(set(self.thresholds))):
             raise UsageError("--classes: give the names between increasing thresholds, e.g. "
-                             "'low<0.1<high' or 'neg<0.05<low<0.3<high'")
+                             "'low<20<high' or 'neg<1<low<20<high'")
 
     @classmethod
     def parse(cls, text: str) -> ClassBins:
@@ -44,7 +47,7 @@ class ClassBins:
                 thresholds = tuple(float(v) for v in values)
             except ValueError:
                 raise UsageError(f"--classes {text!r}: the thresholds between the names must be "
-                                 "numbers, e.g. 'low<0.1<high'") from None
+                                 "numbers, e.g. 'low<20<high'") from None
             return cls(names=tuple(names), thresholds=thresholds)
         return cls(names=tuple(p.strip() for p in text.split(",") if p.strip()))
 
@@ -58,21 +61,30 @@ class ClassBins:
         return out if self.thresholds else ",".join(self.names)
 
 
-def dab_positive_fraction(rgb: np.ndarray) -> float:
-    """Fraction of the tissue pixels whose DAB optical density is above the stain metrics'
-    positivity threshold (the project's colour deconvolution)."""
-    from stainctl.evaluate.stain import DEFAULT_POSITIVE
-    from stainctl.stain.deconvolution import dab_density
-    from stainctl.stain.tissue import TISSUE_BELOW
+def _readout(rgb: np.ndarray, mpp: float, nuclear: bool) -> TileReadout:
+    from stainctl.readout.measure import measure_tile
 
-    tissue = rgb[..., :3].mean(axis=2) < TISSUE_BELOW
-    if not tissue.any():
-        return 0.0
-    return float((dab_density(rgb)[tissue] > DEFAULT_POSITIVE).mean())
+    return measure_tile(rgb, mpp, nuclear=nuclear)
 
 
-def dab_mean(rgb: np.ndarray) -> float:
-    """Mean DAB optical density of the tissue pixels: graded where the positive fraction is
+def positive_area_pct(rgb: np.ndarray, mpp: float) -> float:
+    """readout's DAB-positive area, % of the tissue (its `dab_positive_area_pct`)."""
+    return 100 * _readout(rgb, mpp, False).positive_fraction
+
+
+def h_score(rgb: np.ndarray, mpp: float) -> float:
+    """readout's H-score, 0-300."""
+    return _readout(rgb, mpp, False).h_score
+
+
+def index_pct(rgb: np.ndarray, mpp: float) -> float:
+    """readout's nuclear positivity index, % of the nuclei (nan: no nucleus found)."""
+    index = _readout(rgb, mpp, True).index
+    return math.nan if index is None else 100 * index
+
+
+def dab_mean(rgb: np.ndarray, mpp: float) -> float:
+    """Mean DAB optical density of the tissue pixels: graded where readout's positive area is
     all or nothing (low-resolution images, faint stains)."""
     from stainctl.stain.deconvolution import dab_density
     from stainctl.stain.tissue import TISSUE_BELOW
@@ -81,9 +93,19 @@ def dab_mean(rgb: np.ndarray) -> float:
     return float(dab_density(rgb)[tissue].mean()) if tissue.any() else 0.0
 
 
-# --measure: what a tile's IHC readout is binned on.
-MEASURES: dict[str, Callable[[np.ndarray], float]] = {"dab-fraction": dab_positive_fraction,
-                                                       "dab-mean": dab_mean}
+# --measure: what a tile's IHC readout is binned on, in the units of readout's CSV columns
+# (index_pct, dab_positive_area_pct, h_score), so --classes thresholds read like a report's.
+MEASURES: dict[str, Callable[[np.ndarray, float], float]] = {
+    "index": index_pct, "positive-area": positive_area_pct, "h-score": h_score,
+    "dab-mean": dab_mean}
+
+
+def default_measure(marker: str) -> str:
+    """The index for nuclear markers (Ki67, ER, PR, P53), else the DAB-positive area."""
+    from stainctl.readout.markers import ALIASES, is_nuclear
+
+    m = marker.strip().lower()
+    return "index" if is_nuclear(ALIASES.get(m, m)) else "positive-area"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -91,6 +113,7 @@ class PairTiles:
     """Corresponding tiles of one registered pair, at the encoder's µm/px."""
 
     name: str  # the H&E image's name: the slide in labels CSVs and in the card
+    mpp: float  # of the tiles
     he_path: Path
     ihc_path: Path
     he: np.ndarray  # (N, T, T, 3) uint8
@@ -161,7 +184,7 @@ def pair_tiles(he_path: Path, ihc_path: Path, *, mpp: float, tile: int,
     if not keep_he:
         raise UsageError(f"--pair {he_path},{ihc_path}: no {tile}-px tile is tissue on both "
                          "sections after registration; check the pair (and its landmarks)")
-    return PairTiles(name=name, he_path=he_path, ihc_path=ihc_path, he=np.stack(keep_he),
+    return PairTiles(name=name, mpp=mpp, he_path=he_path, ihc_path=ihc_path, he=np.stack(keep_he),
                      ihc=np.stack(keep_ihc), xy0=np.round(np.asarray(xy)).astype(np.int64),
                      extent0=tile * scale0, registration=figures)
 
@@ -222,8 +245,9 @@ def tile_labels(pair: PairTiles, bins: ClassBins, measure: str | None,
 
     if measure is not None:
         fn = MEASURES[measure]
-        values = np.array([fn(t) for t in pair.ihc])
-        labels = np.array([bins.bin(v) for v in values], np.int64)
+        values = np.array([fn(t, pair.mpp) for t in pair.ihc], np.float64)
+        # A tile without a value (no nucleus for an index) stays unlabelled.
+        labels = np.array([bins.bin(v) if math.isfinite(v) else -1 for v in values], np.int64)
     slide_label, source = -1, "none"
     if table is not None:
         for x, y, label in table.tiles.get(pair.name, []):
@@ -232,7 +256,7 @@ def tile_labels(pair: PairTiles, bins: ClassBins, measure: str | None,
             labels[hit] = code(label, f"--labels, slide {pair.name}")
         if pair.name in table.slides:
             slide_label, source = code(table.slides[pair.name], "--labels"), "labels CSV"
-    if slide_label < 0 and measure is not None:
+    if slide_label < 0 and measure is not None and np.isfinite(values).any():
         slide_label, source = bins.bin(float(np.nanmean(values))), f"mean tile {measure}"
     elif slide_label < 0 and (labels >= 0).any():
         slide_label = int(np.bincount(labels[labels >= 0]).argmax())

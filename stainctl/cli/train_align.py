@@ -22,10 +22,14 @@ def train_align(
     classes: Annotated[str | None, typer.Option(
         metavar="CLASSES",
         help="Class names between increasing thresholds of --measure of each IHC tile, e.g. "
-             "'low<0.1<high'; or just names ('low,high') with --labels.")] = None,
-    measure: Annotated[str, typer.Option(
-        help="What the IHC tiles' readout bins: dab-fraction (DAB-positive share of the "
-             "tissue) or dab-mean (mean DAB optical density).")] = "dab-fraction",
+             "'low<20<high' (a Ki67 index in %); or just names ('low,high') with --labels.")]
+    = None,
+    measure: Annotated[str | None, typer.Option(
+        help="What --classes bins, measured by readout on each registered IHC tile: index "
+             "(% positive nuclei), positive-area (% DAB-positive tissue), h-score (0-300), or "
+             "dab-mean (mean DAB optical density, for faint or low-resolution images). "
+             "Default: index for nuclear markers (ki67, er, pr, p53), else positive-area.")]
+    = None,
     labels: Annotated[Path | None, typer.Option(
         dir_okay=False, help="CSV of labels: slide,class rows (a slide's class) and "
                              "slide,x,y,class rows (the tile holding level-0 point x,y).")]
@@ -79,7 +83,7 @@ def train_align(
             pairs.append((Path(parts[0]), Path(parts[1])))
         options = AlignOptions(
             marker=marker, pairs=tuple(pairs), encoder=encoder,
-            classes=ClassBins.parse(classes) if classes else None, measure=measure,
+            classes=ClassBins.parse(classes) if classes else None, measure=measure or "",
             labels=labels, pool=pool, name=name or "", out=output,
             models_dir=Path(models_dir) if models_dir else None, steps=steps, batch=batch,
             lr=lr, seed=seed, val=val, checkpoint_every=checkpoint_every,

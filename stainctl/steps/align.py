@@ -33,7 +33,7 @@ class AlignOptions:
     pairs: tuple[tuple[Path, Path], ...]  # (H&E, IHC) serial sections
     encoder: str = "uni2-h"
     classes: ClassBins | None = None
-    measure: str = "dab-fraction"  # what a tile's IHC readout is binned on
+    measure: str = ""  # what a tile's IHC readout is binned on; default by the marker
     labels: Path | None = None  # CSV of slide and tile labels
     pool: str = "mean"
     name: str = ""  # default <marker>-align
@@ -59,16 +59,16 @@ class AlignOptions:
             raise UsageError(f"--name {self.model_name!r}: {NAME_RULE}")
         if self.pool not in POOLS:
             raise UsageError(f"--pool must be one of {', '.join(POOLS)}, got {self.pool!r}")
-        if self.measure not in MEASURES:
+        if self.measure and self.measure not in MEASURES:
             raise UsageError(f"--measure must be one of {', '.join(MEASURES)}, got "
                              f"{self.measure!r}")
         if self.classes is None and self.labels is None:
             raise UsageError("train-align needs labels: --classes with thresholds (e.g. "
-                             "'low<0.1<high', binning each IHC tile's readout) or --labels CSV")
+                             "'low<20<high', binning each IHC tile's readout) or --labels CSV")
         if (self.classes is not None and not self.classes.thresholds
                 and self.labels is None):
             raise UsageError(f"--classes {self.classes.text()!r} has no thresholds: give them "
-                             "('low<0.1<high') or the labels with --labels CSV")
+                             "('low<20<high') or the labels with --labels CSV")
         if not 0 <= self.val < 1:
             raise UsageError(f"--val must be in [0, 1), got {self.val}")
         names = [he.name.split(".")[0] for he, _ in self.pairs]
@@ -83,6 +83,12 @@ class AlignOptions:
     @property
     def model_name(self) -> str:
         return self.name or f"{self.marker.lower()}-align"
+
+    @property
+    def readout_measure(self) -> str:
+        from stainctl.align.data import default_measure
+
+        return self.measure or default_measure(self.marker)
 
     @property
     def uses_measure(self) -> bool:
@@ -183,8 +189,8 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
 
     values, labels, slide_of, slide_labels, sources, train = [], [], [], [], [], []
     for s, p in enumerate(pairs):
-        v, lab, sl, src = tile_labels(p, bins, options.measure if options.uses_measure
-                                      else None, table)
+        v, lab, sl, src = tile_labels(p, bins, options.readout_measure
+                                      if options.uses_measure else None, table)
         values.append(v)
         labels.append(lab)
         slide_of.append(np.full(len(p.he), s))
@@ -222,7 +228,8 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     how = (f"HistoStainAlign heads on {enc_card.name} tokens, at {mpp} µm/px, {side}-px tiles. "
            "Pairs: " + ", ".join(f"{p.he_path.name} + {p.ihc_path.name} ({len(p.he)} tiles, "
                                  f"{p.registration.get('method')})" for p in pairs)
-           + (f". Tile classes: {options.measure} of the IHC tile binned as {bins.text()}"
+           + (f". Tile classes: {options.readout_measure} of the IHC tile (readout) binned "
+              f"as {bins.text()}"
               if options.uses_measure else f". Labels: {options.labels}")
            + f". {len(history)} steps of {loop.batch} pairs, seed {loop.seed}, "
              f"{options.val:g} of each pair's tiles held out (stainctl train-align).")
@@ -234,8 +241,9 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
         training_data=how,
         description=f"{options.marker} pattern classes ({', '.join(bins.names)}) from H&E "
                     f"tiles, slide class by {options.pool} pooling.",
-        architecture={**config.as_dict(), "measure": options.measure if options.uses_measure
-                      else "", "bins": bins.text(),
+        architecture={**config.as_dict(),
+                      "measure": options.readout_measure if options.uses_measure else "",
+                      "bins": bins.text(),
                       "training_slides": [p.name for p in pairs]},
         weights=(WeightFile(role="heads", path=HEADS,
                             sha256=hashlib.sha256(weights.read_bytes()).hexdigest()),),
