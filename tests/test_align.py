@@ -79,6 +79,8 @@ def test_train_align_learns_the_pairs_and_predict_classifies_slides(cli, tmp_pat
     assert card["metrics"]["training_slides"] == ["Rat-Kidney_HE", "Izd2-29-041-w35_HE"]
     assert card["metrics"]["retrieval_top1_training_pairs"] > card["metrics"]["retrieval_chance"]
     assert (out / "loss.png").stat().st_size > 1000
+    shown = cli("models", "show", "pck-align")
+    assert shown.exit_code == 0 and "metrics.tile_weighted_f1_ci95: [" in shown.stdout
 
     # predict on two H&E slides: the ANHIR H&E image and the CMU-1 sample.
     ws = tmp_path / "ws"
@@ -181,3 +183,5 @@ def test_train_align_refuses_bad_input_with_the_fix(cli, tmp_path, models, pairs
     assert r.exit_code == 2 and "HE,IHC" in r.output
     r = cli(*base[:-1], f"{he},{tmp_path / 'missing.jpg'}", "--classes", "a<1<b")
     assert r.exit_code == 2 and "missing.jpg does not exist" in r.output
+    r = cli(*base, "--classes", "low<2<high")  # a JPEG has no pixel size
+    assert r.exit_code == 2 and "--default-mpp" in r.output and he.name in r.output

@@ -170,7 +170,15 @@ def pair_tiles(he_path: Path, ihc_path: Path, *, mpp: float, tile: int,
                default_mpp: float | None, min_tissue: float = MIN_TISSUE) -> PairTiles:
     """Non-overlapping tiles of the H&E that are tissue, wholly covered by the registered IHC,
     and tissue there too."""
-    he, ihc, inside, figures, scale0 = _registered(he_path, ihc_path, mpp, default_mpp)
+    from stainctl.errors import NO_MPP, SlideError
+
+    try:
+        he, ihc, inside, figures, scale0 = _registered(he_path, ihc_path, mpp, default_mpp)
+    except SlideError as err:
+        if err.code == NO_MPP:  # train-align's option for it is not tile's --mpp
+            raise UsageError(f"{err.path}: the image has no pixel size (mpp) in its metadata; "
+                             "give it with --default-mpp F (µm/px)") from None
+        raise UsageError(f"--pair {he_path},{ihc_path}: {err}") from None
     keep_he, keep_ihc, xy = [], [], []
     for y in range(0, he.shape[0] - tile + 1, tile):
         for x in range(0, he.shape[1] - tile + 1, tile):
