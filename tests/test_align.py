@@ -185,3 +185,36 @@ def test_train_align_refuses_bad_input_with_the_fix(cli, tmp_path, models, pairs
     assert r.exit_code == 2 and "missing.jpg does not exist" in r.output
     r = cli(*base, "--classes", "low<2<high")  # a JPEG has no pixel size
     assert r.exit_code == 2 and "--default-mpp" in r.output and he.name in r.output
+
+
+@pytest.mark.slow
+def test_sigkilled_train_align_resumes_to_the_same_history(cli, tmp_path, models, pairs):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    steps = 1500  # long enough (~5 ms a step) for the kill to land mid-run
+    cut = tmp_path / "cut"
+    env = {**os.environ, "STAINCTL_MODELS": str(models), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "stainctl",
+                             *map(str, _args(pairs, cut, steps, "-q"))], env=env)
+    ckpt = cut / "run" / "checkpoint.pt"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None and not ckpt.exists():
+        time.sleep(0.01)
+    time.sleep(0.05)  # the kill lands between two checkpoints
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert ckpt.exists() and not (cut / "history.json").exists(), "killed too late"
+    import torch
+
+    saved = json.loads(torch.load(ckpt, weights_only=True)["history"])
+    assert 10 <= len(saved) < steps  # the rerun resumes from here, not from the start
+    r = cli(*_args(pairs, cut, steps, "-q"))
+    assert r.exit_code == 0, r.output
+    whole = tmp_path / "whole"
+    assert cli(*_args(pairs, whole, steps, "-q")).exit_code == 0
+    assert (json.loads((cut / "history.json").read_text())
+            == json.loads((whole / "history.json").read_text()))
