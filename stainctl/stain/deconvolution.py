@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 EPS = 1e-6  # skimage's floor on the normalised intensity before the log
-DAB = 2  # the DAB column of the H-E-DAB matrix
+HAEMATOXYLIN = 0  # the columns of the H-E-DAB matrix
+DAB = 2
 
 
 @functools.cache
@@ -55,3 +56,14 @@ def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
     rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
     od = torch.log(rgb) / math.log(EPS)
     return torch.clamp(od @ column, min=0)
+
+
+def hed_density_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) haematoxylin, eosin and DAB optical densities of (B, 3, H, W) images in
+    [-1, 1] (differentiable)."""
+    import torch
+
+    matrix = torch.as_tensor(hed_from_rgb(), dtype=x.dtype, device=x.device)
+    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
+    od = torch.log(rgb) / math.log(EPS)
+    return torch.clamp(od @ matrix, min=0)
