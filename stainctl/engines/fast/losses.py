@@ -89,7 +89,7 @@ def tissue_mask_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def nuclei_mask_torch(hed: torch.Tensor, tissue: torch.Tensor, with_dab: bool,
-                      size: int = 5, quantile: float = 0.75,
+                      size: int = 5, quantile: float = 0.6,
                       floor: float = 0.04) -> torch.Tensor:
     """(B, H, W) bool: nuclei-shaped structures, from `hed` (B, H, W, 3) stain densities.
 
