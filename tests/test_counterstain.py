@@ -110,6 +110,24 @@ def test_counterstain_terms_tell_a_browned_he_from_a_ki67(ki67_crop, he_crop):
         abs=1e-6)
 
 
+def test_off_stain_sees_green_and_pink_but_not_blue_and_brown(ki67_crop, he_crop):
+    from stainctl.engines.fast.losses import off_stain_loss
+    from stainctl.stain.deconvolution import off_stain_residual_torch
+
+    def flat(rgb):
+        return _t(np.full((8, 8, 3), rgb, np.uint8))
+
+    blue, brown = flat((120, 130, 180)), flat((140, 90, 50))
+    green, pink = flat((150, 200, 90)), flat((230, 120, 190))
+    for ok in (blue, brown):
+        assert off_stain_residual_torch(ok).mean() < 0.012
+    for bad in (green, pink):
+        assert off_stain_residual_torch(bad).mean() > 0.025
+    real, he = _t(ki67_crop), _t(he_crop)
+    assert off_stain_loss(real, tissue_mask_torch(real), real, tissue_mask_torch(real)) == 0
+    assert off_stain_loss(he, tissue_mask_torch(he), real, tissue_mask_torch(real)) > 0.005
+
+
 def test_nuclear_term_only_for_nuclear_markers_and_weights_validate():
     assert TrainConfig(marker="ki67").nuclear_weight == 20
     assert TrainConfig(marker="her2").nuclear_weight == 0  # membranous: DAB is not in nuclei
@@ -122,7 +140,7 @@ def test_counterstain_losses_give_gradients(he_crop, ki67_crop):
     x, y = _t(he_crop), _t(ki67_crop)
     fake = x.clone().requires_grad_(True)
     terms = counterstain_losses(fake, x, y, TrainConfig())
-    assert set(terms) == {"dab_tail", "haematoxylin", "nuclear", "background"}
+    assert set(terms) == {"dab_tail", "haematoxylin", "nuclear", "background", "off_stain"}
     sum(terms.values()).backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
     none = counterstain_losses(x, x, y, TrainConfig(marker="her2"))
@@ -137,7 +155,8 @@ def test_training_logs_the_counterstain_terms_and_a_zero_weight_drops_one(tmp_pa
     base = TrainConfig(crop=64, batch=2, steps=2, seed=3, model=small)
     _, state = train(he, ihc, base, tmp_path / "a", log=False)
     h = state.history[-1]
-    assert all(h[k] >= 0 for k in ("dab_tail", "haematoxylin", "nuclear", "background"))
+    assert all(h[k] >= 0 for k in ("dab_tail", "haematoxylin", "nuclear", "background",
+                                    "off_stain"))
     # The weights enter the total: another weight, another generator loss on the same batch.
     other = TrainConfig(**{**base.__dict__, "w_haematoxylin": 1000.0, "steps": 1})
     _, again = train(he, ihc, other, tmp_path / "b", log=False)

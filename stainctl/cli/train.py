@@ -44,7 +44,8 @@ def train(
              "and spread), dab_tail 10 (top-decile DAB and DAB-positive area), haematoxylin "
              "10 (counterstain of DAB-negative tissue), nuclear (DAB outside nuclei-shaped "
              "structures; 20 for nuclear markers such as ki67, else 0), background 5 (colour "
-             "of non-nuclear tissue), glass 5, lowres 10 and fm 1 (pairs only).")] = None,
+             "of non-nuclear tissue), off_stain 200 (colour no haematoxylin-DAB mix makes), "
+             "glass 10, lowres 10 and fm 1 (pairs only).")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", "--out", file_okay=False,
         help="Model folder (resumable run, held-out crops); default <models dir>/<name>. "

@@ -144,7 +144,7 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     (folder / "history.json").write_text(json.dumps(state.history))
     loss_curve(state.history, folder / "loss.png",
                keys=("g", "d", "adv", "identity", "structure", "dab", "glass", "dab_tail",
-                     "haematoxylin", "nuclear", "background"))
+                     "haematoxylin", "nuclear", "background", "off_stain"))
     count = parameter_count(gen)
     how = (f"Unpaired, at {config.mpp} µm/px. H&E: {', '.join(p.name for p in options.he)}. "
            f"IHC: {', '.join(p.name for p in options.ihc)}")

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stainctl.stain.deconvolution import dab_density_torch
+from stainctl.stain.deconvolution import dab_density_torch, off_stain_residual_torch
 from stainctl.stain.tissue import TISSUE_BELOW, glass_mask_torch
 
 DAB_POSITIVE = 0.15  # DAB optical density counted as positive (as `evaluate --metrics stain`)
@@ -168,3 +168,17 @@ def background_colour_loss(fake: torch.Tensor, fake_mask: torch.Tensor, real: to
         rm, rs = _masked_mean_std(real[:, c].detach(), real_mask)
         loss = loss + (fm - rm).abs() + (fs - rs).abs()
     return loss / 3
+
+
+def off_stain_loss(fake: torch.Tensor, fake_tissue: torch.Tensor, real: torch.Tensor,
+                   real_tissue: torch.Tensor) -> torch.Tensor:
+    """Colour outside the haematoxylin-DAB plane on generated tissue, per pixel beyond the 95th
+    percentile of the real IHC's: every colour of an H-DAB slide is a mix of blue and brown, so
+    green nuclei or pink fibres (which the other stain terms, reading only the H and DAB
+    channels, do not see) are penalised where they are, however few."""
+    with torch.no_grad():
+        real_res = off_stain_residual_torch(real)[real_tissue]
+        level = torch.quantile(real_res.float(), 0.95) if real_res.numel() else \
+            real.new_tensor(0.0)
+    w = fake_tissue.float()
+    return (F.relu(off_stain_residual_torch(fake) - level) * w).sum() / w.sum().clamp_min(1.0)

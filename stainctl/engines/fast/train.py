@@ -15,7 +15,8 @@ Losses (unpaired, as in the CK7 study's setting):
     DAB tail (the per-image top-decile DAB and the DAB-positive area that evaluation reports),
     haematoxylin statistics of DAB-negative tissue, DAB confined to nuclei-shaped structures of
     the input (nuclear markers only, NUCLEAR_MARKERS), and the colour statistics of non-nuclear
-    tissue (pale stroma, no colour on fibres the targets lack).
+    tissue (pale stroma, no colour on fibres the targets lack), and colour outside the
+    haematoxylin-DAB plane (an H-DAB slide has no green or pink).
 Reproducible with a seed; checkpoints (safetensors weights + optimiser state) every few steps;
 a run resumes from its last checkpoint. Data: `data.py`; losses: `losses.py`; the step that
 prepares the images and installs the model: `steps/train.py` (`stainctl train`).
@@ -47,6 +48,7 @@ from stainctl.engines.fast.losses import (
     haematoxylin_stats_loss,
     lowres_l1,
     nuclei_mask_torch,
+    off_stain_loss,
     tissue_mask_torch,
 )
 from stainctl.engines.fast.model import FastConfig, FastGenerator
@@ -56,7 +58,7 @@ from stainctl.stain.deconvolution import hed_density_torch
 NUCLEAR_MARKERS = frozenset({"ki67", "er", "pr", "p53", "ar", "mib1", "pcna", "sox10", "ttf1"})
 # The loss weights `stainctl train --loss-weight NAME=VALUE` may set.
 WEIGHTS = ("adv", "identity", "structure", "dab", "dab_tail", "haematoxylin", "nuclear",
-           "background", "glass", "lowres", "fm")
+           "background", "off_stain", "glass", "lowres", "fm")
 
 
 @dataclass(frozen=True)
@@ -71,12 +73,13 @@ class TrainConfig:
     w_identity: float = 5.0
     w_structure: float = 10.0
     w_dab: float = 2.0
-    w_glass: float = 5.0
+    w_glass: float = 10.0  # 5 left glass tinted by 4-5 grey levels after 400 steps
     # The counterstain terms (optical densities are ~0.01-0.3, hence the larger weights).
     w_dab_tail: float = 10.0  # top-decile DAB and DAB-positive area, generated vs real
     w_haematoxylin: float = 10.0  # haematoxylin mean/spread of DAB-negative tissue
     w_nuclear: float | None = None  # DAB outside nuclei; None: 20 for NUCLEAR_MARKERS, else 0
     w_background: float = 5.0  # colour mean/spread of non-nuclear tissue
+    w_off_stain: float = 200.0  # colour no haematoxylin-DAB mix makes (green nuclei, pink)
     # Paired (roughly aligned serial sections) only: losses that a 10-50 px shift barely moves.
     w_lowres: float = 10.0  # L1 of 1/lowres_factor average-pooled images
     w_fm: float = 1.0  # discriminator feature statistics (per-channel spatial mean and std)
@@ -165,7 +168,8 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
                   + config.w_glass * glass + config.w_dab_tail * stain["dab_tail"]
                   + config.w_haematoxylin * stain["haematoxylin"]
                   + config.nuclear_weight * stain["nuclear"]
-                  + config.w_background * stain["background"])
+                  + config.w_background * stain["background"]
+                  + config.w_off_stain * stain["off_stain"])
         paired: dict[str, float] = {}
         if pair_crops is not None:
             xp, yp = (t.to(device) for t in pair_crops.sample(config.batch))
@@ -212,6 +216,7 @@ def counterstain_losses(fake: torch.Tensor, he: torch.Tensor,
         if config.nuclear_weight > 0 else zero,
         "background": background_colour_loss(fake, fake_tissue & ~he_nuclei, ihc,
                                              real_tissue & ~real_nuclei),
+        "off_stain": off_stain_loss(fake, fake_tissue, ihc, real_tissue),
     }
 
 
