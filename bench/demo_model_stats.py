@@ -10,8 +10,8 @@ the CMU-1 sample with the model, and measures, against the held-out Ki67 crops:
     output within 1.5x of the real IHC;
   * the haematoxylin density of DAB-negative tissue (tissue: mean RGB < 220; DAB <= 0.15),
     pooled over every tissue tile of the output and over the held-out crops; target: within 25 %;
-  * the Ki67 nuclear positivity index as `readout --marker ki67` computes it (the readout's
-    nuclei, positive by mean nuclear DAB) on the output's tissue tiles and on the held-out crops;
+  * the Ki67 nuclear positivity index of `stainctl readout --marker ki67` (positive nuclei over
+    nuclei) on the output slide, on the held-out crops and on the H&E input;
   * how much the model changes glass and tissue: mean absolute change in grey levels over the
     bright, unstained (glass) pixels and the other pixels of 576-px CMU-1 windows with 20-80 %
     glass, as `translate` feeds them (target: glass within 2 grey levels).
@@ -87,15 +87,18 @@ def counterstain(tiles: list[np.ndarray]) -> dict[str, float]:
             "rgb": [round(float(v), 1) for v in rgb_sum / max(n, 1)]}
 
 
-def nuclear_index(tiles: list[np.ndarray]) -> dict[str, float]:
-    """Ki67 positivity index: positive nuclei / nuclei, the readout's nuclei at MPP."""
-    from stainctl.readout.nuclei import detect_nuclei
-
-    count = positive = 0
-    for t in tiles:
-        nuclei = detect_nuclei(t, MPP)
-        count += nuclei.count
-        positive += nuclei.positive_count
+def readout_index(runner: Any, app: Any, path: Path, out: Path,
+                  mpp: float | None = None) -> dict[str, float]:
+    """`stainctl readout PATH --marker ki67`: positive nuclei / nuclei, summed over its slides
+    (a folder of crops: every crop)."""
+    command = ["readout", str(path), "--marker", "ki67", "-o", str(out), "--json"]
+    if mpp is not None:
+        command += ["--mpp", str(mpp)]
+    r = runner.invoke(app, command)
+    assert r.exit_code == 0, r.output
+    details = [s["details"] for s in json.loads(r.stdout)["slides"]]
+    count = sum(int(d["nuclei"]) for d in details)
+    positive = sum(int(d["positive_nuclei"]) for d in details)
     return {"nuclei": count, "positive": positive,
             "index": positive / count if count else float("nan")}
 
@@ -117,7 +120,7 @@ def card_lines(m: dict[str, Any]) -> list[str]:
         f"haematoxylin of DAB-negative tissue {fake['haematoxylin']:.3f} against "
         f"{real['haematoxylin']:.3f} ({h_change:+.0f} %; H&E {he['haematoxylin']:.3f}); "
         f"mean RGB there {fake['rgb']} against {real['rgb']};",
-        f"Ki67 nuclear positivity index (readout's nuclei, positive by mean nuclear DAB): "
+        "Ki67 nuclear positivity index (`stainctl readout --marker ki67`): "
         f"{100 * fake['ki67_index']:.1f} % of {fake['nuclei']} nuclei in its output on CMU-1 "
         f"against {100 * real['ki67_index']:.1f} % of {real['nuclei']} in the held-out real "
         f"crops (H&E input {100 * he['ki67_index']:.1f} %);",
@@ -160,11 +163,14 @@ def main() -> None:
         real_tiles = [cv2.imread(str(p))[..., ::-1].copy() for p in sorted(held_out.glob("*.png"))]
         sets = {"held_out_ihc": real_tiles, "output": tissue_tiles(load_image(fake, MPP)),
                 "he_input": tissue_tiles(load_image(SAMPLE, MPP))}
+        index = {"held_out_ihc": readout_index(runner, cli_app, held_out, Path(tmp) / "r1", MPP),
+                 "output": readout_index(runner, cli_app, fake, Path(tmp) / "r2"),
+                 "he_input": readout_index(runner, cli_app, SAMPLE, Path(tmp) / "r3")}
     report = json.loads(r.stdout)
     out, he = (f["stain"] for f in report["fakes"])  # in --fake order: output, then H&E
     measured: dict[str, Any] = {}
     for key, tiles in sets.items():
-        c, k = counterstain(tiles), nuclear_index(tiles)
+        c, k = counterstain(tiles), index[key]
         measured[key] = {"tiles": len(tiles), "haematoxylin": round(c["haematoxylin"], 4),
                          "rgb": c["rgb"], "nuclei": k["nuclei"],
                          "ki67_index": round(k["index"], 4)}

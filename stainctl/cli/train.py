@@ -45,7 +45,7 @@ def train(
              "10 (counterstain of DAB-negative tissue), nuclear (DAB outside nuclei-shaped "
              "structures; 20 for nuclear markers such as ki67, else 0), background 5 (colour "
              "of non-nuclear tissue), off_stain 200 (colour no haematoxylin-DAB mix makes), "
-             "glass 10, lowres 10 and fm 1 (pairs only).")] = None,
+             "glass 25, lowres 10 and fm 1 (pairs only).")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", "--out", file_okay=False,
         help="Model folder (resumable run, held-out crops); default <models dir>/<name>. "

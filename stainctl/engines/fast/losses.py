@@ -128,7 +128,8 @@ def dab_tail_loss(fake_dab: torch.Tensor, real_dab: torch.Tensor) -> torch.Tenso
         return flat.topk(max(1, flat.shape[1] // 10), dim=1).values.mean()
 
     def positive(d: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid((d - DAB_POSITIVE) / 0.01).mean()
+        # A soft edge wide enough to pull up DAB still well below the threshold.
+        return torch.sigmoid((d - DAB_POSITIVE) / 0.03).mean()
 
     return (tail(fake_dab) - tail(real_dab.detach())).abs() \
         + (positive(fake_dab) - positive(real_dab.detach())).abs()

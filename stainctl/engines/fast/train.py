@@ -73,7 +73,7 @@ class TrainConfig:
     w_identity: float = 5.0
     w_structure: float = 10.0
     w_dab: float = 2.0
-    w_glass: float = 10.0  # 5 left glass tinted by 4-5 grey levels after 400 steps
+    w_glass: float = 25.0  # 5 or 10 left glass tinted by 4-5 grey levels after 400 steps
     # The counterstain terms (optical densities are ~0.01-0.3, hence the larger weights).
     w_dab_tail: float = 10.0  # top-decile DAB and DAB-positive area, generated vs real
     w_haematoxylin: float = 10.0  # haematoxylin mean/spread of DAB-negative tissue
