@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -129,8 +129,9 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     device = resolve_device(options.device)
     config = TrainConfig(marker=options.marker.lower(), crop=options.crop, batch=options.batch,
                          steps=options.steps, seed=options.seed, device=device,
-                         model=FastConfig(markers=(options.marker.lower(),)),
-                         **{f"w_{k}": v for k, v in options.loss_weights})
+                         model=FastConfig(markers=(options.marker.lower(),)))
+    # Names checked against WEIGHTS (FastTrainOptions); mypy cannot follow the **-spread.
+    config = replace(config, **{f"w_{k}": v for k, v in options.loss_weights})  # type: ignore[arg-type]
     he = [load_image(p, config.mpp, options.default_mpp) for p in options.he]
     ihc = {image_name(p): load_image(p, config.mpp, options.default_mpp) for p in options.ihc}
     held_out = folder / "held_out"
