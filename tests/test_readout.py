@@ -189,5 +189,9 @@ def test_same_names_from_two_folders_stay_apart(tmp_path: Path) -> None:
     with (tmp_path / "out" / "readout.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert [r["slide"] for r in rows] == ["slide", "slide-2"]
+    doc = json.loads((tmp_path / "out" / "slide.geojson").read_text())
+    for feat in doc["features"]:  # QuPath reads numbers only: no null measurements
+        assert "nuclei" not in feat["properties"]["measurements"]
+        assert all(isinstance(v, (int, float)) for v in feat["properties"]["measurements"].values())
     assert rows[0]["nuclei"] == "" and rows[0]["dab_positive_area_pct"] == \
         rows[1]["dab_positive_area_pct"]
