@@ -77,8 +77,10 @@ def geojson(slide: SlideReadout) -> dict[str, object]:
         x1 = min(t.x0 + t.extent0, slide.width0)
         y1 = min(t.y0 + t.extent0, slide.height0)
         ring = [[t.x0, t.y0], [x1, t.y0], [x1, y1], [t.x0, y1], [t.x0, t.y0]]
+        # QuPath takes numbers only as measurements: a count not made is left out, not null.
+        measurements = {k: v for k, v in tile_properties(t.readout).items() if v is not None}
         props: dict[str, object] = {"objectType": "tile", "name": f"{t.x0},{t.y0}",
-                                    "measurements": tile_properties(t.readout)}
+                                    "measurements": measurements}
         features.append({"type": "Feature", "geometry": {"type": "Polygon",
                                                          "coordinates": [ring]},
                          "properties": props})

@@ -65,7 +65,7 @@ def stain_density(rgb: np.ndarray, column: int,
     another as 220). Intensities at or above it have zero density. With white = 255 the DAB
     density equals `dab_density` (and `rgb2hed`).
     """
-    luts = _stain_luts(column, tuple(int(w) for w in white))  # type: ignore[arg-type]
+    luts = _stain_luts(column, (int(white[0]), int(white[1]), int(white[2])))
     out = luts[0][rgb[..., 0]]
     out += luts[1][rgb[..., 1]]
     out += luts[2][rgb[..., 2]]
