@@ -174,3 +174,24 @@ def test_main_job_readout_then_workspace_readout(cli, tmp_path: Path,
     assert r.exit_code == 0, r.output
     again = json.loads(r.stdout)["slides"][0]["details"]
     assert again["index_pct"] == pytest.approx(index)
+
+
+def test_same_names_from_two_folders_stay_apart(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "slide.ome.tif").symlink_to(VSI)
+    inputs = [ReadoutInput(name="slide", path=tmp_path / d / "slide.ome.tif") for d in "ab"]
+    result, _ = read_out(inputs, ReadoutOptions(marker="her2", nuclear=False,
+                                                out=tmp_path / "out", workers=1))
+    assert [s.slide for s in result.slides] == ["slide", "slide-2"]
+    assert (tmp_path / "out" / "slide-2.geojson").exists()
+    with (tmp_path / "out" / "readout.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["slide"] for r in rows] == ["slide", "slide-2"]
+    doc = json.loads((tmp_path / "out" / "slide.geojson").read_text())
+    for feat in doc["features"]:  # QuPath reads numbers only: no null measurements
+        assert "nuclei" not in feat["properties"]["measurements"]
+        assert all(isinstance(v, (int, float)) for v in feat["properties"]["measurements"].values())
+    assert rows[0]["nuclei"] == "" and rows[0]["dab_positive_area_pct"] == \
+        rows[1]["dab_positive_area_pct"]

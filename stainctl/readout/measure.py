@@ -119,10 +119,11 @@ def sum_readouts(records: Iterable[TileReadout], *, nuclear: bool | None = None)
         for name in areas:
             areas[name] += getattr(r, name)
     counted = all(r.nuclei is not None for r in records) if records else bool(nuclear)
-    if not counted:
-        return TileReadout(**areas)
-    return TileReadout(**areas, nuclei=sum(r.nuclei or 0 for r in records),
-                       positive_nuclei=sum(r.positive_nuclei or 0 for r in records))
+    nuclei = sum(r.nuclei or 0 for r in records) if counted else None
+    positive = sum(r.positive_nuclei or 0 for r in records) if counted else None
+    return TileReadout(tissue_um2=areas["tissue_um2"], positive_um2=areas["positive_um2"],
+                       weak_um2=areas["weak_um2"], moderate_um2=areas["moderate_um2"],
+                       strong_um2=areas["strong_um2"], nuclei=nuclei, positive_nuclei=positive)
 
 
 def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = None,
@@ -150,11 +151,15 @@ def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = Non
     weak = (dab >= params.weak_od) & (dab < params.moderate_od)
     moderate = (dab >= params.moderate_od) & (dab < params.strong_od)
     strong = dab >= params.strong_od
-    record = dict(tissue_um2=float(np.count_nonzero(tissue)) * px,
-                  positive_um2=area(dab >= params.positive_od), weak_um2=area(weak),
-                  moderate_um2=area(moderate), strong_um2=area(strong))
+    tissue_um2 = float(np.count_nonzero(tissue)) * px
+
+    def record(nuclei: int | None = None, positive: int | None = None) -> TileReadout:
+        return TileReadout(tissue_um2=tissue_um2, positive_um2=area(dab >= params.positive_od),
+                           weak_um2=area(weak), moderate_um2=area(moderate),
+                           strong_um2=area(strong), nuclei=nuclei, positive_nuclei=positive)
+
     if not nuclear:
-        return TileReadout(**record)
+        return record()
     found = detect_nuclei(rgb, mpp, params.nuclei, white=white, dab=dab,
                           haematoxylin=haematoxylin)
     keep = np.ones(found.count, dtype=bool)
@@ -162,5 +167,4 @@ def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = Non
         cx = np.clip(np.round(found.centroid_xy[:, 0]).astype(int), 0, rgb.shape[1] - 1)
         cy = np.clip(np.round(found.centroid_xy[:, 1]).astype(int), 0, rgb.shape[0] - 1)
         keep = valid[cy, cx]
-    return TileReadout(**record, nuclei=int(keep.sum()),
-                       positive_nuclei=int((found.positive & keep).sum()))
+    return record(int(keep.sum()), int((found.positive & keep).sum()))

@@ -95,8 +95,10 @@ def tile_feature(x0: float, y0: float, extent0: float, size0: tuple[float, float
     x1 = min(x0 + extent0, size0[0])
     y1 = min(y0 + extent0, size0[1])
     ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    # QuPath takes numbers only as measurements: a count not made is left out, not null.
     props: dict[str, object] = {"objectType": "tile", "name": f"{x0},{y0}",
-                                "measurements": dict(measurements)}
+                                "measurements": {k: v for k, v in measurements.items()
+                                                 if v is not None}}
     if classification is not None:
         props["classification"] = {"name": classification}
     return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},

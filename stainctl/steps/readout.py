@@ -17,13 +17,25 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.errors import SlideError
 from stainctl.readout.measure import ReadoutParams, sum_readouts
 from stainctl.readout.records import SlideReadout, TileRecord, slide_row
-from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome, params_hash
+from stainctl.steps.report import (
+    BatchResult,
+    Progress,
+    SilentProgress,
+    SlideOutcome,
+    params_hash,
+    unexpected,
+)
+
+if TYPE_CHECKING:
+    from stainctl.slide.reader import Slide
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +90,7 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
     from stainctl.readout.outputs import write_outputs
 
     progress = progress or SilentProgress()
+    inputs = unique_names(inputs)
     result = BatchResult(step="readout")
     done: list[SlideReadout] = []
     for item in inputs:
@@ -88,6 +101,12 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
                                               err.reason, code=err.code))
             progress.log(f"failed: {err.reason}", warning=True)
             continue
+        except Exception as err:  # one bad slide (a corrupt tile) does not stop the batch
+            log.debug("readout of %s failed", item.path, exc_info=True)
+            reason = unexpected(err, options.out)
+            result.slides.append(SlideOutcome(item.name, str(item.path), "failed", reason))
+            progress.log(f"failed: {reason}", warning=True)
+            continue
         done.append(slide)
         message = _summary(slide)
         outcome = SlideOutcome(item.name, str(item.path), "done", message,
@@ -97,6 +116,20 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
             progress.log(f"warning: {slide.warning}", warning=True)
     write_outputs(done, options.out)
     return result, done
+
+
+def unique_names(inputs: list[ReadoutInput]) -> list[ReadoutInput]:
+    """Inputs whose names are unique (two `a.svs` from two folders: `a`, `a-2`), as the names
+    are the output files' and the CSV rows'."""
+    import dataclasses
+
+    seen: dict[str, int] = {}
+    out = []
+    for item in inputs:
+        n = seen.get(item.name, 0) + 1
+        seen[item.name] = n
+        out.append(item if n == 1 else dataclasses.replace(item, name=f"{item.name}-{n}"))
+    return out
 
 
 def read_out_virtual(outcomes: list[SlideOutcome], virtual: dict[str, Path], marker: str,
@@ -212,8 +245,9 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
         slide.close()
 
 
-def _read_tile(slide: object, x0: int, y0: int, extent0: float, size: int, margin: int,
-               level: int, ds: float, w0: int, h0: int) -> tuple[np.ndarray, np.ndarray]:
+def _read_tile(slide: Slide, x0: int, y0: int, extent0: float, size: int, margin: int,
+               level: int, ds: float, w0: int, h0: int
+               ) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
     """The tile with `margin` tile pixels around it, at the tile's resolution, and the mask of
     its pixels that are the tile itself and inside the slide."""
     import cv2
@@ -223,7 +257,7 @@ def _read_tile(slide: object, x0: int, y0: int, extent0: float, size: int, margi
     m0 = margin * scale
     lx, ly = x0 - m0, y0 - m0
     lw = max(1, round(full * scale / ds))
-    region = slide.read_region(round(lx), round(ly), level, lw, lw)  # type: ignore[attr-defined]
+    region = slide.read_region(round(lx), round(ly), level, lw, lw)
     if region.shape[0] != full or region.shape[1] != full:
         region = cv2.resize(region, (full, full), interpolation=cv2.INTER_AREA)
     valid = np.zeros((full, full), dtype=bool)
@@ -236,8 +270,8 @@ def _read_tile(slide: object, x0: int, y0: int, extent0: float, size: int, margi
     return region, valid
 
 
-def _tile_mask(mask: np.ndarray, x0: int, y0: int, extent0: float, margin: int, full: int,
-               w0: int, h0: int) -> np.ndarray:
+def _tile_mask(mask: NDArray[np.bool_], x0: int, y0: int, extent0: float, margin: int,
+               full: int, w0: int, h0: int) -> NDArray[np.bool_]:
     """The slide's tissue mask (thumbnail) over a tile read with `margin`, at tile pixels."""
     import cv2
 
@@ -253,7 +287,8 @@ def _tile_mask(mask: np.ndarray, x0: int, y0: int, extent0: float, margin: int, 
     return out.astype(bool)
 
 
-def _stain_warning(thumb: np.ndarray, mask: np.ndarray, white: tuple[int, int, int]) -> str | None:
+def _stain_warning(thumb: NDArray[np.uint8], mask: NDArray[np.bool_],
+                   white: tuple[int, int, int]) -> str | None:
     """NO_DAB_WARNING when the tissue carries more eosin than DAB (an H&E slide)."""
     from skimage.color import rgb2hed
 
