@@ -12,12 +12,16 @@
 # (RESULTS.new.md) are copied to $OUT at the end. A part that fails or times out is reported
 # and the next one runs.
 #
-# Parts (override any with PART_CMD_<name>='...'; `demo` needs DEMO_CMD or PART_CMD_demo):
+# Parts (override any with PART_CMD_<name>='...'):
 #   gpu        python3 bench/gpu.py --device cuda
 #   scale      python3 bench/scale.py --device cuda
 #   histdist   python3 bench/translate_histdist.py --device cuda
 #   normalize  python3 bench/normalize.py --device cuda
-#   demo       $DEMO_CMD (the training command)
+#   demo       $DEMO_CMD, default: sh bench/demo_retrain.sh cuda 2000 16 (issue 22), with
+#              STAINCTL_DIRECT_READ=0: its inputs are JPEG tiles, which the direct reader decodes
+#              with imagecodecs, not carried (26 MB); OpenSlide decodes them itself. Its OME-TIFF
+#              inputs need tiffslide + imagecodecs and its closing main job needs pyvips: carry
+#              those wheels too for that part to finish.
 set -u
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-/tmp/device-out}
@@ -37,6 +41,10 @@ else
     log "!! no wheels in .whl/ (name .whl in the run's carry): stainctl's imports may fail"
 fi
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+if ! command -v python >/dev/null; then  # scripts that call `python`: the image has python3
+    mkdir -p /tmp/pybin && ln -sf "$(command -v python3)" /tmp/pybin/python
+    export PATH=/tmp/pybin:$PATH
+fi
 if [ -d shared ] && [ ! -e ../shared ]; then
     ln -s "$PWD/shared" ../shared && log "linked ../shared -> $PWD/shared"
 fi
@@ -65,7 +73,7 @@ declare -A CMD=(
     [scale]="python3 bench/scale.py --device cuda"
     [histdist]="python3 bench/translate_histdist.py --device cuda"
     [normalize]="python3 bench/normalize.py --device cuda"
-    [demo]="${DEMO_CMD:-}"
+    [demo]="${DEMO_CMD:-STAINCTL_DIRECT_READ=0 sh bench/demo_retrain.sh cuda 2000 16}"
 )
 declare -A LIMIT=([gpu]=240 [scale]=120 [histdist]=150 [normalize]=120 [demo]=300)
 summary=()
