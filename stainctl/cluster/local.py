@@ -7,6 +7,7 @@ started with CUDA_VISIBLE_DEVICES set to its GPU, so in every worker the device 
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -103,6 +104,7 @@ def _nanny_cluster(devices: Devices):  # type: ignore[no-untyped-def]
         env = {"CUDA_VISIBLE_DEVICES": name.split(":")[1] if name != "cpu" else ""}
         if name == "cpu":  # the CPU's cores shared out between the CPU workers
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
-        workers[f"{name}-{i}"] = {"cls": Nanny, "options": {"nthreads": 1, "env": env}}
+        workers[f"{name}-{i}"] = {"cls": Nanny, "options": {
+            "nthreads": 1, "env": env, "silence_logs": logging.ERROR}}
     return SpecCluster(workers=workers, scheduler={
-        "cls": Scheduler, "options": {"dashboard_address": None}}, silence_logs=40)
+        "cls": Scheduler, "options": {"dashboard": False}}, silence_logs=logging.ERROR)
