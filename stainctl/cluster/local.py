@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from stainctl.errors import UsageError
 
@@ -85,7 +86,7 @@ def local_cluster(devices: Devices) -> Iterator[str]:
             yield str(cluster.scheduler_address)
 
 
-def _cuda_cluster(devices: Devices):  # type: ignore[no-untyped-def]
+def _cuda_cluster(devices: Devices) -> Any:
     try:
         from dask_cuda import LocalCUDACluster
     except ImportError:
@@ -94,7 +95,7 @@ def _cuda_cluster(devices: Devices):  # type: ignore[no-untyped-def]
                             threads_per_worker=1, dashboard_address=None)
 
 
-def _nanny_cluster(devices: Devices):  # type: ignore[no-untyped-def]
+def _nanny_cluster(devices: Devices) -> Any:
     from distributed import Nanny, Scheduler, SpecCluster
 
     cpus = [n for n in devices.names if n == "cpu"]
@@ -107,4 +108,4 @@ def _nanny_cluster(devices: Devices):  # type: ignore[no-untyped-def]
         workers[f"{name}-{i}"] = {"cls": Nanny, "options": {
             "nthreads": 1, "env": env, "silence_logs": logging.ERROR}}
     return SpecCluster(workers=workers, scheduler={
-        "cls": Scheduler, "options": {"dashboard": False}}, silence_logs=logging.ERROR)
+        "cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}, silence_logs=logging.ERROR)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Any
 
 from stainctl.errors import UsageError
 
@@ -38,7 +39,7 @@ class SlurmOptions:
         return self.time if self.time.count(":") == 2 else f"{self.time}:00"
 
 
-def slurm_cluster(options: SlurmOptions):  # type: ignore[no-untyped-def]
+def slurm_cluster(options: SlurmOptions) -> Any:
     """A SLURMCluster (not yet scaled) for `options`."""
     try:
         from dask_jobqueue import SLURMCluster
@@ -47,7 +48,7 @@ def slurm_cluster(options: SlurmOptions):  # type: ignore[no-untyped-def]
                          "'stainctl[cluster]'") from None
     g = options.gpus_per_job
     extra = [f"--gres=gpu:{g}"] if g else []
-    kwargs: dict[str, object] = {}
+    kwargs: dict[str, Any] = {}
     if options.python:
         kwargs["python"] = options.python
     if options.host:

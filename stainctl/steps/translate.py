@@ -203,9 +203,9 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         background = _resumed_background(work.store) or glass_colour(
             self.ws, s, work.grid, self.engine, source, work.margin,
             tile_seed(options.seed, s.key, -1, -1))
-        store, todo = self.open_store(plan, background)
+        store, tiles, present = self.open_store(plan, background)
         t0 = time.perf_counter()
-        n = translate_tiles(self.engine, source, store, todo, slide_key=s.key,
+        n = translate_tiles(self.engine, source, store, tiles, present=present, slide_key=s.key,
                             margin0=self.margin0(work), seed=options.seed,
                             batch_size=options.batch_size, readers=options.readers,
                             advance=self.progress.advance)
@@ -225,9 +225,10 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
                           work.side)
 
     def open_store(self, plan: SlidePlan[SlideRecord, TranslateWork],
-                   background: tuple[int, int, int]) -> tuple[TileStore, NDArray[np.int64]]:
-        """The slide's store (created, or reopened to resume; recorded in the manifest) and the
-        tissue tiles it still lacks, (n, 4): col, row, level-0 x, y."""
+                   background: tuple[int, int, int]
+                   ) -> tuple[TileStore, NDArray[np.int64], NDArray[np.bool_]]:
+        """The slide's store (created, or reopened to resume; recorded in the manifest), its
+        tissue tiles ((n, 4): col, row, level-0 x, y) and which of them it holds already."""
         from stainctl.workspace.tilestore import create_for_slide
 
         s = plan.slide
@@ -236,7 +237,7 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         todo = np.asarray([(t.col, t.row, t.x, t.y) for t in self.manifest.tissue_tiles(s.id)],
                           np.int64).reshape(-1, 4)
         written = store.written()
-        return store, todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what it lacks
+        return store, todo, written[todo[:, 1], todo[:, 0]]
 
     def finished(self, plan: SlidePlan[SlideRecord, TranslateWork], translated: int,
                  seconds: float) -> SlideOutcome:

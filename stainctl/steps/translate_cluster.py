@@ -2,7 +2,8 @@
 
 Per slide, a worker first measures the colour the model gives the slide's glass (the driver reads
 no slide pixels, so a slide a worker cannot see fails with that reason); the driver then creates
-the tile store, cuts the tiles the store lacks into shards of whole batches and submits them. A
+the tile store, cuts the slide's tissue tiles into shards of whole batches and submits those the
+store does not hold yet. A
 shard whose worker dies is re-run by Dask on another worker and writes only the tiles still
 missing. Results come back to this process, which alone writes the manifest: a slide is done when
 all its shards are, failed (with the first shard's reason) when one fails; the batch goes on.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -98,7 +99,7 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
     options = step.options
     key = engine_key(step)
     slides: dict[int, _Slide] = {}
-    owner: dict[str, int] = {}  # future key -> slide id
+    owner: dict[Hashable, int] = {}  # future key -> slide id
     with cluster_client(options) as client:
         queue = as_completed([], loop=client.loop)
 
@@ -106,9 +107,12 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
                           ) -> SlideOutcome | None:
             """Create the store and submit its shards; the outcome when nothing is left."""
             plan = state.plan
-            _, todo = step.open_store(plan, background)
-            for i, tiles in enumerate(shards(todo, shard_size(options))):
-                fut = client.submit(run_shard, _shard(step, plan, key, i, tiles), pure=False)
+            _, tiles, present = step.open_store(plan, background)
+            size = shard_size(options)
+            for i, part in enumerate(shards(tiles, size)):
+                if present[i * size:(i + 1) * size].all():
+                    continue  # written by an earlier run
+                fut = client.submit(run_shard, _shard(step, plan, key, i, part), pure=False)
                 owner[fut.key] = plan.slide.id
                 queue.add(fut)
                 state.shards += 1

@@ -132,8 +132,8 @@ def run_shard(task: ShardTask) -> WorkResult:
     t0 = time.perf_counter()
     try:
         store = TileStore.open(task.store)
-        tiles = task.tiles[~_present(Path(task.store), task.tiles)]
-        n = translate_tiles(cached_engine(task.engine), task.source, store, tiles,
+        n = translate_tiles(cached_engine(task.engine), task.source, store, task.tiles,
+                            present=present(Path(task.store), task.tiles),
                             slide_key=task.slide_key, margin0=task.margin0, seed=task.seed,
                             batch_size=task.batch_size, readers=task.readers,
                             writers=task.writers)
@@ -145,31 +145,43 @@ def run_shard(task: ShardTask) -> WorkResult:
 
 
 def translate_tiles(engine: Engine, source: TileSource, store: TileStore,
-                    tiles: NDArray[np.int64], *, slide_key: str, margin0: float, seed: int,
-                    batch_size: int, readers: int, writers: int = WRITERS,
-                    advance: Callable[[int], None] | None = None) -> int:
-    """Translate `tiles` ((n, 4): col, row, level-0 x, y) into `store`: read `readers` batches
-    ahead, write on `writers` threads. The same code in process and on a worker, so both give the
-    same pixels. Returns the number of tiles written."""
+                    tiles: NDArray[np.int64], *, present: NDArray[np.bool_], slide_key: str,
+                    margin0: float, seed: int, batch_size: int, readers: int,
+                    writers: int = WRITERS, advance: Callable[[int], None] | None = None) -> int:
+    """Translate `tiles` ((n, 4): col, row, level-0 x, y) into `store`, all but those `present`
+    already: read `readers` batches ahead, write on `writers` threads. The same code in process
+    and on a worker. Batches are always the same runs of `batch_size` tiles from the start of
+    `tiles` (a batch with some tiles present is translated whole, and only the missing ones are
+    written): a network's pixels depend on the batch a tile is in (by one grey level on CPU), so
+    a resumed or re-run shard gives exactly the uninterrupted run's tiles. Returns the number
+    of tiles written."""
     from stainctl.slide.tiles import read_batches
 
-    coords = np.round(tiles[:, 2:] - margin0).astype(np.int64)
-    start = 0
+    starts = [i for i in range(0, len(tiles), batch_size)
+              if not present[i:i + batch_size].all()]
+    if not starts:
+        return 0
+    pick = np.concatenate([np.arange(i, min(i + batch_size, len(tiles))) for i in starts])
+    coords = np.round(tiles[pick, 2:] - margin0).astype(np.int64)
+    done = 0
     with ThreadPoolExecutor(writers, thread_name_prefix="tile-writer") as pool:
         pending: list[Future[None]] = []
-        for batch in read_batches(source, coords, batch_size, readers):
+        for start, batch in zip(starts, read_batches(source, coords, batch_size, readers),
+                                strict=True):
             cells = tiles[start:start + len(batch), :2]
             seeds = [tile_seed(seed, slide_key, int(c), int(r)) for c, r in cells]
             out = engine.translate(batch, seeds)
+            missing = ~present[start:start + len(batch)]
             pending.extend(pool.submit(store.write, int(col), int(row), tile)
-                           for (col, row), tile in zip(cells, out, strict=True))
-            start += len(batch)
+                           for (col, row), tile, m in zip(cells, out, missing, strict=True)
+                           if m)
+            done += int(missing.sum())
             # Bound the tiles held in memory, and raise a failed write early.
             pending = _drain(pending, keep=2 * batch_size * writers)
             if advance is not None:
-                advance(len(batch))
+                advance(int(missing.sum()))
         _drain(pending, keep=0)
-    return start
+    return done
 
 
 def shards(tiles: NDArray[np.int64], size: int) -> Iterator[NDArray[np.int64]]:
@@ -190,8 +202,9 @@ def worker_reason(err: Exception, path: str) -> str:
     return unexpected(err)
 
 
-def _present(store: Path, tiles: NDArray[np.int64]) -> NDArray[np.bool_]:
-    """Which of `tiles` the store already holds (a re-run shard keeps them)."""
+def present(store: Path, tiles: NDArray[np.int64]) -> NDArray[np.bool_]:
+    """Which of `tiles` the store already holds (from its chunk files: true after any crash;
+    a re-run shard keeps them)."""
     return np.fromiter((os.path.exists(store / "c" / str(r) / str(c) / "0" / "0" / "0")
                         for c, r in tiles[:, :2]), bool, len(tiles))
 
