@@ -107,5 +107,5 @@ def _nanny_cluster(devices: Devices) -> Any:
             env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
         workers[f"{name}-{i}"] = {"cls": Nanny, "options": {
             "nthreads": 1, "env": env, "silence_logs": logging.ERROR}}
-    return SpecCluster(workers=workers, scheduler={
-        "cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}, silence_logs=logging.ERROR)
+    scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
+    return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)
