@@ -34,6 +34,7 @@ from stainctl.steps.translate_work import (
     shards,
 )
 from stainctl.workspace import SlideRecord
+from stainctl.workspace.manifest import ManifestDamaged
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -136,6 +137,8 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
                     seed=tile_seed(options.seed, plan.slide.key, -1, -1)), pure=False)
                 owner[fut.key] = plan.slide.id
                 queue.add(fut)
+            except ManifestDamaged:
+                raise  # the workspace's fault: every slide would fail so
             except Exception as err:  # this slide only
                 yield plan, Failure.of(err, plan.slide.path, step.where(plan.item))
 
@@ -154,6 +157,8 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
                     continue
                 try:
                     done = submit_shards(state, res.colour)
+                except ManifestDamaged:
+                    raise
                 except Exception as err:
                     yield plan, Failure.of(err, plan.slide.path, step.where(plan.item))
                     continue
