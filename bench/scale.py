@@ -222,7 +222,7 @@ def gpu_run(engine: Any, slide: Path, tiles: np.ndarray, side: int, tile: int, m
         t0 = time.perf_counter()
         n = translate_tiles(busy, source, TileStore.open(store), tiles,
                             present=np.zeros(len(tiles), bool), slide_key="bench",
-                            margin0=float(margin), seed=0, batch_size=batch, readers=4)
+                            margin0=float(margin), seed=0, batch_size=batch, readers=6)
         torch.cuda.synchronize()
         wall = time.perf_counter() - t0
         gpu = busy.busy_seconds()

@@ -33,7 +33,9 @@ if TYPE_CHECKING:
     from stainctl.workspace.tilestore import TileStore
 
 log = logging.getLogger(__name__)
-WRITERS = 2  # threads writing finished tiles to the store
+# Threads writing finished tiles to the store: a chunk costs ~6 ms (compression and a rename),
+# so a GPU at hundreds of tiles/s needs several.
+WRITERS = max(2, min(8, os.cpu_count() or 1))
 
 
 @dataclass(frozen=True, kw_only=True)
