@@ -265,7 +265,7 @@ def gpu_part(args: argparse.Namespace, slide: Path, width: int, height: int) -> 
 
 
 def record(title: str, command: str, figures: dict[str, Any], lines: list[str]) -> None:
-    text = [f"\n## {title}\n", f"    {command}\n", *lines,
+    text = [f"\n## {title}\n", f"    {command}\n", *(f"- {line}" for line in lines),
             f"\n```json\n{json.dumps(figures, indent=2)}\n```\n"]
     with RESULTS.open("a") as f:
         f.write("\n".join(text))
