@@ -197,7 +197,7 @@ def _run_distributed(jobs: list[EmbedJob], options: EmbedOptions,
     assert options.scheduler is not None  # chosen for it
     with connect(options.scheduler) as client:
         futures = [client.submit(run_job, job, pure=False) for job in jobs]
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             res: JobResult = fut.result()
             progress.advance(res.tiles)
             yield res
