@@ -65,6 +65,10 @@ def translate(
     shard_tiles: Annotated[int, typer.Option(
         help="Tiles per task on a cluster (--scheduler, --devices): a large slide is split so "
              "that every worker has work.")] = 256,
+    readout: Annotated[bool, typer.Option(
+        "--readout", help="Then read out the virtual slides (`stainctl readout`) into "
+                          "OUTPUT/readout and put the index in the summary (with SLIDES).")]
+    = False,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -104,7 +108,7 @@ def translate(
         return Batch(params={"slides": slides, **vars(options)},
                      step=lambda ws, progress: run_main_job(
                          ws, requests, options, output.resolve(), pyramid, progress,
-                         max_thumbnail_read=max_thumbnail_read))
+                         max_thumbnail_read=max_thumbnail_read, readout=readout))
 
     if not slides:
         assert workspace is not None

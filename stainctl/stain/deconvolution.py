@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 EPS = 1e-6  # skimage's floor on the normalised intensity before the log
-DAB = 2  # the DAB column of the H-E-DAB matrix
+HAEMATOXYLIN = 0  # the columns of the H-E-DAB matrix
+DAB = 2
 
 
 @functools.cache
@@ -45,6 +46,30 @@ def dab_density(rgb: np.ndarray) -> np.ndarray:
     dab += luts[1][rgb[..., 1]]
     dab += luts[2][rgb[..., 2]]
     return np.maximum(dab, 0, out=dab)
+
+
+@functools.cache
+def _stain_luts(column: int, white: tuple[int, int, int]) -> np.ndarray:
+    """(3, 256) lookup tables of one stain's density, intensities relative to `white`."""
+    v = np.arange(256, dtype=np.float64)[None, :] / np.asarray(white, dtype=np.float64)[:, None]
+    od = np.log(np.clip(v, EPS, 1.0)) / np.log(EPS)
+    return (od * hed_from_rgb()[:, column][:, None]).astype(np.float32)
+
+
+def stain_density(rgb: np.ndarray, column: int,
+                  white: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """(H, W) float32 density of stain `column` (HAEMATOXYLIN or DAB) of a uint8 RGB image.
+
+    `white` is the RGB of the slide's glass: Beer-Lambert density is relative to the light that
+    reaches the sensor through glass, which differs between scanners (one reads glass as 229,
+    another as 220). Intensities at or above it have zero density. With white = 255 the DAB
+    density equals `dab_density` (and `rgb2hed`).
+    """
+    luts = _stain_luts(column, (int(white[0]), int(white[1]), int(white[2])))
+    out = luts[0][rgb[..., 0]]
+    out += luts[1][rgb[..., 1]]
+    out += luts[2][rgb[..., 2]]
+    return np.maximum(out, 0, out=out)
 
 
 def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
