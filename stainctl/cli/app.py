@@ -10,6 +10,7 @@ import typer
 
 from stainctl import __version__
 from stainctl.cli import (
+    cluster,
     embed,
     evaluate,
     models,
@@ -65,6 +66,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")
+app.add_typer(cluster.app, name="cluster")
 use_plain_help(app)
 
 
