@@ -16,7 +16,8 @@ from typing import Any
 
 from stainctl.errors import ModelError
 
-KINDS = ("encoder", "marker", "base")  # base: a generator to adapt (PixCell-1024)
+# base: a generator to adapt (PixCell-1024); normaliser: a learned stain normaliser (StainFuser)
+KINDS = ("encoder", "marker", "base", "normaliser")
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,9 @@ class StainSample:
     pixels: NDArray[np.uint8]  # (N, 3) RGB tissue pixels
     glass: tuple[int, int, int]  # RGB of the glass (the light the stains absorb from)
     name: str
+    # A picture of it (a reference image, or a slide's densest sampled tile), for the learned
+    # method's conditioning and the side-by-side PNG; None where not kept.
+    image: NDArray[np.uint8] | None = None
 
     def __post_init__(self) -> None:
         if self.pixels.ndim != 2 or self.pixels.shape[1] != 3:
@@ -58,7 +61,8 @@ def glass_of(rgb: NDArray[np.uint8]) -> tuple[int, int, int] | None:
 
 
 def from_tiles(tiles: list[NDArray[np.uint8]], name: str, seed: int = 0,
-               glass: tuple[int, int, int] | None = None) -> StainSample:
+               glass: tuple[int, int, int] | None = None,
+               image: NDArray[np.uint8] | None = None) -> StainSample:
     """A sample from tiles: their tissue pixels (subsampled, seeded) and their glass."""
     if not tiles:
         raise UsageError(f"{name}: no tiles to sample")
@@ -70,7 +74,7 @@ def from_tiles(tiles: list[NDArray[np.uint8]], name: str, seed: int = 0,
         pixels = pixels[np.sort(rng.choice(len(pixels), MAX_PIXELS, replace=False))]
     if glass is None:
         glass = glass_of(flat[None][:, ~mask]) if (~mask).sum() >= 100 else None
-    return StainSample(pixels=pixels, glass=glass or (240, 240, 240), name=name)
+    return StainSample(pixels=pixels, glass=glass or (240, 240, 240), name=name, image=image)
 
 
 def check_reference(sample: StainSample, image: NDArray[np.uint8]) -> None:
@@ -119,12 +123,15 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
             if size != (lw, lh):
                 image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
             tiles = [image]
+            picture = image
         else:
             tiles = _slide_tiles(slide, target_mpp, tile_size, seed)
             image = np.concatenate([t.reshape(-1, 3) for t in tiles])[None]
+            picture = max(tiles, key=lambda t: float(tissue_pixels(t).mean())) if tiles \
+                else image
     finally:
         slide.close()
-    sample = from_tiles(tiles, name, seed)
+    sample = from_tiles(tiles, name, seed, image=picture)
     check_reference(sample, image)
     return sample
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -27,6 +28,9 @@ from stainctl.models.card import ModelCard
 from stainctl.steps.lifecycle import SlidePlan, SlideStep
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
+
+if TYPE_CHECKING:
+    from stainctl.normalize.classical import Normaliser
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,10 +48,19 @@ class TranslateOptions:
     dtype: str = "auto"
     overlap: int | None = None  # context px each side; default: the model card's margin
     sampler: str = "dpm++"  # diffusion solver (engines.base.SAMPLERS)
+    # Tiles normalised to this reference (image or slide) before the model sees them; default:
+    # the reference the model card names (architecture.normalize_to), if any.
+    normalize_to: Path | None = None
+    normalize_method: str = "macenko"  # a classical method (normalize.CLASSICAL)
 
     def __post_init__(self) -> None:
+        from stainctl.normalize import CLASSICAL
+
         if self.batch_size < 1 or self.readers < 1:
             raise UsageError("--batch-size and --readers must be at least 1")
+        if self.normalize_method not in CLASSICAL:
+            raise UsageError(f"--normalize-method must be one of {', '.join(CLASSICAL)}, got "
+                             f"{self.normalize_method}")
         self.engine_options()  # EngineOptions checks --steps, --dtype and --sampler
 
     def engine_options(self) -> EngineOptions:
@@ -74,6 +87,7 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
     progress = progress or SilentProgress()
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
+    normaliser = input_normaliser(card, options)  # a bad reference stops before loading
     engine = load_engine(card, directory, options.engine_options())
     try:  # whatever happens once it is loaded (nothing to translate, a stop): close it
         m = ws.manifest
@@ -82,9 +96,29 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
             raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; "
                              "run `stainctl filter -w WS` first")
         progress.start("translate", sum(m.tile_counts(s.id)["tiles_tissue"] for s in ready))
-        return TranslateStep(ws, progress, options, card, engine).run(ready)
+        return TranslateStep(ws, progress, options, card, engine, normaliser).run(ready)
     finally:
         engine.close()
+
+
+def input_normaliser(card: ModelCard, options: TranslateOptions) -> Normaliser | None:
+    """The normalisation of the model's input: --normalize-to, else the reference its card
+    names (`normalize_to` in [architecture], relative to the card), else none."""
+    reference = options.normalize_to
+    named = card.architecture.get("normalize_to")
+    if reference is None and named:
+        reference = Path(str(named))
+        if not reference.is_absolute() and card.origin is not None:
+            reference = card.origin.parent / reference
+    if reference is None:
+        return None
+    from stainctl.normalize.classical import Normaliser
+    from stainctl.normalize.sample import load_reference
+
+    method = options.normalize_method
+    if options.normalize_to is None and card.architecture.get("normalize_method"):
+        method = str(card.architecture["normalize_method"])
+    return Normaliser.to_reference(method, load_reference(reference, card.input_mpp))
 
 
 @dataclass(frozen=True)
@@ -99,9 +133,10 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
     label = "translate"
 
     def __init__(self, ws: Workspace, progress: Progress, options: TranslateOptions,
-                 card: ModelCard, engine: Engine) -> None:
+                 card: ModelCard, engine: Engine, normaliser: Normaliser | None = None) -> None:
         super().__init__(ws, progress, force=options.force)
         self.options, self.card, self.engine = options, card, engine
+        self.normaliser = normaliser  # tiles normalised first, fitted per slide
 
     def slide(self, item: SlideRecord) -> SlideRecord:
         return item
@@ -127,6 +162,8 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         params.update(self.engine.settings())  # what changes the pixels; batching and device
         if not self.engine.deterministic:  # do not
             params["seed"] = options.seed
+        if self.normaliser is not None:  # absent without one: older stores stay valid
+            params["normalize"] = self.normaliser.settings()
         work = TranslateWork(grid, margin, side, self.ws.tile_store_path(slide.key, card.name))
         return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
                          work=work, previous=previous)
@@ -149,6 +186,17 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
             TileStore.remove(plan.work.store)  # made with other settings: start again
         super().start(plan)
 
+    def slide_engine(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> Engine:
+        """The engine for one slide: with a normaliser, one whose tiles are normalised first
+        with the stain fitted on this slide (kept in the manifest)."""
+        if self.normaliser is None:
+            return self.engine
+        from stainctl.normalize.classical import NormalisedInput
+        from stainctl.steps.stain_fit import fit_slide
+
+        transform = fit_slide(self.ws, plan.slide, plan.work.grid, self.normaliser, plan.step)
+        return NormalisedInput(self.engine, transform)
+
     def run_one(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> SlideOutcome:
         from stainctl.slide.tiles import TileSource, read_batches
         from stainctl.steps.glass import glass_colour
@@ -156,11 +204,12 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
 
         s, work, options = plan.slide, plan.work, self.options
         grid, margin, path = work.grid, work.margin, work.store
+        engine = self.slide_engine(plan)
         scale = grid.extent0 / grid.tile_size  # level-0 px per output px
         margin0 = margin * scale
         source = TileSource(s.path, grid.extent0 + 2 * margin0, work.side)
         background = _resumed_background(path) or glass_colour(
-            self.ws, s, grid, self.engine, source, margin, tile_seed(options.seed, s.key, -1, -1))
+            self.ws, s, grid, engine, source, margin, tile_seed(options.seed, s.key, -1, -1))
         store = create_for_slide(self.ws, s, self.card.name, margin,
                                  {"model": self.card.name, "background": list(background)})
         todo = np.asarray([(t.col, t.row, t.x, t.y) for t in self.manifest.tissue_tiles(s.id)],
@@ -172,7 +221,7 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         for batch in read_batches(source, coords, options.batch_size, options.readers):
             cells = todo[start:start + len(batch), :2]
             seeds = [tile_seed(options.seed, s.key, int(c), int(r)) for c, r in cells]
-            out = self.engine.translate(batch, seeds)
+            out = engine.translate(batch, seeds)
             for (col, row), tile in zip(cells, out, strict=True):
                 store.write(int(col), int(row), tile)
             start += len(batch)
