@@ -56,6 +56,12 @@ def translate(
     overlap: Annotated[int | None, typer.Option(
         help="Context px on each side of a tile, blended by stitch; default: the model's "
              "(32 fast, 64 pixcell).")] = None,
+    normalize_to: Annotated[Path | None, typer.Option(
+        help="Normalise each tile to this reference's stain (an H&E image or slide) before "
+             "the model sees it; default: the reference the model's card names, if any.")]
+    = None,
+    normalize_method: Annotated[str, typer.Option(
+        help="macenko or reinhard (with --normalize-to).")] = "macenko",
     max_thumbnail_read: opt.MaxThumbnailRead = None,
     force: opt.Force = False,
     json_out: opt.Json = False,
@@ -74,7 +80,8 @@ def translate(
         return TranslateOptions(
             marker=marker, models_dir=Path(models_dir) if models_dir else None, device=device,
             batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
-            seed=seed, dtype=dtype, overlap=overlap, sampler=sampler)
+            seed=seed, dtype=dtype, overlap=overlap, sampler=sampler,
+            normalize_to=normalize_to, normalize_method=normalize_method)
 
     def step_alone() -> Batch:
         from stainctl.steps.translate import translate_slides

@@ -199,10 +199,10 @@ class NormalisedInput:
         self.dtype: torch.dtype = inner.dtype
 
     def settings(self) -> Mapping[str, object]:
-        return self.inner.settings()  # type: ignore[no-any-return]
+        return self.inner.settings()
 
     def translate(self, tiles: NDArray[np.uint8], seeds: Sequence[int]) -> NDArray[np.uint8]:
-        return self.inner.translate(self.transform.apply(tiles), seeds)  # type: ignore[no-any-return]
+        return self.inner.translate(self.transform.apply(tiles), seeds)
 
     def close(self) -> None:
         pass  # the wrapped engine is closed by whoever loaded it

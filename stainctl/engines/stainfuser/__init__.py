@@ -1,1 +1,1 @@
-"""The `stainfuser` engine: StainFuser's conditional diffusion stain normaliser (R-J96/stainFuser)."""
+"""The `stainfuser` engine: StainFuser's diffusion stain normaliser (R-J96/stainFuser)."""

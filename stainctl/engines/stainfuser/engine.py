@@ -59,14 +59,14 @@ def build_networks(config: StainFuserConfig) -> Any:
     import torch
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
 
-    unet = UNet2DConditionModel(**config.unet)
-    conditioner = ControlNetModel.from_unet(
+    unet: Any = UNet2DConditionModel(**config.unet)
+    conditioner: Any = ControlNetModel.from_unet(
         unet, conditioning_embedding_out_channels=config.conditioning_channels,
         load_weights_from_unet=False)
     width, tokens = int(config.unet["cross_attention_dim"]), config.latent_channels
     unet.encoder_projector = torch.nn.Linear(tokens, width)
     conditioner.encoder_projector = torch.nn.Linear(tokens, width)
-    nets = torch.nn.Module()
+    nets: Any = torch.nn.Module()
     nets.encoder = AutoencoderKL(**config.vae)
     nets.conditioner = conditioner
     nets.noise_predictor = unet
@@ -158,7 +158,7 @@ class StainFuserEngine:
                              for s in seeds]).to(self.device)
         source = torch.from_numpy(np.ascontiguousarray(tiles[..., :3])).to(self.device)
         source = source.permute(0, 3, 1, 2).float() / 255
-        scheduler = PNDMScheduler(**config.scheduler)  # PNDM keeps state: one per batch
+        scheduler: Any = PNDMScheduler(**config.scheduler)  # PNDM keeps state: one per batch
         scheduler.set_timesteps(self.sampling.steps, device=self.device)
         tokens = self.reference.expand(b, -1, -1)
         unet, conditioner = nets.noise_predictor, nets.conditioner
