@@ -27,11 +27,16 @@ def normalize(
     method: Annotated[Method, typer.Option(
         help="macenko or reinhard (torchstain; fitted once per slide, on a CPU), or stainfuser "
              "(the learned diffusion normaliser; GPU-class, needs its weights).")] = "macenko",
+    model: Annotated[str, typer.Option(
+        help="The learned normaliser's model (--method stainfuser): its card name.")]
+    = "stainfuser",
     workspace: Annotated[Path | None, typer.Option(
         "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
         help="Workspace; default OUTPUT/workspace.")] = None,
     target_mpp: Annotated[float, typer.Option(
         help="µm/px of the tiles and of the output (stainfuser takes 0.5).")] = 0.5,
+    tile_size: Annotated[int, typer.Option(
+        help="Tile px a side (classical methods; stainfuser takes its model's).")] = 512,
     fmt: Annotated[Format, typer.Option("--format", help="ome-tiff or tiff.")] = "ome-tiff",
     mpp: opt.Mpp = None,
     scheduler: Annotated[str | None, typer.Option(
@@ -69,10 +74,11 @@ def normalize(
         from stainctl.stitch.pyramid import PyramidOptions
 
         options = NormalizeOptions(
-            target=target, method=method, models_dir=Path(models_dir) if models_dir else None,
-            target_mpp=target_mpp, device=device, batch_size=batch_size, steps=steps,
-            seed=seed, dtype=dtype, overlap=overlap, scheduler=scheduler, workers=workers,
-            force=force)
+            target=target, method=method, model=model,
+            models_dir=Path(models_dir) if models_dir else None,
+            target_mpp=target_mpp, tile_size=tile_size, device=device, batch_size=batch_size,
+            steps=steps, seed=seed, dtype=dtype, overlap=overlap, scheduler=scheduler,
+            workers=workers, force=force)
         pyramid = PyramidOptions(format=fmt)
         requests = expand_slides(slides, mpp)
         return Batch(params={"slides": slides, **{k: str(v) if isinstance(v, Path) else v

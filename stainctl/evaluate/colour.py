@@ -106,4 +106,5 @@ def check_target(pixels: Sequence[NDArray[np.uint8]], everything: Sequence[NDArr
 
     px = np.concatenate(list(pixels)) if pixels else np.zeros((0, 3), np.uint8)
     flat = np.concatenate(list(everything)) if everything else np.zeros((0, 3), np.uint8)
-    check_reference(StainSample(pixels=px, glass=(240, 240, 240), name=name), flat[None])
+    check_reference(StainSample(pixels=px, glass=(240, 240, 240), name=name), flat[None],
+                    fix="--real")

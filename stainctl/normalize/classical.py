@@ -7,9 +7,8 @@ makes each tile's colours depend on its own content). Both methods are a functio
 colour alone once fitted, so the mapping is computed once per slide for all 2^24 colours (a
 48 MB table, about a second) and a tile costs one table look-up.
 
-Glass stays glass: Macenko's optical densities are taken against the slide's own glass colour and
-rebuilt on it, and for both methods pixels fade from the normalised colour back to their own as
-their optical density falls to that of glass.
+Glass stays glass: for both methods, pixels fade from the normalised colour back to their own as
+their optical density (against the slide's own glass colour) falls to that of glass.
 """
 
 from __future__ import annotations
@@ -35,15 +34,18 @@ if TYPE_CHECKING:
 GLASS_OD = 0.02
 FADE_OD = 0.08
 _CHUNK = 1 << 20  # colours per block while the table is built
+# Macenko's transmitted light, torchstain's default, for the slide and the reference alike (each
+# one's own glass as the light gave a larger colour distance to the target on the real slides:
+# a bright glass lends every pixel extra optical density). Glass is kept by the fade instead.
+IO = 240.0
 
 
 def _macenko(sample: StainSample) -> dict[str, Any]:
     from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
     norm = NumpyMacenkoNormalizer()
-    io = np.asarray(sample.glass, np.float64)
     try:
-        norm.fit(sample.pixels.reshape(-1, 1, 3), Io=io)
+        norm.fit(sample.pixels.reshape(-1, 1, 3), Io=IO)
     except (ValueError, np.linalg.LinAlgError, IndexError) as err:
         raise UsageError(f"{sample.name}: its stains could not be estimated (too pale or too "
                          f"few stained pixels: {err})") from None
@@ -96,20 +98,19 @@ class StainFit:
     def apply_colours(self, rgb: NDArray[np.float32]) -> NDArray[np.uint8]:
         """(N, 3) colours in 0-255 -> their normalised uint8 colours."""
         glass = np.asarray(self.source["glass"], np.float32)
-        out = self._macenko(rgb, glass) if self.method == "macenko" else self._reinhard(rgb)
+        out = self._macenko(rgb) if self.method == "macenko" else self._reinhard(rgb)
         od = -np.log((rgb + 1) / (glass + 1)).max(axis=1, keepdims=True)
         w = np.clip((od - GLASS_OD) / FADE_OD, 0, 1)
         return np.clip(np.rint(w * out + (1 - w) * rgb), 0, 255).astype(np.uint8)
 
-    def _macenko(self, rgb: NDArray[np.float32], glass: NDArray[np.float32]
-                 ) -> NDArray[np.float32]:
+    def _macenko(self, rgb: NDArray[np.float32]) -> NDArray[np.float32]:
         he_src = np.asarray(self.source["stain_matrix"], np.float32)
         he_ref = np.asarray(self.target["stain_matrix"], np.float32)
         scale = (np.asarray(self.target["max_concentration"], np.float32)
                  / np.maximum(np.asarray(self.source["max_concentration"], np.float32), 1e-6))
-        od = -np.log((rgb + 1) / glass)
+        od = -np.log((rgb + 1) / IO)
         conc = od @ np.linalg.pinv(he_src).T * scale  # least squares, as torchstain's lstsq
-        return np.minimum(glass * np.exp(-conc @ he_ref.T), 255)
+        return np.minimum(IO * np.exp(-conc @ he_ref.T), 255)
 
     def _reinhard(self, rgb: NDArray[np.float32]) -> NDArray[np.float32]:
         import cv2

@@ -60,6 +60,14 @@ def glass_of(rgb: NDArray[np.uint8]) -> tuple[int, int, int] | None:
     return r, g, b
 
 
+def plausible_glass(colour: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+    """`colour` where it can be glass (bright, nearly grey), else None: a slide that is tissue
+    from edge to edge has no glass to measure, and its 'background' is stained."""
+    if colour is None or min(colour) < 200 or max(colour) - min(colour) > 30:
+        return None
+    return colour
+
+
 def from_tiles(tiles: list[NDArray[np.uint8]], name: str, seed: int = 0,
                glass: tuple[int, int, int] | None = None,
                image: NDArray[np.uint8] | None = None) -> StainSample:
@@ -73,27 +81,30 @@ def from_tiles(tiles: list[NDArray[np.uint8]], name: str, seed: int = 0,
         rng = np.random.default_rng(seed)
         pixels = pixels[np.sort(rng.choice(len(pixels), MAX_PIXELS, replace=False))]
     if glass is None:
-        glass = glass_of(flat[None][:, ~mask]) if (~mask).sum() >= 100 else None
+        glass = plausible_glass(glass_of(flat[None][:, ~mask])) if (~mask).sum() >= 100 \
+            else None
     return StainSample(pixels=pixels, glass=glass or (240, 240, 240), name=name, image=image)
 
 
-def check_reference(sample: StainSample, image: NDArray[np.uint8]) -> None:
-    """Refuse a reference that cannot define an H&E stain (UsageError, exit 2)."""
+def check_reference(sample: StainSample, image: NDArray[np.uint8], fix: str = "--target"
+                    ) -> None:
+    """Refuse a reference that cannot define an H&E stain (UsageError, exit 2); `fix` names
+    the option to change."""
     from stainctl.stain.deconvolution import hed_from_rgb
 
     where = sample.name
     if float(image.reshape(-1, 3).astype(np.float32).std(axis=0).max()) < UNIFORM_STD:
         raise UsageError(f"{where}: the reference is a uniform colour, not stained tissue; "
-                         "give an H&E image or slide with tissue (--target)")
+                         f"give an H&E image or slide with tissue ({fix})")
     if len(sample.pixels) < MIN_TISSUE_PIXELS:
         raise UsageError(f"{where}: the reference shows only glass (no tissue found); "
-                         "give an H&E image or slide with tissue (--target)")
+                         f"give an H&E image or slide with tissue ({fix})")
     od = -np.log(np.maximum(sample.pixels.astype(np.float64), 1.0) / 255.0)
     h = od @ hed_from_rgb()[:, 0]
     if float(np.percentile(h, 90)) < MIN_HAEMATOXYLIN:
         raise UsageError(f"{where}: the reference has no haematoxylin (no blue-purple nuclei "
                          "stain), so an H&E stain cannot be taken from it; give an H&E image "
-                         "or slide (--target)")
+                         f"or slide ({fix})")
 
 
 def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 512,

@@ -38,6 +38,7 @@ STEP = "normalize"  # the manifest step
 class NormalizeOptions:
     target: Path  # the reference: an image or a slide
     method: str = "macenko"
+    model: str = "stainfuser"  # the learned normaliser's card (--method stainfuser)
     models_dir: Path | None = None
     target_mpp: float = 0.5
     tile_size: int = 512  # classical methods; stainfuser takes its card's
@@ -97,14 +98,14 @@ def load_normaliser(options: NormalizeOptions, reference: StainSample
         card = classical_card(options)
         return card, IdentityEngine(card), {}
     directory = models_dir(options.models_dir)
-    card = get_card(options.method, directory)
+    card = get_card(options.model, directory)
     check_installed([card], directory, verify=True)
     engine = load_engine(card, directory, options.translate_options().engine_options())
     assert reference.image is not None
     engine.set_reference(reference.image)  # type: ignore[attr-defined]
     digest = hashlib.sha256(reference.image.tobytes()).hexdigest()[:16]
     return dataclasses.replace(card, name=OUTPUT), engine, {"reference": digest,
-                                                            "model": options.method}
+                                                            "model": options.model}
 
 
 class NormalizeStep(TranslateStep):
@@ -163,7 +164,7 @@ def grid_tile_size(options: NormalizeOptions) -> int:
     from stainctl.engines.base import engine_spec
     from stainctl.models.registry import get_card, models_dir
 
-    card = get_card(options.method, models_dir(options.models_dir))
+    card = get_card(options.model, models_dir(options.models_dir))
     return engine_spec(card).grid_tile_size(card, options.overlap)
 
 

@@ -12,7 +12,7 @@ import numpy as np
 
 from stainctl.engines.base import stable_seed
 from stainctl.normalize.classical import Normaliser, StainTransform
-from stainctl.normalize.sample import SAMPLE_TILES, from_tiles, glass_of
+from stainctl.normalize.sample import SAMPLE_TILES, from_tiles, glass_of, plausible_glass
 from stainctl.workspace import GridRecord, SlideRecord, Workspace
 
 
@@ -31,7 +31,9 @@ def fit_slide(ws: Workspace, slide: SlideRecord, grid: GridRecord, normaliser: N
     picks = sorted(rng.permutation(len(tiles))[:SAMPLE_TILES])
     source = TileSource(slide.path, grid.extent0, grid.tile_size)
     images = [source.read(tiles[i].x, tiles[i].y) for i in picks]
-    glass = glass_of(glass_tile(ws, slide, grid, source, 0)) or thumbnail_glass(ws, slide.key)
+    # No glass to measure (tissue edge to edge): the sample's own, else a neutral 240.
+    glass = plausible_glass(glass_of(glass_tile(ws, slide, grid, source, 0))) \
+        or plausible_glass(thumbnail_glass(ws, slide.key))
     sample = from_tiles(images, slide.path, seed=stable_seed("pixels", slide.key), glass=glass)
     try:
         transform = normaliser.for_slide(sample)
