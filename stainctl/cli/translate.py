@@ -63,6 +63,10 @@ def translate(
     normalize_method: Annotated[str, typer.Option(
         help="macenko or reinhard (with --normalize-to).")] = "macenko",
     max_thumbnail_read: opt.MaxThumbnailRead = None,
+    readout: Annotated[bool, typer.Option(
+        "--readout", help="Then read out the virtual slides (`stainctl readout`) into "
+                          "OUTPUT/readout and put the index in the summary (with SLIDES).")]
+    = False,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -101,7 +105,7 @@ def translate(
         return Batch(params={"slides": slides, **vars(options)},
                      step=lambda ws, progress: run_main_job(
                          ws, requests, options, output.resolve(), pyramid, progress,
-                         max_thumbnail_read=max_thumbnail_read))
+                         max_thumbnail_read=max_thumbnail_read, readout=readout))
 
     if not slides:
         assert workspace is not None

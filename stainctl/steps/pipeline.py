@@ -30,11 +30,11 @@ if TYPE_CHECKING:
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
                  output: Path, pyramid: PyramidOptions | None = None,
                  progress: Progress | None = None, *,
-                 max_thumbnail_read: float | None = None) -> BatchResult:
+                 max_thumbnail_read: float | None = None, readout: bool = False) -> BatchResult:
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
-    from stainctl.steps.stitch import StitchOptions, stitch_slides
+    from stainctl.steps.stitch import StitchOptions, output_path, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
     from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
 
@@ -81,10 +81,17 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     keep_failures(stitched)
     result = BatchResult("translate")
     max_read = max_thumbnail_read or DEFAULT_MAX_READ_GPX
+    virtual: dict[str, Path] = {}  # slide -> its stitched virtual slide, for --readout
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
+        virtual[o.slide] = output_path(ws, stitch, o.slide, card.name)
         result.slides.append(side_by_side_outcome(ws, stitch, o, card.name, worked, max_read))
+    if readout:
+        from stainctl.steps.readout import read_out_virtual
+
+        read_out_virtual(result.slides, virtual, card.marker or card.name, output / "readout",
+                         progress)
     result.slides.extend(failed.values())
     return result
 
