@@ -115,7 +115,7 @@ class NormalizeStep(TranslateStep):
                  card: ModelCard, engine: Engine, extra: dict[str, object],
                  normaliser: object | None) -> None:
         super().__init__(ws, progress, options.translate_options(), card, engine,
-                         normaliser)  # type: ignore[arg-type]
+                         normaliser=normaliser)  # type: ignore[arg-type]
         self.extra = extra
 
     def step_name(self, item: SlideRecord) -> str:
