@@ -37,13 +37,21 @@ class TranslateOptions:
     batch_size: int = 8
     readers: int = 2
     force: bool = False
-    # Diffusion engines (pixcell): sampling, and the seed each tile's noise is derived from.
-    steps: int = 20
+    # Diffusion engines (pixcell, histdist): sampling, and the seed each tile's noise is derived
+    # from; steps None: the engine's default (pixcell 20, histdist 100).
+    steps: int | None = None
     guidance: float = 1.2
     seed: int = 0
     dtype: str = "auto"
     overlap: int | None = None  # context px each side; default: the model card's margin
     sampler: str = "dpm++"  # diffusion solver (engines.base.SAMPLERS)
+    # Inversion (histdist; pixcell --structure): see engines.base.EngineOptions.
+    inversion_steps: int | None = None
+    eta: str | None = None
+    inversion_eta: str = "zero"
+    prediction: str | None = None
+    latent_norm: str = "inversion"
+    structure: float | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.readers < 1:
@@ -52,7 +60,10 @@ class TranslateOptions:
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, dtype=self.dtype, steps=self.steps,
-                             guidance=self.guidance, sampler=self.sampler)
+                             guidance=self.guidance, sampler=self.sampler,
+                             inversion_steps=self.inversion_steps, eta=self.eta,
+                             inversion_eta=self.inversion_eta, prediction=self.prediction,
+                             latent_norm=self.latent_norm, structure=self.structure)
 
 
 def grid_tile_size(card: ModelCard, options: TranslateOptions) -> int:

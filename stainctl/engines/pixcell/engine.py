@@ -45,6 +45,9 @@ class PixCellParts:
     flow: Any | None
 
 
+DEFAULT_STEPS = 20  # DPM-Solver++ steps when --steps is not given
+
+
 class PixCellEngine:
     """uint8 RGB tiles of `input_side` px in, generated uint8 RGB tiles of the same size out
     (an `engines.base.Engine`)."""
@@ -63,6 +66,7 @@ class PixCellEngine:
         self.dtype = resolve_dtype(sampling.dtype, self.device)
         self.input_side: int | None = parts.config.image_size
         self.margin = int(card.architecture.get("margin", DEFAULT_OVERLAP))
+        self.steps = sampling.steps or DEFAULT_STEPS
         for net in (parts.transformer, parts.vae, parts.flow):
             if net is not None:
                 net.eval().requires_grad_(False).to(self.device)
@@ -82,7 +86,7 @@ class PixCellEngine:
         return tokens
 
     def settings(self) -> Mapping[str, object]:
-        out: dict[str, object] = {"steps": self.sampling.steps,
+        out: dict[str, object] = {"steps": self.steps,
                                   "guidance": self.sampling.guidance,
                                   "dtype": self.sampling.dtype}
         if self.sampling.sampler != "dpm++":  # absent = the default: older stores stay valid
@@ -112,7 +116,7 @@ class PixCellEngine:
         transformer = self.parts.transformer
         latents = sample_latents(transformer, self.parts.config.scheduler, cond,
                                  transformer.uncond_embedding.float(), noise.to(self.device),
-                                 self.sampling.steps, self.sampling.guidance, self.dtype,
+                                 self.steps, self.sampling.guidance, self.dtype,
                                  self.sampling.sampler)
         return decode_latents(self.parts.vae, latents, self.dtype).numpy()
 
