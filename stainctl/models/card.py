@@ -191,7 +191,7 @@ def _validate(card: ModelCard, where: object) -> None:
         raise ModelError(f"{where}: a marker model must name its marker")
     for w in card.weights:
         if not w.path and not ((w.repo or w.url) and w.filename):
-            raise ModelError(f"{where}: weights {w.role!r} need a local path, or a hub repo "
-                             "or a url, and a filename")
+            raise ModelError(f"{where}: weights {w.role!r} need a local path or a hub repo "
+                             "(or a publisher's url) and filename")
         if w.sha256 and len(w.sha256) != 64:
             raise ModelError(f"{where}: weights {w.role!r}: sha256 must be 64 hex digits")
