@@ -62,7 +62,7 @@ def test_a_stain_one_installed_model_makes_is_that_model(use_models):
     # message says what to pull. (PR is made by two shipped cards since histdist-pr.)
     card(directory, "ck7-draft", "ck7", weights=False)
     assert marker_card("ck7", directory).name == "ck7-draft"
-    with pytest.raises(ModelError, match="several models make 'pr'.*histdist-pr, pixcell-mist-pr"):
+    with pytest.raises(ModelError, match=r"several models make 'pr'.*histdist-pr, pixcell-mist-pr"):
         marker_card("pr", directory)
 
 

@@ -95,6 +95,9 @@ COLUMNS = (
     ("paired SSIM (1/4)", lambda m: m.get("paired", {}).get("ssim_reduced")),
     ("paired p90 r", lambda m: m.get("paired", {}).get("stain", {}).get("p90_pearson_r")),
     ("seam ratio", lambda m: m.get("seams", {}).get("ratio")),
+    ("MRA top-1/top-3 (chance)", lambda m: None if "mra" not in m else
+     f"{m['mra']['top1']:.3f} / {m['mra']['top3']:.3f} "
+     f"({m['mra']['chance_top1']:.3f} / {m['mra']['chance_top3']:.3f})"),
 )
 
 

@@ -106,7 +106,7 @@ def decode_latents(vae: Any, latents: torch.Tensor, dtype: torch.dtype,
 def _inversion_grid(scheduler_config: dict[str, Any], steps: int) -> list[int]:
     """Trailing DDIM timesteps, ascending: `steps` evenly spaced, the last at the final one."""
     total = int(scheduler_config.get("num_train_timesteps", 1000))
-    return sorted({int(round(t)) - 1 for t in torch.arange(total, 0, -total / steps).tolist()})
+    return sorted({round(t) - 1 for t in torch.arange(total, 0, -total / steps).tolist()})
 
 
 @torch.no_grad()
