@@ -191,3 +191,17 @@ def test_main_job_with_a_tiny_histdist_model_writes_the_ome_tiff(cli, tmp_path, 
     grid = ws.manifest.grid(ws.manifest.slides()[0].id)
     ws.close()
     assert grid is not None and grid.tile_size == 128 - 2 * 16
+
+
+def test_phikon_loads_from_a_folder_or_says_how_to_get_it_offline(tmp_path, monkeypatch):
+    from histdist_helpers import install_phikon
+
+    from stainctl.engines.histdist.phikon import load_phikon
+
+    install_phikon(tmp_path)
+    phikon = load_phikon(tmp_path / "tiny-phikon")
+    assert phikon.dim == 32 and phikon.size == 32
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    with pytest.raises(ModelError, match="stainctl models pull phikon"):
+        load_phikon("owkin/phikon")  # a hub id: offline and not cached, at once
