@@ -13,6 +13,7 @@ from stainctl.cli import (
     embed,
     evaluate,
     models,
+    readout,
     status,
     stitch,
     tile,
@@ -56,7 +57,8 @@ def root(
 COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
-    "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "status": status.status}
+    "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "readout": readout.readout,
+    "status": status.status}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")

@@ -78,6 +78,10 @@ def translate(
         help="Context px on each side of a tile, blended by stitch; default: the model's "
              "(32 fast, 64 pixcell, 32 histdist).")] = None,
     max_thumbnail_read: opt.MaxThumbnailRead = None,
+    readout: Annotated[bool, typer.Option(
+        "--readout", help="Then read out the virtual slides (`stainctl readout`) into "
+                          "OUTPUT/readout and put the index in the summary (with SLIDES).")]
+    = False,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
@@ -117,7 +121,7 @@ def translate(
         return Batch(params={"slides": slides, **vars(options)},
                      step=lambda ws, progress: run_main_job(
                          ws, requests, options, output.resolve(), pyramid, progress,
-                         max_thumbnail_read=max_thumbnail_read))
+                         max_thumbnail_read=max_thumbnail_read, readout=readout))
 
     if not slides:
         assert workspace is not None

@@ -19,7 +19,8 @@ if TYPE_CHECKING:
     import torch
 
 EPS = 1e-6  # skimage's floor on the normalised intensity before the log
-DAB = 2  # the DAB column of the H-E-DAB matrix
+HAEMATOXYLIN = 0  # the columns of the H-E-DAB matrix
+DAB = 2
 
 
 @functools.cache
@@ -47,6 +48,30 @@ def dab_density(rgb: np.ndarray) -> np.ndarray:
     return np.maximum(dab, 0, out=dab)
 
 
+@functools.cache
+def _stain_luts(column: int, white: tuple[int, int, int]) -> np.ndarray:
+    """(3, 256) lookup tables of one stain's density, intensities relative to `white`."""
+    v = np.arange(256, dtype=np.float64)[None, :] / np.asarray(white, dtype=np.float64)[:, None]
+    od = np.log(np.clip(v, EPS, 1.0)) / np.log(EPS)
+    return (od * hed_from_rgb()[:, column][:, None]).astype(np.float32)
+
+
+def stain_density(rgb: np.ndarray, column: int,
+                  white: tuple[int, int, int] = (255, 255, 255)) -> np.ndarray:
+    """(H, W) float32 density of stain `column` (HAEMATOXYLIN or DAB) of a uint8 RGB image.
+
+    `white` is the RGB of the slide's glass: Beer-Lambert density is relative to the light that
+    reaches the sensor through glass, which differs between scanners (one reads glass as 229,
+    another as 220). Intensities at or above it have zero density. With white = 255 the DAB
+    density equals `dab_density` (and `rgb2hed`).
+    """
+    luts = _stain_luts(column, (int(white[0]), int(white[1]), int(white[2])))
+    out = luts[0][rgb[..., 0]]
+    out += luts[1][rgb[..., 1]]
+    out += luts[2][rgb[..., 2]]
+    return np.maximum(out, 0, out=out)
+
+
 def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W) DAB optical density of (B, 3, H, W) images in [-1, 1] (differentiable)."""
     import torch
@@ -55,3 +80,28 @@ def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
     rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
     od = torch.log(rgb) / math.log(EPS)
     return torch.clamp(od @ column, min=0)
+
+
+def hed_density_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) haematoxylin, eosin and DAB optical densities of (B, 3, H, W) images in
+    [-1, 1] (differentiable)."""
+    import torch
+
+    matrix = torch.as_tensor(hed_from_rgb(), dtype=x.dtype, device=x.device)
+    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
+    od = torch.log(rgb) / math.log(EPS)
+    return torch.clamp(od @ matrix, min=0)
+
+
+def off_stain_residual_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) length of the part of each pixel's optical density (the units above) that no
+    mix of haematoxylin and DAB explains: near 0 for a brightfield H-DAB IHC, large for colours
+    such a slide cannot have (green, or the pink of eosin) (differentiable)."""
+    import torch
+    from skimage.color import rgb_from_hed
+
+    basis = torch.as_tensor(np.asarray(rgb_from_hed)[[0, 2]].T, dtype=x.dtype, device=x.device)
+    projector = basis @ torch.linalg.pinv(basis)  # (3, 3) onto the H-DAB plane
+    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
+    od = torch.log(rgb) / math.log(EPS)
+    return (od - od @ projector.T).norm(dim=-1)

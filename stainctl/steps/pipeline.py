@@ -23,7 +23,7 @@ from stainctl.workspace import Workspace
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
                  output: Path, pyramid: PyramidOptions | None = None,
                  progress: Progress | None = None, *,
-                 max_thumbnail_read: float | None = None) -> BatchResult:
+                 max_thumbnail_read: float | None = None, readout: bool = False) -> BatchResult:
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
@@ -74,12 +74,14 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     stitched = stitch_slides(ws, stitch, progress)
     keep_failures(stitched)
     result = BatchResult("translate")
+    virtual: dict[str, Path] = {}  # slide -> its stitched virtual slide, for --readout
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
         slide = ws.manifest.slide_by_path(o.path)
         assert slide is not None and slide.mpp is not None  # stitched slides were tiled
         stitched_file = output_path(ws, stitch, o.slide, card.name)
+        virtual[o.slide] = stitched_file
         state = "done" if o.slide in worked else "skipped"
         try:
             pair = side_by_side(o.path, slide.mpp, stitched_file,
@@ -98,6 +100,11 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         result.slides.append(SlideOutcome(o.slide, o.path, state,
                                           f"{o.message}; H&E beside it: {pair.name}", o.details
                                           ).warn(slide.warning))
+    if readout:
+        from stainctl.steps.readout import read_out_virtual
+
+        read_out_virtual(result.slides, virtual, card.marker or card.name, output / "readout",
+                         progress)
     result.slides.extend(failed.values())
     return result
 

@@ -1,0 +1,332 @@
+"""The readout step: DAB area, H-score and nuclear index of IHC slides, per tile and per slide.
+
+Per slide: open it (its µm/px is required, never guessed), a thumbnail gives the tissue mask and
+the glass colour, a grid of `tile_size` tiles at `target_mpp` covers the tissue, and every tile is
+read (the direct tile reader where the file allows) with a margin, so a nucleus cut by a tile edge
+is found whole and counted in the tile holding its centre. Each tile's record is appended to
+`OUT/.readout/<name>.tiles.jsonl` as it is made: a rerun with the same parameters measures only
+the tiles not yet there (an interrupted run resumes), a rerun with other parameters starts over.
+The slide's record is the sum of its tiles'; `readout/outputs.py` writes the CSV, heat maps and
+GeoJSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from numpy.typing import NDArray
+
+from stainctl.errors import SlideError
+from stainctl.readout.measure import ReadoutParams, sum_readouts
+from stainctl.readout.records import SlideReadout, TileRecord, slide_row
+from stainctl.steps.report import (
+    BatchResult,
+    Progress,
+    SilentProgress,
+    SlideOutcome,
+    params_hash,
+    unexpected,
+)
+
+if TYPE_CHECKING:
+    from stainctl.slide.reader import Slide
+
+log = logging.getLogger(__name__)
+
+MARGIN_UM = 16.0  # more than a nucleus is wide: one cut by the tile edge is seen whole
+# H&E has eosin and no DAB; a slide whose tissue carries more eosin than DAB is not DAB IHC.
+NO_DAB_WARNING = ("no DAB staining found: the slide looks like H&E (eosin, no DAB); readout "
+                  "measures DAB IHC slides (real or virtual), so its numbers mean nothing here")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadoutInput:
+    """A slide to read out: its name in the outputs, its path, an mpp override."""
+
+    name: str
+    path: Path
+    mpp: float | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReadoutOptions:
+    marker: str
+    nuclear: bool
+    out: Path
+    params: ReadoutParams = field(default_factory=ReadoutParams)
+    target_mpp: float = 0.5
+    tile_size: int = 512
+    min_tissue: float = 0.05  # a tile with less tissue (thumbnail mask) is not read
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        from stainctl.errors import UsageError
+
+        if not (math.isfinite(self.target_mpp) and self.target_mpp > 0):
+            raise UsageError(f"--target-mpp must be positive, got {self.target_mpp}")
+        if self.tile_size < 64:
+            raise UsageError(f"--tile-size must be at least 64, got {self.tile_size}")
+        if not 0 <= self.min_tissue <= 1:
+            raise UsageError(f"--min-tissue must be in [0, 1], got {self.min_tissue}")
+        if self.workers < 1:
+            raise UsageError(f"--workers must be at least 1, got {self.workers}")
+
+    def as_dict(self) -> dict[str, object]:
+        # Not `workers`: the same tiles give the same numbers on any number of threads.
+        return {"marker": self.marker, "nuclear": self.nuclear, "target_mpp": self.target_mpp,
+                "tile_size": self.tile_size, "min_tissue": self.min_tissue,
+                "params": asdict(self.params)}
+
+
+def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
+             progress: Progress | None = None) -> tuple[BatchResult, list[SlideReadout]]:
+    """Read out every slide; one that fails is said in its outcome and the others go on."""
+    from stainctl.readout.outputs import write_outputs
+
+    progress = progress or SilentProgress()
+    inputs = unique_names(inputs)
+    result = BatchResult(step="readout")
+    done: list[SlideReadout] = []
+    for item in inputs:
+        try:
+            slide = _read_out_slide(item, options, progress)
+        except SlideError as err:
+            result.slides.append(SlideOutcome(item.name, str(item.path), "failed",
+                                              err.reason, code=err.code))
+            progress.log(f"failed: {err.reason}", warning=True)
+            continue
+        except Exception as err:  # one bad slide (a corrupt tile) does not stop the batch
+            log.debug("readout of %s failed", item.path, exc_info=True)
+            reason = unexpected(err, options.out)
+            result.slides.append(SlideOutcome(item.name, str(item.path), "failed", reason))
+            progress.log(f"failed: {reason}", warning=True)
+            continue
+        done.append(slide)
+        message = _summary(slide)
+        outcome = SlideOutcome(item.name, str(item.path), "done", message,
+                               details=slide_row(slide))
+        result.slides.append(outcome.warn(slide.warning))
+        if slide.warning:
+            progress.log(f"warning: {slide.warning}", warning=True)
+    write_outputs(done, options.out)
+    return result, done
+
+
+def unique_names(inputs: list[ReadoutInput]) -> list[ReadoutInput]:
+    """Inputs whose names are unique (two `a.svs` from two folders: `a`, `a-2`), as the names
+    are the output files' and the CSV rows'."""
+    import dataclasses
+
+    seen: dict[str, int] = {}
+    out = []
+    for item in inputs:
+        n = seen.get(item.name, 0) + 1
+        seen[item.name] = n
+        out.append(item if n == 1 else dataclasses.replace(item, name=f"{item.name}-{n}"))
+    return out
+
+
+def read_out_virtual(outcomes: list[SlideOutcome], virtual: dict[str, Path], marker: str,
+                     out: Path, progress: Progress) -> None:
+    """`translate --readout`: read out the main job's virtual slides into `out` and put each
+    one's index (or DAB area and H-score) in its outcome's message and details. A marker that
+    readout does not know is read as DAB area and H-score only; a slide whose readout fails
+    keeps its virtual slide, and the failure is said in its message."""
+    from stainctl.errors import UsageError
+    from stainctl.readout.markers import is_nuclear, resolve_marker
+
+    try:
+        stain = resolve_marker(marker)
+    except UsageError:
+        stain = marker.lower()
+    inputs = [ReadoutInput(name=f"{o.slide}", path=virtual[o.slide]) for o in outcomes
+              if o.slide in virtual]
+    if not inputs:
+        return
+    options = ReadoutOptions(marker=stain, nuclear=is_nuclear(stain), out=out)
+    result, _ = read_out(inputs, options, progress)
+    by_slide = {r.slide: r for r in result.slides}
+    for o in outcomes:
+        r = by_slide.get(o.slide)
+        if r is None:
+            continue
+        if r.state == "failed":
+            o.message = f"{o.message}; readout failed ({r.message})"
+            continue
+        o.details["readout"] = r.details
+        index = r.details.get("index_pct")
+        text = (f"{stain} index {index:.1f}%" if isinstance(index, float)
+                else f"DAB+ {r.details['dab_positive_area_pct']:.1f}%, H-score "
+                     f"{r.details['h_score']:.0f}")
+        o.message = f"{o.message}; readout: {text}"
+
+
+def _summary(slide: SlideReadout) -> str:
+    t = slide.total
+    text = f"DAB+ {100 * t.positive_fraction:.1f}% of tissue, H-score {t.h_score:.0f}"
+    if t.index is not None:
+        text = f"{slide.marker} index {100 * t.index:.1f}% ({t.positive_nuclei}/{t.nuclei} " \
+               f"nuclei), " + text
+    return text
+
+
+def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
+                    progress: Progress) -> SlideReadout:
+    from stainctl.readout.background import glass_white
+    from stainctl.readout.measure import measure_tile
+    from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
+    from stainctl.slide.reader import open_slide
+    from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
+    from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
+
+    slide = open_slide(item.path, item.mpp)
+    try:
+        mpp = slide.require_mpp()
+        w0, h0 = slide.dimensions
+        t_mpp = thumbnail_mpp(mpp, w0, h0)
+        thumb = read_thumbnail(slide, t_mpp)
+        check_brightfield(thumb, item.path, False,
+                          hint="readout measures brightfield DAB IHC slides")
+        mask = tissue_mask(thumb, t_mpp, TissueParams())
+        white = glass_white(thumb)
+        grid = make_grid(w0, h0, mpp, GridParams(target_mpp=options.target_mpp,
+                                                 tile_size=options.tile_size, min_tissue=0.0),
+                         slide.level_downsamples)
+        fractions = tissue_fractions(mask, w0, h0, grid)
+        xs, ys = grid.origins()
+        chosen = np.flatnonzero(fractions >= max(options.min_tissue, 1e-9))
+        store = _TileLog(options.out / ".readout" / f"{item.name}.tiles.jsonl",
+                         params_hash({**options.as_dict(), "white": list(white)}))
+        records = store.load()
+        todo = [i for i in chosen if (int(xs[i]), int(ys[i])) not in records]
+        progress.start(f"readout {item.name}", len(chosen))
+        progress.advance(len(chosen) - len(todo))
+        scale = grid.extent0 / options.tile_size  # level-0 px per tile px
+        margin = max(1, round(MARGIN_UM / grid.mpp))
+        level = slide.best_level(scale)
+        ds = slide.level_downsamples[level]
+        def measure(i: int) -> TileRecord:
+            x0, y0 = int(xs[i]), int(ys[i])
+            rgb, valid = _read_tile(slide, x0, y0, grid.extent0, options.tile_size, margin,
+                                    level, ds, w0, h0)
+            readout = measure_tile(rgb, grid.mpp, options.params, options.nuclear,
+                                   white=white, valid=valid,
+                                   tissue=_tile_mask(mask, x0, y0, grid.extent0, margin,
+                                                     rgb.shape[0], w0, h0))
+            return TileRecord(x0=x0, y0=y0, extent0=float(grid.extent0), readout=readout)
+
+        # Tiles are read and measured on `workers` threads (the readers, scipy and
+        # scikit-image release the GIL for most of it); only this thread writes the log, a
+        # batch at a time so a signal stops the slide between batches with all before saved.
+        from concurrent.futures import ThreadPoolExecutor
+
+        from stainctl import interrupt
+
+        batch = max(1, 4 * options.workers)
+        with ThreadPoolExecutor(options.workers) as pool:
+            for start in range(0, len(todo), batch):
+                interrupt.check()
+                for rec in pool.map(measure, todo[start:start + batch]):
+                    store.append(rec)
+                    records[(rec.x0, rec.y0)] = rec
+                    progress.advance(1)
+        tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
+        total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
+        return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
+                            width0=w0, height0=h0, tiles=tiles, total=total,
+                            warning=_stain_warning(thumb, mask, white))
+    finally:
+        slide.close()
+
+
+def _read_tile(slide: Slide, x0: int, y0: int, extent0: float, size: int, margin: int,
+               level: int, ds: float, w0: int, h0: int
+               ) -> tuple[NDArray[np.uint8], NDArray[np.bool_]]:
+    """The tile with `margin` tile pixels around it, at the tile's resolution, and the mask of
+    its pixels that are the tile itself and inside the slide."""
+    import cv2
+
+    scale = extent0 / size
+    full = size + 2 * margin
+    m0 = margin * scale
+    lx, ly = x0 - m0, y0 - m0
+    lw = max(1, round(full * scale / ds))
+    region = slide.read_region(round(lx), round(ly), level, lw, lw)
+    if region.shape[0] != full or region.shape[1] != full:
+        region = cv2.resize(region, (full, full), interpolation=cv2.INTER_AREA)
+    valid = np.zeros((full, full), dtype=bool)
+    valid[margin:margin + size, margin:margin + size] = True
+    # Pixels past the slide's right or bottom edge are white padding, not glass to measure.
+    inside_x = math.floor((w0 - lx) / scale)
+    inside_y = math.floor((h0 - ly) / scale)
+    valid[:, max(0, inside_x):] = False
+    valid[max(0, inside_y):, :] = False
+    return region, valid
+
+
+def _tile_mask(mask: NDArray[np.bool_], x0: int, y0: int, extent0: float, margin: int,
+               full: int, w0: int, h0: int) -> NDArray[np.bool_]:
+    """The slide's tissue mask (thumbnail) over a tile read with `margin`, at tile pixels."""
+    import cv2
+
+    mh, mw = mask.shape
+    sx, sy = mw / w0, mh / h0
+    scale = extent0 / (full - 2 * margin)
+    lx0, ly0 = x0 - margin * scale, y0 - margin * scale
+    # An affine map from tile pixels to thumbnail pixels, sampled nearest-neighbour.
+    m = np.array([[scale * sx, 0, lx0 * sx], [0, scale * sy, ly0 * sy]], dtype=np.float64)
+    out = cv2.warpAffine(mask.astype(np.uint8), m, (full, full),
+                         flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.astype(bool)
+
+
+def _stain_warning(thumb: NDArray[np.uint8], mask: NDArray[np.bool_],
+                   white: tuple[int, int, int]) -> str | None:
+    """NO_DAB_WARNING when the tissue carries more eosin than DAB (an H&E slide)."""
+    from skimage.color import rgb2hed
+
+    tissue = thumb[mask] if mask.any() else thumb.reshape(-1, 3)
+    if tissue.size == 0:
+        return None
+    scaled = np.clip(tissue.astype(np.float64) * (255.0 / np.asarray(white, dtype=np.float64)),
+                     0, 255).astype(np.uint8)
+    hed = rgb2hed(scaled[None])[0]
+    eosin, dab = float(hed[:, 1].mean()), float(hed[:, 2].mean())
+    return NO_DAB_WARNING if eosin > dab else None
+
+
+class _TileLog:
+    """Tile records of one slide, one JSON line each after a header with the parameters hash."""
+
+    def __init__(self, path: Path, phash: str) -> None:
+        self.path = path
+        self.phash = phash
+
+    def load(self) -> dict[tuple[int, int], TileRecord]:
+        records: dict[tuple[int, int], TileRecord] = {}
+        try:
+            lines = self.path.read_text().splitlines()
+        except FileNotFoundError:
+            lines = []
+        if not lines or json.loads(lines[0]).get("params") != self.phash:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text(json.dumps({"params": self.phash}) + "\n")
+            return records
+        for line in lines[1:]:
+            try:  # a line cut short by a kill is measured again
+                rec = TileRecord.from_json(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue
+            records[(rec.x0, rec.y0)] = rec
+        return records
+
+    def append(self, rec: TileRecord) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(rec.to_json()) + "\n")

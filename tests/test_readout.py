@@ -1,0 +1,197 @@
+"""`stainctl readout` on the real IHC crops: scanner independence, DAB area, H&E, outputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import OME_HE as HE
+from conftest import OME_KI67, ROOT
+from conftest import PNG_IHC as SKIMAGE_IHC
+
+from stainctl.readout.measure import ReadoutParams, TileReadout, measure_tile, sum_readouts
+from stainctl.readout.nuclei import NucleiParams, detect_nuclei
+from stainctl.steps.readout import ReadoutInput, ReadoutOptions, read_out
+
+NDPI, VSI = OME_KI67
+SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
+
+
+@pytest.fixture(scope="module")
+def ki67(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str]]:
+    out = tmp_path_factory.mktemp("readout")
+    inputs = [ReadoutInput(name="ndpi", path=NDPI), ReadoutInput(name="vsi", path=VSI),
+              ReadoutInput(name="he", path=HE)]
+    result, _ = read_out(inputs, ReadoutOptions(marker="ki67", nuclear=True, out=out))
+    assert [s.state for s in result.slides] == ["done", "done", "done"]
+    with (out / "readout.csv").open() as f:
+        rows = {r["slide"]: r for r in csv.DictReader(f)}
+    rows["_out"] = {"dir": str(out)}
+    return rows
+
+
+def test_two_scanners_of_one_glass_agree(ki67: dict[str, dict[str, str]]) -> None:
+    a, b = ki67["ndpi"], ki67["vsi"]
+    assert float(a["mpp_um"]) == pytest.approx(0.2271, abs=1e-3)
+    assert float(b["mpp_um"]) == pytest.approx(0.3461, abs=1e-3)
+    ia, ib = float(a["index_pct"]), float(b["index_pct"])
+    assert 5 < ia < 60 and 5 < ib < 60  # Ki67 positive nuclei are a minority here
+    assert abs(ia - ib) <= 5.0
+    da, db = float(a["nuclei_per_mm2"]), float(b["nuclei_per_mm2"])
+    assert abs(da - db) / max(da, db) <= 0.15
+    assert int(a["nuclei"]) > 300
+
+
+def test_he_reads_near_zero_and_warns(ki67: dict[str, dict[str, str]]) -> None:
+    he = ki67["he"]
+    assert float(he["dab_positive_area_pct"]) < 2.0
+    assert float(he["index_pct"]) < 2.0
+    assert "no DAB" in he["warning"]
+    assert ki67["ndpi"]["warning"] == ""
+
+
+def test_geojson_matches_csv(ki67: dict[str, dict[str, str]]) -> None:
+    import tifffile
+
+    out = Path(ki67["_out"]["dir"])
+    for name, path in (("ndpi", NDPI), ("vsi", VSI)):
+        h, w = tifffile.imread(path).shape[:2]
+        doc = json.loads((out / f"{name}.geojson").read_text())
+        assert doc["type"] == "FeatureCollection" and doc["features"]
+        nuclei = positive = 0
+        for feat in doc["features"]:
+            ring = np.asarray(feat["geometry"]["coordinates"][0], dtype=float)
+            assert (ring[:, 0] >= 0).all() and (ring[:, 0] <= w).all()
+            assert (ring[:, 1] >= 0).all() and (ring[:, 1] <= h).all()
+            m = feat["properties"]["measurements"]
+            nuclei += m["nuclei"]
+            positive += m["positive_nuclei"]
+        assert nuclei == int(ki67[name]["nuclei"])
+        assert positive == int(ki67[name]["positive_nuclei"])
+        assert len(doc["features"]) == int(ki67[name]["tiles"])
+        assert (out / f"{name}.heatmap.png").stat().st_size > 0
+
+
+def test_positive_area_matches_rgb2hed_threshold() -> None:
+    from skimage import io
+    from skimage.color import rgb2hed
+
+    rgb = io.imread(SKIMAGE_IHC)[..., :3]
+    params = ReadoutParams()
+    tissue = np.ones(rgb.shape[:2], dtype=bool)
+    r = measure_tile(rgb, 0.5, params, tissue=tissue)
+    expected = float((rgb2hed(rgb)[..., 2] >= params.positive_od).mean())
+    assert r.positive_fraction == pytest.approx(expected, abs=0.002)
+    assert 0.2 < expected < 0.9  # the image is largely DAB-stained: the check is not vacuous
+
+
+def test_nuclei_are_resolution_independent() -> None:
+    """One crop at its own resolution and downsampled 1.5x finds about the same nuclei."""
+    import cv2
+    import tifffile
+
+    rgb = tifffile.imread(NDPI)[600:1400, 600:1400]
+    small = cv2.resize(rgb, (533, 533), interpolation=cv2.INTER_AREA)
+    a = detect_nuclei(rgb, 0.2271)
+    b = detect_nuclei(small, 0.2271 * 800 / 533)
+    assert a.count > 50
+    assert abs(a.count - b.count) / a.count < 0.15
+    assert a.labels.max() == a.count
+
+
+def test_params_validate_and_records_sum() -> None:
+    with pytest.raises(ValueError, match="rise"):
+        ReadoutParams(weak_od=0.1, moderate_od=0.05)
+    with pytest.raises(ValueError, match="min_area"):
+        NucleiParams(min_area_um2=50, max_area_um2=40)
+    with pytest.raises(ValueError, match="positive_nuclei"):
+        TileReadout(tissue_um2=1, positive_um2=0, weak_um2=0, moderate_um2=0, strong_um2=0,
+                    nuclei=1, positive_nuclei=2)
+    a = TileReadout(tissue_um2=100, positive_um2=10, weak_um2=5, moderate_um2=3, strong_um2=2,
+                    nuclei=10, positive_nuclei=1)
+    b = TileReadout(tissue_um2=100, positive_um2=30, weak_um2=10, moderate_um2=10,
+                    strong_um2=10, nuclei=30, positive_nuclei=9)
+    s = sum_readouts([a, b])
+    assert s.index == pytest.approx(10 / 40)
+    assert s.positive_fraction == pytest.approx(0.2)
+    assert s.h_score == pytest.approx(100 * (15 + 2 * 13 + 3 * 12) / 200)
+    assert a + b == s
+
+
+def test_rerun_resumes_and_bad_input(tmp_path: Path) -> None:
+    from stainctl.errors import UsageError
+    from stainctl.readout.markers import resolve_marker
+
+    opts = ReadoutOptions(marker="ki67", nuclear=True, out=tmp_path)
+    first, _ = read_out([ReadoutInput(name="vsi", path=VSI)], opts)
+    log = tmp_path / ".readout" / "vsi.tiles.jsonl"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join(lines[:-1]) + "\n")  # as if killed before the last tile
+    second, _ = read_out([ReadoutInput(name="vsi", path=VSI)], opts)
+    assert second.slides[0].details == first.slides[0].details
+    assert len(log.read_text().splitlines()) == len(lines)
+    nompp, _ = read_out([ReadoutInput(name="png", path=SKIMAGE_IHC)], opts)
+    assert nompp.slides[0].state == "failed" and "--mpp" in nompp.slides[0].message
+    with pytest.raises(UsageError, match="ki67"):
+        resolve_marker("nosuchmarker")
+    assert resolve_marker("Ki-67") == "ki67" and resolve_marker("demo-ki67") == "ki67"
+
+
+def test_cli_readout_json_and_bad_input(cli, tmp_path: Path) -> None:
+    r = cli("readout", NDPI, SKIMAGE_IHC, "--marker", "ki67", "-o", tmp_path, "--json")
+    assert r.exit_code == 1  # the PNG has no pixel size; the other slide is read
+    data = json.loads(r.stdout)
+    states = {s["slide"]: s["state"] for s in data["slides"]}
+    assert states == {"OS-2-ndpi_Ki67": "done", "skimage_ihc_FHL2-DAB_colon": "failed"}
+    assert (tmp_path / "readout.csv").exists()
+    r = cli("readout", SKIMAGE_IHC, "--marker", "fhl2", "--mpp", "0.5", "-o", tmp_path, "--json")
+    assert r.exit_code == 0
+    row = json.loads(r.stdout)["slides"][0]["details"]
+    assert row["nuclei"] is None and row["dab_positive_area_pct"] > 10  # not nuclear
+    r = cli("readout", NDPI, "--marker", "nosuch", "-o", tmp_path)
+    assert r.exit_code == 2 and "ki67" in r.output and "her2" in r.output
+
+
+@pytest.mark.slow
+def test_main_job_readout_then_workspace_readout(cli, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STAINCTL_MODELS", str(tmp_path / "models"))  # only the shipped models
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "out"
+    r = cli("translate", SAMPLE, "--marker", "demo-ki67", "-o", out, "--readout", "--json")
+    assert r.exit_code == 0, r.output
+    slide = json.loads(r.stdout)["slides"][0]
+    assert "readout: ki67 index" in slide["message"]
+    index = slide["details"]["readout"]["index_pct"]
+    with (out / "readout" / "readout.csv").open() as f:
+        (row,) = list(csv.DictReader(f))
+    assert float(row["index_pct"]) == pytest.approx(index)
+    r = cli("readout", "-w", out / "workspace", "--marker", "demo-ki67", "-o", tmp_path / "ws",
+            "--json")
+    assert r.exit_code == 0, r.output
+    again = json.loads(r.stdout)["slides"][0]["details"]
+    assert again["index_pct"] == pytest.approx(index)
+
+
+def test_same_names_from_two_folders_stay_apart(tmp_path: Path) -> None:
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    for d in ("a", "b"):
+        (tmp_path / d / "slide.ome.tif").symlink_to(VSI)
+    inputs = [ReadoutInput(name="slide", path=tmp_path / d / "slide.ome.tif") for d in "ab"]
+    result, _ = read_out(inputs, ReadoutOptions(marker="her2", nuclear=False,
+                                                out=tmp_path / "out", workers=1))
+    assert [s.slide for s in result.slides] == ["slide", "slide-2"]
+    assert (tmp_path / "out" / "slide-2.geojson").exists()
+    with (tmp_path / "out" / "readout.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [r["slide"] for r in rows] == ["slide", "slide-2"]
+    doc = json.loads((tmp_path / "out" / "slide.geojson").read_text())
+    for feat in doc["features"]:  # QuPath reads numbers only: no null measurements
+        assert "nuclei" not in feat["properties"]["measurements"]
+        assert all(isinstance(v, (int, float)) for v in feat["properties"]["measurements"].values())
+    assert rows[0]["nuclei"] == "" and rows[0]["dab_positive_area_pct"] == \
+        rows[1]["dab_positive_area_pct"]
