@@ -13,11 +13,13 @@ from stainctl.cli import (
     embed,
     evaluate,
     models,
+    predict,
     readout,
     status,
     stitch,
     tile,
     train,
+    train_align,
     train_lora,
     translate,
 )
@@ -58,6 +60,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
     "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "readout": readout.readout,
+    "train-align": train_align.train_align, "predict": predict.predict,
     "status": status.status}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
