@@ -88,6 +88,8 @@ class StainFit:
 
     def table(self) -> NDArray[np.uint8]:
         """(2^24, 3) uint8: the normalised colour of every RGB colour, indexed r<<16|g<<8|b."""
+        if self.method == "macenko":
+            return self._macenko_table()
         lut = np.empty((1 << 24, 3), np.uint8)
         for start in range(0, 1 << 24, _CHUNK):
             idx = np.arange(start, start + _CHUNK, dtype=np.uint32)
@@ -102,6 +104,42 @@ class StainFit:
         od = -np.log((rgb + 1) / (glass + 1)).max(axis=1, keepdims=True)
         w = np.clip((od - GLASS_OD) / FADE_OD, 0, 1)
         return np.clip(np.rint(w * out + (1 - w) * rgb), 0, 255).astype(np.uint8)
+
+    def _macenko_table(self) -> NDArray[np.uint8]:
+        """`table()` for Macenko by separability, about 10x faster than colour by colour: the
+        optical density is per channel, and the map from a pixel's density to its normalised
+        density is one 3 x 3 matrix, so each output channel's log-intensity is a sum of three
+        256-entry tables broadcast over the RGB cube (the glass fade's density, a min of three)."""
+        v = np.arange(256, dtype=np.float32)
+        od = -np.log((v + 1) / IO)  # (256,), each channel's density
+        glass = np.asarray(self.source["glass"], np.float32)
+        od_glass = -np.log((v[None] + 1) / (glass[:, None] + 1))  # (3, 256)
+        cube = (slice(None), None, None), (None, slice(None), None), (None, None, slice(None))
+        # As apply_colours: the density of the palest channel (-log(x).max() is that minimum).
+        fade = od_glass[0][cube[0]]
+        fade = np.minimum(np.minimum(fade, od_glass[1][cube[1]]), od_glass[2][cube[2]])
+        w = np.clip((fade - GLASS_OD) / FADE_OD, 0, 1, out=fade)
+        m = self._density_map()  # normalised density = m @ density
+        lut = np.empty((256, 256, 256, 3), np.uint8)
+        for j in range(3):
+            # exp of a sum as a product of three exp tables (no exp over the cube); clipped so
+            # a factor never under- or overflows alone (the product's overflow is capped at 255).
+            f = [np.exp(np.clip(-m[j, c] * od, -80, 80)).astype(np.float32)[cube[c]]
+                 for c in range(3)]
+            with np.errstate(over="ignore", under="ignore"):
+                out = np.minimum(IO * f[0] * f[1] * f[2], 255)
+            out = w * out + (1 - w) * v[cube[j]]
+            lut[..., j] = np.clip(np.rint(out), 0, 255)
+        return lut.reshape(-1, 3)
+
+    def _density_map(self) -> NDArray[np.float32]:
+        """3 x 3: the slide's optical density -> the normalised one (unmix with the slide's
+        stains, scale each stain's amount, remix with the target's)."""
+        he_src = np.asarray(self.source["stain_matrix"], np.float32)
+        he_ref = np.asarray(self.target["stain_matrix"], np.float32)
+        scale = (np.asarray(self.target["max_concentration"], np.float32)
+                 / np.maximum(np.asarray(self.source["max_concentration"], np.float32), 1e-6))
+        return (he_ref * scale) @ np.linalg.pinv(he_src)
 
     def _macenko(self, rgb: NDArray[np.float32]) -> NDArray[np.float32]:
         he_src = np.asarray(self.source["stain_matrix"], np.float32)
