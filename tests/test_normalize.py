@@ -79,10 +79,13 @@ def test_os1_is_brought_to_the_cmu1_stain_with_its_structure_and_no_seam(os1_nor
     before = colour_distance(colour_stats(source[tissue_pixels(source)]), target_stats)
     after = colour_distance(colour_stats(normalised[tissue_pixels(normalised)]), target_stats)
     # Reinhard matches the Lab statistics themselves (0.97 of the distance removed here).
-    # Macenko matches the stain vectors and keeps each pixel's stain amounts, and the OS-1 crop
-    # holds far more haematoxylin than CMU-1: it removes 0.36 of the Lab distance, short of the
-    # issue's half (the H vector moves onto the target's, asserted below).
-    gain = 0.5 if method == "reinhard" else 0.3
+    # Macenko matches the stain vectors and scales each stain's 99th-percentile amount, keeping
+    # the shape of each pixel's amounts, and the OS-1 crop holds far more haematoxylin than
+    # CMU-1: it removes 0.46 of the Lab distance, short of the issue's half (the H vector moves
+    # onto the target's, asserted below). torchstain's own MacenkoNormalizer on the whole crop
+    # removes 0.45 with the target's percentiles taken on its tissue, as here, and 0.515 only
+    # with them taken over the whole CMU-1 picture, whose glass lowers them.
+    gain = 0.5 if method == "reinhard" else 0.4
     assert after["lab_distance"] <= (1 - gain) * before["lab_distance"], (before, after)
     if method == "macenko":  # Reinhard moves the Lab statistics, not the stain vectors
         assert after["haematoxylin_angle"] < before["haematoxylin_angle"]
@@ -325,3 +328,24 @@ def test_translate_normalize_to_changes_the_models_input_and_remakes_the_slide(
     status = json.loads(cli("status", "-w", out / "workspace", "--json").stdout)
     fit = status["slides"][0]["stain_fits"]["translate:test-ki67"]
     assert fit["method"] == "reinhard"
+
+
+def test_macenkos_colour_table_is_the_per_colour_mapping(cmu1_path, he_ome_path):
+    """The table built by separability gives every colour what the mapping colour by colour
+    gives (within one grey level of rounding), glass fade included."""
+    from stainctl.normalize.classical import Normaliser, StainTransform
+    from stainctl.normalize.sample import from_tiles
+
+    reference = load_reference(cmu1_path)
+    source = _source(he_ome_path, (512, 512))
+    transform = Normaliser.to_reference("macenko", reference).for_slide(
+        from_tiles([source], "os1", glass=(250, 245, 248)))
+    assert isinstance(transform, StainTransform)
+    rng = np.random.default_rng(0)
+    rgb = np.concatenate([rng.integers(0, 256, (100_000, 3)), source.reshape(-1, 3),
+                          [[250, 245, 248], [255, 255, 255], [0, 0, 0], [255, 0, 0]]])
+    idx = (rgb[:, 0] << 16) | (rgb[:, 1] << 8) | rgb[:, 2]
+    expected = transform.fit.apply_colours(rgb.astype(np.float32)).astype(np.int16)
+    diff = np.abs(transform.lut[idx].astype(np.int16) - expected)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
+    assert (transform.lut[idx] != rgb).any(axis=1).mean() > 0.5  # it does normalise
