@@ -144,8 +144,8 @@ def main() -> None:
                    f"{rss / 1024:.0f} |")
     out.append(f"\nstainfuser on this CPU, full-size random networks, 512 px, fp32: "
                f"{per_tile:.1f} s/tile at {a.steps} steps, about "
-               f"{per_tile * 20 / a.steps:.0f} s/tile at 20 (extrapolated, linear in steps; "
-               "the VAE passes are counted in each).")
+               f"{per_tile * 20 / a.steps:.0f} s/tile at 20 (extrapolated linearly in steps: an "
+               "upper bound, as the VAE passes run once and are counted in each step).")
     record(out)
     print(json.dumps({"rows": rows}))
 
