@@ -128,6 +128,17 @@ def test_blending_identical_overlaps_reproduces_the_slide(tmp_path, cmu1):
     assert np.abs(canvas.astype(int) - cmu1).max() <= 1
 
 
+def test_band_buffers_are_reused_only_once_their_blocks_are_gone(tmp_path, cmu1):
+    lay = _layout(cmu1, 256, 32, 16)
+    offsets = np.random.default_rng(1).integers(-40, 40, (lay.rows, lay.cols))
+    store = _store(tmp_path / "s.zarr", cmu1, lay, offsets=offsets)
+    held = _canvas(store)  # every block kept until the end: no band may be refilled under them
+    canvas = Canvas(store, BG)
+    streamed = np.vstack([block.copy() for block in canvas.blocks()])  # each one let go at once
+    assert np.array_equal(streamed, held)
+    assert lay.rows > 4 and len(canvas._bands) <= 3  # buffers were reused, not one per row
+
+
 def test_missing_tiles_become_background_with_a_soft_edge(tmp_path, cmu1):
     lay = _layout(cmu1, 256, 0, 32)
     hole = (4, 5)

@@ -10,14 +10,17 @@ import typer
 
 from stainctl import __version__
 from stainctl.cli import (
+    cluster,
     embed,
     evaluate,
     models,
+    predict,
     readout,
     status,
     stitch,
     tile,
     train,
+    train_align,
     train_lora,
     translate,
 )
@@ -58,10 +61,12 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
     "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "readout": readout.readout,
+    "train-align": train_align.train_align, "predict": predict.predict,
     "status": status.status}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")
+app.add_typer(cluster.app, name="cluster")
 use_plain_help(app)
 
 

@@ -14,12 +14,19 @@ from stainctl.cli.output import Output, run_command
 
 
 def evaluate(
-    real: Annotated[Path, typer.Option(
+    real: Annotated[Path | None, typer.Option(
         "--real", "-r", help="Real IHC: a folder of images, a slide, or a workspace (its "
-                             "kept tiles).")],
-    fake: Annotated[list[Path], typer.Option(
+                             "kept tiles).")] = None,
+    fake: Annotated[list[Path] | None, typer.Option(
         "--fake", "-f", help="Generated images, as for --real; a workspace gives its translated "
-                             "--marker tiles. Repeat to compare and rank several.")],
+                             "--marker tiles. Repeat to compare and rank several.")] = None,
+    readout: Annotated[list[Path] | None, typer.Option(
+        "--readout", dir_okay=False,
+        help="Instead of --real/--fake: two per-slide CSVs (readout.csv, predict.<model>.csv, "
+             "a lab's table; rows matched on 'slide'), given as --readout A --readout B: "
+             "agreement of B with A on every column both have (numbers: Pearson/Spearman r, "
+             "Bland-Altman bias and limits; classes: weighted F1 with a bootstrap 95 % CI, "
+             "per-class recall).")] = None,
     marker: Annotated[str | None, typer.Option(
         "--marker", "-m", help="Whose translated tiles a --fake workspace gives.")] = None,
     metrics: Annotated[str | None, typer.Option(
@@ -66,10 +73,25 @@ def evaluate(
     verbose: opt.Verbose = 0,
 ) -> None:
     """Compare generated images with real ones: FID, CropFID, KID, DAB stain metrics, paired
-    SSIM/PSNR (registered on landmarks), seams; rank several generated sets."""
+    SSIM/PSNR (registered on landmarks), seams; rank several generated sets. With two --readout
+    CSVs: the agreement of two per-slide readouts."""
     out = Output(json_out, quiet, verbose)
 
     def body() -> int:
+        from stainctl.errors import UsageError
+
+        if readout:
+            if len(readout) != 2 or real is not None or fake:
+                raise UsageError("--readout takes exactly two CSVs (--readout A --readout B), "
+                                 "without --real/--fake")
+            from stainctl.evaluate.readouts import compare_readouts
+
+            agreement = compare_readouts(readout[0], readout[1])
+            out.emit(agreement, lambda: _agreement(agreement))
+            return 0
+        if real is None or not fake:
+            raise UsageError("evaluate needs --real and --fake (images, slides or workspaces), "
+                             "or two --readout CSVs")
         from stainctl.evaluate.evaluator import DEFAULT_METRICS, EvaluateOptions
         from stainctl.evaluate.evaluator import evaluate as run
         from stainctl.evaluate.sources import SourceOptions
@@ -98,6 +120,22 @@ def evaluate(
         return 1 if any(f.get("error") for f in data["fakes"]) else 0
 
     run_command(out, body)
+
+
+def _agreement(data: dict[str, Any]) -> None:
+    typer.echo(f"{data['slides']} slides in both {data['a']} (A) and {data['b']} (B)"
+               + (f"; only in A: {len(data['only_in_a'])}" if data["only_in_a"] else "")
+               + (f"; only in B: {len(data['only_in_b'])}" if data["only_in_b"] else ""))
+    for col, v in data["values"].items():
+        lo, hi = v["bland_altman_loa95"]
+        typer.echo(f"  {col}: n={v['n']}  Pearson r={v['pearson_r']:.3f}  Spearman r="
+                   f"{v['spearman_r']:.3f}  bias (B-A)={v['bland_altman_bias']:.4g}  limits "
+                   f"[{lo:.4g}, {hi:.4g}]")
+    for col, c in data["classes"].items():
+        lo, hi = c["weighted_f1_ci95"]
+        recall = ", ".join(f"{k} {r:.2f}" for k, r in c["recall"].items())
+        typer.echo(f"  {col}: n={c['n']}  weighted F1={c['weighted_f1']:.3f} [{lo:.3f}, "
+                   f"{hi:.3f}]  accuracy={c['accuracy']:.3f}  recall: {recall}")
 
 
 def _human(data: dict[str, Any]) -> None:

@@ -88,6 +88,8 @@ def show(name: Name, models_dir: opt.ModelsDir = None, json_out: opt.Json = Fals
                         "licence", "intended_use", "training_data", "description"):
                 if data.get(key):
                     typer.echo(f"{key}: {data[key]}")
+            for key, value in card.metrics.items():  # what training measured (train-align)
+                typer.echo(f"metrics.{key}: {value}")
             typer.echo(f"card: {card.origin}")
             for w in card.weights:
                 found = locate(card, w, directory)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.output import Output, run_command
 
@@ -34,6 +35,17 @@ def train(
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same model.")] = 0,
     default_mpp: Annotated[float, typer.Option(
         help="µm/px of images that do not record it (PNG, JPEG).")] = 0.5,
+    device: Annotated[str, typer.Option(
+        autocompletion=complete.devices,
+        help="auto, cpu, cuda or cuda:N; a CUDA run uses deterministic kernels.")] = "auto",
+    loss_weight: Annotated[list[str] | None, typer.Option(
+        "--loss-weight", metavar="NAME=VALUE",
+        help="Set one loss weight (repeat): adv 1, identity 5, structure 10, dab 2 (DAB mean "
+             "and spread), dab_tail 10 (top-decile DAB and DAB-positive area), haematoxylin "
+             "10 (counterstain of DAB-negative tissue), nuclear (DAB outside nuclei-shaped "
+             "structures; 20 for nuclear markers such as ki67, else 0), background 5 (colour "
+             "of non-nuclear tissue), off_stain 200 (colour no haematoxylin-DAB mix makes), "
+             "glass 25, lowres 10 and fm 1 (pairs only).")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", "--out", file_okay=False,
         help="Model folder (resumable run, held-out crops); default <models dir>/<name>. "
@@ -58,10 +70,21 @@ def train(
                 raise UsageError(f"--pair takes HE,IHC (two paths, comma-separated), got "
                                  f"{text!r}")
             pairs.append((Path(parts[0]), Path(parts[1])))
+        weights = []
+        for text in loss_weight or []:
+            key, eq, value = text.partition("=")
+            try:
+                weights.append((key.strip(), float(value)))
+            except ValueError:
+                eq = ""
+            if not eq:
+                raise UsageError(f"--loss-weight takes NAME=VALUE (e.g. nuclear=20), got "
+                                 f"{text!r}") from None
         res = train_fast_model(FastTrainOptions(
             marker=marker, he=tuple(he), ihc=tuple(ihc), pairs=tuple(pairs), name=name or "",
             out=output, models_dir=Path(models_dir) if models_dir else None, steps=steps,
-            batch=batch, crop=crop, seed=seed, default_mpp=default_mpp, hold_out=hold_out),
+            batch=batch, crop=crop, seed=seed, default_mpp=default_mpp, hold_out=hold_out,
+            device=device, loss_weights=tuple(weights)),
             log=not (quiet or json_out))
         data = {"name": res.name, "engine": "fast", "card": str(res.card),
                 "folder": str(res.folder), "steps": res.steps, "parameters": res.parameters,

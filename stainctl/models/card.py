@@ -16,7 +16,9 @@ from typing import Any
 
 from stainctl.errors import ModelError
 
-KINDS = ("encoder", "marker", "base")  # base: a generator to adapt (PixCell-1024)
+# base: a generator to adapt (PixCell-1024); classifier: IHC pattern classes from H&E tokens
+# (an align model, `train-align` / `predict`)
+KINDS = ("encoder", "marker", "base", "classifier")
 
 
 @dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ModelCard:
     architecture: dict[str, Any] = field(default_factory=dict)  # engine build parameters
     weights: tuple[WeightFile, ...] = ()
     origin: Path | None = None  # the card file
+    metrics: dict[str, Any] = field(default_factory=dict)  # how it measured up, from training
 
     def weight(self, role: str) -> WeightFile:
         for w in self.weights:
@@ -69,11 +72,13 @@ class ModelCard:
         lines = []
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name in ("architecture", "weights", "origin") or value == f.default:
+            if f.name in ("architecture", "metrics", "weights", "origin") or value == f.default:
                 continue
             lines.append(f"{_toml_key(f.name)} = {_toml_value(value)}")
         if self.architecture:
             _toml_table("architecture", self.architecture, lines)
+        if self.metrics:
+            _toml_table("metrics", self.metrics, lines)
         for w in self.weights:
             lines += ["", "[[weights]]"]
             lines += [f"{_toml_key(f.name)} = {_toml_value(getattr(w, f.name))}"

@@ -6,6 +6,8 @@ QuPath uses them), each with the tile's measurements as properties; QuPath impor
 (File > Import objects) as tiles over the slide. The heat map shows per tile the index (nuclear
 markers) or the DAB-positive area fraction, 0 to 100 %, one pixel per tile scaled up; glass and
 unread tiles are white. Files are written under a temporary name and renamed into place.
+`predict` writes its CSV, tiles and heat-map with the same functions (`write_table`,
+`tile_feature`, `grid_png`), so its files sit beside readout's in the same form.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import csv
 import io
 import json
 import os
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -39,23 +42,28 @@ def write_outputs(slides: list[SlideReadout], out: Path) -> None:
 
 
 def _write_csv(slides: list[SlideReadout], path: Path) -> None:
-    """One row per slide of this run; rows of other slides already in the file are kept (a
-    run over part of a batch does not drop the rest)."""
     from stainctl.readout.records import slide_row
 
-    rows: dict[str, dict[str, object]] = {}
+    write_table(path, {s.name: slide_row(s) for s in slides}, COLUMNS)
+
+
+def write_table(path: Path, new_rows: Mapping[str, Mapping[str, object]],
+                columns: Sequence[str]) -> None:
+    """A CSV of a row per slide (`slide` column first): these slides' rows; rows of other
+    slides already in the file are kept (a run over part of a batch does not drop the rest).
+    Shared by `readout` and `predict`."""
+    rows: dict[str, Mapping[str, object]] = {}
     if path.exists():
         with path.open(newline="") as f:
-            for row in csv.DictReader(f):
-                if row.get("slide"):
-                    rows[row["slide"]] = dict(row)
-    for s in slides:
-        rows[s.name] = slide_row(s)
+            for old in csv.DictReader(f):
+                if old.get("slide"):
+                    rows[old["slide"]] = dict(old)
+    rows.update(new_rows)
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n")
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
     writer.writeheader()
     for row in rows.values():
-        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in COLUMNS})
+        writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
     _atomic_bytes(path, buf.getvalue().encode())
 
 
@@ -71,22 +79,30 @@ def tile_properties(r: TileReadout) -> dict[str, object]:
 
 
 def geojson(slide: SlideReadout) -> dict[str, object]:
-    features = []
-    for t in slide.tiles:
-        # The part of the tile inside the slide: the measurements cover only that.
-        x1 = min(t.x0 + t.extent0, slide.width0)
-        y1 = min(t.y0 + t.extent0, slide.height0)
-        ring = [[t.x0, t.y0], [x1, t.y0], [x1, y1], [t.x0, y1], [t.x0, t.y0]]
-        # QuPath takes numbers only as measurements: a count not made is left out, not null.
-        measurements = {k: v for k, v in tile_properties(t.readout).items() if v is not None}
-        props: dict[str, object] = {"objectType": "tile", "name": f"{t.x0},{t.y0}",
-                                    "measurements": measurements}
-        features.append({"type": "Feature", "geometry": {"type": "Polygon",
-                                                         "coordinates": [ring]},
-                         "properties": props})
+    features = [tile_feature(t.x0, t.y0, t.extent0, (slide.width0, slide.height0),
+                             tile_properties(t.readout)) for t in slide.tiles]
     return {"type": "FeatureCollection", "features": features,
             "properties": {"slide": slide.name, "marker": slide.marker,
                            "coordinates": "level-0 pixels"}}
+
+
+def tile_feature(x0: float, y0: float, extent0: float, size0: tuple[float, float],
+                 measurements: Mapping[str, object], classification: str | None = None
+                 ) -> dict[str, object]:
+    """One tile as a QuPath tile object: its square, clipped to the slide (`size0`: level-0
+    width, height), its measurements and, when given, its class. Shared by `predict`."""
+    # The part of the tile inside the slide: the measurements cover only that.
+    x1 = min(x0 + extent0, size0[0])
+    y1 = min(y0 + extent0, size0[1])
+    ring = [[x0, y0], [x1, y0], [x1, y1], [x0, y1], [x0, y0]]
+    # QuPath takes numbers only as measurements: a count not made is left out, not null.
+    props: dict[str, object] = {"objectType": "tile", "name": f"{x0},{y0}",
+                                "measurements": {k: v for k, v in measurements.items()
+                                                 if v is not None}}
+    if classification is not None:
+        props["classification"] = {"name": classification}
+    return {"type": "Feature", "geometry": {"type": "Polygon", "coordinates": [ring]},
+            "properties": props}
 
 
 def heatmap_values(slide: SlideReadout) -> np.ndarray:
@@ -107,9 +123,13 @@ def heatmap_values(slide: SlideReadout) -> np.ndarray:
 
 
 def heatmap_png(slide: SlideReadout) -> bytes:
+    return grid_png(heatmap_values(slide))
+
+
+def grid_png(values: np.ndarray) -> bytes:
+    """(rows, cols) values 0-1, NaN where no tile -> the heat-map PNG (shared by `predict`)."""
     import cv2
 
-    values = heatmap_values(slide)
     scaled = np.nan_to_num(values, nan=0.0)
     grey = np.clip(scaled * 255, 0, 255).astype(np.uint8)
     rgb = cv2.cvtColor(cv2.applyColorMap(grey, cv2.COLORMAP_VIRIDIS), cv2.COLOR_BGR2RGB)

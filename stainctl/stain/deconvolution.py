@@ -80,3 +80,28 @@ def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
     rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
     od = torch.log(rgb) / math.log(EPS)
     return torch.clamp(od @ column, min=0)
+
+
+def hed_density_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) haematoxylin, eosin and DAB optical densities of (B, 3, H, W) images in
+    [-1, 1] (differentiable)."""
+    import torch
+
+    matrix = torch.as_tensor(hed_from_rgb(), dtype=x.dtype, device=x.device)
+    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
+    od = torch.log(rgb) / math.log(EPS)
+    return torch.clamp(od @ matrix, min=0)
+
+
+def off_stain_residual_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) length of the part of each pixel's optical density (the units above) that no
+    mix of haematoxylin and DAB explains: near 0 for a brightfield H-DAB IHC, large for colours
+    such a slide cannot have (green, or the pink of eosin) (differentiable)."""
+    import torch
+    from skimage.color import rgb_from_hed
+
+    basis = torch.as_tensor(np.asarray(rgb_from_hed)[[0, 2]].T, dtype=x.dtype, device=x.device)
+    projector = basis @ torch.linalg.pinv(basis)  # (3, 3) onto the H-DAB plane
+    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
+    od = torch.log(rgb) / math.log(EPS)
+    return (od - od @ projector.T).norm(dim=-1)

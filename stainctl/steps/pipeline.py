@@ -33,6 +33,10 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
 
     progress = progress or SilentProgress()
+    if options.scheduler:  # an unreachable scheduler: say so before tiling anything
+        from stainctl.cluster.connect import probe
+
+        probe(options.scheduler)
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
     # Missing weights, the card's or those of the models it runs with (base, flow, encoder):
@@ -59,7 +63,8 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
             dark_hint="a virtual IHC slide is made from a brightfield H&E slide, so this one "
                       "was left out", dark_code=LEFT_OUT), progress)),
         (Workspace.FILTER,
-         lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
+         lambda: filter_slides(ws, FilterOptions(force=options.force,
+                                                 scheduler=options.scheduler), progress)),
         (Workspace.translate_step(card.name), lambda: translate_slides(ws, options, progress)),
     ]
     for name, run in steps:

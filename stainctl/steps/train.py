@@ -16,7 +16,7 @@ import hashlib
 import json
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -61,8 +61,20 @@ class FastTrainOptions:
     seed: int = 0
     default_mpp: float | None = 0.5  # for images without a pixel size (PNG, JPEG)
     hold_out: float = 0.0  # fraction of each IHC image's width kept out of training
+    device: str = "auto"  # auto, cpu, cuda or cuda:N
+    loss_weights: tuple[tuple[str, float], ...] = ()  # (name, weight) over TrainConfig's
 
     def __post_init__(self) -> None:
+        from stainctl.engines.fast.train import WEIGHTS
+
+        for key, value in self.loss_weights:
+            if key not in WEIGHTS:
+                raise UsageError(f"--loss-weight {key}: no such loss; one of "
+                                 f"{', '.join(WEIGHTS)}")
+            if not value >= 0:
+                raise UsageError(f"--loss-weight {key}={value}: a weight must be >= 0")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if not self.marker or not self.he or not self.ihc:
             raise UsageError("stainctl train needs --marker, H&E images (--he) and IHC images "
                              "(--ihc)")
@@ -105,6 +117,7 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     from stainctl.engines.fast.train import TrainConfig, export, train
     from stainctl.models.adapted import loss_curve
     from stainctl.models.card import ModelCard, WeightFile, write_card
+    from stainctl.models.encoders import resolve_device
     from stainctl.models.registry import SHIPPED, install, models_dir
 
     name = options.model_name
@@ -113,9 +126,12 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
                          "--name")
     directory = models_dir(options.models_dir)
     folder = options.out or directory / name
+    device = resolve_device(options.device)
     config = TrainConfig(marker=options.marker.lower(), crop=options.crop, batch=options.batch,
-                         steps=options.steps, seed=options.seed,
+                         steps=options.steps, seed=options.seed, device=device,
                          model=FastConfig(markers=(options.marker.lower(),)))
+    # Names checked against WEIGHTS (FastTrainOptions); mypy cannot follow the **-spread.
+    config = replace(config, **{f"w_{k}": v for k, v in options.loss_weights})  # type: ignore[arg-type]
     he = [load_image(p, config.mpp, options.default_mpp) for p in options.he]
     ihc = {image_name(p): load_image(p, config.mpp, options.default_mpp) for p in options.ihc}
     held_out = folder / "held_out"
@@ -128,7 +144,8 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     export(gen, generator)  # type: ignore[arg-type]
     (folder / "history.json").write_text(json.dumps(state.history))
     loss_curve(state.history, folder / "loss.png",
-               keys=("g", "d", "adv", "identity", "structure", "dab", "glass"))
+               keys=("g", "d", "adv", "identity", "structure", "dab", "glass", "dab_tail",
+                     "haematoxylin", "nuclear", "background", "off_stain"))
     count = parameter_count(gen)
     how = (f"Unpaired, at {config.mpp} µm/px. H&E: {', '.join(p.name for p in options.he)}. "
            f"IHC: {', '.join(p.name for p in options.ihc)}")
@@ -138,7 +155,10 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     if options.pairs:
         how += ". Pairs: " + ", ".join(f"{a.name} + {b.name}" for a, b in options.pairs)
     how += (f". {state.step} steps of {config.batch} random {config.crop}-px crops, seed "
-            f"{config.seed} (stainctl train).")
+            f"{config.seed}, on {device}")
+    if options.loss_weights:
+        how += ", loss weights " + ", ".join(f"{k}={v:g}" for k, v in options.loss_weights)
+    how += " (stainctl train)."
     card = ModelCard(
         name=name, kind="marker", engine="fast", marker=options.marker.lower(),
         input_mpp=config.mpp, tile_size=512, licence="as the training images",

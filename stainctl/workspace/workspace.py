@@ -88,6 +88,10 @@ class Workspace:
     def stitch_step(marker: str) -> str:
         return f"stitch:{marker}"
 
+    @staticmethod
+    def predict_step(model: str) -> str:
+        return f"predict:{model}"
+
     # --- paths ------------------------------------------------------------------------------
     def slide_dir(self, key: str) -> Path:
         return self.root / "slides" / key

@@ -1,5 +1,6 @@
 """The fast trainer's losses: a PatchGAN discriminator, the unpaired terms (structure, DAB
-statistics, glass) and the misalignment-robust paired terms."""
+statistics, glass, and the counterstain terms: haematoxylin statistics, DAB confined to
+nuclei, pale background) and the misalignment-robust paired terms."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from stainctl.stain.deconvolution import dab_density_torch
-from stainctl.stain.tissue import glass_mask_torch
+from stainctl.stain.deconvolution import dab_density_torch, off_stain_residual_torch
+from stainctl.stain.tissue import TISSUE_BELOW, glass_mask_torch
+
+DAB_POSITIVE = 0.15  # DAB optical density counted as positive (as `evaluate --metrics stain`)
 
 
 class PatchDiscriminator(nn.Module):
@@ -78,3 +81,105 @@ def edges(x: torch.Tensor) -> torch.Tensor:
     g = F.conv2d(grey, k, padding=1)
     # Normalised per image: stains change contrast, structure should stay.
     return g / (g.flatten(1).std(dim=1)[:, None, None, None] + 1e-6)
+
+
+def tissue_mask_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W) bool: tissue pixels (`stain.tissue`'s rule) of images in [-1, 1]."""
+    return x.mean(dim=1) < TISSUE_BELOW / 127.5 - 1
+
+
+def nuclei_mask_torch(hed: torch.Tensor, tissue: torch.Tensor, with_dab: bool,
+                      size: int = 5, quantile: float = 0.6,
+                      floor: float = 0.04) -> torch.Tensor:
+    """(B, H, W) bool: nuclei-shaped structures, from `hed` (B, H, W, 3) stain densities.
+
+    Dense haematoxylin (plus DAB in an IHC, whose positive nuclei are brown) above each image's
+    `quantile` of its tissue (at least `floor`), then a morphological opening by a `size`-px
+    square: at 0.5 µm/px a nucleus (5-10 µm) survives it, a fibre or membrane 1-2 µm thin does
+    not. Not a segmentation, a mask for where DAB may go."""
+    signal = hed[..., 0] + hed[..., 2] if with_dab else hed[..., 0]
+    signal = signal.detach()
+    thresholds = []
+    for s, t in zip(signal, tissue, strict=True):
+        values = s[t]
+        q = torch.quantile(values.float(), quantile) if values.numel() else s.new_tensor(floor)
+        thresholds.append(q.clamp_min(floor))
+    mask = ((signal > torch.stack(thresholds)[:, None, None]) & tissue).float()[:, None]
+    pad = size // 2
+    eroded = -F.max_pool2d(-mask, size, 1, pad)
+    return F.max_pool2d(eroded, size, 1, pad)[:, 0] > 0.5
+
+
+def _masked_mean_std(v: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and standard deviation of `v` over `mask` (both (B, H, W), pooled over the batch)."""
+    w = mask.float()
+    n = w.sum().clamp_min(1.0)
+    mean = (v * w).sum() / n
+    var = (((v - mean) ** 2) * w).sum() / n
+    return mean, (var + 1e-8).sqrt()
+
+
+def dab_tail_loss(fake_dab: torch.Tensor, real_dab: torch.Tensor) -> torch.Tensor:
+    """What `evaluate --metrics stain` reports, made differentiable: the per-image "p90" (mean of
+    the top decile of DAB) and the DAB-positive area (a soft count above DAB_POSITIVE), batch
+    means of generated against real."""
+    def tail(d: torch.Tensor) -> torch.Tensor:
+        flat = d.flatten(1)
+        return flat.topk(max(1, flat.shape[1] // 10), dim=1).values.mean()
+
+    def positive(d: torch.Tensor) -> torch.Tensor:
+        # A soft edge wide enough to pull up DAB still well below the threshold.
+        return torch.sigmoid((d - DAB_POSITIVE) / 0.03).mean()
+
+    return (tail(fake_dab) - tail(real_dab.detach())).abs() \
+        + (positive(fake_dab) - positive(real_dab.detach())).abs()
+
+
+def haematoxylin_stats_loss(fake_hed: torch.Tensor, fake_tissue: torch.Tensor,
+                            real_hed: torch.Tensor, real_tissue: torch.Tensor) -> torch.Tensor:
+    """Mean and spread of the haematoxylin density over DAB-negative tissue, generated against
+    real: the counterstain is blue-grey, not the brown of a browned H&E."""
+    fake_mask = fake_tissue & (fake_hed[..., 2].detach() < DAB_POSITIVE)
+    real_mask = real_tissue & (real_hed[..., 2] < DAB_POSITIVE)
+    fm, fs = _masked_mean_std(fake_hed[..., 0], fake_mask)
+    rm, rs = _masked_mean_std(real_hed[..., 0].detach(), real_mask)
+    return (fm - rm).abs() + (fs - rs).abs()
+
+
+def dab_outside_nuclei_loss(fake_dab: torch.Tensor, fake_nuclei: torch.Tensor,
+                            fake_tissue: torch.Tensor, real_dab: torch.Tensor,
+                            real_nuclei: torch.Tensor, real_tissue: torch.Tensor) -> torch.Tensor:
+    """DAB above what the real IHC has outside its nuclei (its 90th percentile there), on the
+    generated image's tissue outside the input's nuclei: a nuclear marker browns nuclei, not
+    stroma, cytoplasm or fibres."""
+    background = real_dab.detach()[real_tissue & ~real_nuclei]
+    level = torch.quantile(background.float(), 0.9) if background.numel() else \
+        real_dab.new_tensor(DAB_POSITIVE)
+    mask = (fake_tissue & ~fake_nuclei).float()
+    return (F.relu(fake_dab - level) * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def background_colour_loss(fake: torch.Tensor, fake_mask: torch.Tensor, real: torch.Tensor,
+                           real_mask: torch.Tensor) -> torch.Tensor:
+    """Per-channel mean and spread of the colour of non-nuclear tissue, generated against real:
+    pale stroma and cytoplasm, and no colour on fibres that the targets do not have."""
+    loss = fake.new_zeros(())
+    for c in range(3):
+        fm, fs = _masked_mean_std(fake[:, c], fake_mask)
+        rm, rs = _masked_mean_std(real[:, c].detach(), real_mask)
+        loss = loss + (fm - rm).abs() + (fs - rs).abs()
+    return loss / 3
+
+
+def off_stain_loss(fake: torch.Tensor, fake_tissue: torch.Tensor, real: torch.Tensor,
+                   real_tissue: torch.Tensor) -> torch.Tensor:
+    """Colour outside the haematoxylin-DAB plane on generated tissue, per pixel beyond the 95th
+    percentile of the real IHC's: every colour of an H-DAB slide is a mix of blue and brown, so
+    green nuclei or pink fibres (which the other stain terms, reading only the H and DAB
+    channels, do not see) are penalised where they are, however few."""
+    with torch.no_grad():
+        real_res = off_stain_residual_torch(real)[real_tissue]
+        level = torch.quantile(real_res.float(), 0.95) if real_res.numel() else \
+            real.new_tensor(0.0)
+    w = fake_tissue.float()
+    return (F.relu(off_stain_residual_torch(fake) - level) * w).sum() / w.sum().clamp_min(1.0)

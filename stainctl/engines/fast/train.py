@@ -10,7 +10,13 @@ Losses (unpaired, as in the CK7 study's setting):
     evaluation computes it) match the real IHC batch;
   * glass: where the H&E is bright and unstained (glass), the output keeps the input's pixels.
     Training crops are mostly tissue, so without it nothing stops the generator from tinting
-    glass (a seed of the demo model did).
+    glass (a seed of the demo model did);
+  * the counterstain (issue 22: without these the demo browned all tissue like a sepia H&E):
+    DAB tail (the per-image top-decile DAB and the DAB-positive area that evaluation reports),
+    haematoxylin statistics of DAB-negative tissue, DAB confined to nuclei-shaped structures of
+    the input (nuclear markers only, NUCLEAR_MARKERS), and the colour statistics of non-nuclear
+    tissue (pale stroma, no colour on fibres the targets lack), and colour outside the
+    haematoxylin-DAB plane (an H-DAB slide has no green or pink).
 Reproducible with a seed; checkpoints (safetensors weights + optimiser state) every few steps;
 a run resumes from its last checkpoint. Data: `data.py`; losses: `losses.py`; the step that
 prepares the images and installs the model: `steps/train.py` (`stainctl train`).
@@ -32,13 +38,27 @@ from torch import nn
 from stainctl.engines.fast.data import CropSampler, PairSampler
 from stainctl.engines.fast.losses import (
     PatchDiscriminator,
+    background_colour_loss,
+    dab_outside_nuclei_loss,
     dab_stats_loss,
+    dab_tail_loss,
     edges,
     feature_matching,
     glass_loss,
+    haematoxylin_stats_loss,
     lowres_l1,
+    nuclei_mask_torch,
+    off_stain_loss,
+    tissue_mask_torch,
 )
 from stainctl.engines.fast.model import FastConfig, FastGenerator
+from stainctl.stain.deconvolution import hed_density_torch
+
+# Markers whose DAB sits in nuclei: for them DAB outside nuclei-shaped structures is penalised.
+NUCLEAR_MARKERS = frozenset({"ki67", "er", "pr", "p53", "ar", "mib1", "pcna", "sox10", "ttf1"})
+# The loss weights `stainctl train --loss-weight NAME=VALUE` may set.
+WEIGHTS = ("adv", "identity", "structure", "dab", "dab_tail", "haematoxylin", "nuclear",
+           "background", "off_stain", "glass", "lowres", "fm")
 
 
 @dataclass(frozen=True)
@@ -53,14 +73,33 @@ class TrainConfig:
     w_identity: float = 5.0
     w_structure: float = 10.0
     w_dab: float = 2.0
-    w_glass: float = 5.0
+    w_glass: float = 25.0  # 5 or 10 left glass tinted by 4-5 grey levels after 400 steps
+    # The counterstain terms (optical densities are ~0.01-0.3, hence the larger weights).
+    w_dab_tail: float = 10.0  # top-decile DAB and DAB-positive area, generated vs real
+    w_haematoxylin: float = 10.0  # haematoxylin mean/spread of DAB-negative tissue
+    w_nuclear: float | None = None  # DAB outside nuclei; None: 20 for NUCLEAR_MARKERS, else 0
+    w_background: float = 5.0  # colour mean/spread of non-nuclear tissue
+    w_off_stain: float = 200.0  # colour no haematoxylin-DAB mix makes (green nuclei, pink)
     # Paired (roughly aligned serial sections) only: losses that a 10-50 px shift barely moves.
     w_lowres: float = 10.0  # L1 of 1/lowres_factor average-pooled images
     w_fm: float = 1.0  # discriminator feature statistics (per-channel spatial mean and std)
     lowres_factor: int = 16
     checkpoint_every: int = 200
     seed: int = 0
+    device: str = "cpu"  # "cpu", "cuda" or "cuda:N" (resolve "auto" before)
     model: FastConfig = field(default_factory=FastConfig)
+
+    def __post_init__(self) -> None:
+        for name in WEIGHTS:
+            value = getattr(self, f"w_{name}")
+            if value is not None and not value >= 0:
+                raise ValueError(f"loss weight {name} must be >= 0, got {value}")
+
+    @property
+    def nuclear_weight(self) -> float:
+        if self.w_nuclear is not None:
+            return self.w_nuclear
+        return 20.0 if self.marker.lower() in NUCLEAR_MARKERS else 0.0
 
 
 @dataclass
@@ -75,14 +114,17 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
     """Train a new generator, or only the trainable parameters of `generator` (a base model
     with LoRA adapters, whose other weights are frozen). `pairs`: roughly aligned H&E/IHC
     images (`load_pair`), which add the misalignment-robust paired losses."""
+    device = torch.device(config.device)
+    if device.type == "cuda":
+        deterministic_cuda()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     if generator is None:
         model_config = config.model if config.marker in config.model.markers else \
             FastConfig(**{**asdict(config.model), "markers": (config.marker,)})
         generator = FastGenerator(model_config)
-    gen: Any = generator
-    disc = PatchDiscriminator()
+    gen: Any = generator.to(device)
+    disc = PatchDiscriminator().to(device)
     opt_g = torch.optim.Adam([p for p in gen.parameters() if p.requires_grad], lr=config.lr,
                              betas=(0.5, 0.999))
     opt_d = torch.optim.Adam(disc.parameters(), lr=config.lr, betas=(0.5, 0.999))
@@ -90,7 +132,7 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
     out.mkdir(parents=True, exist_ok=True)
     ckpt = out / "checkpoint.pt"
     if ckpt.exists():  # resume
-        saved = torch.load(ckpt, map_location="cpu", weights_only=True)
+        saved = torch.load(ckpt, map_location=device, weights_only=True)
         gen.load_state_dict(saved["generator"])
         disc.load_state_dict(saved["discriminator"])
         opt_g.load_state_dict(saved["opt_g"])
@@ -101,10 +143,12 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
     he_crops = CropSampler(he, config.crop, rng)
     ihc_crops = CropSampler(ihc, config.crop, rng)
     pair_crops = PairSampler(pairs, config.crop, rng) if pairs else None
-    marker = torch.full((config.batch,), gen.marker_index(config.marker), dtype=torch.long)
+    marker = torch.full((config.batch,), gen.marker_index(config.marker), dtype=torch.long,
+                        device=device)
     t0 = time.perf_counter()
     while state.step < config.steps:
-        x, y = he_crops.sample(config.batch), ihc_crops.sample(config.batch)
+        x = he_crops.sample(config.batch).to(device, non_blocking=True)
+        y = ihc_crops.sample(config.batch).to(device, non_blocking=True)
         fake = gen(x, marker)
         # Discriminator: real IHC -> 1, generated -> 0.
         opt_d.zero_grad()
@@ -118,12 +162,17 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         structure = (edges(fake) - edges(x)).abs().mean()
         dab = dab_stats_loss(fake, y)
         glass = glass_loss(fake, x)
+        stain = counterstain_losses(fake, x, y, config)
         g_loss = (config.w_adv * adv + config.w_identity * identity
                   + config.w_structure * structure + config.w_dab * dab
-                  + config.w_glass * glass)
+                  + config.w_glass * glass + config.w_dab_tail * stain["dab_tail"]
+                  + config.w_haematoxylin * stain["haematoxylin"]
+                  + config.nuclear_weight * stain["nuclear"]
+                  + config.w_background * stain["background"]
+                  + config.w_off_stain * stain["off_stain"])
         paired: dict[str, float] = {}
         if pair_crops is not None:
-            xp, yp = pair_crops.sample(config.batch)
+            xp, yp = (t.to(device) for t in pair_crops.sample(config.batch))
             fake_p = gen(xp, marker)
             lowres = lowres_l1(fake_p, yp, config.lowres_factor)
             fm = feature_matching(disc, fake_p, yp)
@@ -136,7 +185,8 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
             d_loss, adv, identity, structure, dab, glass, g_loss))
         state.history.append({"step": state.step, "d": float(d_loss), "adv": float(adv),
                               "identity": float(identity), "structure": float(structure),
-                              "dab": float(dab), "glass": float(glass), **paired,
+                              "dab": float(dab), "glass": float(glass),
+                              **{k: float(v.detach()) for k, v in stain.items()}, **paired,
                               "g": float(g_loss)})
         if log and state.step % 20 == 0:
             h = state.history[-1]
@@ -145,6 +195,41 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         if state.step % config.checkpoint_every == 0 or state.step == config.steps:
             save_checkpoint(ckpt, gen, disc, opt_g, opt_d, state)
     return gen, state
+
+
+def counterstain_losses(fake: torch.Tensor, he: torch.Tensor,
+                        ihc: torch.Tensor, config: TrainConfig) -> dict[str, torch.Tensor]:
+    """The counterstain terms of a batch: generated `fake` from H&E `he`, against real `ihc`.
+    The generated image's tissue and nuclei are the input H&E's (the generator must keep
+    structure), the real image's its own (haematoxylin + DAB: its brown nuclei count)."""
+    fake_hed, real_hed = hed_density_torch(fake), hed_density_torch(ihc)
+    fake_tissue, real_tissue = tissue_mask_torch(he), tissue_mask_torch(ihc)
+    with torch.no_grad():
+        he_nuclei = nuclei_mask_torch(hed_density_torch(he), fake_tissue, with_dab=False)
+        real_nuclei = nuclei_mask_torch(real_hed, real_tissue, with_dab=True)
+    zero = fake.new_zeros(())
+    return {
+        "dab_tail": dab_tail_loss(fake_hed[..., 2], real_hed[..., 2]),
+        "haematoxylin": haematoxylin_stats_loss(fake_hed, fake_tissue, real_hed, real_tissue),
+        "nuclear": dab_outside_nuclei_loss(fake_hed[..., 2], he_nuclei, fake_tissue,
+                                           real_hed[..., 2], real_nuclei, real_tissue)
+        if config.nuclear_weight > 0 else zero,
+        "background": background_colour_loss(fake, fake_tissue & ~he_nuclei, ihc,
+                                             real_tissue & ~real_nuclei),
+        "off_stain": off_stain_loss(fake, fake_tissue, ihc, real_tissue),
+    }
+
+
+def deterministic_cuda() -> None:
+    """Same seed, same CUDA run: deterministic cuDNN kernels and cuBLAS workspace (the variable
+    must be set before cuBLAS starts). Ops without a deterministic CUDA kernel (the bilinear
+    upsampling's backward) only warn: their float atomics reorder sums in the last bits."""
+    import os
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def save_checkpoint(path: Path, gen: nn.Module, disc: nn.Module, opt_g: torch.optim.Optimizer,
@@ -163,6 +248,6 @@ def export(gen: FastGenerator, path: Path) -> None:
 
     from stainctl.workspace.atomic import atomic_path
 
-    tensors = {k: v.detach().half().contiguous() for k, v in gen.state_dict().items()}
+    tensors = {k: v.detach().cpu().half().contiguous() for k, v in gen.state_dict().items()}
     with atomic_path(path) as tmp:
         save_file(tensors, str(tmp), metadata={"config": json.dumps(gen.config.as_dict())})
