@@ -1,8 +1,9 @@
 """Nuclei of a brightfield IHC tile, found in its haematoxylin + DAB optical density.
 
 Every nucleus takes up haematoxylin (blue, negative) or DAB (brown, positive for a nuclear marker)
-or both, so the sum of the two densities outlines all nuclei whatever their status. The steps,
-scikit-image throughout:
+or both, so the sum of the two densities outlines all nuclei whatever their status. The steps
+(scikit-image's watershed; OpenCV for the filters, which give scikit-image's results several times
+faster, see each helper):
   1. densities by colour deconvolution (`stainctl.stain.deconvolution`, the project's one set of
      stain vectors), relative to the slide's glass colour;
   2. Gaussian smoothing (sigma in µm) to merge chromatin texture into one blob per nucleus;
