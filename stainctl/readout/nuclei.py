@@ -214,9 +214,8 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
 
     The flood stays inside the 4-connected piece of the mask holding its seed: a piece without
     a seed stays 0, a piece with one seed is that seed's nucleus whole, and only pieces with
-    two or more (touching nuclei) are flooded, each in its bounding box."""
+    two or more (touching nuclei) are flooded."""
     import cv2
-    from scipy import ndimage as ndi
     from skimage.segmentation import watershed
 
     n, pieces = cv2.connectedComponents(foreground.view(np.uint8), connectivity=4,
@@ -228,16 +227,17 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
     lut = np.zeros(n, dtype=np.int32)
     lut[piece_of[single]] = ids[single]
     labels = lut[pieces]
-    shared = np.flatnonzero(per_piece > 1)
-    if shared.size:
+    shared = per_piece > 1
+    shared[0] = False
+    if shared.any():
+        # One flood over all those pieces at once (they cannot meet inside the mask): one
+        # call's overhead instead of one per piece.
+        mask = shared[pieces]
         markers = np.zeros(foreground.shape, dtype=np.int32)
         markers[seeds_rc[:, 0], seeds_rc[:, 1]] = ids
-        boxes = ndi.find_objects(pieces)
-        for piece in shared:
-            box = boxes[piece - 1]
-            mask = pieces[box] == piece
-            flooded = watershed(surface[box], np.where(mask, markers[box], 0), mask=mask)
-            labels[box][mask] = flooded[mask]
+        markers[~mask] = 0
+        flooded = watershed(surface, markers, mask=mask)
+        labels[mask] = flooded[mask]
     return labels
 
 
