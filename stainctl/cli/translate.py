@@ -56,6 +56,12 @@ def translate(
     overlap: Annotated[int | None, typer.Option(
         help="Context px on each side of a tile, blended by stitch; default: the model's "
              "(32 fast, 64 pixcell).")] = None,
+    normalize_to: Annotated[Path | None, typer.Option(
+        help="Normalise each tile to this reference's stain (an H&E image or slide) before "
+             "the model sees it; default: the reference the model's card names, if any.")]
+    = None,
+    normalize_method: Annotated[str, typer.Option(
+        help="macenko or reinhard (with --normalize-to).")] = "macenko",
     max_thumbnail_read: opt.MaxThumbnailRead = None,
     scheduler: opt.Scheduler = None,
     devices: Annotated[str | None, typer.Option(
@@ -88,7 +94,8 @@ def translate(
             marker=marker, models_dir=Path(models_dir) if models_dir else None, device=device,
             batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
             seed=seed, dtype=dtype, overlap=overlap, sampler=sampler, scheduler=scheduler,
-            devices=Devices.parse(devices).names if devices else None, shard_tiles=shard_tiles)
+            devices=Devices.parse(devices).names if devices else None, shard_tiles=shard_tiles,
+            normalize_to=normalize_to, normalize_method=normalize_method)
 
     def step_alone() -> Batch:
         from stainctl.steps.translate import translate_slides

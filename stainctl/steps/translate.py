@@ -33,6 +33,7 @@ from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOu
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
 
 if TYPE_CHECKING:
+    from stainctl.normalize.classical import Normaliser
     from stainctl.slide.tiles import TileSource
     from stainctl.workspace.tilestore import TileStore
 
@@ -59,8 +60,14 @@ class TranslateOptions:
     scheduler: str | None = None
     devices: tuple[str, ...] | None = None
     shard_tiles: int = 256  # tiles per task on a cluster; rounded up to whole batches
+    # Tiles normalised to this reference (image or slide) before the model sees them; default:
+    # the reference the model card names (architecture.normalize_to), if any.
+    normalize_to: Path | None = None
+    normalize_method: str = "macenko"  # a classical method (normalize.CLASSICAL)
 
     def __post_init__(self) -> None:
+        from stainctl.normalize import CLASSICAL
+
         if self.batch_size < 1 or self.readers < 1 or self.shard_tiles < 1:
             raise UsageError("--batch-size, --readers and --shard-tiles must be at least 1")
         if self.scheduler and self.devices:
@@ -70,6 +77,9 @@ class TranslateOptions:
             from stainctl.cluster.local import Devices
 
             Devices(names=self.devices)  # checks them
+        if self.normalize_method not in CLASSICAL:
+            raise UsageError(f"--normalize-method must be one of {', '.join(CLASSICAL)}, got "
+                             f"{self.normalize_method}")
         self.engine_options()  # EngineOptions checks --steps, --dtype and --sampler
 
     @property
@@ -104,6 +114,11 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
         probe(options.scheduler)
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
+    normaliser = input_normaliser(card, options)  # a bad reference stops before loading
+    if normaliser is not None and options.on_cluster:
+        # The per-slide fit and its colour table live in this process; workers do not get them.
+        raise UsageError("input normalisation (--normalize-to, or the model card's reference) "
+                         "runs in this process only: drop --scheduler/--devices for this run")
     engine = load_engine(card, directory, options.engine_options())
     try:  # whatever happens once it is loaded (nothing to translate, a stop): close it
         m = ws.manifest
@@ -112,9 +127,30 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
             raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; "
                              "run `stainctl filter -w WS` first")
         progress.start("translate", sum(m.tile_counts(s.id)["tiles_tissue"] for s in ready))
-        return TranslateStep(ws, progress, options, card, engine, directory).run(ready)
+        return TranslateStep(ws, progress, options, card, engine, directory,
+                             normaliser).run(ready)
     finally:
         engine.close()
+
+
+def input_normaliser(card: ModelCard, options: TranslateOptions) -> Normaliser | None:
+    """The normalisation of the model's input: --normalize-to, else the reference its card
+    names (`normalize_to` in [architecture], relative to the card), else none."""
+    reference = options.normalize_to
+    named = card.architecture.get("normalize_to")
+    if reference is None and named:
+        reference = Path(str(named))
+        if not reference.is_absolute() and card.origin is not None:
+            reference = card.origin.parent / reference
+    if reference is None:
+        return None
+    from stainctl.normalize.classical import Normaliser
+    from stainctl.normalize.sample import load_reference
+
+    method = options.normalize_method
+    if options.normalize_to is None and card.architecture.get("normalize_method"):
+        method = str(card.architecture["normalize_method"])
+    return Normaliser.to_reference(method, load_reference(reference, card.input_mpp))
 
 
 @dataclass(frozen=True)
@@ -130,10 +166,12 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
     label = "translate"
 
     def __init__(self, ws: Workspace, progress: Progress, options: TranslateOptions,
-                 card: ModelCard, engine: Engine, directory: Path | None = None) -> None:
+                 card: ModelCard, engine: Engine, directory: Path | None = None,
+                 normaliser: Normaliser | None = None) -> None:
         super().__init__(ws, progress, force=options.force)
         self.options, self.card, self.engine = options, card, engine
         self.directory = directory
+        self.normaliser = normaliser  # tiles normalised first, fitted per slide
 
     def slide(self, item: SlideRecord) -> SlideRecord:
         return item
@@ -159,6 +197,8 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         params.update(self.engine.settings())  # what changes the pixels; batching and device
         if not self.engine.deterministic:  # do not
             params["seed"] = options.seed
+        if self.normaliser is not None:  # absent without one: older stores stay valid
+            params["normalize"] = self.normaliser.settings()
         work = TranslateWork(grid, margin, side, self.ws.tile_store_path(slide.key, card.name),
                              slide.path)
         return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
@@ -192,6 +232,17 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
 
         yield from run_on_cluster(self, plans)
 
+    def slide_engine(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> Engine:
+        """The engine for one slide: with a normaliser, one whose tiles are normalised first
+        with the stain fitted on this slide (kept in the manifest)."""
+        if self.normaliser is None:
+            return self.engine
+        from stainctl.normalize.classical import NormalisedInput
+        from stainctl.steps.stain_fit import fit_slide
+
+        transform = fit_slide(self.ws, plan.slide, plan.work.grid, self.normaliser, plan.step)
+        return NormalisedInput(self.engine, transform)
+
     def run_one(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> SlideOutcome:
         import time
 
@@ -199,13 +250,14 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         from stainctl.steps.translate_work import translate_tiles
 
         s, work, options = plan.slide, plan.work, self.options
+        engine = self.slide_engine(plan)
         source = self.source(work)
         background = _resumed_background(work.store) or glass_colour(
-            self.ws, s, work.grid, self.engine, source, work.margin,
+            self.ws, s, work.grid, engine, source, work.margin,
             tile_seed(options.seed, s.key, -1, -1))
         store, tiles, present = self.open_store(plan, background)
         t0 = time.perf_counter()
-        n = translate_tiles(self.engine, source, store, tiles, present=present, slide_key=s.key,
+        n = translate_tiles(engine, source, store, tiles, present=present, slide_key=s.key,
                             margin0=self.margin0(work), seed=options.seed,
                             batch_size=options.batch_size, readers=options.readers,
                             advance=self.progress.advance)
