@@ -349,3 +349,6 @@ def test_macenkos_colour_table_is_the_per_colour_mapping(cmu1_path, he_ome_path)
     diff = np.abs(transform.lut[idx].astype(np.int16) - expected)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert (transform.lut[idx] != rgb).any(axis=1).mean() > 0.5  # it does normalise
+    tile = rgb[:262_144].astype(np.uint8).reshape(512, 512, 3)
+    np.testing.assert_array_equal(transform.apply(tile[None])[0], transform.lut[idx[:262_144]]
+                                  .reshape(512, 512, 3))
