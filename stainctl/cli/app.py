@@ -10,9 +10,11 @@ import typer
 
 from stainctl import __version__
 from stainctl.cli import (
+    cluster,
     embed,
     evaluate,
     models,
+    normalize,
     predict,
     readout,
     status,
@@ -30,7 +32,8 @@ app = typer.Typer(
     name="stainctl",
     help="Turn H&E whole-slide images into virtual IHC slides, in batches.\n\n"
          "Steps share one workspace (-w DIR): tile -> filter -> embed -> translate -> stitch "
-         "-> evaluate. Exit codes: 0 all done, 1 some slides failed (the others finished), "
+         "-> evaluate; normalize brings slides to a reference's stain. Exit codes: 0 all done, "
+         "1 some slides failed (the others finished), "
          "2 usage error, 130/143 stopped by Ctrl-C/SIGTERM (the same command resumes).",
     no_args_is_help=True,
     add_completion=False,
@@ -57,7 +60,8 @@ def root(
 
 # In pipeline order, so `--help` reads like the workflow.
 COMMANDS: dict[str, Callable[..., None]] = {
-    "tile": tile.tile, "filter": filter_cmd.filter_tiles, "embed": embed.embed,
+    "tile": tile.tile, "filter": filter_cmd.filter_tiles, "normalize": normalize.normalize,
+    "embed": embed.embed,
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
     "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "readout": readout.readout,
     "train-align": train_align.train_align, "predict": predict.predict,
@@ -65,6 +69,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")
+app.add_typer(cluster.app, name="cluster")
 use_plain_help(app)
 
 

@@ -24,9 +24,7 @@ def embed(
                                             "CPUs with bf16 instructions).")] = "fp32",
     readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the network.")]
     = 2,
-    scheduler: Annotated[str | None, typer.Option(
-        help="Address of a Dask distributed scheduler: slides are spread over its workers "
-             "(e.g. one per GPU); default: this process.")] = None,
+    scheduler: opt.Scheduler = None,
     force: opt.Force = False,
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,

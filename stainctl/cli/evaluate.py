@@ -31,7 +31,9 @@ def evaluate(
         "--marker", "-m", help="Whose translated tiles a --fake workspace gives.")] = None,
     metrics: Annotated[str | None, typer.Option(
         autocompletion=complete.metrics,
-        help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams; each must run. "
+        help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams, colour (Lab "
+             "mean/spread and H&E stain vectors of the tissue, distances to --real); each must "
+             "run. "
              "Default: fid, cropfid, kid, stain, paired, seams, leaving out (and listing) those "
              "that cannot run here, such as FID without its Inception weights.")] = None,
     seeds: Annotated[int, typer.Option(help="Crop seeds for CropFID and KID (mean ± std).")] = 5,

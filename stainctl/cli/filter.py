@@ -18,8 +18,7 @@ def filter_tiles(
         help="Reject tiles with a smaller fraction of pixels of HSV saturation > 30.")] = 0.10,
     max_white: Annotated[float, typer.Option(
         help="Reject tiles with a larger fraction of near-white pixels (mean RGB > 235).")] = 0.60,
-    scheduler: Annotated[str | None, typer.Option(
-        help="Address of a running Dask distributed scheduler; default: local threads.")] = None,
+    scheduler: opt.Scheduler = None,
     workers: Annotated[int | None, typer.Option(
         help="Local threads (default: one per core).")] = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per Dask task.")] = 100,

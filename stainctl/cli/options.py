@@ -31,5 +31,11 @@ Mpp = Annotated[float | None, typer.Option(
     help="Pixel size in µm/px for every slide of the command, overriding their metadata (a "
          "CSV's `mpp` column overrides it per slide); for a batch where only some slides lack "
          "one (PNG/JPEG), give those theirs in a CSV `path,mpp` list instead.")]
+# One spelling for every distributed command (filter, embed, translate); cron sets the variable.
+Scheduler = Annotated[str | None, typer.Option(
+    "--scheduler", envvar="STAINCTL_SCHEDULER", metavar="ADDRESS",
+    help="Address of a running Dask scheduler (tcp://host:8786) whose workers do the work; "
+         "default: this machine. Workers must see the slides and the workspace at the same "
+         "paths.")]
 # A choice, so a typo stops the command before any work and the shell completes it.
 Format = Literal["ome-tiff", "tiff"]

@@ -66,3 +66,25 @@ def _print(slides: list[dict[str, Any]]) -> None:
         typer.echo("\t".join(head))
         for r in rows:
             typer.echo("\t".join(r))
+    for s in slides:  # the stain normalisation each slide was fitted with, one line per step
+        for step, fit in s.get("stain_fits", {}).items():
+            typer.echo(f"{s['slide']}: {step}: {fit_line(fit)}")
+
+
+def fit_line(fit: dict[str, Any]) -> str:
+    """A stain fit in a line: Macenko's H and E vectors and maximum concentrations, or
+    Reinhard's Lab mean and spread, of the slide and of the target."""
+    def part(p: dict[str, Any]) -> str:
+        if "stain_matrix" in p:
+            he = [[round(v, 3) for v in row] for row in p["stain_matrix"]]
+            h = ",".join(str(row[0]) for row in he)
+            e = ",".join(str(row[1]) for row in he)
+            cmax = ",".join(str(round(v, 2)) for v in p.get("max_concentration", []))
+            return f"H ({h}) E ({e}) max C ({cmax})"
+        if "lab_mean" in p:
+            mean = ",".join(str(round(v, 1)) for v in p["lab_mean"])
+            std = ",".join(str(round(v, 1)) for v in p.get("lab_std", []))
+            return f"Lab mean ({mean}) spread ({std})"
+        return ", ".join(f"{k} {v}" for k, v in p.items())
+    return (f"{fit['method']} fitted: slide {part(fit.get('source', {}))}; "
+            f"target {part(fit.get('target', {}))}")

@@ -56,7 +56,21 @@ def translate(
     overlap: Annotated[int | None, typer.Option(
         help="Context px on each side of a tile, blended by stitch; default: the model's "
              "(32 fast, 64 pixcell).")] = None,
+    normalize_to: Annotated[Path | None, typer.Option(
+        help="Normalise each tile to this reference's stain (an H&E image or slide) before "
+             "the model sees it; default: the reference the model's card names, if any.")]
+    = None,
+    normalize_method: Annotated[str, typer.Option(
+        help="macenko or reinhard (with --normalize-to).")] = "macenko",
     max_thumbnail_read: opt.MaxThumbnailRead = None,
+    scheduler: opt.Scheduler = None,
+    devices: Annotated[str | None, typer.Option(
+        metavar="LIST",
+        help="Start one local worker per device and spread the slides over them: cuda:0,cuda:1, "
+             "all (every GPU) or cpu,cpu.")] = None,
+    shard_tiles: Annotated[int, typer.Option(
+        help="Tiles per task on a cluster (--scheduler, --devices): a large slide is split so "
+             "that every worker has work.")] = 256,
     readout: Annotated[bool, typer.Option(
         "--readout", help="Then read out the virtual slides (`stainctl readout`) into "
                           "OUTPUT/readout and put the index in the summary (with SLIDES).")]
@@ -73,12 +87,15 @@ def translate(
         raise typer.Exit(2)
 
     def translate_options() -> TranslateOptions:
+        from stainctl.cluster.local import Devices
         from stainctl.steps.translate import TranslateOptions
 
         return TranslateOptions(
             marker=marker, models_dir=Path(models_dir) if models_dir else None, device=device,
             batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
-            seed=seed, dtype=dtype, overlap=overlap, sampler=sampler)
+            seed=seed, dtype=dtype, overlap=overlap, sampler=sampler, scheduler=scheduler,
+            devices=Devices.parse(devices).names if devices else None, shard_tiles=shard_tiles,
+            normalize_to=normalize_to, normalize_method=normalize_method)
 
     def step_alone() -> Batch:
         from stainctl.steps.translate import translate_slides

@@ -158,3 +158,7 @@ def load_engine(card: ModelCard, directory: Path, options: EngineOptions) -> Eng
 register(EngineSpec(name="fast", loader="stainctl.engines.fast.engine:load_fast_engine"))
 register(EngineSpec(name="pixcell", loader="stainctl.engines.pixcell.engine:load_pixcell_engine",
                     fixed_side=True))
+# A stain normaliser (`normalize --method stainfuser`): its engine also takes the reference image.
+register(EngineSpec(name="stainfuser",
+                    loader="stainctl.engines.stainfuser.engine:load_stainfuser_engine",
+                    fixed_side=True))

@@ -26,11 +26,11 @@ from stainctl.evaluate.distribution import (
 from stainctl.evaluate.measure import MeasureOptions, SetMeasures, measure_set, network_fn
 from stainctl.evaluate.sources import ImageSet, Item, SourceOptions, equal_subsets, open_set
 
-METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams")
+METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams", "colour")
 DEFAULT_METRICS = ("fid", "cropfid", "kid", "stain", "paired", "seams")
 INCEPTION_METRICS = {"fid", "cropfid", "kid"}
 # What ranks the generated sets, best first: the first of these that was measured.
-RANK_BY = ("cropfid", "fid", "kid", "encoder_fd", "p90_wasserstein")
+RANK_BY = ("cropfid", "fid", "kid", "encoder_fd", "p90_wasserstein", "lab_distance")
 
 
 @dataclass(frozen=True)
@@ -173,7 +173,8 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
     seeds = tuple(range(options.seeds)) if wanted & {"cropfid", "kid"} else ()
     mopts = MeasureOptions(full="fid" in wanted, crop_seeds=seeds, crops=options.crops,
                            crop_size=options.crop_size, stain="stain" in wanted,
-                           seams="seams" in wanted, dab_threshold=options.dab_threshold,
+                           seams="seams" in wanted, colour="colour" in wanted,
+                           dab_threshold=options.dab_threshold,
                            batch_size=options.batch_size, readers=options.readers)
     for r in [real, *fakes]:
         if r.error is not None:
@@ -187,10 +188,25 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
                                  network, encoder, tick)
         r.images = len(r.measures.keys)
 
+    target = None
+    if "colour" in wanted:
+        from stainctl.evaluate.colour import check_target, colour_stats
+
+        assert real.measures is not None
+        # The real set is the colour target: one without stained tissue is a usage error.
+        check_target(real.measures.colour, real.measures.colour_all, real.path)
+        target = colour_stats(real.measures.colour, real.path)
+        real.metrics["colour"] = target.as_dict()
     caveats: list[str] = []
     for f in fakes:
         if f.error is None:
             f.metrics = _compare(real, f, options, wanted, caveats)
+            if target is not None and f.measures is not None:
+                from stainctl.evaluate.colour import colour_distance, colour_stats
+
+                stats = colour_stats(f.measures.colour, f.path)
+                f.metrics["colour"] = {**stats.as_dict(),
+                                       "distance": colour_distance(stats, target)}
     rank_by, ranking = _rank(fakes)
     settings = {"metrics": sorted(wanted), "seeds": options.seeds, "crops": options.crops,
                 "crop_size": options.crop_size, "max_images": options.max_images,
@@ -292,6 +308,8 @@ def _rank_value(metrics: dict[str, Any], name: str) -> float | None:
     value: Any
     if name == "encoder_fd":
         value = metrics.get("encoder", {}).get("frechet")
+    elif name == "lab_distance":
+        value = metrics.get("colour", {}).get("distance", {}).get("lab_distance")
     elif name == "p90_wasserstein":
         value = metrics.get("stain", {}).get("p90_wasserstein")
     else:

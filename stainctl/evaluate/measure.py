@@ -30,6 +30,7 @@ class MeasureOptions:
     stain: bool = True
     signs: bool = True
     seams: bool = True
+    colour: bool = False  # tissue pixel samples for the colour metrics
     dab_threshold: float = 0.15
     batch_size: int = 16
     readers: int = 2
@@ -45,6 +46,9 @@ class SetMeasures:
     dab: list[DabStats] = field(default_factory=list)
     signs: list[TileSigns] = field(default_factory=list)
     seam: np.ndarray = field(default_factory=lambda: np.zeros(4))  # border sum, n, inside sum, n
+    # Per image: a sample of its tissue pixels and one of all its pixels (colour metrics).
+    colour: list[np.ndarray] = field(default_factory=list)
+    colour_all: list[np.ndarray] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=lambda: {"decode": 0.0, "stats": 0.0,
                                                                  "features": 0.0})
 
@@ -72,6 +76,7 @@ class _Loaded:
     seam: np.ndarray | None
     decode_s: float
     stats_s: float
+    colour: tuple[np.ndarray, np.ndarray] | None = None
 
 
 def measure_set(items: Sequence[Item], options: MeasureOptions,
@@ -111,6 +116,9 @@ def measure_set(items: Sequence[Item], options: MeasureOptions,
             out.signs.append(loaded.signs)
         if loaded.seam is not None:
             out.seam += loaded.seam
+        if loaded.colour is not None:
+            out.colour.append(loaded.colour[0])
+            out.colour_all.append(loaded.colour[1])
         if network is not None and options.full:
             full_batch.append(image)
         for seed in options.crop_seeds:
@@ -149,12 +157,15 @@ def _prefetch(items: Sequence[Item], options: MeasureOptions) -> Iterator[_Loade
         except Exception as err:  # one bad image must not end the evaluation
             return _Loaded(index, item, None, f"{type(err).__name__}: {err}", None, None, None,
                            time.perf_counter() - t0, 0.0)
+        from stainctl.evaluate.colour import colour_pixels
+
         t1 = time.perf_counter()
         dab = dab_stats(image, options.dab_threshold) if options.stain else None
         signs = tile_signs(image) if options.signs else None
         seam = _seam_sums(image, item.borders) if options.seams and item.borders else None
+        colour = colour_pixels(image, index) if options.colour else None
         return _Loaded(index, item, image, None, dab, signs, seam, t1 - t0,
-                       time.perf_counter() - t1)
+                       time.perf_counter() - t1, colour)
 
     with ThreadPoolExecutor(max(1, options.readers)) as pool:
         pending: list[Future[_Loaded]] = []

@@ -95,6 +95,8 @@ COLUMNS = (
     ("paired SSIM (1/4)", lambda m: m.get("paired", {}).get("ssim_reduced")),
     ("paired p90 r", lambda m: m.get("paired", {}).get("stain", {}).get("p90_pearson_r")),
     ("seam ratio", lambda m: m.get("seams", {}).get("ratio")),
+    ("Lab distance", lambda m: m.get("colour", {}).get("distance", {}).get("lab_distance")),
+    ("H angle °", lambda m: m.get("colour", {}).get("distance", {}).get("haematoxylin_angle")),
 )
 
 

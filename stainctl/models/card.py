@@ -17,8 +17,8 @@ from typing import Any
 from stainctl.errors import ModelError
 
 # base: a generator to adapt (PixCell-1024); classifier: IHC pattern classes from H&E tokens
-# (an align model, `train-align` / `predict`)
-KINDS = ("encoder", "marker", "base", "classifier")
+# (an align model, `train-align` / `predict`); normaliser: a learned stain normaliser (StainFuser)
+KINDS = ("encoder", "marker", "base", "classifier", "normaliser")
 
 
 @dataclass(frozen=True)

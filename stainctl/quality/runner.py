@@ -68,17 +68,11 @@ def _run_threads(tasks: list[MeasureTask], workers: int) -> Iterator[MeasureResu
 
 
 def _run_distributed(tasks: list[MeasureTask], address: str) -> Iterator[MeasureResult]:
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    from stainctl.errors import UsageError
+    from stainctl.cluster.connect import connect
 
-    try:
-        client = Client(address, timeout="10s", set_as_default=False)
-    except OSError as err:
-        raise UsageError(f"cannot reach the Dask scheduler at {address} ({err}); start one "
-                         "with `dask scheduler` and `dask worker ADDRESS`, or drop --scheduler") \
-            from None
-    with client:
+    with connect(address) as client:
         futures = client.map(measure, tasks, pure=False)
         for fut in as_completed(futures, loop=client.loop):
             yield fut.result()

@@ -190,11 +190,14 @@ def _run_local(jobs: list[EmbedJob], options: EmbedOptions,
 
 def _run_distributed(jobs: list[EmbedJob], options: EmbedOptions,
                      progress: Progress) -> Iterator[JobResult]:
-    from distributed import Client, as_completed
+    from distributed import as_completed
 
-    with Client(options.scheduler, timeout="30s") as client:
+    from stainctl.cluster.connect import connect
+
+    assert options.scheduler is not None  # chosen for it
+    with connect(options.scheduler) as client:
         futures = [client.submit(run_job, job, pure=False) for job in jobs]
-        for fut in as_completed(futures):
+        for fut in as_completed(futures, loop=client.loop):
             res: JobResult = fut.result()
             progress.advance(res.tiles)
             yield res

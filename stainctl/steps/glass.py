@@ -28,19 +28,17 @@ def glass_colour(ws: Workspace, slide: SlideRecord, grid: GridRecord, engine: En
                  source: TileSource, margin: int, seed: int) -> tuple[int, int, int]:
     """The median RGB the engine gives a glass tile of `slide` (read like the tissue tiles:
     `source` gives tiles with `margin` px of context on each side)."""
-    tile = glass_tile(ws, slide, grid, source, margin)
-    out = engine.translate(tile[None], [seed])[0]
-    side = out.shape[0]
-    inner = out[margin:side - margin, margin:side - margin] if 2 * margin < side else out
-    median = np.median(inner.reshape(-1, 3), axis=0)
-    return _rgb(median)
+    from stainctl.steps.translate_work import glass_median
+
+    return glass_median(engine, glass_tile(ws, slide, grid, source, margin), seed, margin)
 
 
-def glass_tile(ws: Workspace, slide: SlideRecord, grid: GridRecord, source: TileSource,
-               margin: int) -> NDArray[np.uint8]:
-    """The slide tile, context included, with the least tissue among those the tissue mask left
-    out that lie wholly inside the slide; failing one, a uniform tile of the glass colour the
-    slide's thumbnail shows."""
+def glass_spot(ws: Workspace, slide: SlideRecord, grid: GridRecord,
+               margin: int) -> tuple[tuple[int, int] | None, tuple[int, int, int]]:
+    """Where the glass tile is read (level-0 top-left, context included): the tile with the
+    least tissue among those the tissue mask left out that lie wholly inside the slide; or None
+    and the uniform glass colour the slide's thumbnail shows. Reads no slide pixels, so a worker
+    can read the tile."""
     scale = grid.extent0 / grid.tile_size  # level-0 px per output px
     m0 = margin * scale
     reach = grid.extent0 + m0
@@ -49,8 +47,16 @@ def glass_tile(ws: Workspace, slide: SlideRecord, grid: GridRecord, source: Tile
         tile = ws.manifest.glass_tile(slide.id, margin0=m0, reach=reach, width=slide.width,
                                       height=slide.height)
     if tile is not None:
-        return source.read(round(tile.x - m0), round(tile.y - m0))
-    colour = thumbnail_glass(ws, slide.key)
+        return (round(tile.x - m0), round(tile.y - m0)), FALLBACK_GLASS
+    return None, thumbnail_glass(ws, slide.key)
+
+
+def glass_tile(ws: Workspace, slide: SlideRecord, grid: GridRecord, source: TileSource,
+               margin: int) -> NDArray[np.uint8]:
+    """The glass tile `glass_spot` names, read; or a uniform tile of the thumbnail's glass."""
+    at, colour = glass_spot(ws, slide, grid, margin)
+    if at is not None:
+        return source.read(*at)
     return np.full((source.tile_size, source.tile_size, 3), colour, np.uint8)
 
 

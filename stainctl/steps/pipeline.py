@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stainctl.errors import LEFT_OUT
 from stainctl.slide.grid import GridParams
@@ -19,6 +20,12 @@ from stainctl.steps.translate import TranslateOptions
 from stainctl.stitch.pyramid import PyramidOptions
 from stainctl.workspace import Workspace
 
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
+    from stainctl.steps.stitch import StitchOptions
+
 
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
                  output: Path, pyramid: PyramidOptions | None = None,
@@ -27,12 +34,15 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     from stainctl.models.registry import models_dir, required_cards
     from stainctl.models.weights import check_installed
     from stainctl.steps.filter import FilterOptions, filter_slides
-    from stainctl.steps.side_by_side import side_by_side, side_by_side_errors
     from stainctl.steps.stitch import StitchOptions, output_path, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
     from stainctl.steps.translate import grid_tile_size, marker_model, translate_slides
 
     progress = progress or SilentProgress()
+    if options.scheduler:  # an unreachable scheduler: say so before tiling anything
+        from stainctl.cluster.connect import probe
+
+        probe(options.scheduler)
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
     # Missing weights, the card's or those of the models it runs with (base, flow, encoder):
@@ -59,7 +69,8 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
             dark_hint="a virtual IHC slide is made from a brightfield H&E slide, so this one "
                       "was left out", dark_code=LEFT_OUT), progress)),
         (Workspace.FILTER,
-         lambda: filter_slides(ws, FilterOptions(force=options.force), progress)),
+         lambda: filter_slides(ws, FilterOptions(force=options.force,
+                                                 scheduler=options.scheduler), progress)),
         (Workspace.translate_step(card.name), lambda: translate_slides(ws, options, progress)),
     ]
     for name, run in steps:
@@ -74,32 +85,13 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     stitched = stitch_slides(ws, stitch, progress)
     keep_failures(stitched)
     result = BatchResult("translate")
+    max_read = max_thumbnail_read or DEFAULT_MAX_READ_GPX
     virtual: dict[str, Path] = {}  # slide -> its stitched virtual slide, for --readout
     for o in stitched.slides:
         if o.state == "failed" or o.slide in failed:
             continue
-        slide = ws.manifest.slide_by_path(o.path)
-        assert slide is not None and slide.mpp is not None  # stitched slides were tiled
-        stitched_file = output_path(ws, stitch, o.slide, card.name)
-        virtual[o.slide] = stitched_file
-        state = "done" if o.slide in worked else "skipped"
-        try:
-            pair = side_by_side(o.path, slide.mpp, stitched_file,
-                                pyramid.thumbnail(stitched_file), card.name,
-                                unchanged=o.state == "skipped",
-                                max_read_gpx=max_thumbnail_read or DEFAULT_MAX_READ_GPX)
-        except side_by_side_errors() as err:
-            # The virtual slide is made and kept: only its preview is missing. Say why, and
-            # go on with the other slides.
-            result.slides.append(SlideOutcome(
-                o.slide, o.path, state,
-                f"{o.message}; the side-by-side PNG could not be written ({_reason(err)})",
-                o.details))
-            continue
-        o.details["side_by_side"] = str(pair)
-        result.slides.append(SlideOutcome(o.slide, o.path, state,
-                                          f"{o.message}; H&E beside it: {pair.name}", o.details
-                                          ).warn(slide.warning))
+        virtual[o.slide] = output_path(ws, stitch, o.slide, card.name)
+        result.slides.append(side_by_side_outcome(ws, stitch, o, card.name, worked, max_read))
     if readout:
         from stainctl.steps.readout import read_out_virtual
 
@@ -108,6 +100,39 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     result.slides.extend(failed.values())
     return result
 
+
+
+def side_by_side_outcome(ws: Workspace, stitch: StitchOptions, o: SlideOutcome, name: str,
+                         worked: set[str], max_read: float, *,
+                         labels: tuple[str, str] | None = None,
+                         target: NDArray[np.uint8] | None = None,
+                         target_label: str = "target") -> SlideOutcome:
+    """A stitched slide's outcome with its side-by-side PNG written (the input slide beside
+    the output `name`, and `target` after them when given); a PNG that cannot be written is
+    said in the outcome, which stays done with its stitched output."""
+    from stainctl.steps.side_by_side import side_by_side, side_by_side_errors
+    from stainctl.steps.stitch import output_path
+
+    slide = ws.manifest.slide_by_path(o.path)
+    assert slide is not None and slide.mpp is not None  # stitched slides were tiled
+    stitched_file = output_path(ws, stitch, o.slide, name)
+    state = "done" if o.slide in worked else "skipped"
+    try:
+        pair = side_by_side(o.path, slide.mpp, stitched_file,
+                            stitch.pyramid.thumbnail(stitched_file), name,
+                            unchanged=o.state == "skipped", max_read_gpx=max_read,
+                            labels=labels, target=target, target_label=target_label)
+    except side_by_side_errors() as err:
+        # The output is made and kept: only its preview is missing. Say why, and go on with
+        # the other slides.
+        return SlideOutcome(
+            o.slide, o.path, state,
+            f"{o.message}; the side-by-side PNG could not be written ({_reason(err)})",
+            o.details)
+    o.details["side_by_side"] = str(pair)
+    return SlideOutcome(o.slide, o.path, state, f"{o.message}; input beside it: {pair.name}"
+                        if labels else f"{o.message}; H&E beside it: {pair.name}",
+                        o.details).warn(slide.warning)
 
 
 def _reason(err: Exception) -> str:

@@ -32,10 +32,16 @@ FRAME = (0, 0, 0)
 
 def side_by_side(slide_path: str, slide_mpp: float, output: Path, thumbnail: Path,
                  marker: str, *, unchanged: bool = False,
-                 max_read_gpx: float = DEFAULT_MAX_READ_GPX) -> Path:
+                 max_read_gpx: float = DEFAULT_MAX_READ_GPX,
+                 labels: tuple[str, str] | None = None,
+                 target: NDArray[np.uint8] | None = None,
+                 target_label: str = "target") -> Path:
     """Write `<thumbnail stem>.side-by-side.png` beside `output` (a stitched slide of the H&E
     at `slide_path`, whose level-0 pixel size is `slide_mpp`) and return its path. With
-    `unchanged` (the output was not remade) an existing one is kept as it is."""
+    `unchanged` (the output was not remade) an existing one is kept as it is. `labels` name
+    the input and the output panels (default H&E, virtual MARKER); `target` (an image at the
+    output's resolution, e.g. a normalisation's reference) is shown third, whole above and a
+    field of it at full resolution below."""
     import cv2
     import pyvips
 
@@ -66,10 +72,20 @@ def side_by_side(slide_path: str, slide_mpp: float, output: Path, thumbnail: Pat
         slide.close()
     v_crop = _rgb(virtual.crop(x, y, side, side))
     box = (round(x * pw / cw), round(y * pw / cw), round(side * pw / cw))
+    left, right = labels or ("H&E", f"virtual {marker}")
     overviews = [_label(_frame(im, box), text)
-                 for im, text in ((he_over, "H&E"), (v_over, f"virtual {marker}"))]
-    fields = [_label(he_crop, "H&E, full resolution"),
-              _label(v_crop, f"virtual {marker}, full resolution")]
+                 for im, text in ((he_over, left), (v_over, right))]
+    fields = [_label(he_crop, f"{left}, full resolution"),
+              _label(v_crop, f"{right}, full resolution")]
+    if target is not None:
+        th, tw = target.shape[:2]
+        f = min(pw / tw, ph / th, 1.0)
+        overviews.append(_label(cv2.resize(np.ascontiguousarray(target[..., :3]),
+                                           (max(1, round(tw * f)), max(1, round(th * f))),
+                                           interpolation=cv2.INTER_AREA), target_label))
+        ty, tx = max(0, (th - side) // 2), max(0, (tw - side) // 2)
+        fields.append(_label(np.ascontiguousarray(target[ty:ty + side, tx:tx + side, :3]),
+                             f"{target_label}, full resolution"))
     top = _row(overviews)
     bottom = _row(fields)
     width = max(top.shape[1], bottom.shape[1])

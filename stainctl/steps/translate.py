@@ -10,10 +10,14 @@ model gives the slide's glass, measured once per slide and model (`glass.py`) an
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from stainctl.engines.base import (
     Engine,
@@ -24,9 +28,16 @@ from stainctl.engines.base import (
 )
 from stainctl.errors import SlideError, UsageError
 from stainctl.models.card import ModelCard
-from stainctl.steps.lifecycle import SlidePlan, SlideStep
+from stainctl.steps.lifecycle import Failure, SlidePlan, SlideStep
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
+
+if TYPE_CHECKING:
+    from stainctl.normalize.classical import Normaliser
+    from stainctl.slide.tiles import TileSource
+    from stainctl.workspace.tilestore import TileStore
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -44,11 +55,36 @@ class TranslateOptions:
     dtype: str = "auto"
     overlap: int | None = None  # context px each side; default: the model card's margin
     sampler: str = "dpm++"  # diffusion solver (engines.base.SAMPLERS)
+    # Where the work runs (cluster/): a Dask scheduler's address, or one local worker per
+    # device (`cuda:0`, `cpu`); neither: in this process.
+    scheduler: str | None = None
+    devices: tuple[str, ...] | None = None
+    shard_tiles: int = 256  # tiles per task on a cluster; rounded up to whole batches
+    # Tiles normalised to this reference (image or slide) before the model sees them; default:
+    # the reference the model card names (architecture.normalize_to), if any.
+    normalize_to: Path | None = None
+    normalize_method: str = "macenko"  # a classical method (normalize.CLASSICAL)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.readers < 1:
-            raise UsageError("--batch-size and --readers must be at least 1")
+        from stainctl.normalize import CLASSICAL
+
+        if self.batch_size < 1 or self.readers < 1 or self.shard_tiles < 1:
+            raise UsageError("--batch-size, --readers and --shard-tiles must be at least 1")
+        if self.scheduler and self.devices:
+            raise UsageError("give --scheduler or --devices, not both: --devices starts its "
+                             "own local cluster")
+        if self.devices is not None:
+            from stainctl.cluster.local import Devices
+
+            Devices(names=self.devices)  # checks them
+        if self.normalize_method not in CLASSICAL:
+            raise UsageError(f"--normalize-method must be one of {', '.join(CLASSICAL)}, got "
+                             f"{self.normalize_method}")
         self.engine_options()  # EngineOptions checks --steps, --dtype and --sampler
+
+    @property
+    def on_cluster(self) -> bool:
+        return bool(self.scheduler or self.devices)
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, dtype=self.dtype, steps=self.steps,
@@ -72,8 +108,17 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
     from stainctl.models.registry import models_dir
 
     progress = progress or SilentProgress()
+    if options.scheduler:  # before loading a model: say at once that it cannot be reached
+        from stainctl.cluster.connect import probe
+
+        probe(options.scheduler)
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
+    normaliser = input_normaliser(card, options)  # a bad reference stops before loading
+    if normaliser is not None and options.on_cluster:
+        # The per-slide fit and its colour table live in this process; workers do not get them.
+        raise UsageError("input normalisation (--normalize-to, or the model card's reference) "
+                         "runs in this process only: drop --scheduler/--devices for this run")
     engine = load_engine(card, directory, options.engine_options())
     try:  # whatever happens once it is loaded (nothing to translate, a stop): close it
         m = ws.manifest
@@ -82,9 +127,30 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
             raise UsageError(f"nothing to translate in {ws.root}: no slide has been filtered; "
                              "run `stainctl filter -w WS` first")
         progress.start("translate", sum(m.tile_counts(s.id)["tiles_tissue"] for s in ready))
-        return TranslateStep(ws, progress, options, card, engine).run(ready)
+        return TranslateStep(ws, progress, options, card, engine, directory,
+                             normaliser).run(ready)
     finally:
         engine.close()
+
+
+def input_normaliser(card: ModelCard, options: TranslateOptions) -> Normaliser | None:
+    """The normalisation of the model's input: --normalize-to, else the reference its card
+    names (`normalize_to` in [architecture], relative to the card), else none."""
+    reference = options.normalize_to
+    named = card.architecture.get("normalize_to")
+    if reference is None and named:
+        reference = Path(str(named))
+        if not reference.is_absolute() and card.origin is not None:
+            reference = card.origin.parent / reference
+    if reference is None:
+        return None
+    from stainctl.normalize.classical import Normaliser
+    from stainctl.normalize.sample import load_reference
+
+    method = options.normalize_method
+    if options.normalize_to is None and card.architecture.get("normalize_method"):
+        method = str(card.architecture["normalize_method"])
+    return Normaliser.to_reference(method, load_reference(reference, card.input_mpp))
 
 
 @dataclass(frozen=True)
@@ -93,15 +159,19 @@ class TranslateWork:
     margin: int  # context px on each side of a grid tile
     side: int  # the generated tile: grid tile plus margins
     store: Path
+    slide_path: str
 
 
 class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
     label = "translate"
 
     def __init__(self, ws: Workspace, progress: Progress, options: TranslateOptions,
-                 card: ModelCard, engine: Engine) -> None:
+                 card: ModelCard, engine: Engine, directory: Path | None = None,
+                 normaliser: Normaliser | None = None) -> None:
         super().__init__(ws, progress, force=options.force)
         self.options, self.card, self.engine = options, card, engine
+        self.directory = directory
+        self.normaliser = normaliser  # tiles normalised first, fitted per slide
 
     def slide(self, item: SlideRecord) -> SlideRecord:
         return item
@@ -127,7 +197,10 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         params.update(self.engine.settings())  # what changes the pixels; batching and device
         if not self.engine.deterministic:  # do not
             params["seed"] = options.seed
-        work = TranslateWork(grid, margin, side, self.ws.tile_store_path(slide.key, card.name))
+        if self.normaliser is not None:  # absent without one: older stores stay valid
+            params["normalize"] = self.normaliser.settings()
+        work = TranslateWork(grid, margin, side, self.ws.tile_store_path(slide.key, card.name),
+                             slide.path)
         return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
                          work=work, previous=previous)
 
@@ -149,40 +222,93 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
             TileStore.remove(plan.work.store)  # made with other settings: start again
         super().start(plan)
 
+    def process(self, plans: Iterator[SlidePlan[SlideRecord, TranslateWork]]
+                ) -> Iterator[tuple[SlidePlan[SlideRecord, TranslateWork],
+                                    SlideOutcome | Failure]]:
+        if not self.options.on_cluster:
+            yield from super().process(plans)
+            return
+        from stainctl.steps.translate_cluster import run_on_cluster
+
+        yield from run_on_cluster(self, plans)
+
+    def slide_engine(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> Engine:
+        """The engine for one slide: with a normaliser, one whose tiles are normalised first
+        with the stain fitted on this slide (kept in the manifest)."""
+        if self.normaliser is None:
+            return self.engine
+        from stainctl.normalize.classical import NormalisedInput
+        from stainctl.steps.stain_fit import fit_slide
+
+        transform = fit_slide(self.ws, plan.slide, plan.work.grid, self.normaliser, plan.step)
+        return NormalisedInput(self.engine, transform)
+
     def run_one(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> SlideOutcome:
-        from stainctl.slide.tiles import TileSource, read_batches
+        import time
+
         from stainctl.steps.glass import glass_colour
-        from stainctl.workspace.tilestore import create_for_slide
+        from stainctl.steps.translate_work import translate_tiles
 
         s, work, options = plan.slide, plan.work, self.options
-        grid, margin, path = work.grid, work.margin, work.store
-        scale = grid.extent0 / grid.tile_size  # level-0 px per output px
-        margin0 = margin * scale
-        source = TileSource(s.path, grid.extent0 + 2 * margin0, work.side)
-        background = _resumed_background(path) or glass_colour(
-            self.ws, s, grid, self.engine, source, margin, tile_seed(options.seed, s.key, -1, -1))
-        store = create_for_slide(self.ws, s, self.card.name, margin,
+        engine = self.slide_engine(plan)
+        source = self.source(work)
+        background = _resumed_background(work.store) or glass_colour(
+            self.ws, s, work.grid, engine, source, work.margin,
+            tile_seed(options.seed, s.key, -1, -1))
+        store, tiles, present = self.open_store(plan, background)
+        t0 = time.perf_counter()
+        n = translate_tiles(engine, source, store, tiles, present=present, slide_key=s.key,
+                            margin0=self.margin0(work), seed=options.seed,
+                            batch_size=options.batch_size, readers=options.readers,
+                            advance=self.progress.advance)
+        return self.finished(plan, n, time.perf_counter() - t0)
+
+    # --- shared with the cluster run (translate_cluster.py) -----------------------------------
+    @staticmethod
+    def margin0(work: TranslateWork) -> float:
+        """The context margin in level-0 px."""
+        return work.margin * work.grid.extent0 / work.grid.tile_size
+
+    def source(self, work: TranslateWork) -> TileSource:
+        """Tiles with their context margin, at the model's side."""
+        from stainctl.slide.tiles import TileSource
+
+        return TileSource(work.slide_path, work.grid.extent0 + 2 * self.margin0(work),
+                          work.side)
+
+    def open_store(self, plan: SlidePlan[SlideRecord, TranslateWork],
+                   background: tuple[int, int, int]
+                   ) -> tuple[TileStore, NDArray[np.int64], NDArray[np.bool_]]:
+        """The slide's store (created, or reopened to resume; recorded in the manifest), its
+        tissue tiles ((n, 4): col, row, level-0 x, y) and which of them it holds already."""
+        from stainctl.workspace.tilestore import create_for_slide
+
+        s = plan.slide
+        store = create_for_slide(self.ws, s, self.card.name, plan.work.margin,
                                  {"model": self.card.name, "background": list(background)})
         todo = np.asarray([(t.col, t.row, t.x, t.y) for t in self.manifest.tissue_tiles(s.id)],
                           np.int64).reshape(-1, 4)
         written = store.written()
-        todo = todo[~written[todo[:, 1], todo[:, 0]]]  # resume: only what the store lacks
-        coords = np.round(todo[:, 2:] - margin0).astype(np.int64)
-        start = 0
-        for batch in read_batches(source, coords, options.batch_size, options.readers):
-            cells = todo[start:start + len(batch), :2]
-            seeds = [tile_seed(options.seed, s.key, int(c), int(r)) for c, r in cells]
-            out = self.engine.translate(batch, seeds)
-            for (col, row), tile in zip(cells, out, strict=True):
-                store.write(int(col), int(row), tile)
-            start += len(batch)
-            self.progress.advance(len(batch))
+        return store, todo, written[todo[:, 1], todo[:, 0]]
+
+    def finished(self, plan: SlidePlan[SlideRecord, TranslateWork], translated: int,
+                 seconds: float) -> SlideOutcome:
+        """Mark the store complete, record it, and say how fast the slide went."""
+        from stainctl.workspace.tilestore import TileStore
+
+        s, path = plan.slide, plan.work.store
+        store = TileStore.open(path)
         store.finish()
         self.manifest.record_artifact(s.id, "tile_store", self.ws.relative(path), plan.phash)
         total = int(store.written().sum())
+        rate = translated / seconds if translated and seconds > 0 else 0.0
+        if translated:
+            log.info("%s: %d tiles in %.1f s, %.2f tiles/s", s.key, translated, seconds, rate)
         return SlideOutcome(s.key, s.path, "done",
-                            f"{len(todo)} tile(s) translated ({total} in the store)",
-                            {"store": str(path), "translated_now": len(todo), "tiles": total})
+                            f"{translated} tile(s) translated ({total} in the store)"
+                            + (f", {rate:.2f} tiles/s" if translated else ""),
+                            {"store": str(path), "translated_now": translated, "tiles": total,
+                             "tiles_per_s": round(rate, 3)})
 
 
 def _resumed_background(path: Path) -> tuple[int, int, int] | None:

@@ -22,6 +22,7 @@ from stainctl.workspace.records import (
     RunRecord,
     SlideRecord,
     SlideSummary,
+    StainFitRecord,
     StepRecord,
     StepState,
     TileCell,
@@ -33,7 +34,7 @@ if TYPE_CHECKING:
     from sqlite3 import _Parameters  # typeshed's alias for what execute() binds
 
 # Pipeline order, used to report the last step done for a slide.
-STEP_ORDER = ("tile", "filter", "embed", "translate", "stitch", "evaluate")
+STEP_ORDER = ("tile", "filter", "embed", "normalize", "translate", "stitch", "evaluate")
 
 
 def now() -> str:
@@ -333,6 +334,30 @@ class Manifest:
                 (slide_id, step, params_hash, json.dumps(params) if params else None, state,
                  error, run_id, stamp, None if state == "running" else stamp))
 
+    # --- stain normalisation ---------------------------------------------------------------
+    def record_stain_fit(self, slide_id: int, step: str, method: str,
+                         source: Mapping[str, object], target: Mapping[str, object]) -> None:
+        """Keep what a step fitted for a slide (replacing that step's earlier fit)."""
+        with self.transaction():
+            self.db.execute(
+                "INSERT INTO stain_fits (slide_id, step, method, params, created) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (slide_id, step) DO UPDATE SET "
+                "method=excluded.method, params=excluded.params, created=excluded.created",
+                (slide_id, step, method, json.dumps({"source": source, "target": target}),
+                 now()))
+
+    def stain_fits(self, slide_id: int | None = None) -> list[StainFitRecord]:
+        """The stain fits of one slide (or all); none in a workspace older than schema 3."""
+        if not self._has_table("stain_fits"):
+            return []  # read-only at an older schema
+        where, args = ("WHERE slide_id=?", (slide_id,)) if slide_id is not None else ("", ())
+        return [StainFitRecord.from_row(r) for r in self.db.execute(
+            f"SELECT * FROM stain_fits {where} ORDER BY slide_id, step", args)]
+
+    def _has_table(self, name: str) -> bool:
+        return self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?",
+                               (name,)).fetchone() is not None
+
     # --- grid and tiles ---------------------------------------------------------------------
     def grid(self, slide_id: int) -> GridRecord | None:
         row = self.db.execute("SELECT * FROM grids WHERE slide_id=?", (slide_id,)).fetchone()
@@ -469,6 +494,9 @@ class Manifest:
         for r in self.db.execute("SELECT * FROM steps"):
             rec = StepRecord.from_row(r)
             steps.setdefault(rec.slide_id, {})[rec.step] = rec
+        fits: dict[int, dict[str, dict[str, object]]] = {}
+        for f in self.stain_fits():
+            fits.setdefault(f.slide_id, {})[f.step] = f.as_dict()
         out = []
         for s in self.slides():
             total, tissue, measured, kept = counts.get(s.id, (0, 0, 0, 0))
@@ -481,7 +509,7 @@ class Manifest:
                 steps={name: _state(r, live_run) for name, r in st.items()},
                 last_done=done[-1] if done else None,
                 errors={name: r.error for name, r in st.items() if r.state == "failed"},
-                warning=s.warning))
+                warning=s.warning, stain_fits=fits.get(s.id, {})))
         return out
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 StepState = Literal["running", "done", "failed"]
@@ -160,6 +160,35 @@ class StepRecord:
 
 
 @dataclass(frozen=True, kw_only=True)
+class StainFitRecord:
+    """A stain normalisation fitted once for one slide in one step: the method, and the slide's
+    (`source`) and the reference's (`target`) parameters (stain matrix and maximum
+    concentrations for Macenko, Lab mean and spread for Reinhard; JSON numbers)."""
+
+    slide_id: int
+    step: str
+    method: str
+    source: Mapping[str, object]
+    target: Mapping[str, object]
+    created: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.method:
+            raise ValueError("a stain fit needs its method")
+
+    @classmethod
+    def from_row(cls, row: sqlite3.Row) -> StainFitRecord:
+        params = json.loads(str(row["params"]))
+        return cls(slide_id=int(row["slide_id"]), step=str(row["step"]),
+                   method=str(row["method"]), source=dict(params.get("source", {})),
+                   target=dict(params.get("target", {})), created=str(row["created"]))
+
+    def as_dict(self) -> dict[str, object]:
+        return {"method": self.method, "source": dict(self.source),
+                "target": dict(self.target)}
+
+
+@dataclass(frozen=True, kw_only=True)
 class ArtifactRecord:
     """A file made for a slide (or for the workspace when `slide_id` is None). `path` is
     relative to the workspace when inside it. `stale`: made from a grid since replaced."""
@@ -225,13 +254,16 @@ class SlideSummary:
     last_done: str | None
     errors: Mapping[str, str | None]
     warning: str | None = None  # what `tile` found suspect (SlideRecord.warning)
+    # The stain normalisation fitted for the slide, per step (StainFitRecord.as_dict()).
+    stain_fits: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, object]:
         return {"slide": self.slide, "path": self.path, "mpp": self.mpp,
                 "tiles_total": self.tiles_total, "tiles_tissue": self.tiles_tissue,
                 "tiles_measured": self.tiles_measured, "tiles_kept": self.tiles_kept,
                 "steps": dict(self.steps), "last_done": self.last_done,
-                "errors": dict(self.errors), "warning": self.warning}
+                "errors": dict(self.errors), "warning": self.warning,
+                "stain_fits": {k: dict(v) for k, v in self.stain_fits.items()}}
 
 
 def _str(value: object) -> str | None:

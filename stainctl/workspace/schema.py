@@ -1,6 +1,6 @@
 """Manifest schema and its migrations. Bump SCHEMA_VERSION and add a migration for each change."""
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Version 1. Coordinates are level-0 pixels, top-left. Filter metrics are NULL until measured;
 # `keep` is NULL until the filter step has judged the tile.
@@ -90,4 +90,13 @@ MIGRATIONS: dict[int, str] = {
     # Version 2: slides.warning, what `tile` found suspect in a slide it could tile (a coloured
     # background: YCbCr read as RGB), kept so every later run and step can still say it.
     1: "ALTER TABLE slides ADD COLUMN warning TEXT;",
+    # Version 3: stain_fits, the stain normalisation fitted once per slide and step (`normalize`,
+    # `translate:<model>` with --normalize-to): method, the slide's and the target's parameters.
+    2: """CREATE TABLE IF NOT EXISTS stain_fits (
+        slide_id INTEGER NOT NULL REFERENCES slides(id) ON DELETE CASCADE,
+        step     TEXT NOT NULL,
+        method   TEXT NOT NULL,
+        params   TEXT NOT NULL,
+        created  TEXT NOT NULL,
+        PRIMARY KEY (slide_id, step));""",
 }

@@ -1,0 +1,56 @@
+"""Reaching a Dask scheduler: the address from --scheduler or STAINCTL_SCHEDULER, or a local
+cluster started for --devices; one clear message when it cannot be reached."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
+
+from stainctl.errors import UsageError
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+ENV = "STAINCTL_SCHEDULER"
+HOW_TO_START = ("start one with `dask scheduler` and `dask worker ADDRESS` on the machines, or "
+                "`stainctl cluster slurm`, or leave out --scheduler (and STAINCTL_SCHEDULER) to "
+                "run here")
+
+
+def unreachable(address: str, why: str) -> UsageError:
+    return UsageError(f"cannot reach the Dask scheduler at {address} ({why}); {HOW_TO_START}")
+
+
+def probe(address: str, timeout: float = 5.0) -> None:
+    """Fail at once, with the message, when nothing listens at a tcp:// address (the Dask
+    client would retry until its timeout)."""
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    if parts.scheme not in ("tcp", "tls", "ws", "wss"):
+        return  # inproc:// and others: the client says
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as err:
+        raise unreachable(address, f"not an address: {err}") from None
+    if not host or not port:
+        raise unreachable(address, "no host:port in it")
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as err:
+        raise unreachable(address, err.strerror or str(err)) from None
+
+
+@contextmanager
+def connect(address: str, timeout: str = "20s") -> Iterator[Client]:
+    """A client of the scheduler at `address`, closed on leaving."""
+    from distributed import Client
+
+    probe(address)
+    try:
+        client = Client(address, timeout=timeout, set_as_default=False)
+    except (OSError, TimeoutError) as err:
+        raise unreachable(address, str(err) or type(err).__name__) from None
+    with client:
+        yield client
