@@ -18,7 +18,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from stainctl.engines.fast.adapt import AdaptOptions, AdaptResult
+    from stainctl.engines.fast.model import FastGenerator
     from stainctl.engines.pixcell.engine import PixCellParts
     from stainctl.engines.pixcell.train import (
         PixCellLoraOptions,
@@ -182,7 +183,8 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
         held_out=len(list(held_out.glob("*.png"))) if options.hold_out > 0 else 0)
 
 
-def initial_generator(init: str, marker: str, directory: Path) -> tuple[Any, str]:
+def initial_generator(init: str, marker: str,
+                      directory: Path) -> tuple[FastGenerator | None, str]:
     """`--init`: the generator of the installed fast model `init` (all its weights trained
     further) and its weights' sha256 for the card; (None, "") without one."""
     if not init:
@@ -194,7 +196,7 @@ def initial_generator(init: str, marker: str, directory: Path) -> tuple[Any, str
     if card.engine != "fast" or card.architecture.get("base"):
         raise UsageError(f"--init {init}: not a plain fast model (a {card.engine} model or an "
                          "adapter); --init takes one that `stainctl train` made")
-    generator = load_generator(card, directory)
+    generator: FastGenerator = load_generator(card, directory)
     if marker not in generator.config.markers:
         raise UsageError(f"--init {init}: makes {', '.join(generator.config.markers)}, not "
                          f"{marker}; start from a {marker} model or drop --init")
