@@ -167,6 +167,8 @@ def test_completion_offers_installed_markers_and_option_choices(tmp_path):
         "ome-tiff", "tiff"]
     assert _complete("bash", "stainctl stitch --format o").stdout.split() == ["ome-tiff"]
     assert _complete("bash", "stainctl evaluate --metrics fid,c").stdout.split() == [
+        "fid,cropfid", "fid,colour"]
+    assert _complete("bash", "stainctl evaluate --metrics fid,cr").stdout.split() == [
         "fid,cropfid"]
     for command in ("translate", "embed", "evaluate", "train-lora"):
         assert _complete("bash", f"stainctl {command} --device c").stdout.split() == [

@@ -118,7 +118,7 @@ def test_registering_imports_no_torch_and_unknown_engines_say_what_exists():
     assert "fast" in out and "pixcell" in out
     card = ModelCard(name="x", kind="marker", engine="nope", input_mpp=0.5, tile_size=256,
                      licence="", intended_use="", training_data="", marker="ki67")
-    with pytest.raises(ModelError, match=r"'nope' engine.*it has: fast, pixcell"):
+    with pytest.raises(ModelError, match=r"'nope' engine.*it has: fast, histdist, pixcell"):
         load_engine(card, Path("."), EngineOptions())
 
 

@@ -59,8 +59,11 @@ def test_a_stain_one_installed_model_makes_is_that_model(use_models):
     card(directory, "ki67-draft", "ki67", weights=False)
     assert marker_card("ki67", directory).name == "ki67-site"
     # One model makes the stain but is not installed: it is used, so that the missing-weights
-    # message says what to pull.
-    assert marker_card("pr", directory).name == "pixcell-mist-pr"
+    # message says what to pull. (PR is made by two shipped cards since histdist-pr.)
+    card(directory, "ck7-draft", "ck7", weights=False)
+    assert marker_card("ck7", directory).name == "ck7-draft"
+    with pytest.raises(ModelError, match=r"several models make 'pr'.*histdist-pr, pixcell-mist-pr"):
+        marker_card("pr", directory)
 
 
 def test_a_model_that_is_no_marker_model_says_so(use_models):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import typer
 
 # As stainctl.evaluate.evaluator.METRICS (which imports numpy); a test keeps them equal.
-METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams", "colour")
+METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams", "colour", "mra")
 DEVICES = ("auto", "cpu", "cuda")
 
 

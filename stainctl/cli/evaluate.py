@@ -32,8 +32,8 @@ def evaluate(
     metrics: Annotated[str | None, typer.Option(
         autocompletion=complete.metrics,
         help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams, colour (Lab "
-             "mean/spread and H&E stain vectors of the tissue, distances to --real); each must "
-             "run. "
+             "mean/spread and H&E stain vectors of the tissue, distances to --real), mra "
+             "(HistDiST's retrieval accuracy of pairs, needs --encoder); each must run. "
              "Default: fid, cropfid, kid, stain, paired, seams, leaving out (and listing) those "
              "that cannot run here, such as FID without its Inception weights.")] = None,
     seeds: Annotated[int, typer.Option(help="Crop seeds for CropFID and KID (mean ± std).")] = 5,
@@ -53,7 +53,8 @@ def evaluate(
         help="The FID Inception-v3 weights file (weights-inception-2015-12-05-6726825d.pth); "
              "default: the torch hub cache.", dir_okay=False)] = None,
     encoder: Annotated[str | None, typer.Option(
-        help="Also compare in this encoder's space (e.g. uni2-h): Fréchet distance, cosine.")]
+        help="Also compare in this encoder's space (e.g. uni2-h): Fréchet distance, cosine; "
+             "the encoder of mra (gigapath as in HistDiST).")]
     = None,
     pairs: Annotated[Path | None, typer.Option(
         help="CSV of real,fake pairs (keys or image paths); default: images with the same "

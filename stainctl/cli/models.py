@@ -129,23 +129,38 @@ def pull(name: Name, models_dir: opt.ModelsDir = None, json_out: opt.Json = Fals
 
 @app.command("add")
 def add(
-    card_file: Annotated[Path, typer.Argument(help="A model card (.toml or .json).",
-                                              exists=True, dir_okay=False)],
+    source: Annotated[Path, typer.Argument(
+        help="A model card (.toml or .json), or a model folder (a HistDiST pipeline folder, "
+             "with --for, or any folder holding its card.toml).", exists=True)],
     weights: Annotated[list[Path] | None, typer.Option(
         "--weights", help="A weight file to copy beside the card (repeatable).",
         exists=True, dir_okay=False)] = None,
+    for_model: Annotated[str | None, typer.Option(
+        "--for", help="The model a folder is (e.g. histdist-er), when it holds no card.")]
+    = None,
     models_dir: opt.ModelsDir = None,
     json_out: opt.Json = False,
 ) -> None:
-    """Register your own model: the card (and weights) are copied into the models directory."""
+    """Register your own model: the card (and weights), or a model folder, are copied into the
+    models directory."""
     out = Output(json_out)
 
     def body() -> int:
-        from stainctl.models.registry import install
+        from stainctl.errors import UsageError
+        from stainctl.models.registry import install, install_folder
         from stainctl.models.registry import models_dir as resolve_dir
 
-        installed = install(card_file, list(weights or []), resolve_dir(models_dir))
-        card, target = installed.parent.name, installed.parent
+        directory = resolve_dir(models_dir)
+        if source.is_dir():
+            if weights:
+                raise UsageError("--weights goes with a card file; a folder is copied whole")
+            target = install_folder(source, for_model, directory)
+            card = target.name
+        else:
+            if for_model:
+                raise UsageError("--for goes with a model folder, not a card file")
+            installed = install(source, list(weights or []), directory)
+            card, target = installed.parent.name, installed.parent
         out.emit({"model": card, "directory": str(target)},
                  lambda: typer.echo(f"added {card} in {target}"))
         return 0

@@ -39,7 +39,9 @@ def translate(
     fmt: Annotated[Format, typer.Option("--format", help="ome-tiff or tiff (with SLIDES).")]
     = "ome-tiff",
     mpp: opt.Mpp = None,
-    steps: Annotated[int, typer.Option(help="Diffusion solver steps (pixcell).")] = 20,
+    steps: Annotated[int | None, typer.Option(
+        help="Diffusion steps: default 20 (pixcell), 100 translation steps (histdist).")]
+    = None,
     sampler: Annotated[str, typer.Option(
         help="Diffusion solver (pixcell): dpm++ (the model's own DPM-Solver++ 2M), "
              "dpm++-karras or unipc, which keep more quality at few steps (--steps 8; "
@@ -49,13 +51,32 @@ def translate(
              "pass.")] = 1.2,
     seed: Annotated[int, typer.Option(
         help="Seed; each tile's noise derives from it, the slide and the tile, so re-runs and "
-             "resumed runs give the same slide (pixcell).")] = 0,
+             "resumed runs give the same slide (pixcell, histdist).")] = 0,
     dtype: Annotated[str, typer.Option(
-        help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU) or fp32 (pixcell).")]
+        help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU) or fp32 (pixcell, "
+             "histdist).")]
     = "auto",
+    inversion_steps: Annotated[int | None, typer.Option(
+        help="DDIM inversion steps (histdist; default 100).")] = None,
+    eta: Annotated[str | None, typer.Option(
+        help="η schedule of the denoising: zero, constant, linear, cosine-10, cosine-20, "
+             "cosine-30 or a number (histdist default cosine-20, 0.6 - 0.4 cos(πx); "
+             "pixcell --structure default zero).")] = None,
+    inversion_eta: Annotated[str, typer.Option(
+        help="η schedule of the inversion (histdist).")] = "zero",
+    prediction_type: Annotated[str | None, typer.Option(
+        help="What the UNet predicts: v_prediction (published) or epsilon (histdist).")]
+    = None,
+    latent_norm: Annotated[str, typer.Option(
+        help="Standardise the inverted latent per channel: inversion (at its end, "
+             "published), steps (after every step) or none (histdist).")] = "inversion",
+    structure: Annotated[float | None, typer.Option(
+        help="pixcell: invert the H&E tile's latent up to this fraction of the schedule and "
+             "denoise from there (HistDiST's recipe; 0 < S <= 1, small keeps more of the "
+             "H&E; 1 is ordinary generation; costs S x --steps extra passes).")] = None,
     overlap: Annotated[int | None, typer.Option(
         help="Context px on each side of a tile, blended by stitch; default: the model's "
-             "(32 fast, 64 pixcell).")] = None,
+             "(32 fast, 64 pixcell, 32 histdist).")] = None,
     normalize_to: Annotated[Path | None, typer.Option(
         help="Normalise each tile to this reference's stain (an H&E image or slide) before "
              "the model sees it; default: the reference the model's card names, if any.")]
@@ -95,7 +116,10 @@ def translate(
             batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
             seed=seed, dtype=dtype, overlap=overlap, sampler=sampler, scheduler=scheduler,
             devices=Devices.parse(devices).names if devices else None, shard_tiles=shard_tiles,
-            normalize_to=normalize_to, normalize_method=normalize_method)
+            normalize_to=normalize_to, normalize_method=normalize_method,
+            inversion_steps=inversion_steps, eta=eta, inversion_eta=inversion_eta,
+            prediction=prediction_type, latent_norm=latent_norm, structure=structure)
+
 
     def step_alone() -> Batch:
         from stainctl.steps.translate import translate_slides

@@ -28,6 +28,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 # Diffusion samplers (`--sampler`): the DPM-Solver++ 2M its model ships with, the same with Karras
 # sigmas, or UniPC (bh2), both of which keep more quality at few steps (`--steps 8`).
 SAMPLERS = ("dpm++", "dpm++-karras", "unipc")
+# Where HistDiST standardises the inverted latent: at its end (published), every step, never.
+LATENT_NORMS = ("inversion", "steps", "none")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,13 +39,36 @@ class EngineOptions:
 
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     dtype: str = "auto"  # bf16 on a GPU, fp32 on a CPU
-    steps: int = 20  # diffusion solver steps
+    steps: int | None = None  # diffusion steps; None: the engine's (pixcell 20, histdist 100)
     guidance: float = 1.2  # classifier-free guidance; <= 1: conditional pass only
     sampler: str = "dpm++"  # one of SAMPLERS
+    # Inversion (histdist; pixcell with --structure): DDIM steps back to noise, the η schedules
+    # of the inversion and of the denoising (engines.ddim), the histdist UNet's prediction type
+    # and where its inverted latent is standardised; None: the engine's published default.
+    inversion_steps: int | None = None
+    eta: str | None = None
+    inversion_eta: str = "zero"
+    prediction: str | None = None
+    latent_norm: str = "inversion"  # inversion, steps or none
+    structure: float | None = None  # pixcell: invert up to this fraction of the schedule
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise UsageError("--steps must be at least 1")
+        from stainctl.engines.ddim import PREDICTIONS, eta_schedule
+
+        if (self.steps is not None and self.steps < 1) or (
+                self.inversion_steps is not None and self.inversion_steps < 1):
+            raise UsageError("--steps and --inversion-steps must be at least 1")
+        for schedule in (self.eta, self.inversion_eta):
+            if schedule is not None:
+                eta_schedule(schedule)
+        if self.prediction is not None and self.prediction not in PREDICTIONS:
+            raise UsageError(f"--prediction-type must be one of {', '.join(PREDICTIONS)}, "
+                             f"got {self.prediction}")
+        if self.latent_norm not in LATENT_NORMS:
+            raise UsageError(f"--latent-norm must be one of {', '.join(LATENT_NORMS)}, "
+                             f"got {self.latent_norm}")
+        if self.structure is not None and not 0 < self.structure <= 1:
+            raise UsageError(f"--structure must be in (0, 1], got {self.structure}")
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler must be one of {', '.join(SAMPLERS)}, "
                              f"got {self.sampler}")
@@ -161,4 +186,7 @@ register(EngineSpec(name="pixcell", loader="stainctl.engines.pixcell.engine:load
 # A stain normaliser (`normalize --method stainfuser`): its engine also takes the reference image.
 register(EngineSpec(name="stainfuser",
                     loader="stainctl.engines.stainfuser.engine:load_stainfuser_engine",
+                    fixed_side=True))
+register(EngineSpec(name="histdist",
+                    loader="stainctl.engines.histdist.engine:load_histdist_engine",
                     fixed_side=True))

@@ -26,7 +26,7 @@ from stainctl.evaluate.distribution import (
 from stainctl.evaluate.measure import MeasureOptions, SetMeasures, measure_set, network_fn
 from stainctl.evaluate.sources import ImageSet, Item, SourceOptions, equal_subsets, open_set
 
-METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams", "colour")
+METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams", "colour", "mra")
 DEFAULT_METRICS = ("fid", "cropfid", "kid", "stain", "paired", "seams")
 INCEPTION_METRICS = {"fid", "cropfid", "kid"}
 # What ranks the generated sets, best first: the first of these that was measured.
@@ -65,6 +65,9 @@ class EvaluateOptions:
                              f"{', '.join(METRICS)}")
         if "encoder" in self.metrics and not self.encoder:
             raise UsageError("the encoder metrics need --encoder NAME (e.g. uni2-h)")
+        if "mra" in self.metrics and not self.encoder:
+            raise UsageError("mra needs --encoder NAME: gigapath (as HistDiST measures it) or "
+                             "another installed encoder such as uni2-h")
         if self.seeds < 1 or self.crops < 1 or self.crop_size < 16:
             raise UsageError("--seeds and --crops must be at least 1, --crop-size at least 16")
         if not self.fakes:
@@ -147,7 +150,7 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
 
     # A weights file given by name asks for FID: a wrong one is an error, not a note.
     network = load(INCEPTION_METRICS, _feature_network, options.inception_weights is not None)
-    encoder = load({"encoder"}, _encoder)
+    encoder = load({"encoder", "mra"}, _encoder)
 
     real_set = open_set(options.real, options.source, fake=False)
     fakes: list[SetResult] = []
@@ -207,6 +210,8 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
                 stats = colour_stats(f.measures.colour, f.path)
                 f.metrics["colour"] = {**stats.as_dict(),
                                        "distance": colour_distance(stats, target)}
+    if "mra" in wanted and encoder is not None:
+        _add_mra(real, fakes, options, encoder, caveats)
     rank_by, ranking = _rank(fakes)
     settings = {"metrics": sorted(wanted), "seeds": options.seeds, "crops": options.crops,
                 "crop_size": options.crop_size, "max_images": options.max_images,
@@ -216,6 +221,26 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
                 else "inception-v3-compat pool3 (2048)"}
     return Evaluation(real, fakes, ranking, rank_by, settings, sorted(set(caveats)),
                       unavailable)
+
+
+def _add_mra(real: SetResult, fakes: list[SetResult], options: EvaluateOptions,
+             encoder: Callable[[np.ndarray], np.ndarray], caveats: list[str]) -> None:
+    """MRA of each generated set over its pairs with the real set (same names, or --pairs)."""
+    from stainctl.evaluate.pairs import find_pairs
+    from stainctl.evaluate.retrieval import mra_of_pairs
+
+    assert real.image_set is not None
+    for f in fakes:
+        if f.error is not None or f.image_set is None:
+            continue
+        pairs = find_pairs(real.image_set.items, f.image_set.items, options.pairs_csv)
+        if options.max_images is not None:
+            pairs = pairs[:options.max_images]
+        if len(pairs) < 2:
+            caveats.append("mra needs at least 2 pairs of real and generated images (same "
+                           "names, or --pairs CSV)")
+            continue
+        f.metrics["mra"] = mra_of_pairs(pairs, encoder)
 
 
 def _feature_network(options: EvaluateOptions) -> Callable[[np.ndarray], np.ndarray]:

@@ -97,6 +97,9 @@ COLUMNS = (
     ("seam ratio", lambda m: m.get("seams", {}).get("ratio")),
     ("Lab distance", lambda m: m.get("colour", {}).get("distance", {}).get("lab_distance")),
     ("H angle °", lambda m: m.get("colour", {}).get("distance", {}).get("haematoxylin_angle")),
+    ("MRA top-1/top-3 (chance)", lambda m: None if "mra" not in m else
+     f"{m['mra']['top1']:.3f} / {m['mra']['top3']:.3f} "
+     f"({m['mra']['chance_top1']:.3f} / {m['mra']['chance_top3']:.3f})"),
 )
 
 

@@ -33,11 +33,17 @@ class WeightFile:
     sha256: str = ""  # verified when given
     gated: bool = False  # the hub repository asks users to accept its licence first
     path: str = ""  # local file; relative paths are relative to the card
+    # Where the authors publish a file outside the hub (HistDiST's models): never downloaded by
+    # stainctl; the file is looked for in the models directory (`models add FOLDER`).
+    url: str = ""
 
     @property
     def source(self) -> str:
         if self.path:
             return self.path
+        if self.url and not self.repo:
+            sub = f"{self.subfolder}/" if self.subfolder else ""
+            return f"{sub}{self.filename} ({self.url})"
         sub = f"{self.subfolder}/" if self.subfolder else ""
         return f"hf://{self.repo}/{sub}{self.filename}@{self.revision}"
 
@@ -189,8 +195,8 @@ def _validate(card: ModelCard, where: object) -> None:
     if card.kind == "marker" and not card.marker:
         raise ModelError(f"{where}: a marker model must name its marker")
     for w in card.weights:
-        if not w.path and not (w.repo and w.filename):
+        if not w.path and not ((w.repo or w.url) and w.filename):
             raise ModelError(f"{where}: weights {w.role!r} need a local path or a hub repo "
-                             "and filename")
+                             "(or a publisher's url) and filename")
         if w.sha256 and len(w.sha256) != 64:
             raise ModelError(f"{where}: weights {w.role!r}: sha256 must be 64 hex digits")

@@ -5,7 +5,10 @@ the network's input size with one pinned transform (antialiased bilinear resize,
 mean/std), so embeddings do not change when a library changes its defaults. Families:
   * crop-cls: one token per crop, the network's pooled CLS embedding (UNI2-h: a 1024-px tile gives
     4 x 4 crops of 256 px, 16 tokens x 1536);
-  * crop-patches: the dense patch tokens of every crop (UNI as UNIStainNet uses it).
+  * crop-patches: the dense patch tokens of every crop (UNI as UNIStainNet uses it);
+  * center-crop: one token per image, the whole image resized (shorter side) to `crop` px with
+    bicubic interpolation and centre-cropped to `input_size` (Prov-GigaPath's published
+    transform: Resize(256, bicubic), CenterCrop(224)), any image size.
 The timm architecture and its keyword arguments come from the card, so tests build tiny
 randomly initialised networks of the same classes through the same code.
 """
@@ -21,7 +24,7 @@ import numpy as np
 from stainctl.errors import ModelError
 from stainctl.models.card import ModelCard
 
-FAMILIES = ("crop-cls", "crop-patches")
+FAMILIES = ("crop-cls", "crop-patches", "center-crop")
 # Names a TOML card can use for timm's callable keyword arguments.
 _CALLABLES = {"SwiGLUPacked": ("timm.layers", "SwiGLUPacked"), "SiLU": ("torch.nn", "SiLU"),
               "GELU": ("torch.nn", "GELU")}
@@ -91,6 +94,8 @@ class TileEncoder:
         return (self.spec.input_size // ph) * (self.spec.input_size // pw)
 
     def grid(self, tile_px: int) -> int:
+        if self.spec.family == "center-crop":
+            return 1
         if tile_px % self.spec.crop:
             raise ModelError(f"encoder {self.name} cuts tiles into {self.spec.crop}-px crops; "
                              f"a {tile_px}-px tile is not a whole number of them: tile with "
@@ -106,6 +111,8 @@ class TileEncoder:
         import torch.nn.functional as F
 
         b, h, w, _ = tiles.shape
+        if self.spec.family == "center-crop":
+            return self._center_crop(tiles)
         if h != w:
             raise ModelError(f"encoder {self.name} takes square tiles, got {w} x {h}")
         g, c = self.grid(h), self.spec.crop
@@ -118,6 +125,23 @@ class TileEncoder:
                               antialias=True, align_corners=False)
         return (x - self._mean) / self._std
 
+    def _center_crop(self, tiles: np.ndarray) -> Any:
+        import torch
+        import torch.nn.functional as F
+
+        _, h, w, _ = tiles.shape
+        x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
+        x = x.permute(0, 3, 1, 2).float()
+        short = self.spec.crop
+        size = (short, max(short, round(w * short / h))) if h <= w else \
+            (max(short, round(h * short / w)), short)
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+        x = x.clamp(0, 255)  # bicubic overshoots; PIL's resize saturates at 0 and 255
+        n = self.spec.input_size
+        top, left = (size[0] - n) // 2, (size[1] - n) // 2
+        x = x[:, :, top:top + n, left:left + n]
+        return (x - self._mean) / self._std
+
     def encode(self, tiles: np.ndarray, half: bool = False) -> Any:
         """(B, H, W, 3) uint8 tiles -> (B, tokens, dim) on the CPU, float32 (float16 with
         `half`: what is stored, and half the bytes to copy back from a GPU)."""
@@ -126,7 +150,7 @@ class TileEncoder:
         b = tiles.shape[0]
         x = self.crops(tiles)
         with torch.inference_mode(), self._autocast():
-            if self.spec.family == "crop-cls":
+            if self.spec.family in ("crop-cls", "center-crop"):
                 out = self.network(x)  # (N, dim): pooled CLS
                 out = out.reshape(b, -1, self.dim)
             else:

@@ -88,3 +88,39 @@ def install(card_file: Path, files: list[Path], directory: Path) -> Path:
     with atomic_path(target / f"card{card_file.suffix}") as tmp:
         shutil.copyfile(card_file, tmp)
     return target / f"card{card_file.suffix}"
+
+
+def install_folder(folder: Path, card_name: str | None, directory: Path) -> Path:
+    """Copy a model folder (a HistDiST pipeline folder, as its authors publish them) into
+    `<directory>/<name>/`, where the card's weights are looked for. The card is the folder's own
+    `card.toml`, or the known card `card_name` (`--for histdist-er`). Returns the target."""
+    import os
+    import shutil
+
+    own = next((folder / n for n in ("card.toml", "card.json") if (folder / n).is_file()), None)
+    if own is not None:
+        card = load_card(own)
+        if card_name and card_name != card.name:
+            raise ModelError(f"{own} is the card of {card.name}, not {card_name}")
+    elif card_name:
+        card = get_card(card_name, directory)
+    else:
+        raise ModelError(f"{folder} has no card.toml: say which model it is, e.g. "
+                         "`stainctl models add FOLDER --for histdist-er`")
+    if card.engine == "histdist":
+        from stainctl.engines.histdist.folder import check_folder
+
+        check_folder(folder, card.name)
+    target = directory / card.name
+    tmp = directory / f".{card.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(folder, tmp)  # copied whole under a temporary name, then renamed
+    if target.exists():
+        old = directory / f".{card.name}.old-{os.getpid()}"
+        target.rename(old)
+        tmp.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(target)
+    return target

@@ -47,7 +47,7 @@ def locate(card: ModelCard, weight: WeightFile, directory: Path) -> Resolved:
     local = local_path(card, weight, directory)
     if local.is_file():
         return Resolved(weight, local, "models dir")
-    cached = _from_hub_cache(weight)
+    cached = _from_hub_cache(weight) if weight.repo else None
     if cached is not None:
         return Resolved(weight, cached, "hub cache")
     return Resolved(weight, None, "not downloaded")
@@ -92,6 +92,10 @@ def missing_message(card: ModelCard, found: Resolved, directory: Path) -> str:
     if w.path:
         return (f"model {card.name}: its {w.role} weights are missing ({found.where}); fix the "
                 f"path in {card.origin}")
+    if w.url and not w.repo:
+        return (f"model {card.name}: its {w.role} ({w.source}) is not installed; its authors "
+                f"publish it at {w.url}, not on the Hugging Face hub: download the model folder "
+                f"and run `stainctl models add FOLDER --for {card.name}`")
     how = f"run `stainctl models pull {card.name}`"
     if w.gated:
         how += (f" after accepting the licence at https://huggingface.co/{w.repo} and setting "
@@ -125,6 +129,8 @@ def pull(card: ModelCard, directory: Path) -> list[Resolved]:
     out = []
     for weight in card.weights:
         found = locate(card, weight, directory)
+        if found.path is None and weight.url and not weight.repo:
+            raise ModelError(missing_message(card, found, directory))
         if found.path is None and not weight.path:
             try:
                 path = hf_hub_download(weight.repo, weight.filename,

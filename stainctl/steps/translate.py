@@ -48,8 +48,9 @@ class TranslateOptions:
     batch_size: int = 8
     readers: int = 2
     force: bool = False
-    # Diffusion engines (pixcell): sampling, and the seed each tile's noise is derived from.
-    steps: int = 20
+    # Diffusion engines (pixcell, histdist): sampling, and the seed each tile's noise is derived
+    # from; steps None: the engine's default (pixcell 20, histdist 100).
+    steps: int | None = None
     guidance: float = 1.2
     seed: int = 0
     dtype: str = "auto"
@@ -64,6 +65,13 @@ class TranslateOptions:
     # the reference the model card names (architecture.normalize_to), if any.
     normalize_to: Path | None = None
     normalize_method: str = "macenko"  # a classical method (normalize.CLASSICAL)
+    # Inversion (histdist; pixcell --structure): see engines.base.EngineOptions.
+    inversion_steps: int | None = None
+    eta: str | None = None
+    inversion_eta: str = "zero"
+    prediction: str | None = None
+    latent_norm: str = "inversion"
+    structure: float | None = None
 
     def __post_init__(self) -> None:
         from stainctl.normalize import CLASSICAL
@@ -88,7 +96,10 @@ class TranslateOptions:
 
     def engine_options(self) -> EngineOptions:
         return EngineOptions(device=self.device, dtype=self.dtype, steps=self.steps,
-                             guidance=self.guidance, sampler=self.sampler)
+                             guidance=self.guidance, sampler=self.sampler,
+                             inversion_steps=self.inversion_steps, eta=self.eta,
+                             inversion_eta=self.inversion_eta, prediction=self.prediction,
+                             latent_norm=self.latent_norm, structure=self.structure)
 
 
 def grid_tile_size(card: ModelCard, options: TranslateOptions) -> int:

@@ -45,6 +45,9 @@ class PixCellParts:
     flow: Any | None
 
 
+DEFAULT_STEPS = 20  # DPM-Solver++ steps when --steps is not given
+
+
 class PixCellEngine:
     """uint8 RGB tiles of `input_side` px in, generated uint8 RGB tiles of the same size out
     (an `engines.base.Engine`)."""
@@ -63,6 +66,7 @@ class PixCellEngine:
         self.dtype = resolve_dtype(sampling.dtype, self.device)
         self.input_side: int | None = parts.config.image_size
         self.margin = int(card.architecture.get("margin", DEFAULT_OVERLAP))
+        self.steps = sampling.steps or DEFAULT_STEPS
         for net in (parts.transformer, parts.vae, parts.flow):
             if net is not None:
                 net.eval().requires_grad_(False).to(self.device)
@@ -71,23 +75,38 @@ class PixCellEngine:
 
     def tokens(self, tiles: np.ndarray) -> Any:
         """Conditioning tokens (B, T, D) of H&E tiles: UNI2-h, then the flow to IHC style."""
-        from stainctl.engines.pixcell.flow import translate_tokens
+        return self.ihc_tokens(self.he_tokens(tiles))
 
+    def he_tokens(self, tiles: np.ndarray) -> Any:
         tokens = self.parts.encoder.encode(tiles).to(self.device)
         if tokens.shape[1] != self.parts.config.tokens:
             raise ModelError(f"{self.card.name} is conditioned on {self.parts.config.tokens} "
                              f"tokens a tile; the encoder gave {tokens.shape[1]}")
+        return tokens
+
+    def ihc_tokens(self, tokens: Any) -> Any:
+        from stainctl.engines.pixcell.flow import translate_tokens
+
         if self.parts.flow is not None:
             tokens = translate_tokens(self.parts.flow, tokens, self.parts.config.flow_steps)
         return tokens
 
     def settings(self) -> Mapping[str, object]:
-        out: dict[str, object] = {"steps": self.sampling.steps,
+        out: dict[str, object] = {"steps": self.steps,
                                   "guidance": self.sampling.guidance,
                                   "dtype": self.sampling.dtype}
         if self.sampling.sampler != "dpm++":  # absent = the default: older stores stay valid
             out["sampler"] = self.sampling.sampler
+        if self.structured:
+            out["structure"] = self.sampling.structure
+            out["eta"] = self.sampling.eta or "zero"
         return out
+
+    @property
+    def structured(self) -> bool:
+        """--structure below 1: HistDiST's inversion recipe; at 1 the whole schedule is made
+        again, which is ordinary generation from the tile's seed."""
+        return self.sampling.structure is not None and self.sampling.structure < 1
 
     def close(self) -> None:
         for net in (self.parts.transformer, self.parts.vae, self.parts.flow):
@@ -106,14 +125,39 @@ class PixCellEngine:
             raise ModelError(f"{self.card.name} generates {self.input_side}-px tiles; got "
                              f"{w} x {h}")
         seeds = list(range(b)) if seeds is None else [int(s) for s in seeds]
+        if self.structured:
+            return self._structured(tiles, seeds)
         cond = self.tokens(tiles)
         side = h // self.parts.config.downscale  # h is input_side
         noise = initial_noise(seeds, (self.parts.config.latent_channels, side, side))
         transformer = self.parts.transformer
         latents = sample_latents(transformer, self.parts.config.scheduler, cond,
                                  transformer.uncond_embedding.float(), noise.to(self.device),
-                                 self.sampling.steps, self.sampling.guidance, self.dtype,
+                                 self.steps, self.sampling.guidance, self.dtype,
                                  self.sampling.sampler)
+        return decode_latents(self.parts.vae, latents, self.dtype).numpy()
+
+
+    def _structured(self, tiles: np.ndarray, seeds: list[int]) -> np.ndarray:
+        import torch
+
+        from stainctl.engines.ddim import eta_schedule
+        from stainctl.engines.pixcell.sampling import (
+            decode_latents,
+            encode_latents,
+            invert_and_sample,
+        )
+
+        assert self.sampling.structure is not None
+        he = self.he_tokens(tiles)
+        cond = self.ihc_tokens(he)
+        images = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
+        start = encode_latents(self.parts.vae, images, self.dtype)
+        transformer = self.parts.transformer
+        latents = invert_and_sample(
+            transformer, self.parts.config.scheduler, he, cond,
+            transformer.uncond_embedding.float(), start, self.steps, self.sampling.structure,
+            self.sampling.guidance, self.dtype, eta_schedule(self.sampling.eta or "zero"), seeds)
         return decode_latents(self.parts.vae, latents, self.dtype).numpy()
 
 

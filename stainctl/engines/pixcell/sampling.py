@@ -101,3 +101,82 @@ def decode_latents(vae: Any, latents: torch.Tensor, dtype: torch.dtype,
         img = ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         out.append(img.permute(0, 2, 3, 1).cpu())
     return torch.cat(out)
+
+
+def _inversion_grid(scheduler_config: dict[str, Any], steps: int) -> list[int]:
+    """Trailing DDIM timesteps, ascending: `steps` evenly spaced, the last at the final one."""
+    total = int(scheduler_config.get("num_train_timesteps", 1000))
+    return sorted({round(t) - 1 for t in torch.arange(total, 0, -total / steps).tolist()})
+
+
+@torch.no_grad()
+def invert_and_sample(transformer: Any, scheduler_config: dict[str, Any], he: torch.Tensor,
+                      cond: torch.Tensor, uncond: torch.Tensor, latents: torch.Tensor,
+                      steps: int, structure: float, guidance: float, dtype: torch.dtype,
+                      eta: Any, seeds: Sequence[int]) -> torch.Tensor:
+    """HistDiST's recipe on PixCell: DDIM-invert the H&E tile's latent `latents` (normalised)
+    under its own tokens `he` through the first `structure` of a `steps`-step schedule, then
+    DDIM-denoise from there under the IHC tokens `cond` (with guidance), η from `eta` (a
+    schedule over the denoising run). Costs ceil(structure x steps) inversion passes (one
+    conditional pass each) on top of as many denoising steps."""
+    import math
+
+    from diffusers import DDIMScheduler
+
+    from stainctl.engines.ddim import TileNoise, denoise_step, eta_at, invert_step
+
+    ddim = DDIMScheduler.from_config({k: v for k, v in scheduler_config.items()
+                                      if k in ("num_train_timesteps", "beta_start", "beta_end",
+                                               "beta_schedule", "trained_betas")})
+    device = latents.device
+    alphas = ddim.alphas_cumprod.to(device)
+    grid = _inversion_grid(scheduler_config, steps)
+    k = max(1, math.ceil(structure * steps - 1e-9))
+    ts = grid[:k]  # from the clean end up
+    channels, b = latents.shape[1], latents.shape[0]
+    noise = TileNoise(seeds)
+    one = torch.ones((), device=device)
+
+    def predict(x: torch.Tensor, t: int, tokens: torch.Tensor, scale: float) -> torch.Tensor:
+        guided = scale > 1.0
+        inp = torch.cat([x, x]) if guided else x
+        toks = torch.cat([tokens, uncond.expand(b, -1, -1)]) if guided else tokens
+        timestep = torch.full((inp.shape[0],), t, device=device)
+        with autocast(device, dtype):
+            out = transformer(inp, encoder_hidden_states=toks.to(device), timestep=timestep,
+                              return_dict=False)[0]
+        eps = out[:, :channels].float()
+        if guided:
+            eps_c, eps_u = eps.chunk(2)
+            eps = eps_u + scale * (eps_c - eps_u)
+        return eps
+
+    x = latents.float()
+    a_from = one
+    for t in ts:  # the H&E tokens alone: the inversion follows the tile's own content
+        x = invert_step(x, predict(x, t, he, 1.0), a_from, alphas[t], "epsilon")
+        a_from = alphas[t]
+    for i, t in enumerate(reversed(ts)):
+        a_prev = alphas[ts[k - 2 - i]] if i < k - 1 else one
+        value = eta_at(eta, i, k)
+        drawn = noise.draw(x.shape[1:]).to(device) if value > 0 else None
+        x = denoise_step(x, predict(x, t, cond, guidance), alphas[t], a_prev, "epsilon", value,
+                         drawn)
+    return x
+
+
+@torch.no_grad()
+def encode_latents(vae: Any, tiles: torch.Tensor, dtype: torch.dtype,
+                   chunk: int = 4) -> torch.Tensor:
+    """Normalised latents (the posterior means) of uint8 (B, H, W, 3) tiles on the VAE's device,
+    the inverse of `decode_latents`."""
+    from stainctl.engines.pixcell.config import LatentScaling
+
+    scaling = LatentScaling.of(vae.config)
+    out = []
+    for part in tiles.split(chunk):
+        img = part.permute(0, 3, 1, 2).float() / 127.5 - 1
+        with autocast(img.device, dtype):
+            mean = vae.encode(img, return_dict=False)[0].mean
+        out.append(scaling.normalise(mean.float()))
+    return torch.cat(out)
