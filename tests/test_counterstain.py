@@ -15,6 +15,7 @@ from stainctl.engines.fast.losses import (
     background_colour_loss,
     dab_outside_nuclei_loss,
     dab_tail_loss,
+    dab_upper_loss,
     haematoxylin_stats_loss,
     nuclei_mask_torch,
     tissue_mask_torch,
@@ -84,6 +85,23 @@ def test_dab_tail_is_what_evaluation_reports(ki67_crop, he_crop):
     assert float(dab_tail_loss(dab_h, dab_r)) >= expected - 1e-4  # p90 part, plus the area part
 
 
+def test_dab_upper_pulls_olive_nuclei_up_to_brown(ki67_crop):
+    """DAB capped just below the positive threshold (olive nuclei, nothing counted positive):
+    the sorted upper tail tells it from the real crop, and its gradient raises the capped
+    pixels, not the others."""
+    dab_r = dab_density_torch(_t(ki67_crop))
+    assert float((dab_r > 0.15).float().mean()) > 0.005  # the crop has brown nuclei
+    assert dab_upper_loss(dab_r, dab_r) == 0
+    olive = dab_r.clamp_max(0.14).requires_grad_(True)
+    assert float(dab_upper_loss(olive.detach(), dab_r)) > 0.01
+    dab_upper_loss(olive, dab_r).backward()
+    assert olive.grad is not None
+    capped = dab_r >= 0.14
+    assert float(olive.grad[capped].max()) < 0  # descent raises every capped pixel
+    low = dab_r < torch.quantile(dab_r.flatten(), 0.9)
+    assert float(olive.grad[low].abs().max()) == 0  # the bulk of the tissue is left alone
+
+
 def test_counterstain_terms_tell_a_browned_he_from_a_ki67(ki67_crop, he_crop):
     """Every term is lower for the real IHC against itself than for the same IHC browned all
     over (what the old demo model did), and the DAB-outside-nuclei term ignores brown nuclei."""
@@ -144,7 +162,8 @@ def test_counterstain_losses_give_gradients(he_crop, ki67_crop):
     x, y = _t(he_crop), _t(ki67_crop)
     fake = x.clone().requires_grad_(True)
     terms = counterstain_losses(fake, x, y, TrainConfig())
-    assert set(terms) == {"dab_tail", "haematoxylin", "nuclear", "background", "off_stain"}
+    assert set(terms) == {"dab_tail", "dab_upper", "haematoxylin", "nuclear", "background",
+                          "off_stain"}
     sum(terms.values()).backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
     none = counterstain_losses(x, x, y, TrainConfig(marker="her2"))
@@ -191,3 +210,28 @@ def test_train_device_and_loss_weight_options(cli, tmp_path, use_models, he_ome_
     card = (tmp_path / "m" / "card.toml").read_text()
     assert "on cpu" in card and "nuclear=0" in card and "haematoxylin=4" in card
     assert json.loads(r.stdout)["steps"] == 1
+
+
+def test_train_init_starts_from_an_installed_fast_model(cli, tmp_path, use_models, he_ome_path,
+                                                        ki67_ome_paths):
+    from safetensors.torch import load_file
+
+    from stainctl.steps.train import initial_generator
+
+    models = use_models()
+    base = ["train", "--he", he_ome_path, "--ihc", ki67_ome_paths[0], "--device", "cpu",
+            "--steps", "1", "--batch", "1", "--crop", "64"]
+    r = cli(*base, "--marker", "ki67", "--name", "first", "-o", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    start, sha = initial_generator("first", "ki67", models)
+    saved = load_file(str(tmp_path / "a" / "generator.safetensors"))
+    assert all(torch.equal(v.half(), saved[k]) for k, v in start.state_dict().items())
+    r = cli(*base, "--marker", "ki67", "--name", "second", "--init", "first", "-o",
+            tmp_path / "b")
+    assert r.exit_code == 0, r.output
+    card = (tmp_path / "b" / "card.toml").read_text()
+    assert f"starting from the generator of first (sha256 {sha})" in card
+    r = cli(*base, "--marker", "her2", "--init", "first", "-o", tmp_path / "c")
+    assert r.exit_code == 2 and "makes ki67, not her2" in r.stderr
+    r = cli(*base, "--marker", "ki67", "--init", "nosuch", "-o", tmp_path / "d")
+    assert r.exit_code != 0 and "unknown model 'nosuch'" in r.stderr

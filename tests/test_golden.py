@@ -19,8 +19,9 @@ SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 # re-recorded when untranslated tiles took the colour the model gives glass (issue 15, item 1);
 # re-recorded when the grid was laid on the sample's level-0 pixels (issue 21: 0.5 µm/px is
 # within 1 % of its 0.499), so the output has the slide's own size. The same digest with
-# STAINCTL_DIRECT_READ=0: the direct tile reader changes nothing.
-MAIN_JOB_LEVEL0_SHA256 = "354a9237d551e36b55494e91c30f5f2ab82d244dd063ec5b20115d39ff74d4ae"
+# STAINCTL_DIRECT_READ=0: the direct tile reader changes nothing. Re-recorded when demo-ki67 was
+# retrained to look like a Ki67 IHC (issue 22: blue-grey counterstain, some nuclei brown).
+MAIN_JOB_LEVEL0_SHA256 = "dffe12f4b42f4051a4bb11956241eaf95c789a0c244aee08db44f79b36ccfffc"
 
 
 @pytest.mark.slow

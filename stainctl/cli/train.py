@@ -41,11 +41,16 @@ def train(
     loss_weight: Annotated[list[str] | None, typer.Option(
         "--loss-weight", metavar="NAME=VALUE",
         help="Set one loss weight (repeat): adv 1, identity 5, structure 10, dab 2 (DAB mean "
-             "and spread), dab_tail 10 (top-decile DAB and DAB-positive area), haematoxylin "
+             "and spread), dab_tail 10 (top-decile DAB and DAB-positive area), dab_upper 20 "
+             "(the sorted top 3 % of DAB, rank by rank), haematoxylin "
              "10 (counterstain of DAB-negative tissue), nuclear (DAB outside nuclei-shaped "
              "structures; 20 for nuclear markers such as ki67, else 0), background 5 (colour "
              "of non-nuclear tissue), off_stain 200 (colour no haematoxylin-DAB mix makes), "
              "glass 25, lowres 10 and fm 1 (pairs only).")] = None,
+    init: Annotated[str | None, typer.Option(
+        "--init", metavar="MODEL", autocompletion=complete.markers,
+        help="Start from the generator weights of this installed fast model (e.g. demo-ki67) "
+             "instead of from scratch; the card records it.")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", "--out", file_okay=False,
         help="Model folder (resumable run, held-out crops); default <models dir>/<name>. "
@@ -84,7 +89,7 @@ def train(
             marker=marker, he=tuple(he), ihc=tuple(ihc), pairs=tuple(pairs), name=name or "",
             out=output, models_dir=Path(models_dir) if models_dir else None, steps=steps,
             batch=batch, crop=crop, seed=seed, default_mpp=default_mpp, hold_out=hold_out,
-            device=device, loss_weights=tuple(weights)),
+            device=device, loss_weights=tuple(weights), init=init or ""),
             log=not (quiet or json_out))
         data = {"name": res.name, "engine": "fast", "card": str(res.card),
                 "folder": str(res.folder), "steps": res.steps, "parameters": res.parameters,

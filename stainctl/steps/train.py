@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     import torch
 
     from stainctl.engines.fast.adapt import AdaptOptions, AdaptResult
+    from stainctl.engines.fast.model import FastGenerator
     from stainctl.engines.pixcell.engine import PixCellParts
     from stainctl.engines.pixcell.train import (
         PixCellLoraOptions,
@@ -63,6 +64,7 @@ class FastTrainOptions:
     hold_out: float = 0.0  # fraction of each IHC image's width kept out of training
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     loss_weights: tuple[tuple[str, float], ...] = ()  # (name, weight) over TrainConfig's
+    init: str = ""  # an installed fast model whose generator weights the run starts from
 
     def __post_init__(self) -> None:
         from stainctl.engines.fast.train import WEIGHTS
@@ -138,14 +140,15 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     if options.hold_out > 0:
         ihc = write_held_out(ihc, options.hold_out, config.crop, held_out)
     pairs = [load_pair(a, b, config.mpp, options.default_mpp) for a, b in options.pairs]
+    start, init_sha = initial_generator(options.init, config.marker, directory)
     gen, state = train(he, list(ihc.values()), config, folder / "run", log=log,
-                       pairs=pairs)
+                       generator=start, pairs=pairs)
     generator = folder / GENERATOR
     export(gen, generator)  # type: ignore[arg-type]
     (folder / "history.json").write_text(json.dumps(state.history))
     loss_curve(state.history, folder / "loss.png",
                keys=("g", "d", "adv", "identity", "structure", "dab", "glass", "dab_tail",
-                     "haematoxylin", "nuclear", "background", "off_stain"))
+                     "dab_upper", "haematoxylin", "nuclear", "background", "off_stain"))
     count = parameter_count(gen)
     how = (f"Unpaired, at {config.mpp} µm/px. H&E: {', '.join(p.name for p in options.he)}. "
            f"IHC: {', '.join(p.name for p in options.ihc)}")
@@ -156,6 +159,8 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
         how += ". Pairs: " + ", ".join(f"{a.name} + {b.name}" for a, b in options.pairs)
     how += (f". {state.step} steps of {config.batch} random {config.crop}-px crops, seed "
             f"{config.seed}, on {device}")
+    if options.init:
+        how += f", starting from the generator of {options.init} (sha256 {init_sha})"
     if options.loss_weights:
         how += ", loss weights " + ", ".join(f"{k}={v:g}" for k, v in options.loss_weights)
     how += " (stainctl train)."
@@ -176,6 +181,26 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
         name=name, card=installed, folder=folder, steps=state.step, parameters=count,
         final_loss=float(state.history[-1]["g"]) if state.history else float("nan"),
         held_out=len(list(held_out.glob("*.png"))) if options.hold_out > 0 else 0)
+
+
+def initial_generator(init: str, marker: str,
+                      directory: Path) -> tuple[FastGenerator | None, str]:
+    """`--init`: the generator of the installed fast model `init` (all its weights trained
+    further) and its weights' sha256 for the card; (None, "") without one."""
+    if not init:
+        return None, ""
+    from stainctl.engines.fast.engine import load_generator
+    from stainctl.models.registry import get_card
+
+    card = get_card(init, directory)
+    if card.engine != "fast" or card.architecture.get("base"):
+        raise UsageError(f"--init {init}: not a plain fast model (a {card.engine} model or an "
+                         "adapter); --init takes one that `stainctl train` made")
+    generator: FastGenerator = load_generator(card, directory)
+    if marker not in generator.config.markers:
+        raise UsageError(f"--init {init}: makes {', '.join(generator.config.markers)}, not "
+                         f"{marker}; start from a {marker} model or drop --init")
+    return generator, card.weights[0].sha256
 
 
 def adapt_fast(options: AdaptOptions, log: bool = True) -> AdaptResult:
