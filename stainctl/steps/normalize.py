@@ -177,7 +177,7 @@ def run_normalize_job(ws: Workspace, requests: list[SlideRequest], options: Norm
     from stainctl.slide.grid import GridParams
     from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
     from stainctl.steps.filter import FilterOptions, filter_slides
-    from stainctl.steps.pipeline import side_by_side_outcome
+    from stainctl.steps.pipeline import ChainTally, side_by_side_outcome
     from stainctl.steps.stitch import StitchOptions, stitch_slides
     from stainctl.steps.tile import TileOptions, tile_slides
 
@@ -188,14 +188,7 @@ def run_normalize_job(ws: Workspace, requests: list[SlideRequest], options: Norm
                       min_tissue=0.05)
     pyramid = pyramid or PyramidOptions()
     max_read = max_thumbnail_read or DEFAULT_MAX_READ_GPX
-    failed: dict[str, SlideOutcome] = {}
-    worked: set[str] = set()
-
-    def keep(result: BatchResult) -> None:
-        for o in result.failed:
-            failed.setdefault(o.slide, o)
-        worked.update(o.slide for o in result.slides if o.state == "done")
-
+    tally = ChainTally()
     steps = [
         (Workspace.TILE, lambda: tile_slides(ws, requests, TileOptions(
             grid=grid, force=options.force, max_thumbnail_read=max_read,
@@ -206,22 +199,19 @@ def run_normalize_job(ws: Workspace, requests: list[SlideRequest], options: Norm
             progress)),
         (STEP, lambda: normalize_slides(ws, options, reference, progress)),
     ]
-    for name, run in steps:
-        keep(run())
-        if not ws.manifest.slides_done(name):
-            result = BatchResult("normalize")
-            result.slides.extend(failed.values())
-            return result
+    stuck = tally.run(ws, steps, "normalize")
+    if stuck is not None:
+        return stuck
     stitch = StitchOptions(pyramid=pyramid, markers=(OUTPUT,), output=output,
                            force=options.force)
     stitched = stitch_slides(ws, stitch, progress)
-    keep(stitched)
+    tally.keep(stitched)
     result = BatchResult("normalize")
     for o in stitched.slides:
-        if o.state == "failed" or o.slide in failed:
+        if o.state == "failed" or o.slide in tally.failed:
             continue
         result.slides.append(side_by_side_outcome(
-            ws, stitch, o, OUTPUT, worked, max_read, labels=("source", "normalised"),
+            ws, stitch, o, OUTPUT, tally.worked, max_read, labels=("source", "normalised"),
             target=reference.image, target_label="target"))
-    result.slides.extend(failed.values())
+    result.slides.extend(tally.failed.values())
     return result

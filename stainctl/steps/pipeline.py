@@ -8,6 +8,7 @@ fails at any step is reported with that step's reason and the others go on.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,6 +26,30 @@ if TYPE_CHECKING:
     from numpy.typing import NDArray
 
     from stainctl.steps.stitch import StitchOptions
+
+
+@dataclasses.dataclass
+class ChainTally:
+    """What the chained steps of a whole-slide job (the main job, `normalize`) did to each
+    slide: its first failure, and whether any step did work on it (else it was already done)."""
+
+    failed: dict[str, SlideOutcome] = dataclasses.field(default_factory=dict)
+    worked: set[str] = dataclasses.field(default_factory=set)
+
+    def keep(self, result: BatchResult) -> None:
+        for o in result.failed:
+            self.failed.setdefault(o.slide, o)
+        self.worked.update(o.slide for o in result.slides if o.state == "done")
+
+    def run(self, ws: Workspace, steps: list[tuple[str, Callable[[], BatchResult]]],
+            label: str) -> BatchResult | None:
+        """Run the steps in order; once one leaves no slide done, the failures so far as the
+        job's result (the reason, not "nothing to do" from the next step); else None."""
+        for name, step in steps:
+            self.keep(step())
+            if not ws.manifest.slides_done(name):
+                return BatchResult(label, list(self.failed.values()))
+        return None
 
 
 def run_main_job(ws: Workspace, requests: list[SlideRequest], options: TranslateOptions,
@@ -54,14 +79,7 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     grid = GridParams(target_mpp=card.input_mpp, tile_size=grid_tile_size(card, options),
                       min_tissue=0.05)
     pyramid = pyramid or PyramidOptions()
-    failed: dict[str, SlideOutcome] = {}
-    worked: set[str] = set()  # slides some step did work on; the others were already done
-
-    def keep_failures(result: BatchResult) -> None:
-        for o in result.failed:
-            failed.setdefault(o.slide, o)
-        worked.update(o.slide for o in result.slides if o.state == "done")
-
+    tally = ChainTally()
     steps = [
         (Workspace.TILE, lambda: tile_slides(ws, requests, TileOptions(
             grid=grid, force=options.force,
@@ -73,31 +91,28 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
                                                  scheduler=options.scheduler), progress)),
         (Workspace.translate_step(card.name), lambda: translate_slides(ws, options, progress)),
     ]
-    for name, run in steps:
-        keep_failures(run())
-        if not ws.manifest.slides_done(name):
-            # Nothing for the next step: report why the slides failed, not "nothing to do".
-            result = BatchResult("translate")
-            result.slides.extend(failed.values())
-            return result
+    stuck = tally.run(ws, steps, "translate")
+    if stuck is not None:
+        return stuck
     stitch = StitchOptions(pyramid=pyramid, markers=(card.name,), output=output,
                            force=options.force)
     stitched = stitch_slides(ws, stitch, progress)
-    keep_failures(stitched)
+    tally.keep(stitched)
     result = BatchResult("translate")
     max_read = max_thumbnail_read or DEFAULT_MAX_READ_GPX
     virtual: dict[str, Path] = {}  # slide -> its stitched virtual slide, for --readout
     for o in stitched.slides:
-        if o.state == "failed" or o.slide in failed:
+        if o.state == "failed" or o.slide in tally.failed:
             continue
         virtual[o.slide] = output_path(ws, stitch, o.slide, card.name)
-        result.slides.append(side_by_side_outcome(ws, stitch, o, card.name, worked, max_read))
+        result.slides.append(side_by_side_outcome(ws, stitch, o, card.name, tally.worked,
+                                                  max_read))
     if readout:
         from stainctl.steps.readout import read_out_virtual
 
         read_out_virtual(result.slides, virtual, card.marker or card.name, output / "readout",
                          progress)
-    result.slides.extend(failed.values())
+    result.slides.extend(tally.failed.values())
     return result
 
 
