@@ -10,7 +10,6 @@ model gives the slide's glass, measured once per slide and model (`glass.py`) an
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,8 +35,6 @@ if TYPE_CHECKING:
     from stainctl.normalize.classical import Normaliser
     from stainctl.slide.tiles import TileSource
     from stainctl.workspace.tilestore import TileStore
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -313,8 +310,6 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         self.manifest.record_artifact(s.id, "tile_store", self.ws.relative(path), plan.phash)
         total = int(store.written().sum())
         rate = translated / seconds if translated and seconds > 0 else 0.0
-        if translated:
-            log.info("%s: %d tiles in %.1f s, %.2f tiles/s", s.key, translated, seconds, rate)
         return SlideOutcome(s.key, s.path, "done",
                             f"{translated} tile(s) translated ({total} in the store)"
                             + (f", {rate:.2f} tiles/s" if translated else ""),
