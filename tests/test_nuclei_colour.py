@@ -30,7 +30,7 @@ def ki67(ki67_ome_paths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Two 256-px crops of the NDPI Ki67 scan (image, nuclei, other tissue): blue nuclei, a
     fraction brown."""
     image = load_image(ki67_ome_paths[0], 0.5)
-    x = torch.cat([_t(image[300:556, 200:456]), _t(image[0:256, 0:256])])
+    x = torch.cat([_t(image[300:556, 200:456]), _t(image[500:756, 100:356])])
     tissue = tissue_mask_torch(x)
     nuclei = nuclei_mask_torch(hed_density_torch(x), tissue, with_dab=True)
     return x, nuclei, tissue & ~nuclei
