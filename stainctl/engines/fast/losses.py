@@ -206,11 +206,17 @@ def optical_density_torch(x: torch.Tensor) -> torch.Tensor:
 
 
 def _directions(count: int = 16) -> torch.Tensor:
-    """(3, count) unit vectors: the three channel axes, then a fixed seeded set (the same
-    every step and run, so the loss does not draw from the training RNG)."""
+    """(3, count) unit vectors: the three channel axes, the haematoxylin and DAB density
+    directions of the colour deconvolution (one slice each that reads hue: a nucleus either
+    blue or brown, not olive in between), then a fixed seeded set over the whole sphere (the
+    same every step and run, so the loss does not draw from the training RNG). Directions in
+    the positive octant alone would mostly read darkness, and match the darkest H&E nuclei to
+    the targets' darkest (brown) pixels whatever their hue."""
+    from stainctl.stain.deconvolution import hed_from_rgb
+
+    stains = torch.as_tensor(hed_from_rgb()[:, [0, 2]].T, dtype=torch.float32)
     g = torch.Generator().manual_seed(22)
-    v = torch.cat([torch.eye(3), torch.randn(count - 3, 3, generator=g).abs()])
-    # abs(): ODs are positive, so directions in the positive octant separate hues best.
+    v = torch.cat([torch.eye(3), stains, torch.randn(count - 5, 3, generator=g)])
     return (v / v.norm(dim=1, keepdim=True)).T
 
 
