@@ -108,7 +108,7 @@ def readout_index(runner: Any, app: Any, path: Path, out: Path,
             "index": positive / count if count else float("nan")}
 
 
-def card_lines(m: dict[str, Any]) -> list[str]:
+def card_lines(m: dict[str, Any], against: str = "held-out") -> list[str]:
     real, fake, he = m["held_out_ihc"], m["output"], m["he_input"]
 
     def ratio(a: float, b: float) -> str:
@@ -117,7 +117,7 @@ def card_lines(m: dict[str, Any]) -> list[str]:
     h_change = 100 * (fake["haematoxylin"] / real["haematoxylin"] - 1)
     return [
         f"DAB-positive area (OD > 0.15): {100 * fake['dab_positive']:.1f} % in its output on "
-        f"CMU-1 against {100 * real['dab_positive']:.1f} % in the held-out Ki67 IHC "
+        f"CMU-1 against {100 * real['dab_positive']:.1f} % in the {against} Ki67 IHC "
         f"({ratio(fake['dab_positive'], real['dab_positive'])}; H&E input "
         f"{100 * he['dab_positive']:.1f} %);",
         f"per-image p90 DAB {fake['dab_p90']:.3f} against {real['dab_p90']:.3f} "
@@ -127,7 +127,7 @@ def card_lines(m: dict[str, Any]) -> list[str]:
         f"mean RGB there {fake['rgb']} against {real['rgb']};",
         "Ki67 nuclear positivity index (`stainctl readout --marker ki67`): "
         f"{100 * fake['ki67_index']:.1f} % of {fake['nuclei']} nuclei in its output on CMU-1 "
-        f"against {100 * real['ki67_index']:.1f} % of {real['nuclei']} in the held-out real "
+        f"against {100 * real['ki67_index']:.1f} % of {real['nuclei']} in the {against} real "
         f"crops (H&E input {100 * he['ki67_index']:.1f} %);",
         f"glass left as glass: mean change {m['change']['glass']:.1f} grey levels on glass, "
         f"{m['change']['tissue']:.0f} on tissue.",
@@ -197,7 +197,7 @@ def main() -> None:
                       "evaluate": {f["label"]: {k: v for k, v in f.items()
                                                 if k not in ("best", "worst", "path")}
                                    for f in report["fakes"]}}, indent=2))
-    print("\n".join(card_lines(measured)))
+    print("\n".join(card_lines(measured, args.against)))
 
 
 if __name__ == "__main__":
