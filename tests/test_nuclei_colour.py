@@ -97,9 +97,27 @@ def test_counterstain_losses_include_the_colour_terms(ki67, cmu1_path):
     real = counterstain_losses(x, x, x, TrainConfig())
     for key in ("nuclei_colour", "tissue_colour"):
         assert float(terms[key]) > 5 * float(real[key]) + 0.05, key  # the H&E is far off
-    assert TrainConfig().w_nuclei_colour > 0 and TrainConfig().w_tissue_colour > 0
+    # Off by default (the shipped demo's command must still make it); a weight enters the total.
+    assert TrainConfig().w_nuclei_colour == 0 and TrainConfig().w_tissue_colour == 0
     with pytest.raises(ValueError, match="nuclei_colour"):
         TrainConfig(w_nuclei_colour=-1)
+
+
+def test_colour_weights_enter_the_generator_loss(tmp_path, cmu1_path, ki67_ome_paths):
+    from stainctl.engines.fast.model import FastConfig
+    from stainctl.engines.fast.train import train
+
+    he = [load_image(cmu1_path, 0.5)]
+    ihc = [load_image(ki67_ome_paths[0], 0.5)]
+    base = TrainConfig(crop=64, batch=2, steps=1, seed=3,
+                       model=FastConfig(widths=(8, 16, 32), marker_dim=8))
+    _, off = train(he, ihc, base, tmp_path / "a", log=False)
+    on = TrainConfig(**{**base.__dict__, "w_nuclei_colour": 30.0, "w_tissue_colour": 20.0})
+    _, with_terms = train(he, ihc, on, tmp_path / "b", log=False)
+    h0, h1 = off.history[0], with_terms.history[0]
+    assert h1["nuclei_colour"] == pytest.approx(h0["nuclei_colour"]) and h0["nuclei_colour"] > 0
+    assert h1["g"] == pytest.approx(h0["g"] + 30 * h0["nuclei_colour"]
+                                    + 20 * h0["tissue_colour"], rel=1e-4)
 
 
 def test_validation_strip_overlaps_neither_training_nor_held_out(ki67_ome_paths, tmp_path):

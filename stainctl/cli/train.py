@@ -51,8 +51,9 @@ def train(
              "10 (counterstain of DAB-negative tissue), nuclear (DAB outside nuclei-shaped "
              "structures; 20 for nuclear markers such as ki67, else 0), background 5 (colour "
              "of non-nuclear tissue), off_stain 200 (colour no haematoxylin-DAB mix makes), "
-             "nuclei_colour 30 and tissue_colour 20 (colour distributions of nuclei and of "
-             "other tissue), glass 25, lowres 10 and fm 1 (pairs only).")] = None,
+             "nuclei_colour 0 and tissue_colour 0 (colour distributions of nuclei and of "
+             "other tissue; 30 and 20 give blue nuclei, some brown), glass 25, lowres 10 and "
+             "fm 1 (pairs only).")] = None,
     init: Annotated[str | None, typer.Option(
         "--init", metavar="MODEL", autocompletion=complete.markers,
         help="Start from the generator weights of this installed fast model (e.g. demo-ki67) "
