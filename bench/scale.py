@@ -148,6 +148,66 @@ def on_cluster(tasks: list[Any], cores: list[tuple[int, ...]], store: Path,
             "workers": per_worker}
 
 
+def _ceiling_worker(core: int, kind: str, key: Any, side: int, seconds: float,
+                    start: Any, out: Any) -> None:
+    """In a process pinned to `core`: how many units of pure work it does in `seconds` once
+    every process is ready (kind "model": the engine on a batch of 8 tiles, torch on one
+    thread, no reading or writing; "python": a loop that touches no memory)."""
+    from stainctl.cluster.pin import pin_process
+
+    pin_process([core])
+    if kind == "model":
+        import torch
+
+        from stainctl.steps.translate_work import cached_engine
+
+        torch.set_num_threads(1)
+        engine = cached_engine(key)
+        batch = np.random.default_rng(core).integers(0, 255, (8, side, side, 3), np.uint8)
+        seeds = list(range(8))
+        engine.translate(batch, seeds)
+
+        def unit() -> None:
+            engine.translate(batch, seeds)
+    else:
+        def unit() -> None:
+            x = 0
+            for i in range(200_000):
+                x += i * i
+    start.wait()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        unit()
+        n += 1
+    out.put(n / (time.perf_counter() - t0))
+
+
+def ceiling(key: Any, side: int, cores: int, seconds: float = 8.0) -> dict[str, Any]:
+    """The best (b) this machine allows: pure work in one process pinned to one core, against
+    two such processes on two cores at once (units/s summed). Below 2x, the two cores slow each
+    other down (shared caches, memory bandwidth, or virtual CPUs on one physical core)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out: dict[str, Any] = {}
+    for kind in ("python", "model"):
+        rates = []
+        for procs in (1, 2):
+            start, queue = ctx.Barrier(procs), ctx.Queue()
+            ps = [ctx.Process(target=_ceiling_worker,
+                              args=(i % cores, kind, key, side, seconds, start, queue))
+                  for i in range(procs)]
+            for p in ps:
+                p.start()
+            rates.append(sum(queue.get() for _ in ps))
+            for p in ps:
+                p.join()
+        out[kind] = {"one_core_units_per_s": round(rates[0], 3),
+                     "two_cores_units_per_s": round(rates[1], 3),
+                     "two_over_one": round(rates[1] / rates[0], 3)}
+    return out
+
+
 def in_process(tasks: list[Any], threads: int, store: Path, width: int, height: int, tile: int,
                margin: int) -> float:
     import torch
@@ -178,6 +238,7 @@ def cpu_part(args: argparse.Namespace, slide: Path, width: int, height: int) -> 
     tasks = shard_tasks(slide, Path(args.work) / "store.zarr", tiles, key, tile, margin,
                         args.shard, args.batch)
     geo = (Path(args.work) / "store.zarr", width, height, tile, margin)
+    limit = ceiling(key, tile + 2 * margin, cores)
     rates = {"in_process": in_process(tasks, cores, *geo)}
     pin = list(range(cores))
     runs = {
@@ -191,7 +252,7 @@ def cpu_part(args: argparse.Namespace, slide: Path, width: int, height: int) -> 
             "a_overhead_ratio": round(rates["one_worker_all_cores"] / rates["in_process"], 3),
             "b_two_workers_speedup": round(rates["two_workers_one_core_each"]
                                            / rates["one_worker_one_core"], 3),
-            "runs": runs}
+            "machine_ceiling": limit, "runs": runs}
 
 
 class GpuBusy:
