@@ -66,19 +66,27 @@ print(json.dumps(seen))
 
 @pytest.mark.slow
 def test_devices_cpu_cpu_workers_run_on_their_own_cores():
-    from stainctl.cluster.connect import connect
-    from stainctl.cluster.local import Devices, local_cluster
     from stainctl.cluster.pin import available_cores
 
-    cores = available_cores()
-    with local_cluster(Devices(names=("cpu", "cpu"))) as address, connect(address) as client:
-        client.wait_for_workers(2)
-        seen = sorted(tuple(sorted(v))
-                      for v in client.run(lambda: os.sched_getaffinity(0)).values())
-        threads = sorted(client.run(lambda: os.environ["OMP_NUM_THREADS"]).values())
+    code = """
+import json, os
+from stainctl.cluster.connect import connect
+from stainctl.cluster.local import Devices, local_cluster
+with local_cluster(Devices(names=("cpu", "cpu"))) as address, connect(address) as client:
+    client.wait_for_workers(2)
+    seen = sorted(sorted(v) for v in client.run(lambda: os.sched_getaffinity(0)).values())
+    threads = sorted(client.run(lambda: os.environ["OMP_NUM_THREADS"]).values())
+print(json.dumps([seen, threads]))
+"""
+    # A child process: the cluster's Nanny changes process-wide Dask state, which must not
+    # reach the other tests of this session.
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    seen, threads = json.loads(out.stdout.strip().splitlines()[-1])
+    cores = list(available_cores())
     expected = core_sets(2, cores)
     if expected is None:  # a one-core machine: both workers share it
         assert seen == [cores, cores]
     else:
-        assert seen == sorted(expected)
+        assert seen == sorted(list(c) for c in expected)
         assert threads == sorted(str(len(c)) for c in expected)
