@@ -1,25 +1,27 @@
-"""Keeping the C heap from growing with the slide (glibc's dynamic mmap threshold).
+"""Giving freed memory back to the system while a slide is worked on (glibc `malloc_trim`).
 
-glibc serves a block of at least `M_MMAP_THRESHOLD` bytes (128 KiB) with its own mmap, returned to
-the system on free. But each time such a block is freed the threshold rises to its size (up to
-32 MiB), so after the first freed batch of tiles every tile-sized buffer (decoded tiles, batches,
-blended overlaps, libvips' strips) comes from the arenas of the threads that allocate it, where
-freed pieces are kept and fragment. Measured on the identity `normalize` job (tile, read, tile
-store, stitch): peak RSS 922 MB at 0.25 gigapixel and 1,680 MB at 1 gigapixel, almost all of it
-freed-but-kept heap (tracemalloc saw ~115 MB of Python/numpy memory at the peak). Fixing the
-threshold at glibc's default turns the adjustment off, so those buffers go back to the system
-when freed (bench/RESULTS.md, normalize and stitch sections of 2026-11-30).
-
-Process-wide, set once at start-up by the CLI; a threshold the user set in the environment
-(`MALLOC_MMAP_THRESHOLD_`) is kept. Other C libraries do nothing here.
+glibc serves a block of at least 128 KiB with its own mmap, returned on free; but each time such
+a block is freed that threshold rises to the block's size (up to 32 MiB), so after the first freed
+batch every tile-sized buffer (decoded tiles, batches, blended overlaps, libvips' strips) comes
+from the arenas of the threads that allocate it, where freed pieces are kept and fragment. That
+made peak RSS grow with the slide area: the identity `normalize` job (tile, read, tile store,
+stitch) peaked at 916 MB on a 0.25-gigapixel slide and 1,673 MB at 1 gigapixel, while
+tracemalloc saw ~115 MB of Python/numpy memory at the peak. Trimming the arenas between batches
+of tiles and bands of the canvas, at most once a second, gave 732 and 912 MB at no measured cost
+in time; fixing the mmap threshold instead (mallopt) gave 614 and 841 MB but took 50-70 % longer
+(page faults on every buffer). bench/RESULTS.md, normalize and stitch sections of 2026-11-30.
 """
 
 from __future__ import annotations
 
 import os
+import threading
+import time
 
-M_MMAP_THRESHOLD = -3  # mallopt's parameter number (malloc.h)
-THRESHOLD = 128 * 1024  # glibc's default, fixed instead of sliding up to 32 MiB
+EVERY = 1.0  # seconds between trims: a trim walks every arena (~ms), the work between is ~s
+
+_lock = threading.Lock()
+_last = float("-inf")
 
 
 def glibc() -> bool:
@@ -29,14 +31,22 @@ def glibc() -> bool:
         return False
 
 
-def bound_heap(threshold: int = THRESHOLD) -> bool:
-    """Fix glibc's mmap threshold at `threshold` bytes; True when it was set here."""
-    if not glibc() or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
+def trim(every: float = EVERY) -> bool:
+    """Return the free pages of every malloc arena to the system, unless that was done less than
+    `every` seconds ago (by any thread); True when it ran. A no-op off glibc."""
+    global _last
+    now = time.monotonic()
+    with _lock:
+        if now - _last < every or not _GLIBC:
+            return False
+        _last = now
     import ctypes
 
     try:
-        libc = ctypes.CDLL(None)
-        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(threshold)))
+        ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):
         return False
+    return True
+
+
+_GLIBC = glibc()

@@ -81,8 +81,4 @@ def main() -> None:
         from typer.completion import completion_init
 
         completion_init()
-    else:
-        from stainctl.heap import bound_heap
-
-        bound_heap()  # RSS flat with the slide area (heap.py)
     app(prog_name="stainctl")

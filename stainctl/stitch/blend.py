@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from stainctl import heap
 from stainctl.workspace.tilestore import StoreLayout, TileStore
 
 
@@ -72,6 +73,7 @@ class Canvas:
             last = s - o if r < lay.rows - 1 else s
             yield from _clip_rows(band[first:last], top + first, lay.height)
             previous = band
+            heap.trim()  # libvips' freed strips and the blends' temporaries go back
 
     def _band(self, r: int) -> np.ndarray:
         """Row r of tiles blended left to right: (side, width, 3), band row 0 at canvas y
