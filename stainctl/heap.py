@@ -7,7 +7,7 @@ from the arenas of the threads that allocate it, where freed pieces are kept and
 made peak RSS grow with the slide area: the identity `normalize` job (tile, read, tile store,
 stitch) peaked at 916 MB on a 0.25-gigapixel slide and 1,673 MB at 1 gigapixel, while
 tracemalloc saw ~115 MB of Python/numpy memory at the peak. Trimming the arenas between batches
-of tiles and bands of the canvas, at most once a second, gave 732 and 912 MB at no measured cost
+of tiles and bands of the canvas, at most once a second, gave 717 and 918 MB at no measured cost
 in time; fixing the mmap threshold instead (mallopt) gave 614 and 841 MB but took 50-70 % longer
 (page faults on every buffer). bench/RESULTS.md, normalize and stitch sections of 2026-11-30.
 """
