@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 from numpy.typing import NDArray
@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from stainctl.errors import StainctlError
 
 if TYPE_CHECKING:
+    from numcodecs import Blosc
     from zarr.core.common import JSON
     from zarr.types import AnyArray
 
@@ -284,7 +285,7 @@ class TileStore:
             self._decode_into(codec, row, col, out[col])
         return out
 
-    def _decode_into(self, codec: Any, row: int, col: int,
+    def _decode_into(self, codec: Blosc, row: int, col: int,
                      out: NDArray[np.uint8]) -> NDArray[np.uint8]:
         try:
             blob = (self.path / "c" / str(row) / str(col) / "0" / "0" / "0").read_bytes()
