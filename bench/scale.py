@@ -9,6 +9,9 @@ CPU (default):
   (a) in-process (torch on all cores) vs one local worker process given the same cores:
       the distribution overhead; target >= 0.9 of in-process tiles/s.
   (b) one worker with one thread vs two workers with one thread each; target >= 1.7x.
+      "One thread" means one core: each worker process is pinned to its own core (its reader
+      and writer threads too, cluster/pin.py), torch on one thread. Each run also records each
+      worker's CPU seconds over the wall time, the driver's, and which shards each worker ran.
 GPU (`--device cuda`, one in-process engine, no Dask or dask-cuda needed, ~90 s):
   tiles/s and the fraction of the wall time the GPU is busy, for the fast engine (target >= 85 %)
   and for the full-size pixcell engine with random weights (PixCell-1024, SD3.5 VAE, UNI2-h);
@@ -75,45 +78,134 @@ def shard_tasks(slide: Path, store: Path, tiles: np.ndarray, key: Any, tile: int
             for i, s in enumerate(range(0, len(tiles), shard))]
 
 
-def spec_cluster(workers: int, torch_threads: int) -> Any:
+def spec_cluster(cores: list[tuple[int, ...]]) -> Any:
+    """One one-thread worker per entry of `cores`, pinned to those cores (reader and writer
+    threads included) with torch on that many threads: what `--devices cpu,...` starts."""
     import logging
 
     import dask
     from distributed import Nanny, Scheduler, SpecCluster
 
-    env = {"OMP_NUM_THREADS": str(torch_threads), "MKL_NUM_THREADS": str(torch_threads)}
+    from stainctl.cluster.pin import worker_options
+
     with dask.config.set({"distributed.nanny.pre-spawn-environ": {}}):
         return SpecCluster(
-            workers={i: {"cls": Nanny, "options": {"nthreads": 1, "env": env,
-                                                    "silence_logs": logging.ERROR}}
-                     for i in range(workers)},
+            workers={i: {"cls": Nanny, "options": {"nthreads": 1, "silence_logs": logging.ERROR,
+                                                    **worker_options(c)}}
+                     for i, c in enumerate(cores)},
             scheduler={"cls": Scheduler, "options": {"dashboard": False,
                                                      "dashboard_address": ":0"}},
             silence_logs=logging.ERROR)
 
 
-def on_cluster(tasks: list[Any], workers: int, torch_threads: int, store: Path,
-               width: int, height: int, tile: int, margin: int) -> float:
-    """tiles/s of `tasks` on a fresh local cluster, engines loaded and warm first."""
+def _cpu_seconds() -> float:
+    """This process's CPU time, all threads (run on each worker)."""
+    return time.process_time()
+
+
+def _affinity() -> list[int]:
+    return sorted(os.sched_getaffinity(0))
+
+
+def on_cluster(tasks: list[Any], cores: list[tuple[int, ...]], store: Path,
+               width: int, height: int, tile: int, margin: int) -> dict[str, Any]:
+    """tiles/s of `tasks` on a fresh local cluster, engines loaded and warm first; and where
+    the time went: each worker's CPU seconds over the wall time (1.0 = one core busy all the
+    run), the driver's (scheduler and client), and which shards each worker ran."""
     from distributed import Client, wait
 
     from stainctl.steps.translate_work import cached_engine, run_shard
 
-    with spec_cluster(workers, torch_threads) as cluster, Client(cluster) as client:
-        client.wait_for_workers(workers)
+    with spec_cluster(cores) as cluster, Client(cluster) as client:
+        client.wait_for_workers(len(cores))
         key = tasks[0].engine
         warm = np.zeros((1, tile + 2 * margin, tile + 2 * margin, 3), np.uint8)
         client.run(lambda: cached_engine(key).translate(warm, [0]) is not None)
+        pinned = client.run(_affinity)
+        worker_name = {a: str(i["name"]) for a, i in client.scheduler_info()["workers"].items()}
         make_store(store, width, height, tile, margin)
+        cpu0, driver0 = client.run(_cpu_seconds), time.process_time()
         t0 = time.perf_counter()
         futures = client.map(run_shard, tasks, pure=False)
         wait(futures)
         elapsed = time.perf_counter() - t0
+        cpu1, driver1 = client.run(_cpu_seconds), time.process_time()
         results = client.gather(futures)
     errors = [r.error for r in results if r.error]
     if errors:
         raise SystemExit(f"a shard failed: {errors[0]}")
-    return sum(r.tiles for r in results) / elapsed
+    per_worker = {worker_name[a]: {"cores": pinned[a],
+                                   "cpu_over_wall": round((cpu1[a] - cpu0[a]) / elapsed, 3),
+                                   "shards": [], "busy_s": 0.0}
+                  for a in sorted(cpu0, key=lambda a: worker_name[a])}
+    for r in results:
+        w = per_worker[r.worker]
+        w["shards"].append(r.shard)
+        w["busy_s"] = round(w["busy_s"] + r.seconds, 2)
+    return {"tiles_per_s": round(sum(r.tiles for r in results) / elapsed, 3),
+            "wall_s": round(elapsed, 2),
+            "driver_cpu_over_wall": round((driver1 - driver0) / elapsed, 3),
+            "workers": per_worker}
+
+
+def _ceiling_worker(core: int, kind: str, key: Any, side: int, seconds: float,
+                    start: Any, out: Any) -> None:
+    """In a process pinned to `core`: how many units of pure work it does in `seconds` once
+    every process is ready (kind "model": the engine on a batch of 8 tiles, torch on one
+    thread, no reading or writing; "python": a loop that touches no memory)."""
+    from stainctl.cluster.pin import pin_process
+
+    pin_process([core])
+    if kind == "model":
+        import torch
+
+        from stainctl.steps.translate_work import cached_engine
+
+        torch.set_num_threads(1)
+        engine = cached_engine(key)
+        batch = np.random.default_rng(core).integers(0, 255, (8, side, side, 3), np.uint8)
+        seeds = list(range(8))
+        engine.translate(batch, seeds)
+
+        def unit() -> None:
+            engine.translate(batch, seeds)
+    else:
+        def unit() -> None:
+            x = 0
+            for i in range(200_000):
+                x += i * i
+    start.wait()
+    t0, n = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        unit()
+        n += 1
+    out.put(n / (time.perf_counter() - t0))
+
+
+def ceiling(key: Any, side: int, cores: int, seconds: float = 8.0) -> dict[str, Any]:
+    """The best (b) this machine allows: pure work in one process pinned to one core, against
+    two such processes on two cores at once (units/s summed). Below 2x, the two cores slow each
+    other down (shared caches, memory bandwidth, or virtual CPUs on one physical core)."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    out: dict[str, Any] = {}
+    for kind in ("python", "model"):
+        rates = []
+        for procs in (1, 2):
+            start, queue = ctx.Barrier(procs), ctx.Queue()
+            ps = [ctx.Process(target=_ceiling_worker,
+                              args=(i % cores, kind, key, side, seconds, start, queue))
+                  for i in range(procs)]
+            for p in ps:
+                p.start()
+            rates.append(sum(queue.get() for _ in ps))
+            for p in ps:
+                p.join()
+        out[kind] = {"one_core_units_per_s": round(rates[0], 3),
+                     "two_cores_units_per_s": round(rates[1], 3),
+                     "two_over_one": round(rates[1] / rates[0], 3)}
+    return out
 
 
 def in_process(tasks: list[Any], threads: int, store: Path, width: int, height: int, tile: int,
@@ -146,17 +238,21 @@ def cpu_part(args: argparse.Namespace, slide: Path, width: int, height: int) -> 
     tasks = shard_tasks(slide, Path(args.work) / "store.zarr", tiles, key, tile, margin,
                         args.shard, args.batch)
     geo = (Path(args.work) / "store.zarr", width, height, tile, margin)
-    rates = {
-        "in_process": in_process(tasks, cores, *geo),
-        "one_worker_all_cores": on_cluster(tasks, 1, cores, *geo),
-        "one_worker_one_thread": on_cluster(tasks, 1, 1, *geo),
-        "two_workers_one_thread": on_cluster(tasks, 2, 1, *geo),
+    limit = ceiling(key, tile + 2 * margin, cores)
+    rates = {"in_process": in_process(tasks, cores, *geo)}
+    pin = list(range(cores))
+    runs = {
+        "one_worker_all_cores": on_cluster(tasks, [tuple(pin)], *geo),
+        "one_worker_one_core": on_cluster(tasks, [(pin[0],)], *geo),
+        "two_workers_one_core_each": on_cluster(tasks, [(pin[0],), (pin[1 % cores],)], *geo),
     }
+    rates.update({k: v["tiles_per_s"] for k, v in runs.items()})
     return {"tiles": len(tiles), "shard_tiles": args.shard, "batch": args.batch,
             "cores": cores, **{k: round(v, 3) for k, v in rates.items()},
             "a_overhead_ratio": round(rates["one_worker_all_cores"] / rates["in_process"], 3),
-            "b_two_workers_speedup": round(rates["two_workers_one_thread"]
-                                           / rates["one_worker_one_thread"], 3)}
+            "b_two_workers_speedup": round(rates["two_workers_one_core_each"]
+                                           / rates["one_worker_one_core"], 3),
+            "machine_ceiling": limit, "runs": runs}
 
 
 class GpuBusy:

@@ -3,12 +3,13 @@
 Each worker has one thread and sees one GPU: dask-cuda's LocalCUDACluster pins them when it is
 installed (the `cuda` extra); otherwise a `distributed` cluster of one Nanny per device, each
 started with CUDA_VISIBLE_DEVICES set to its GPU, so in every worker the device is `cuda`.
+CPU workers share the machine's cores: each is pinned to its own (cluster/pin.py) when there are
+enough, so one worker's reader and writer threads do not run on another worker's core.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -86,6 +87,23 @@ def local_cluster(devices: Devices) -> Iterator[str]:
             yield str(cluster.scheduler_address)
 
 
+def cpu_worker_options(count: int) -> list[dict[str, Any]]:
+    """Nanny options for `count` CPU workers sharing this machine's cores: each pinned to its
+    own cores (its reader and writer threads too) when there is at least one core per worker,
+    torch on that many threads; otherwise unpinned, the cores shared out as threads."""
+    from stainctl.cluster.pin import available_cores, core_sets, worker_options
+
+    if count < 1:
+        return []
+    cores = available_cores()
+    sets = core_sets(count, cores)
+    if sets is not None:
+        return [worker_options(s) for s in sets]
+    threads = str(max(1, len(cores) // count))
+    return [{"env": {"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}}
+            for _ in range(count)]
+
+
 def _cuda_cluster(devices: Devices) -> Any:
     try:
         from dask_cuda import LocalCUDACluster
@@ -98,14 +116,12 @@ def _cuda_cluster(devices: Devices) -> Any:
 def _nanny_cluster(devices: Devices) -> Any:
     from distributed import Nanny, Scheduler, SpecCluster
 
-    cpus = [n for n in devices.names if n == "cpu"]
-    threads = max(1, (os.cpu_count() or 1) // max(1, len(cpus)))
     workers = {}
+    cores = iter(cpu_worker_options(sum(n == "cpu" for n in devices.names)))
     for i, name in enumerate(devices.names):
-        env = {"CUDA_VISIBLE_DEVICES": name.split(":")[1] if name != "cpu" else ""}
-        if name == "cpu":  # the CPU's cores shared out between the CPU workers
-            env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+        options: dict[str, Any] = next(cores) if name == "cpu" else {"env": {}}
+        options["env"]["CUDA_VISIBLE_DEVICES"] = name.split(":")[1] if name != "cpu" else ""
         workers[f"{name}-{i}"] = {"cls": Nanny, "options": {
-            "nthreads": 1, "env": env, "silence_logs": logging.ERROR}}
+            "nthreads": 1, "silence_logs": logging.ERROR, **options}}
     scheduler = {"cls": Scheduler, "options": {"dashboard": False, "dashboard_address": ":0"}}
     return SpecCluster(workers=workers, scheduler=scheduler, silence_logs=logging.ERROR)

@@ -135,28 +135,38 @@ def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = Non
     slide) and nuclei to those whose centre lies in them. `tissue` (H, W) bool, when given, is
     the tissue (the slide's tissue mask) instead of the pixel rule of `tissue_od`: pale cytoplasm
     is near glass on some scanners, so the mask's area is the one that compares across them."""
+    import cv2
+
     from stainctl.readout.nuclei import _check_input, densities, detect_nuclei
 
     params = params or ReadoutParams()
     _check_input(rgb, mpp)
     haematoxylin, dab = densities(rgb, white)
-    tissue = (haematoxylin + dab > params.tissue_od) if tissue is None else tissue.copy()
+    # Masks as uint8 and counts by OpenCV (outside the GIL, no bool temporaries): this runs on
+    # every tile of a slide, next to a tile read that costs about as much.
+    if tissue is None:
+        mask = cv2.compare(cv2.add(haematoxylin, dab), params.tissue_od, cv2.CMP_GT)
+    else:
+        mask = np.ascontiguousarray(tissue, dtype=bool).view(np.uint8)
     if valid is not None:
-        tissue &= valid
+        mask = cv2.bitwise_and(mask, np.ascontiguousarray(valid, dtype=bool).view(np.uint8))
     px = mpp * mpp
 
-    def area(mask: np.ndarray) -> float:
-        return float(np.count_nonzero(mask & tissue)) * px
+    def at_least(od: float) -> int:
+        """Tissue pixels with DAB density >= od."""
+        return cv2.countNonZero(cv2.bitwise_and(cv2.compare(dab, od, cv2.CMP_GE), mask))
 
-    weak = (dab >= params.weak_od) & (dab < params.moderate_od)
-    moderate = (dab >= params.moderate_od) & (dab < params.strong_od)
-    strong = dab >= params.strong_od
-    tissue_um2 = float(np.count_nonzero(tissue)) * px
+    weak, moderate, strong = (at_least(params.weak_od), at_least(params.moderate_od),
+                              at_least(params.strong_od))
+    positive = weak if params.positive_od == params.weak_od else at_least(params.positive_od)
+    tissue_um2 = float(cv2.countNonZero(mask)) * px
 
-    def record(nuclei: int | None = None, positive: int | None = None) -> TileReadout:
-        return TileReadout(tissue_um2=tissue_um2, positive_um2=area(dab >= params.positive_od),
-                           weak_um2=area(weak), moderate_um2=area(moderate),
-                           strong_um2=area(strong), nuclei=nuclei, positive_nuclei=positive)
+    def record(nuclei: int | None = None, positive_nuclei: int | None = None) -> TileReadout:
+        # The bins are [weak, moderate), [moderate, strong), [strong, inf): thresholds rise.
+        return TileReadout(tissue_um2=tissue_um2, positive_um2=positive * px,
+                           weak_um2=(weak - moderate) * px, moderate_um2=(moderate - strong) * px,
+                           strong_um2=strong * px, nuclei=nuclei,
+                           positive_nuclei=positive_nuclei)
 
     if not nuclear:
         return record()

@@ -12,9 +12,11 @@ GeoJSON.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -229,13 +231,17 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
         from stainctl import interrupt
 
         batch = max(1, 4 * options.workers)
-        with ThreadPoolExecutor(options.workers) as pool:
+        with ThreadPoolExecutor(options.workers) as pool, store.appending() as append:
             for start in range(0, len(todo), batch):
                 interrupt.check()
-                for rec in pool.map(measure, todo[start:start + batch]):
-                    store.append(rec)
-                    records[(rec.x0, rec.y0)] = rec
-                    progress.advance(1)
+                measured: list[TileRecord] = []
+                try:
+                    for rec in pool.map(measure, todo[start:start + batch]):
+                        measured.append(rec)
+                        records[(rec.x0, rec.y0)] = rec
+                        progress.advance(1)
+                finally:  # a tile that fails keeps the batch's tiles before it
+                    append(measured)
         tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
         total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
         return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
@@ -327,6 +333,13 @@ class _TileLog:
             records[(rec.x0, rec.y0)] = rec
         return records
 
-    def append(self, rec: TileRecord) -> None:
+    @contextlib.contextmanager
+    def appending(self) -> Iterator[Callable[[list[TileRecord]], None]]:
+        """A function appending a batch of records, the file opened once for all of them (an
+        open per tile cost more than some tiles' measurements); each batch is flushed whole."""
         with self.path.open("a") as f:
-            f.write(json.dumps(rec.to_json()) + "\n")
+            def append(recs: list[TileRecord]) -> None:
+                f.write("".join(json.dumps(r.to_json()) + "\n" for r in recs))
+                f.flush()
+
+            yield append
