@@ -98,6 +98,12 @@ def test_store_round_trip_resume_and_mismatch(tmp_path, cmu1):
     again._direct = False
     assert np.array_equal(direct, again.read_row(3))
     assert np.array_equal(direct[2], tile) and not direct[0].any()
+    # The canvas reads tile by tile into reused buffers: the same pixels, by either path.
+    for is_direct in (True, False):
+        again._direct = is_direct
+        for col in (0, 2):
+            one = again.read_into(col, 3, np.full((lay.side, lay.side, 3), 7, np.uint8))
+            assert np.array_equal(one, direct[col])
     again.finish()
     assert TileStore.open(tmp_path / "s.zarr").complete
 
@@ -137,6 +143,18 @@ def test_band_buffers_are_reused_only_once_their_blocks_are_gone(tmp_path, cmu1)
     streamed = np.vstack([block.copy() for block in canvas.blocks()])  # each one let go at once
     assert np.array_equal(streamed, held)
     assert lay.rows > 4 and len(canvas._bands) <= 3  # buffers were reused, not one per row
+
+
+def test_the_heap_is_trimmed_band_by_band(tmp_path, cmu1, monkeypatch):
+    # What a band freed (libvips' strips, blend temporaries) must not pile up in malloc's arenas
+    # with the slide's area (stainctl/heap.py): the canvas asks for a trim after every band.
+    from stainctl import heap
+
+    calls = []
+    monkeypatch.setattr(heap, "trim", lambda every=heap.EVERY: calls.append(every) or False)
+    lay = _layout(cmu1, 256, 32, 16)
+    list(Canvas(_store(tmp_path / "s.zarr", cmu1, lay), BG).blocks())
+    assert len(calls) == lay.rows
 
 
 def test_missing_tiles_become_background_with_a_soft_edge(tmp_path, cmu1):

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from stainctl import heap
 from stainctl.engines.base import EngineOptions, tile_seed
 from stainctl.errors import SlideError
 from stainctl.slide.tiles import TileSource
@@ -180,6 +181,7 @@ def translate_tiles(engine: Engine, source: TileSource, store: TileStore,
             done += int(missing.sum())
             # Bound the tiles held in memory, and raise a failed write early.
             pending = _drain(pending, keep=2 * batch_size * writers)
+            heap.trim()  # what the batch freed goes back: RSS flat with the slide area
             if advance is not None:
                 advance(int(missing.sum()))
         _drain(pending, keep=0)

@@ -9,7 +9,8 @@ touching each pixel a bounded number of times. A tile the store lacks (filtered 
 takes part as a tile of the background colour, so tissue fades softly into it.
 
 Memory: two bands of (side x canvas width) pixels, whatever the slide height, plus those whose
-rows the consumer still holds.
+rows the consumer still holds, and two decoded tiles (a band row is decoded tile by tile, not as
+a whole row, which would hold a third band's worth).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from stainctl import heap
 from stainctl.workspace.tilestore import StoreLayout, TileStore
 
 
@@ -39,7 +41,8 @@ class Canvas:
         self.background = np.asarray(background, np.uint8)
         self.written = store.written() if written is None else written
         lay = self.layout
-        self._row_buffer: np.ndarray | None = None
+        # Two decoded tiles: the current one and its right neighbour, alternating.
+        self._tiles = np.empty((2, lay.side, lay.side, 3), np.uint8)
         self._bands: list[np.ndarray] = []
         out, fade_in = ramps(lay.blend)
         # cv2.blendLinear wants full-size weight maps.
@@ -70,6 +73,7 @@ class Canvas:
             last = s - o if r < lay.rows - 1 else s
             yield from _clip_rows(band[first:last], top + first, lay.height)
             previous = band
+            heap.trim()  # libvips' freed strips and the blends' temporaries go back
 
     def _band(self, r: int) -> np.ndarray:
         """Row r of tiles blended left to right: (side, width, 3), band row 0 at canvas y
@@ -83,21 +87,23 @@ class Canvas:
         if not present.any():
             band[:] = self.background
             return band
-        if self._row_buffer is None:
-            self._row_buffer = np.empty((lay.cols, s, s, 3), np.uint8)
-        # Safe to reuse: the band copies what it needs before the next row is read.
-        tiles = self.store.read_row(r, out=self._row_buffer)
+        tiles = self._tiles
+
+        def read(c: int) -> np.ndarray | None:
+            # Safe to reuse the slot: the band copies what it needs before c + 2 is read.
+            return self.store.read_into(c, r, tiles[c % 2]) if present[c] else None
+
+        tile = read(0)
         for c in range(lay.cols):
             left = c * lay.stride - m
             if left >= width:
                 break
-            tile = tiles[c] if present[c] else None
             first = o if c > 0 else 0
             last = s - o if c < lay.cols - 1 else s
             self._put(band, left + first, None if tile is None else tile[:, first:last],
                       last - first)
+            right = read(c + 1) if c < lay.cols - 1 else None
             if c < lay.cols - 1 and o:
-                right = tiles[c + 1] if present[c + 1] else None
                 mixed = None
                 if tile is not None or right is not None:
                     bg = np.broadcast_to(self.background, (s, o, 3))
@@ -105,6 +111,7 @@ class Canvas:
                                             bg if right is None else right[:, :o],
                                             *self._w_cols)
                 self._put(band, left + s - o, mixed, o)
+            tile = right
         return band
 
     def _free_band(self) -> np.ndarray:
