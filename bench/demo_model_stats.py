@@ -18,7 +18,12 @@ the CMU-1 sample with the model, and measures, against the held-out Ki67 crops:
 It prints the JSON, then the lines for the card. FID and KID too when the FID Inception weights
 file is given (it cannot be downloaded here).
 
+`--against validation` measures against the validation crops instead (`--validation 0.25`: a
+bottom strip of what the hold-out left, `validation_split`): choose checkpoints and recipes on
+those, and measure the held-out crops once, for the model chosen.
+
     python bench/demo_model_stats.py [--model NAME --models-dir DIR]
+        [--against held-out|validation]
         [--inception-weights weights-inception-2015-12-05-6726825d.pth]
 """
 
@@ -37,7 +42,7 @@ DATA = ROOT.parent / "shared" / "data"
 SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 # The Ki67 targets only: the FHL2 image (cytoplasmic DAB) is not a Ki67 reference.
 IHC = [DATA / "tiles" / "ihc" / n for n in ("OS-2-ndpi_Ki67.ome.tif", "OS-2-vsi_Ki67.ome.tif")]
-HOLD_OUT, CROP, MPP = 0.25, 256, 0.5  # as in the card's training command
+HOLD_OUT, VALIDATION, CROP, MPP = 0.25, 0.25, 256, 0.5  # as in the card's training command
 TISSUE_BELOW, DAB_POSITIVE = 220.0, 0.15
 
 
@@ -103,7 +108,7 @@ def readout_index(runner: Any, app: Any, path: Path, out: Path,
             "index": positive / count if count else float("nan")}
 
 
-def card_lines(m: dict[str, Any]) -> list[str]:
+def card_lines(m: dict[str, Any], against: str = "held-out") -> list[str]:
     real, fake, he = m["held_out_ihc"], m["output"], m["he_input"]
 
     def ratio(a: float, b: float) -> str:
@@ -112,7 +117,7 @@ def card_lines(m: dict[str, Any]) -> list[str]:
     h_change = 100 * (fake["haematoxylin"] / real["haematoxylin"] - 1)
     return [
         f"DAB-positive area (OD > 0.15): {100 * fake['dab_positive']:.1f} % in its output on "
-        f"CMU-1 against {100 * real['dab_positive']:.1f} % in the held-out Ki67 IHC "
+        f"CMU-1 against {100 * real['dab_positive']:.1f} % in the {against} Ki67 IHC "
         f"({ratio(fake['dab_positive'], real['dab_positive'])}; H&E input "
         f"{100 * he['dab_positive']:.1f} %);",
         f"per-image p90 DAB {fake['dab_p90']:.3f} against {real['dab_p90']:.3f} "
@@ -122,7 +127,7 @@ def card_lines(m: dict[str, Any]) -> list[str]:
         f"mean RGB there {fake['rgb']} against {real['rgb']};",
         "Ki67 nuclear positivity index (`stainctl readout --marker ki67`): "
         f"{100 * fake['ki67_index']:.1f} % of {fake['nuclei']} nuclei in its output on CMU-1 "
-        f"against {100 * real['ki67_index']:.1f} % of {real['nuclei']} in the held-out real "
+        f"against {100 * real['ki67_index']:.1f} % of {real['nuclei']} in the {against} real "
         f"crops (H&E input {100 * he['ki67_index']:.1f} %);",
         f"glass left as glass: mean change {m['change']['glass']:.1f} grey levels on glass, "
         f"{m['change']['tissue']:.0f} on tissue.",
@@ -134,20 +139,26 @@ def main() -> None:
     from typer.testing import CliRunner
 
     from stainctl.cli.app import app as cli_app
-    from stainctl.engines.fast.data import load_image, write_held_out
+    from stainctl.engines.fast.data import load_image, validation_split, write_held_out
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="demo-ki67", help="the model to measure")
     ap.add_argument("--models-dir", type=Path,
                     help="where --model is installed (default: the shipped card only)")
+    ap.add_argument("--against", choices=("held-out", "validation"), default="held-out",
+                    help="the real crops: held-out (report once) or validation (to choose on)")
     ap.add_argument("--inception-weights", type=Path, help="also measure FID and KID")
     args = ap.parse_args()
     runner = CliRunner()
     with tempfile.TemporaryDirectory() as tmp:
         models = args.models_dir or Path(tmp) / "no-models"
         held_out = Path(tmp) / "held_out"
-        write_held_out({p.name.split(".")[0]: load_image(p, MPP, MPP) for p in IHC},
-                       HOLD_OUT, CROP, held_out)
+        ihc = {p.name.split(".")[0]: load_image(p, MPP, MPP) for p in IHC}
+        if args.against == "validation":  # the same split as the trainer's, less its hold-out
+            write_held_out(write_held_out(ihc, HOLD_OUT, CROP, Path(tmp) / "unused"),
+                           VALIDATION, CROP, held_out, split=validation_split)
+        else:
+            write_held_out(ihc, HOLD_OUT, CROP, held_out)
         r = runner.invoke(cli_app, ["translate", str(SAMPLE), "--marker", args.model,
                                     "--models-dir", str(models), "-o", tmp, "-q"])
         assert r.exit_code == 0, r.output
@@ -179,13 +190,14 @@ def main() -> None:
     measured["output"].update(dab_positive=out["positive_fraction_fake"], dab_p90=out["p90_fake"])
     measured["he_input"].update(dab_positive=he["positive_fraction_fake"], dab_p90=he["p90_fake"])
     measured["change"] = glass_and_tissue_change(load_model(args.model, args.models_dir))
-    print(json.dumps({"model": args.model, "held_out_ihc_crops": report["real"]["images"],
+    print(json.dumps({"model": args.model, "against": args.against,
+                      "held_out_ihc_crops": report["real"]["images"],
                       **measured, "ranking": report["ranking"], "rank_by": report["rank_by"],
                       "caveats": report["caveats"],
                       "evaluate": {f["label"]: {k: v for k, v in f.items()
                                                 if k not in ("best", "worst", "path")}
                                    for f in report["fakes"]}}, indent=2))
-    print("\n".join(card_lines(measured)))
+    print("\n".join(card_lines(measured, args.against)))
 
 
 if __name__ == "__main__":

@@ -163,7 +163,7 @@ def test_counterstain_losses_give_gradients(he_crop, ki67_crop):
     fake = x.clone().requires_grad_(True)
     terms = counterstain_losses(fake, x, y, TrainConfig())
     assert set(terms) == {"dab_tail", "dab_upper", "haematoxylin", "nuclear", "background",
-                          "off_stain"}
+                          "off_stain", "nuclei_colour", "tissue_colour"}
     sum(terms.values()).backward()
     assert fake.grad is not None and fake.grad.abs().sum() > 0
     none = counterstain_losses(x, x, y, TrainConfig(marker="her2"))

@@ -20,8 +20,9 @@ SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 # re-recorded when the grid was laid on the sample's level-0 pixels (issue 21: 0.5 µm/px is
 # within 1 % of its 0.499), so the output has the slide's own size. The same digest with
 # STAINCTL_DIRECT_READ=0: the direct tile reader changes nothing. Re-recorded when demo-ki67 was
-# retrained to look like a Ki67 IHC (issue 22: blue-grey counterstain, some nuclei brown).
-MAIN_JOB_LEVEL0_SHA256 = "dffe12f4b42f4051a4bb11956241eaf95c789a0c244aee08db44f79b36ccfffc"
+# retrained to look like a Ki67 IHC (issue 22: blue-grey counterstain, some nuclei brown), and
+# again when the 600-step colour-distribution checkpoint (pC) was shipped as demo-ki67.
+MAIN_JOB_LEVEL0_SHA256 = "91be770b8a58f4688286311380be40f7c47e4c7b08235ebb24190ab4e85b1beb"
 
 
 @pytest.mark.slow

@@ -32,6 +32,11 @@ def train(
         "--hold-out", metavar="FRACTION",
         help="Keep about this fraction of each IHC image (a right-hand strip) out of training; "
              "its crops go to OUT/held_out/ for `stainctl evaluate --real`.")] = 0.0,
+    validation: Annotated[float, typer.Option(
+        "--validation", metavar="FRACTION",
+        help="Also keep about this fraction of the rest of each IHC image (a bottom strip) out "
+             "of training; its crops go to OUT/validation/, to choose checkpoints on without "
+             "touching the held-out crops.")] = 0.0,
     seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same model.")] = 0,
     default_mpp: Annotated[float, typer.Option(
         help="µm/px of images that do not record it (PNG, JPEG).")] = 0.5,
@@ -46,7 +51,9 @@ def train(
              "10 (counterstain of DAB-negative tissue), nuclear (DAB outside nuclei-shaped "
              "structures; 20 for nuclear markers such as ki67, else 0), background 5 (colour "
              "of non-nuclear tissue), off_stain 200 (colour no haematoxylin-DAB mix makes), "
-             "glass 25, lowres 10 and fm 1 (pairs only).")] = None,
+             "nuclei_colour 0 and tissue_colour 0 (colour distributions of nuclei and of "
+             "other tissue; 30 and 20 give blue nuclei, some brown), glass 25, lowres 10 and "
+             "fm 1 (pairs only).")] = None,
     init: Annotated[str | None, typer.Option(
         "--init", metavar="MODEL", autocompletion=complete.markers,
         help="Start from the generator weights of this installed fast model (e.g. demo-ki67) "
@@ -89,15 +96,17 @@ def train(
             marker=marker, he=tuple(he), ihc=tuple(ihc), pairs=tuple(pairs), name=name or "",
             out=output, models_dir=Path(models_dir) if models_dir else None, steps=steps,
             batch=batch, crop=crop, seed=seed, default_mpp=default_mpp, hold_out=hold_out,
-            device=device, loss_weights=tuple(weights), init=init or ""),
+            validation=validation, device=device, loss_weights=tuple(weights), init=init or ""),
             log=not (quiet or json_out))
         data = {"name": res.name, "engine": "fast", "card": str(res.card),
                 "folder": str(res.folder), "steps": res.steps, "parameters": res.parameters,
-                "final_loss": res.final_loss, "held_out": res.held_out}
+                "final_loss": res.final_loss, "held_out": res.held_out,
+                "validation": res.validation}
         out.emit(data, lambda: typer.echo(
             f"{res.name}: {res.steps} steps, {res.parameters / 1e6:.2f} M parameters, final "
             f"loss {res.final_loss:.4f} -> {res.folder}"
             + (f" ({res.held_out} held-out crops in held_out/)" if res.held_out else "")
+            + (f" ({res.validation} validation crops in validation/)" if res.validation else "")
             + f"; use it with `stainctl translate SLIDE --marker {res.name}`"))
         return 0
 

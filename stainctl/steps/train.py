@@ -62,6 +62,7 @@ class FastTrainOptions:
     seed: int = 0
     default_mpp: float | None = 0.5  # for images without a pixel size (PNG, JPEG)
     hold_out: float = 0.0  # fraction of each IHC image's width kept out of training
+    validation: float = 0.0  # fraction of the rest's height kept out, to choose checkpoints on
     device: str = "auto"  # auto, cpu, cuda or cuda:N
     loss_weights: tuple[tuple[str, float], ...] = ()  # (name, weight) over TrainConfig's
     init: str = ""  # an installed fast model whose generator weights the run starts from
@@ -85,6 +86,8 @@ class FastTrainOptions:
                              "16 of at least 32")
         if not 0 <= self.hold_out < 1:
             raise UsageError(f"--hold-out must be in [0, 1), got {self.hold_out}")
+        if not 0 <= self.validation < 1:
+            raise UsageError(f"--validation must be in [0, 1), got {self.validation}")
         if not valid_name(self.model_name):
             raise UsageError(f"--name {self.model_name!r}: {NAME_RULE}")
         names = [image_name(p) for p in self.ihc]
@@ -105,6 +108,7 @@ class FastTrainResult:
     parameters: int
     final_loss: float
     held_out: int  # crops written to folder/held_out
+    validation: int = 0  # crops written to folder/validation
 
 
 def image_name(path: Path) -> str:
@@ -114,7 +118,12 @@ def image_name(path: Path) -> str:
 def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainResult:
     """Train, export, write the card and install the model; a re-run resumes from the last
     checkpoint in `<folder>/run/`."""
-    from stainctl.engines.fast.data import load_image, load_pair, write_held_out
+    from stainctl.engines.fast.data import (
+        load_image,
+        load_pair,
+        validation_split,
+        write_held_out,
+    )
     from stainctl.engines.fast.model import FastConfig, parameter_count
     from stainctl.engines.fast.train import TrainConfig, export, train
     from stainctl.models.adapted import loss_curve
@@ -139,6 +148,10 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     held_out = folder / "held_out"
     if options.hold_out > 0:
         ihc = write_held_out(ihc, options.hold_out, config.crop, held_out)
+    validation = folder / "validation"
+    if options.validation > 0:
+        ihc = write_held_out(ihc, options.validation, config.crop, validation,
+                             split=validation_split)
     pairs = [load_pair(a, b, config.mpp, options.default_mpp) for a, b in options.pairs]
     start, init_sha = initial_generator(options.init, config.marker, directory)
     gen, state = train(he, list(ihc.values()), config, folder / "run", log=log,
@@ -148,13 +161,17 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     (folder / "history.json").write_text(json.dumps(state.history))
     loss_curve(state.history, folder / "loss.png",
                keys=("g", "d", "adv", "identity", "structure", "dab", "glass", "dab_tail",
-                     "dab_upper", "haematoxylin", "nuclear", "background", "off_stain"))
+                     "dab_upper", "haematoxylin", "nuclear", "background", "off_stain",
+                     "nuclei_colour", "tissue_colour"))
     count = parameter_count(gen)
     how = (f"Unpaired, at {config.mpp} µm/px. H&E: {', '.join(p.name for p in options.he)}. "
            f"IHC: {', '.join(p.name for p in options.ihc)}")
     if options.hold_out > 0:
         how += (f", each less a held-out right-hand strip (--hold-out {options.hold_out}; its "
                 f"crops in {held_out.name}/)")
+    if options.validation > 0:
+        how += (f", and a bottom validation strip of the rest (--validation "
+                f"{options.validation}; its crops in {validation.name}/)")
     if options.pairs:
         how += ". Pairs: " + ", ".join(f"{a.name} + {b.name}" for a, b in options.pairs)
     how += (f". {state.step} steps of {config.batch} random {config.crop}-px crops, seed "
@@ -180,7 +197,8 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     return FastTrainResult(
         name=name, card=installed, folder=folder, steps=state.step, parameters=count,
         final_loss=float(state.history[-1]["g"]) if state.history else float("nan"),
-        held_out=len(list(held_out.glob("*.png"))) if options.hold_out > 0 else 0)
+        held_out=len(list(held_out.glob("*.png"))) if options.hold_out > 0 else 0,
+        validation=len(list(validation.glob("*.png"))) if options.validation > 0 else 0)
 
 
 def initial_generator(init: str, marker: str,

@@ -3,7 +3,7 @@ image for evaluation, random tissue crops, and registered H&E/IHC pairs of seria
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +47,16 @@ def hold_out(image: np.ndarray, fraction: float, crop: int) -> tuple[np.ndarray,
     return image[:, :width - strip], image[:, width - strip:]
 
 
+def validation_split(image: np.ndarray, fraction: float,
+                     crop: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(training part, validation part) of one image: as `hold_out`, but a bottom strip whole
+    crops tall. Applied to what `hold_out` left, it gives a validation set that overlaps neither
+    training nor the held-out crops: checkpoints are chosen on it, and the held-out numbers
+    stay unbiased."""
+    kept, strip = hold_out(image.swapaxes(0, 1), fraction, crop)
+    return kept.swapaxes(0, 1), None if strip is None else strip.swapaxes(0, 1)
+
+
 def held_out_crops(strip: np.ndarray, crop: int,
                    min_tissue: float = MIN_TISSUE) -> list[np.ndarray]:
     """Non-overlapping `crop`-px squares of a held-out strip, top to bottom, that are mostly
@@ -60,10 +70,14 @@ def held_out_crops(strip: np.ndarray, crop: int,
     return out
 
 
+Split = Callable[[np.ndarray, float, int], tuple[np.ndarray, np.ndarray | None]]
+
+
 def write_held_out(ihc: dict[str, np.ndarray], fraction: float, crop: int,
-                   folder: Path) -> dict[str, np.ndarray]:
-    """Split each named IHC image, write its held-out crops as PNGs (`<name>_<k>.png`) into
-    `folder` for `stainctl evaluate --real`, and return the training parts."""
+                   folder: Path, split: Split = hold_out) -> dict[str, np.ndarray]:
+    """Split each named IHC image (`hold_out`, or `validation_split`), write the crops of the
+    part kept out as PNGs (`<name>_<k>.png`) into `folder` for `stainctl evaluate --real`, and
+    return the training parts."""
     import cv2
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -71,7 +85,7 @@ def write_held_out(ihc: dict[str, np.ndarray], fraction: float, crop: int,
         stale.unlink()
     kept = {}
     for name, image in ihc.items():
-        kept[name], strip = hold_out(image, fraction, crop)
+        kept[name], strip = split(image, fraction, crop)
         for k, c in enumerate(held_out_crops(strip, crop) if strip is not None else []):
             if not cv2.imwrite(str(folder / f"{name}_{k}.png"), c[..., ::-1]):
                 raise OSError(f"could not write {folder / f'{name}_{k}.png'}")
