@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fast_helpers import to_model_range as _t
 
 from stainctl.engines.fast.data import load_image
 from stainctl.engines.fast.losses import (
@@ -23,10 +24,6 @@ from stainctl.engines.fast.losses import (
 from stainctl.engines.fast.model import FastConfig
 from stainctl.engines.fast.train import TrainConfig, counterstain_losses, train
 from stainctl.stain.deconvolution import dab_density_torch, hed_density_torch
-
-
-def _t(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @pytest.fixture(scope="module")

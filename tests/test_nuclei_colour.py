@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from fast_helpers import to_model_range as _t
 
 from stainctl.engines.fast.data import hold_out, load_image, validation_split, write_held_out
 from stainctl.engines.fast.losses import (
@@ -19,10 +20,6 @@ from stainctl.engines.fast.losses import (
 )
 from stainctl.engines.fast.train import TrainConfig, counterstain_losses
 from stainctl.stain.deconvolution import hed_density_torch
-
-
-def _t(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)[None].float() / 127.5 - 1
 
 
 @pytest.fixture(scope="module")
