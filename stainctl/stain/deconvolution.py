@@ -93,15 +93,23 @@ def hed_density_torch(x: torch.Tensor) -> torch.Tensor:
     return torch.clamp(od @ matrix, min=0)
 
 
+@functools.cache
+def _hdab_projector() -> np.ndarray:
+    """(3, 3) projector onto the plane of the haematoxylin and DAB optical density vectors
+    (built once: it runs twice a training step)."""
+    from skimage.color import rgb_from_hed
+
+    basis = np.asarray(rgb_from_hed, dtype=np.float64)[[0, 2]].T
+    return basis @ np.linalg.pinv(basis)
+
+
 def off_stain_residual_torch(x: torch.Tensor) -> torch.Tensor:
     """(B, H, W) length of the part of each pixel's optical density (the units above) that no
     mix of haematoxylin and DAB explains: near 0 for a brightfield H-DAB IHC, large for colours
     such a slide cannot have (green, or the pink of eosin) (differentiable)."""
     import torch
-    from skimage.color import rgb_from_hed
 
-    basis = torch.as_tensor(np.asarray(rgb_from_hed)[[0, 2]].T, dtype=x.dtype, device=x.device)
-    projector = basis @ torch.linalg.pinv(basis)  # (3, 3) onto the H-DAB plane
+    projector = torch.as_tensor(_hdab_projector(), dtype=x.dtype, device=x.device)
     rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
     od = torch.log(rgb) / math.log(EPS)
     return (od - od @ projector.T).norm(dim=-1)

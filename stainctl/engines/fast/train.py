@@ -224,8 +224,15 @@ def counterstain_losses(fake: torch.Tensor, he: torch.Tensor,
     with torch.no_grad():
         he_nuclei = nuclei_mask_torch(hed_density_torch(he), fake_tissue, with_dab=False)
         real_nuclei = nuclei_mask_torch(real_hed, real_tissue, with_dab=True)
-    fake_od, real_od = optical_density_torch(fake), optical_density_torch(ihc)
     zero = fake.new_zeros(())
+    # The colour terms are logged even when their weight is 0 (the default); only a weighted
+    # one needs a graph, so an unweighted one costs no backward pass.
+    weighted = config.w_nuclei_colour > 0 or config.w_tissue_colour > 0
+    with torch.set_grad_enabled(torch.is_grad_enabled() and weighted):
+        fake_od, real_od = optical_density_torch(fake), optical_density_torch(ihc)
+        nuclei_colour = colour_distribution_loss(fake_od, he_nuclei, real_od, real_nuclei)
+        tissue_colour = colour_distribution_loss(fake_od, fake_tissue & ~he_nuclei, real_od,
+                                                 real_tissue & ~real_nuclei)
     return {
         "dab_tail": dab_tail_loss(fake_hed[..., 2], real_hed[..., 2]),
         # On 3x3-averaged images: brown that a resampling (evaluate and readout read the output
@@ -239,9 +246,8 @@ def counterstain_losses(fake: torch.Tensor, he: torch.Tensor,
         "background": background_colour_loss(fake, fake_tissue & ~he_nuclei, ihc,
                                              real_tissue & ~real_nuclei),
         "off_stain": off_stain_loss(fake, fake_tissue, ihc, real_tissue),
-        "nuclei_colour": colour_distribution_loss(fake_od, he_nuclei, real_od, real_nuclei),
-        "tissue_colour": colour_distribution_loss(fake_od, fake_tissue & ~he_nuclei, real_od,
-                                                  real_tissue & ~real_nuclei),
+        "nuclei_colour": nuclei_colour,
+        "tissue_colour": tissue_colour,
     }
 
 
