@@ -106,10 +106,6 @@ class TileReadout:
         return sum_readouts([self, other])
 
 
-ZERO = TileReadout(tissue_um2=0.0, positive_um2=0.0, weak_um2=0.0, moderate_um2=0.0,
-                   strong_um2=0.0)
-
-
 def sum_readouts(records: Iterable[TileReadout], *, nuclear: bool | None = None) -> TileReadout:
     """The slide record of its tile records: areas and counts summed. Nuclei are counted when
     every record counted them (or `nuclear` says so for an empty list)."""

@@ -299,23 +299,6 @@ def _flood(surface: np.ndarray, mask: np.ndarray, seeds_rc: np.ndarray, ids: np.
     return full[:h, :w]
 
 
-def _foreground_threshold(nuclear: np.ndarray, dab: np.ndarray, params: NucleiParams) -> float:
-    """Otsu's threshold between nuclei and cytoplasm, never below `foreground_od`.
-
-    Scanners render the same haematoxylin with different contrast (OS-2: a negative nucleus
-    reads about 0.07 on a Hamamatsu, 0.04 on an Olympus), so a fixed density would find every
-    nucleus on one and half on the other. Otsu on the tile's stained pixels adapts to that;
-    DAB-positive pixels are left out of it, else it falls between dark brown nuclei and all the
-    rest and misses the blue ones. The floor keeps a tile of pale stroma from being cut at noise.
-    """
-    from skimage.filters import threshold_otsu
-
-    stained = nuclear[(nuclear > params.foreground_od) & (dab < params.positive_od)]
-    if stained.size < 100 or float(stained.min()) == float(stained.max()):
-        return params.foreground_od
-    return max(params.foreground_od, float(threshold_otsu(stained)))
-
-
 def _empty(shape: tuple[int, ...]) -> Nuclei:
     return Nuclei(labels=np.zeros(shape[:2], dtype=np.int32), area_um2=np.zeros(0),
                   mean_dab=np.zeros(0), centroid_xy=np.zeros((0, 2)),

@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -142,6 +141,7 @@ def grid_png(values: np.ndarray) -> bytes:
 
 
 def _atomic_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    from stainctl.workspace.atomic import atomic_path
+
+    with atomic_path(path) as tmp:  # a killed run's temporary is cleared by the next
+        tmp.write_bytes(data)

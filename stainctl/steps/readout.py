@@ -296,15 +296,13 @@ def _tile_mask(mask: NDArray[np.bool_], x0: int, y0: int, extent0: float, margin
 def _stain_warning(thumb: NDArray[np.uint8], mask: NDArray[np.bool_],
                    white: tuple[int, int, int]) -> str | None:
     """NO_DAB_WARNING when the tissue carries more eosin than DAB (an H&E slide)."""
-    from skimage.color import rgb2hed
+    from stainctl.stain.deconvolution import DAB, stain_density
 
     tissue = thumb[mask] if mask.any() else thumb.reshape(-1, 3)
     if tissue.size == 0:
         return None
-    scaled = np.clip(tissue.astype(np.float64) * (255.0 / np.asarray(white, dtype=np.float64)),
-                     0, 255).astype(np.uint8)
-    hed = rgb2hed(scaled[None])[0]
-    eosin, dab = float(hed[:, 1].mean()), float(hed[:, 2].mean())
+    eosin = float(stain_density(tissue[None], 1, white).mean())  # column 1 of H-E-DAB
+    dab = float(stain_density(tissue[None], DAB, white).mean())
     return NO_DAB_WARNING if eosin > dab else None
 
 
