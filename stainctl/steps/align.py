@@ -140,6 +140,7 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     from stainctl.models.card import ModelCard, WeightFile, write_card
     from stainctl.models.encoders import load_encoder
     from stainctl.models.registry import SHIPPED, get_card, install, models_dir
+    from stainctl.models.weights import sha256_of
     from stainctl.workspace.atomic import atomic_path
 
     progress = progress or SilentProgress()
@@ -155,7 +156,6 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     enc_card = get_card(options.encoder, directory)
     loop = LoopConfig(steps=options.steps, batch=options.batch, lr=options.lr,
                       seed=options.seed, checkpoint_every=options.checkpoint_every)
-    encoder = load_encoder(enc_card, directory, device=options.device)
     mpp, side = float(enc_card.input_mpp), int(enc_card.tile_size)
 
     # Tiles and their embeddings, cached in run/ (a resumed run trains on the same numbers).
@@ -173,7 +173,8 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     if cache.exists():
         saved = np.load(cache)
         he_emb, ihc_emb = saved["he"], saved["ihc"]
-    else:
+    else:  # the encoder is loaded only when there is something to embed
+        encoder = load_encoder(enc_card, directory, device=options.device)
         progress.start("embed", sum(2 * len(p.he) for p in pairs))
         he_parts, ihc_parts = [], []
         for p in pairs:
@@ -204,7 +205,7 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     if not (data.labels[data.train] >= 0).any():
         raise UsageError("no training tile has a class: check --labels (tile x, y are level-0 "
                          "px of the H&E image) or use --classes with thresholds")
-    config = HeadsConfig(dim=encoder.dim, classes=bins.names, pool=options.pool)
+    config = HeadsConfig(dim=int(he_emb.shape[1]), classes=bins.names, pool=options.pool)
     key = hashlib.sha256(json.dumps({
         "data": data_key, "labels": data.labels.tolist(), "slides": slide_labels,
         "train": data.train.tolist(), "heads": config.as_dict(),
@@ -246,7 +247,7 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
                       "bins": bins.text(),
                       "training_slides": [p.name for p in pairs]},
         weights=(WeightFile(role="heads", path=HEADS,
-                            sha256=hashlib.sha256(weights.read_bytes()).hexdigest()),),
+                            sha256=sha256_of(weights)),),
         metrics=metrics.card())
     card_file = write_card(card, folder / "card.toml")
     installed = card_file
