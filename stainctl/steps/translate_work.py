@@ -209,8 +209,10 @@ def worker_reason(err: Exception, path: str) -> str:
 def present(store: Path, tiles: NDArray[np.int64]) -> NDArray[np.bool_]:
     """Which of `tiles` the store already holds (from its chunk files: true after any crash;
     a re-run shard keeps them)."""
-    return np.fromiter((os.path.exists(store / "c" / str(r) / str(c) / "0" / "0" / "0")
-                        for c, r in tiles[:, :2]), bool, len(tiles))
+    from stainctl.workspace.tilestore import chunk_file
+
+    return np.fromiter((chunk_file(store, int(c), int(r)).exists() for c, r in tiles[:, :2]),
+                       bool, len(tiles))
 
 
 def _drain(pending: list[Future[None]], keep: int) -> list[Future[None]]:

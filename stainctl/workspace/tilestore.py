@@ -288,12 +288,18 @@ class TileStore:
     def _decode_into(self, codec: Blosc, row: int, col: int,
                      out: NDArray[np.uint8]) -> NDArray[np.uint8]:
         try:
-            blob = (self.path / "c" / str(row) / str(col) / "0" / "0" / "0").read_bytes()
+            blob = chunk_file(self.path, col, row).read_bytes()
         except FileNotFoundError:
             out[...] = 0
             return out
         codec.decode(blob, out=out)
         return out
+
+
+def chunk_file(store: Path, col: int, row: int) -> Path:
+    """The file of tile (col, row) in a store as `create` lays it out (zarr v3's default key
+    encoding, one chunk per tile): present once the tile is written, atomically."""
+    return store / "c" / str(row) / str(col) / "0" / "0" / "0"
 
 
 def create_for_slide(ws: Workspace, slide: SlideRecord, marker: str, margin: int,
