@@ -5,18 +5,27 @@ or both, so the sum of the two densities outlines all nuclei whatever their stat
 (scikit-image's watershed; OpenCV for the filters, which give scikit-image's results several times
 faster, see each helper):
   1. densities by colour deconvolution (`stainctl.stain.deconvolution`, the project's one set of
-     stain vectors), relative to the slide's glass colour;
-  2. Gaussian smoothing (sigma in µm) to merge chromatin texture into one blob per nucleus;
-  3. foreground: smoothed density above `foreground_od`;
-  4. seeds: local maxima of the distance to the background at least `min_distance_um` apart
+     stain vectors), relative to the slide's glass colour, at the tile's resolution;
+  2. both densities area-averaged onto the working grid (`NucleiParams.grid_mpp`, 1 µm/px by
+     default: a quarter of the pixels of a 0.5 µm/px readout tile); every later step runs there;
+  3. Gaussian smoothing (sigma in µm) to merge chromatin texture into one blob per nucleus;
+  4. foreground: smoothed density above `foreground_od`;
+  5. seeds: local maxima of the distance to the background at least `min_distance_um` apart
      (touching nuclei are two bumps of that distance);
-  5. watershed of the inverted density from the seeds, inside the foreground (scikit-image's,
-     only where two or more seeds share a piece of foreground, and on a half-resolution grid:
-     see `_watershed`);
-  6. size limits in µm² (debris below, unsplit clumps and stroma streaks above).
-Every length is in µm and converted with the tile's µm/px, so a slide scanned at 0.23 or at
-0.35 µm/px gives the same nuclei. A nucleus is positive when its mean DAB density exceeds
-`positive_od`.
+  6. watershed of the inverted density from the seeds, inside the foreground (scikit-image's,
+     only where two or more seeds share a piece of foreground, and on a grid of half the
+     working grid's pixels each way: see `_watershed`);
+  7. size limits in µm² (debris below, unsplit clumps and stroma streaks above).
+Every length is in µm and converted with the working grid's µm/px, so a slide scanned at 0.23 or
+at 0.35 µm/px gives the same nuclei. A nucleus is positive when its mean DAB density (on the
+working grid: the mean of area averages is the nucleus' mean) exceeds `positive_od`.
+
+Why a 1 µm grid: a nucleus is 6-20 µm across, 6-20 pixels there, so the smallest one kept
+(20 µm², a small lymphocyte) is still ~20 pixels; the per-tile cost of detection falls ~4x from
+0.5 µm/px, which is what lets `readout` with nuclei run near the speed of reading its tiles.
+On the OS-2 Ki67 tiles the count per tile moves by a few percent against detection at
+0.5 µm/px (see tests/test_readout.py and bench/RESULTS.md). A tile already coarser than the grid
+is detected at its own resolution.
 
 Densities are in the units of `skimage.color.rgb2hed` (natural-log density / ln(1e6), i.e. the
 decadic optical density QuPath shows divided by 6).
@@ -44,7 +53,8 @@ class NucleiParams:
     4 µm apart split touching nuclei but not one nucleus into two. `foreground_od` 0.05 (decadic
     0.3) is darker than cytoplasm and stroma counterstained by haematoxylin, lighter than a pale
     negative nucleus; `positive_od` 0.033 (decadic 0.2) is QuPath's default for a DAB-positive
-    nucleus (mean nuclear DAB, its positive cell detection).
+    nucleus (mean nuclear DAB, its positive cell detection). `grid_mpp` is the working grid's
+    µm/px (a finer tile is area-averaged onto it; see the module's docstring).
     """
 
     sigma_um: float = 1.0
@@ -55,11 +65,12 @@ class NucleiParams:
     max_area_um2: float = 400.0
     foreground_od: float = 0.0167
     positive_od: float = 0.033
+    grid_mpp: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("sigma_um", "seed_sigma_um", "background_radius_um",
                      "min_distance_um", "min_area_um2", "max_area_um2",
-                     "foreground_od", "positive_od"):
+                     "foreground_od", "positive_od", "grid_mpp"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"NucleiParams.{name} must be a positive number, not {value!r}")
@@ -70,11 +81,14 @@ class NucleiParams:
 
 @dataclass(frozen=True, kw_only=True)
 class Nuclei:
-    """Nuclei of one tile: `labels` (H, W) int32, 0 = not a nucleus, i = nucleus i (1-based,
-    row i-1 of the per-nucleus arrays); per nucleus its area in µm², mean DAB density, centroid
-    (x, y) in tile pixels, and whether it is positive."""
+    """Nuclei of one tile, found on a working grid of `grid_mpp` µm/px: `grid_labels` (h, w)
+    int32 on that grid, 0 = not a nucleus, i = nucleus i (1-based, row i-1 of the per-nucleus
+    arrays); per nucleus its area in µm², mean DAB density, centroid (x, y) in tile pixels, and
+    whether it is positive. `shape` is the tile's (H, W); `labels` are the labels at it."""
 
-    labels: np.ndarray
+    grid_labels: np.ndarray
+    grid_mpp: float
+    shape: tuple[int, int]
     area_um2: np.ndarray = field(repr=False)
     mean_dab: np.ndarray = field(repr=False)
     centroid_xy: np.ndarray = field(repr=False)
@@ -82,10 +96,23 @@ class Nuclei:
 
     def __post_init__(self) -> None:
         n = len(self.area_um2)
-        if self.labels.ndim != 2:
-            raise ValueError(f"Nuclei.labels must be 2-D, not {self.labels.shape}")
+        if self.grid_labels.ndim != 2 or len(self.shape) != 2:
+            raise ValueError(f"Nuclei.grid_labels must be 2-D, not {self.grid_labels.shape}")
+        if not (math.isfinite(self.grid_mpp) and self.grid_mpp > 0):
+            raise ValueError(f"Nuclei.grid_mpp must be a positive µm/px, not {self.grid_mpp!r}")
         if not (len(self.mean_dab) == len(self.positive) == len(self.centroid_xy) == n):
             raise ValueError("Nuclei: per-nucleus arrays differ in length")
+
+    @property
+    def labels(self) -> np.ndarray:
+        """(H, W) int32 labels at the tile's pixels: each working-grid pixel's label on the
+        tile pixels it covers. Made on demand: the readout itself needs only the counts."""
+        import cv2
+
+        h, w = self.shape
+        if self.grid_labels.shape == (h, w):
+            return self.grid_labels
+        return cv2.resize(self.grid_labels, (w, h), interpolation=cv2.INTER_NEAREST)
 
     @property
     def count(self) -> int:
@@ -139,35 +166,58 @@ def detect_nuclei(rgb: np.ndarray, mpp: float, params: NucleiParams | None = Non
                   white: tuple[int, int, int] = WHITE,
                   dab: np.ndarray | None = None,
                   haematoxylin: np.ndarray | None = None) -> Nuclei:
-    """Nuclei of a uint8 RGB tile at `mpp` µm/px. `white` is the slide's glass colour (255s for
-    an image whose glass is white); `dab`/`haematoxylin` are its densities when the caller has
-    them already (measure_tile), so they are not computed twice."""
+    """Nuclei of a uint8 RGB tile at `mpp` µm/px, found on the working grid of
+    `params.grid_mpp` (or the tile's own, when coarser). `white` is the slide's glass colour
+    (255s for an image whose glass is white); `dab`/`haematoxylin` are its densities when the
+    caller has them already (measure_tile), so they are not computed twice."""
     import cv2
 
     params = params or NucleiParams()
     _check_input(rgb, mpp)
     if dab is None or haematoxylin is None:
         haematoxylin, dab = densities(rgb, white)
+    shape = (int(rgb.shape[0]), int(rgb.shape[1]))
     density = np.add(haematoxylin, dab, dtype=np.float32)
+    density, dab, grid_mpp = working_grid(density, dab, mpp, params.grid_mpp)
     # The smoothed, background-subtracted density never exceeds the density itself (densities
     # are >= 0, so is their opening): a tile with nothing that dark (glass) has no nuclei.
     if not density.size or float(density.max()) <= params.foreground_od:
-        return _empty(rgb.shape[:2])
-    nuclear = _gaussian(density, params.sigma_um / mpp)
+        return _empty(density.shape, grid_mpp, shape)
+    nuclear = _gaussian(density, params.sigma_um / grid_mpp)
     # Background subtraction (QuPath's "background radius"): an opening wider than any nucleus
     # is the local level of cytoplasm and stroma, which differs between scanners and stains.
-    size = 2 * max(1, round(params.background_radius_um / mpp)) + 1
+    size = 2 * max(1, round(params.background_radius_um / grid_mpp)) + 1
     nuclear -= cv2.morphologyEx(nuclear, cv2.MORPH_OPEN, np.ones((size, size), np.uint8))
     foreground = nuclear > params.foreground_od
     if not foreground.any():
-        return _empty(rgb.shape[:2])
+        return _empty(density.shape, grid_mpp, shape)
     # Seeds: tops of the density blurred at the scale of a nucleus (a blob filter), so one
     # nucleus is one top and touching nuclei are two, whatever the fine texture.
-    blob = _gaussian(density, params.seed_sigma_um / mpp)
-    min_px = max(1, round(params.min_distance_um / mpp))
+    blob = _gaussian(density, params.seed_sigma_um / grid_mpp)
+    min_px = max(1, round(params.min_distance_um / grid_mpp))
     seeds_rc = _peaks(blob, foreground, min_px)
     labels = _watershed(-nuclear, foreground, seeds_rc, min_px)
-    return _measure(labels, dab, mpp, params, len(seeds_rc))
+    return _measure(labels, dab, grid_mpp, params, len(seeds_rc), shape)
+
+
+def working_grid(density: np.ndarray, dab: np.ndarray, mpp: float, grid_mpp: float
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """`density` and `dab` (H, W) at `mpp` area-averaged onto a grid of about `grid_mpp` µm/px
+    (whole pixels: the grid's exact µm/px is returned with them); unchanged when `mpp` is
+    already that coarse."""
+    import cv2
+
+    h, w = density.shape
+    if mpp >= grid_mpp or not density.size:
+        return density, dab, mpp
+    size = (max(1, round(w * mpp / grid_mpp)), max(1, round(h * mpp / grid_mpp)))
+    if size == (w, h):
+        return density, dab, mpp
+    # A pixel of the grid covers (w / gw) x (h / gh) tile pixels; both ratios are within
+    # rounding of grid_mpp / mpp, and their geometric mean is the grid's length per pixel.
+    out_mpp = mpp * math.sqrt((w / size[0]) * (h / size[1]))
+    return (cv2.resize(density, size, interpolation=cv2.INTER_AREA),
+            cv2.resize(dab, size, interpolation=cv2.INTER_AREA), out_mpp)
 
 
 def _gaussian(image: np.ndarray, sigma: float) -> np.ndarray:
@@ -241,12 +291,12 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
 
     The flood stays inside the 4-connected piece of the mask holding its seed: a piece without
     a seed stays 0, a piece with one seed is that seed's nucleus whole, and only pieces with
-    two or more (touching nuclei) are flooded. When seeds are at least 4 px apart (`min_px`,
-    nuclei ~8 px across or more) that flood runs on a grid of half the pixels in each direction
-    and its labels are taken back to the full grid: the seeds are the same, the line between two
-    touching nuclei moves by about a pixel (so a nucleus near a size limit can cross it: on the
-    OS-2 Ki67 tiles, at most 2 of ~250 nuclei a tile changed), and scikit-image's flood (~140
-    ns a pixel, the largest cost of a tile at full resolution) costs a quarter."""
+    two or more (touching nuclei) are flooded. When seeds are at least 2 px apart (`min_px`:
+    each lands in its own 2x2 block) that flood runs on a grid of half the pixels in each
+    direction and its labels are taken back to the full grid: the seeds are the same, the line
+    between two touching nuclei moves by about a pixel of this grid (so a nucleus near a size
+    limit can cross it: on the OS-2 Ki67 tiles at 1 µm/px, 7 of ~2,000 nuclei in 8 tiles), and
+    scikit-image's flood (~150 ns a pixel, the largest cost of detection) costs a quarter."""
     import cv2
 
     n, pieces = cv2.connectedComponents(foreground.view(np.uint8), connectivity=4,
@@ -264,7 +314,7 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
         # One flood over all those pieces at once (they cannot meet inside the mask): one
         # call's overhead instead of one per piece.
         mask = labels < 0
-        flooded = _flood(surface, mask, seeds_rc[~single], ids[~single], 2 if min_px >= 4 else 1)
+        flooded = _flood(surface, mask, seeds_rc[~single], ids[~single], 2 if min_px >= 2 else 1)
         np.copyto(labels, flooded, where=mask)
     return labels
 
@@ -299,19 +349,20 @@ def _flood(surface: np.ndarray, mask: np.ndarray, seeds_rc: np.ndarray, ids: np.
     return full[:h, :w]
 
 
-def _empty(shape: tuple[int, ...]) -> Nuclei:
-    return Nuclei(labels=np.zeros(shape[:2], dtype=np.int32), area_um2=np.zeros(0),
-                  mean_dab=np.zeros(0), centroid_xy=np.zeros((0, 2)),
-                  positive=np.zeros(0, dtype=bool))
+def _empty(grid_shape: tuple[int, ...], grid_mpp: float, shape: tuple[int, int]) -> Nuclei:
+    return Nuclei(grid_labels=np.zeros(grid_shape[:2], dtype=np.int32), grid_mpp=grid_mpp,
+                  shape=shape, area_um2=np.zeros(0), mean_dab=np.zeros(0),
+                  centroid_xy=np.zeros((0, 2)), positive=np.zeros(0, dtype=bool))
 
 
 def _measure(labels: np.ndarray, dab: np.ndarray, mpp: float, params: NucleiParams,
-             n: int) -> Nuclei:
-    """Per-nucleus measurements of labels 1..n, keeping nuclei within the size limits
-    (relabelled 1..m). Sums over the labelled pixels only (a minority of the tile), by flat
-    index, each once; the size filter selects from them."""
+             n: int, shape: tuple[int, int]) -> Nuclei:
+    """Per-nucleus measurements of labels 1..n on a grid of `mpp` µm/px, keeping nuclei within
+    the size limits (relabelled 1..m); centroids in the pixels of a tile of `shape`. Sums over
+    the labelled pixels only (a minority of the tile), by flat index, each once; the size
+    filter selects from them."""
     if n == 0:
-        return _empty(labels.shape)
+        return _empty(labels.shape, mpp, shape)
     where = np.flatnonzero(labels > 0)  # ~4x faster than on the int32 labels themselves
     lab = labels.ravel()[where]
     counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
@@ -319,19 +370,22 @@ def _measure(labels: np.ndarray, dab: np.ndarray, mpp: float, params: NucleiPara
     keep = (area >= params.min_area_um2) & (area <= params.max_area_um2)
     m = int(np.count_nonzero(keep))
     if m == 0:
-        return _empty(labels.shape)
+        return _empty(labels.shape, mpp, shape)
     rows, cols = _pixel_grid(labels.shape)
     counts = counts[keep]
     dab_sum = np.bincount(lab, weights=dab.ravel()[where], minlength=n + 1)[1:][keep]
     cy = np.bincount(lab, weights=rows[where], minlength=n + 1)[1:][keep] / counts
     cx = np.bincount(lab, weights=cols[where], minlength=n + 1)[1:][keep] / counts
+    # Grid pixel centres to tile pixel centres: grid pixel j covers tile pixels [j s, (j+1) s).
+    sy, sx = shape[0] / labels.shape[0], shape[1] / labels.shape[1]
+    cy, cx = (cy + 0.5) * sy - 0.5, (cx + 0.5) * sx - 0.5
     remap = np.zeros(n + 1, dtype=np.int32)
     remap[1:][keep] = np.arange(1, m + 1, dtype=np.int32)
     mean_dab = dab_sum / counts
     out = np.zeros(labels.shape, dtype=np.int32)
     out.ravel()[where] = remap[lab]  # only the labelled pixels: cheaper than remap[labels]
-    return Nuclei(labels=out, area_um2=area[keep], mean_dab=mean_dab,
-                  centroid_xy=np.stack([cx, cy], axis=1),
+    return Nuclei(grid_labels=out, grid_mpp=mpp, shape=shape, area_um2=area[keep],
+                  mean_dab=mean_dab, centroid_xy=np.stack([cx, cy], axis=1),
                   positive=mean_dab > params.positive_od)
 
 
