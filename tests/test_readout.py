@@ -195,3 +195,42 @@ def test_same_names_from_two_folders_stay_apart(tmp_path: Path) -> None:
         assert all(isinstance(v, (int, float)) for v in feat["properties"]["measurements"].values())
     assert rows[0]["nuclei"] == "" and rows[0]["dab_positive_area_pct"] == \
         rows[1]["dab_positive_area_pct"]
+
+
+def test_nuclei_working_grid_is_what_it_claims_and_counts_as_full_resolution() -> None:
+    """Detection runs on a ~1 µm/px grid (a quarter of a 0.5 µm/px readout tile's pixels):
+    its µm/px is the tile's extent over its pixels, the labels come back at the tile's size,
+    and on a real readout tile (OS-2 Ki67 at 0.5 µm/px) it finds the nuclei of detection at
+    the tile's own resolution: counts within 8 %, index within 3 points (measured on this tile:
+    313 against 303 nuclei, index 20.4 against 21.1 %; the extra nuclei come mostly from the
+    seed spacing, 2.5 µm, being 2 px on the coarse grid)."""
+    import cv2
+    import tifffile
+
+    rgb = tifffile.imread(NDPI)[:, :, :3]
+    side = round(rgb.shape[0] * 0.2271 / 0.5)
+    tile = cv2.resize(np.ascontiguousarray(rgb[:, :rgb.shape[0]]), (side, side),
+                      interpolation=cv2.INTER_AREA)[:576, :576]
+    coarse = detect_nuclei(tile, 0.5)
+    full = detect_nuclei(tile, 0.5, NucleiParams(grid_mpp=0.5))
+    assert NucleiParams().grid_mpp == 1.0
+    assert coarse.grid_labels.shape == (288, 288) and coarse.grid_mpp == pytest.approx(1.0)
+    assert full.grid_labels.shape == (576, 576) and full.grid_mpp == 0.5
+    assert coarse.labels.shape == tile.shape[:2] and coarse.labels.max() == coarse.count
+    assert full.count > 150
+    assert abs(coarse.count - full.count) / full.count <= 0.08
+    ia = coarse.positive_count / coarse.count
+    ib = full.positive_count / full.count
+    assert abs(ia - ib) <= 0.03
+    # Centroids are in tile pixels: each lies on its nucleus' label in the tile-sized labels.
+    xy = np.round(coarse.centroid_xy).astype(int)
+    on = coarse.labels[xy[:, 1], xy[:, 0]] == np.arange(1, coarse.count + 1)
+    assert on.mean() > 0.95
+
+
+def test_stain_matrix_is_scikit_images() -> None:
+    from skimage.color import hed_from_rgb as skimage_matrix
+
+    from stainctl.stain.deconvolution import hed_from_rgb
+
+    assert np.array_equal(hed_from_rgb(), skimage_matrix)
