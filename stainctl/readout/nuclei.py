@@ -21,11 +21,12 @@ at 0.35 µm/px gives the same nuclei. A nucleus is positive when its mean DAB de
 working grid: the mean of area averages is the nucleus' mean) exceeds `positive_od`.
 
 Why a 1 µm grid: a nucleus is 6-20 µm across, 6-20 pixels there, so the smallest one kept
-(20 µm², a small lymphocyte) is still ~20 pixels; the per-tile cost of detection falls ~4x from
-0.5 µm/px, which is what lets `readout` with nuclei run near the speed of reading its tiles.
-On the OS-2 Ki67 tiles the count per tile moves by a few percent against detection at
-0.5 µm/px (see tests/test_readout.py and bench/RESULTS.md). A tile already coarser than the grid
-is detected at its own resolution.
+(20 µm², a small lymphocyte) is still ~20 pixels; detection costs ~3 ms a 576-px readout tile
+instead of ~12 ms at 0.5 µm/px, which is what lets `readout` with nuclei run near the speed of
+reading its tiles. Against detection at 0.5 µm/px, the OS-2 Ki67 slides find 3-4 % more
+nuclei (mostly the seed spacing, 2.5 µm, which is 2 px here) and their indices move by less
+than 0.6 points (tests/test_readout.py, bench/RESULTS.md). A tile already coarser than the
+grid is detected at its own resolution.
 
 Densities are in the units of `skimage.color.rgb2hed` (natural-log density / ln(1e6), i.e. the
 decadic optical density QuPath shows divided by 6).
@@ -296,7 +297,7 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
     each lands in its own 2x2 block) that flood runs on a grid of half the pixels in each
     direction and its labels are taken back to the full grid: the seeds are the same, the line
     between two touching nuclei moves by about a pixel of this grid (so a nucleus near a size
-    limit can cross it: on the OS-2 Ki67 tiles at 1 µm/px, 7 of ~2,000 nuclei in 8 tiles), and
+    limit can cross it: on the 8 OS-2 Ki67 readout tiles at 1 µm/px, 2,014 nuclei -> 2,007), and
     scikit-image's flood (~150 ns a pixel, the largest cost of detection) costs a quarter."""
     import cv2
 
