@@ -1,14 +1,21 @@
 """Macenko and Reinhard stain normalisation (torchstain), fitted once per slide.
 
 torchstain fits the parameters: the target's from the reference, the source's from a sample of
-the slide's tissue tiles (`sample.py`). Every tile of the slide is then mapped with those same
-parameters, so neighbouring tiles agree and the stitched slide shows no seam (fitting per tile
-makes each tile's colours depend on its own content). Both methods are a function of the pixel's
+the slide's tissue tiles (`sample.py`); for Macenko with the stain plane through zero density as
+the paper has it (`macenko.py`: torchstain's steps, its centred plane corrected). Every tile
+of the slide is then mapped with those same parameters, so neighbouring tiles agree and the
+stitched slide shows no seam (fitting per tile makes each tile's colours depend on its own
+content). Both methods are a function of the pixel's
 colour alone once fitted, so the mapping is computed once per slide for all 2^24 colours (a
 48 MB table, about a second) and a tile costs one table look-up.
 
 Glass stays glass: for both methods, pixels fade from the normalised colour back to their own as
 their optical density (against the slide's own glass colour) falls to that of glass.
+
+Macenko rebuilds a pixel from its two stain amounts only, so what its density holds off the
+stain plane is dropped: a slide normalised to itself changes by that (3.5 grey levels on the
+CMU-1 sample's tissue), and the method matches each stain's vector and 99th-percentile amount,
+not the Lab statistics (bench/RESULTS.md, normalize, 2026-11-30 norm4).
 """
 
 from __future__ import annotations
@@ -21,7 +28,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl.errors import UsageError
-from stainctl.normalize import CLASSICAL
+from stainctl.normalize import CLASSICAL, macenko
 from stainctl.normalize.sample import StainSample
 
 if TYPE_CHECKING:
@@ -34,24 +41,22 @@ if TYPE_CHECKING:
 GLASS_OD = 0.02
 FADE_OD = 0.08
 _CHUNK = 1 << 20  # colours per block while the table is built
-# Macenko's transmitted light, torchstain's default, for the slide and the reference alike (each
-# one's own glass as the light gave a larger colour distance to the target on the real slides:
-# a bright glass lends every pixel extra optical density). Glass is kept by the fade instead.
-IO = 240.0
+# Macenko's transmitted light: torchstain's 240 for the slide and the reference alike. Each
+# one's measured glass would be Beer-Lambert's light, but it cannot be had for both: the OS-1
+# crop is tissue edge to edge (0.015 % glass, clipped at 255 in red and blue), so one light would
+# be measured and the other assumed. Glass is kept by the fade instead.
+IO = macenko.IO
 
 
 def _macenko(sample: StainSample) -> dict[str, Any]:
-    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
-
-    norm = NumpyMacenkoNormalizer()
     try:
-        norm.fit(sample.pixels.reshape(-1, 1, 3), Io=IO)
+        stains, max_conc = macenko.fit_macenko(sample.pixels, IO)
     except (ValueError, np.linalg.LinAlgError, IndexError) as err:
         raise UsageError(f"{sample.name}: its stains could not be estimated (too pale or too "
                          f"few stained pixels: {err})") from None
-    return {"stain_matrix": np.round(norm.HERef, 6).tolist(),
-            "max_concentration": np.round(norm.maxCRef, 6).tolist(),
-            "glass": list(sample.glass)}
+    return {"stain_matrix": np.round(stains, 6).tolist(),
+            "max_concentration": np.round(max_conc, 6).tolist(),
+            "glass": list(sample.glass), "plane": macenko.PLANE}
 
 
 def _reinhard(sample: StainSample) -> dict[str, Any]:
@@ -127,7 +132,7 @@ class StainFit:
             f = [np.exp(np.clip(-m[j, c] * od, -80, 80)).astype(np.float32)[cube[c]]
                  for c in range(3)]
             with np.errstate(over="ignore", under="ignore"):
-                out = np.minimum(IO * f[0] * f[1] * f[2], 255)
+                out = np.minimum(IO * f[0] * f[1] * f[2] - 1, 255)
             out = w * out + (1 - w) * v[cube[j]]
             lut[..., j] = np.clip(np.rint(out), 0, 255)
         return lut.reshape(-1, 3)
@@ -148,7 +153,10 @@ class StainFit:
                  / np.maximum(np.asarray(self.source["max_concentration"], np.float32), 1e-6))
         od = -np.log((rgb + 1) / IO)
         conc = od @ np.linalg.pinv(he_src).T * scale  # least squares, as torchstain's lstsq
-        return np.minimum(IO * np.exp(-conc @ he_ref.T), 255)
+        # The inverse of the density -log((I + 1) / IO), so a pixel on the stain plane mapped
+        # by a slide's own fit keeps its colour (torchstain's IO * exp(-OD) leaves every pixel
+        # one grey level brighter).
+        return np.minimum(IO * np.exp(-conc @ he_ref.T) - 1, 255)
 
     def _reinhard(self, rgb: NDArray[np.float32]) -> NDArray[np.float32]:
         import cv2
