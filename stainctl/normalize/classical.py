@@ -13,7 +13,7 @@ Glass stays glass: for both methods, pixels fade from the normalised colour back
 their optical density (against the slide's own glass colour) falls to that of glass.
 
 Macenko rebuilds a pixel from its two stain amounts only, so what its density holds off the
-stain plane is dropped: a slide normalised to itself changes by that (3.5 grey levels on the
+stain plane is dropped: a slide normalised to itself changes by that (3.9 grey levels on the
 CMU-1 sample's tissue), and the method matches each stain's vector and 99th-percentile amount,
 not the Lab statistics (bench/RESULTS.md, normalize, 2026-11-30 norm4).
 """

@@ -17,7 +17,7 @@ maximum concentration), with torchstain's parameters (Io 240, alpha 1, beta 0.15
 
 Measured (bench/RESULTS.md, normalize, 2026-11-30 norm4): the CMU-1 sample's tissue rebuilt
 from its own two stains is 9.6 Lab from itself with the centred plane and 3.7 with the plane
-through zero; normalising CMU-1 to itself changes its tissue by 6.8 and 3.5 grey levels.
+through zero; normalising CMU-1 to itself changes its tissue by 6.8 and 3.9 grey levels.
 """
 
 from __future__ import annotations
