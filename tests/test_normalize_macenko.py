@@ -73,3 +73,26 @@ def test_the_reference_is_read_at_the_grid_resolution_not_resampled(cmu1_path):
     coarse = load_reference(cmu1_path, 0.6).image
     assert coarse is not None and coarse.shape == (round(2967 * 0.499 / 0.6),
                                                    round(2220 * 0.499 / 0.6), 3)
+
+
+def test_a_tile_is_looked_up_by_its_rgba_word_as_its_colour_maps(cmu1_path, he_ome_path):
+    """The table is indexed by a pixel's RGBA word (b<<16|g<<8|r): a tile, RGB or RGBA, comes
+    out exactly as its colours map one by one (Reinhard's table is that mapping)."""
+    from stainctl.normalize.classical import Normaliser
+    from stainctl.normalize.sample import from_tiles
+    from stainctl.slide.reader import open_slide
+
+    s = open_slide(he_ome_path)
+    img = s.read_region(0, 0, 0, 512, 512)
+    s.close()
+    transform = Normaliser.to_reference("reinhard", load_reference(cmu1_path)).for_slide(
+        from_tiles([img], "os1"))
+    rng = np.random.default_rng(0)
+    tiles = np.stack([img, rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)])
+    expected = transform.fit.apply_colours(tiles.reshape(-1, 3).astype(np.float32))
+    out = transform.apply(tiles)
+    assert out.shape == tiles.shape and out.dtype == np.uint8
+    np.testing.assert_array_equal(out.reshape(-1, 3), expected)
+    rgba = np.concatenate([tiles, rng.integers(0, 256, (2, 512, 512, 1), dtype=np.uint8)], -1)
+    np.testing.assert_array_equal(transform.apply(rgba), out)  # alpha ignored
+    np.testing.assert_array_equal(transform.apply(tiles[0]), out[0])  # one tile, no batch
