@@ -5,15 +5,16 @@ one 256-px crop wide, never reached training. This script cuts the same strips a
 ../shared/data (the trainer's own `write_held_out`, same fraction and crop), runs the main job on
 the CMU-1 sample with the model, and measures, against the held-out Ki67 crops:
   * DAB-positive area (OD > 0.15) and per-image p90 DAB (mean of the top decile) over EVERY
-    256-px tissue tile at 0.5 µm/px of the model's virtual Ki67 of CMU-1 (the trainer's tissue
-    rule, as the held-out crops were cut) and of CMU-1's own H&E untranslated (the reference a
-    model has to beat), against EVERY held-out crop (`stainctl.evaluate.dab_tiles`: the
-    per-image statistics of `evaluate --metrics stain`, each mean and the output/real ratio with
-    a percentile bootstrap 95 % interval over tiles); target: output within 1.5x of the real
-    IHC. (`evaluate --metrics stain` itself samples as many output tiles as there are real
-    crops, 4 or 5 of ~22; its figures are kept in the JSON, under "evaluate", for comparison.)
+    256-px tile at 0.5 µm/px of the model's virtual Ki67 of CMU-1 (the main job's output) where
+    the H&E is tissue (the trainer's rule, by which the held-out crops were cut: 33 tiles), and
+    of CMU-1's own H&E untranslated (the reference a model has to beat), against EVERY held-out
+    crop, with `stainctl.evaluate.dab_tiles` (the per-image statistics of `evaluate --metrics
+    stain`; each mean, and the output/real ratio, with a percentile bootstrap 95 % interval over
+    tiles); target: output within 1.5x of the real IHC. (`evaluate --metrics stain` itself
+    samples as many output tiles as there are real crops, 4 or 5 of ~22: its figures, kept in
+    the JSON under "evaluate", move more with that sample than with training.)
   * the haematoxylin density of DAB-negative tissue (tissue: mean RGB < 220; DAB <= 0.15),
-    pooled over every tissue tile of the output and over the held-out crops, with its interval
+    pooled over the same tiles of the output and over the held-out crops, with its interval
     over tiles; target: within 25 %;
   * the Ki67 nuclear positivity index of `stainctl readout --marker ki67` (positive nuclei over
     nuclei) on the output slide, on the held-out crops and on the H&E input;
@@ -75,11 +76,17 @@ def glass_and_tissue_change(engine: Any) -> dict[str, float]:
             "tissue": round(float(change[~glass[edge]].mean()), 2)}
 
 
-def tissue_tiles(image: np.ndarray) -> list[np.ndarray]:
-    """Non-overlapping CROP-px tiles of an image that are mostly tissue (the trainer's rule)."""
-    from stainctl.engines.fast.data import held_out_crops
+def tissue_tiles(he: np.ndarray, image: np.ndarray | None = None) -> list[np.ndarray]:
+    """Every non-overlapping CROP-px tile of `image` (default: `he` itself) where the H&E `he`
+    is mostly tissue (the trainer's rule, by which the held-out crops were cut). The H&E, not the
+    output, says where tissue is: a model that browns more would otherwise make more tiles
+    count, and two models would be measured on different tiles."""
+    from stainctl.engines.fast.data import tissue_origins
 
-    return held_out_crops(image, CROP)
+    image = he if image is None else image
+    if image.shape[:2] != he.shape[:2]:
+        raise ValueError(f"output {image.shape[:2]} and H&E {he.shape[:2]} differ in size")
+    return [image[y:y + CROP, x:x + CROP] for y, x in tissue_origins(he, CROP)]
 
 
 def counterstain(tiles: list[np.ndarray]) -> dict[str, Any]:
@@ -192,8 +199,10 @@ def main() -> None:
         r = runner.invoke(cli_app, command)
         assert r.exit_code == 0, r.output
         real_tiles = [cv2.imread(str(p))[..., ::-1].copy() for p in sorted(held_out.glob("*.png"))]
-        sets = {"held_out_ihc": real_tiles, "output": tissue_tiles(load_image(fake, MPP)),
-                "he_input": tissue_tiles(load_image(SAMPLE, MPP))}
+        he_image = load_image(SAMPLE, MPP)
+        sets = {"held_out_ihc": real_tiles,
+                "output": tissue_tiles(he_image, load_image(fake, MPP)),
+                "he_input": tissue_tiles(he_image)}
         index = {"held_out_ihc": readout_index(runner, cli_app, held_out, Path(tmp) / "r1", MPP),
                  "output": readout_index(runner, cli_app, fake, Path(tmp) / "r2"),
                  "he_input": readout_index(runner, cli_app, SAMPLE, Path(tmp) / "r3")}
