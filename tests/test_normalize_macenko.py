@@ -96,3 +96,14 @@ def test_a_tile_is_looked_up_by_its_rgba_word_as_its_colour_maps(cmu1_path, he_o
     rgba = np.concatenate([tiles, rng.integers(0, 256, (2, 512, 512, 1), dtype=np.uint8)], -1)
     np.testing.assert_array_equal(transform.apply(rgba), out)  # alpha ignored
     np.testing.assert_array_equal(transform.apply(tiles[0]), out[0])  # one tile, no batch
+
+
+def test_status_names_the_plane_and_reads_fits_recorded_before_it_was_kept():
+    from stainctl.cli.status import fit_line
+
+    part = {"stain_matrix": [[0.8, 0.1], [0.5, 0.9], [0.3, 0.4]],
+            "max_concentration": [2.9, 2.8], "glass": [246, 243, 243]}
+    line = fit_line({"method": "macenko", "source": {**part, "plane": "origin"},
+                     "target": part})  # the target as an older workspace holds it
+    assert line.startswith("macenko fitted: slide H (0.8,0.5,0.3) E (0.1,0.9,0.4)")
+    assert "max C (2.9,2.8) plane origin;" in line and line.endswith("plane centred")
