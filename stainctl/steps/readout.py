@@ -253,7 +253,7 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
 
                 try:
                     for i in todo:
-                        queue.append(pool.submit(measure, i))
+                        queue.append(pool.submit(measure, int(i)))
                         if len(queue) >= 2 * batch:
                             take(queue.popleft())
                     while queue:
