@@ -104,61 +104,27 @@ class BlockSource:
         raise RuntimeError(f"libvips read back to byte {pos}, which is no longer held")
 
 
-# Nice value of the thread that produces the canvas. On two cores libvips' pyramid encoder keeps
-# both busy except in its serial stretches; a producer at normal priority preempts the encoder's
-# threads on its critical path, one at the lowest priority runs in those stretches instead.
-# Measured on the 1.2-gigapixel bench store, in-process, interleaved: 9.2-9.8 s at nice 19
-# against 10.0-11.3 s at 0, 9.8-10.0 s at 5, with the same CPU time (bench/RESULTS.md, stitch3).
-PRODUCER_NICE = 19
-# A niced producer starves when other processes keep every core busy. The consumer waiting this
-# long for one item moves production to a thread at normal priority (after the item in hand).
-STARVED_S = 0.5
-
-
-def prefetch(items: Iterable[Any], depth: int = 2, *, nice: int = PRODUCER_NICE,
-             starved: float = STARVED_S) -> Iterator[Any]:
+def prefetch(items: Iterable[Any], depth: int = 2) -> Iterator[Any]:
     """Produce `items` on a background thread, `depth` ahead of the consumer: reading and
-    blending the next band (numpy, OpenCV, zarr release the GIL) overlaps libvips' encoding.
-
-    The producer runs at `nice` (Linux: per thread) so that it uses the cycles libvips leaves
-    idle; if the consumer ever waits `starved` seconds for an item, the rest is produced at the
-    priority the consumer's thread has."""
-    it = iter(items)
+    blending the next band (numpy, OpenCV, zarr release the GIL) overlaps libvips' encoding."""
     q: queue.Queue[tuple[bool, Any]] = queue.Queue(maxsize=depth)
     stop = threading.Event()
-    demote = threading.Event()  # the niced producer hands over after the item in hand
 
-    def produce(niced: bool, after: threading.Thread | None) -> None:
-        if after is not None:
-            after.join()  # one thread at a time resumes the iterator
-        if niced:
-            _lower_priority(nice)
+    def produce() -> None:
         try:
-            while not stop.is_set():
-                if niced and demote.is_set():
-                    return
-                try:
-                    item = next(it)
-                except StopIteration:
-                    q.put((False, None))
+            for item in items:
+                if stop.is_set():
                     return
                 q.put((True, item))
+            q.put((False, None))
         except BaseException as err:
             q.put((False, err))
 
-    thread = threading.Thread(target=produce, args=(nice > 0, None), name="stainctl-prefetch",
-                              daemon=True)
+    thread = threading.Thread(target=produce, name="stainctl-prefetch", daemon=True)
     thread.start()
     try:
         while True:
-            try:
-                ok, item = q.get(timeout=starved if not demote.is_set() else None)
-            except queue.Empty:
-                demote.set()
-                thread = threading.Thread(target=produce, args=(False, thread),
-                                          name="stainctl-prefetch", daemon=True)
-                thread.start()
-                continue
+            ok, item = q.get()
             if not ok:
                 if item is not None:
                     raise item
@@ -171,18 +137,3 @@ def prefetch(items: Iterable[Any], depth: int = 2, *, nice: int = PRODUCER_NICE,
                 q.get_nowait()
             except queue.Empty:
                 thread.join(0.05)
-
-
-def _lower_priority(nice: int) -> None:
-    """Raise the calling thread's nice value to `nice` where threads have their own (Linux);
-    elsewhere leave it (setpriority there would change the whole process)."""
-    import sys
-
-    if sys.platform != "linux":
-        return
-    try:
-        current = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-        if nice > current:
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
-    except OSError:
-        pass
