@@ -1,8 +1,8 @@
 #!/bin/sh
 # Issue 22: retrain demo-ki67 with the counterstain recipe, then measure it.
 #   sh bench/demo_retrain.sh [cuda|cpu] [STEPS] [BATCH]
-# The shipped demo-ki67 is this run with `OMP_NUM_THREADS=1 sh bench/demo_retrain.sh cpu 400 4`
-# (its card has the command; 11 min on the shared 2-core CPU).
+# The shipped demo-ki67 is not this run: it was trained on the CPU in resumed slices with extra
+# loss weights; its card has the exact commands (`stainctl models show demo-ki67`).
 # Reads ../shared/data/tiles/{he,ihc} and the CMU-1 sample; writes $OUT/demo-ki67-retrain/
 # ($OUT: the device machine's return folder; default ./runs) (resumable: a rerun after a timeout
 # continues from the last checkpoint, every 200 steps) and installs it as ki67-retrain in

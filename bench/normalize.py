@@ -27,14 +27,15 @@ OS1 = DATA / "tiles" / "he" / "OS-1-detail_HE.ome.tif"
 CMU1 = DATA / "wsi" / "aperio" / "CMU-1-Small-Region.svs"
 
 
-def mosaic(path: Path, gpx: float) -> Path:
-    """A pyramidal JPEG TIFF of about `gpx` gigapixels at 0.5 µm/px, tiled from OS-1."""
+def mosaic(path: Path, gpx: float, width: int | None = None) -> Path:
+    """A pyramidal JPEG TIFF of about `gpx` gigapixels at 0.5 µm/px, tiled from OS-1: square,
+    or `width` px wide and as tall as the area needs."""
     import pyvips
 
     tile = pyvips.Image.new_from_file(str(OS1)).extract_band(0, n=3)
-    side = int((gpx * 1e9) ** 0.5)
-    n = -(-side // tile.width)
-    big = tile.replicate(n, n).crop(0, 0, side, side)
+    w = width or int((gpx * 1e9) ** 0.5)
+    h = int(gpx * 1e9 / w)
+    big = tile.replicate(-(-w // tile.width), -(-h // tile.height)).crop(0, 0, w, h)
     big = big.copy(xres=2000.0, yres=2000.0)  # 0.5 µm/px in px per mm
     big.tiffsave(str(path), tile=True, tile_width=512, tile_height=512, pyramid=True,
                  compression="jpeg", Q=85, resunit="cm")
@@ -119,6 +120,10 @@ def main() -> None:
     p.add_argument("--gpx", type=float, default=1.0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--steps", type=int, default=2, help="CPU stainfuser steps (extrapolated)")
+    p.add_argument("--shape", choices=("square", "tall"), default="square",
+                   help="tall: both slides as wide as the small square one, the large one 4x "
+                        "taller (peak RSS against the area at a fixed width)")
+    p.add_argument("--no-stainfuser", action="store_true", help="skip the stainfuser timing")
     a = p.parse_args()
     cmd = "python bench/normalize.py " + " ".join(sys.argv[1:])
     if a.device.startswith("cuda"):
@@ -131,17 +136,21 @@ def main() -> None:
         return
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        width = int((a.gpx / 4 * 1e9) ** 0.5) if a.shape == "tall" else None
         for gpx in (a.gpx / 4, a.gpx):
-            slide = mosaic(Path(tmp) / f"m{gpx}.tif", gpx)
+            slide = mosaic(Path(tmp) / f"m{gpx}.tif", gpx, width)
             for method in ("identity", "macenko"):
                 sec, rss = run_job(slide, Path(tmp) / f"out-{gpx}-{method}", method)
                 rows.append((gpx, method, sec, rss))
-    per_tile = stainfuser_tiles("cpu", "fp32", a.steps, 1)
     out = [f"## normalize (`{cmd}`, {time.strftime('%Y-%m-%d')})", "",
            "| slide Gpx | run | s | MP/s | peak RSS MB |", "|---|---|---|---|---|"]
     for gpx, method, sec, rss in rows:
         out.append(f"| {gpx:.2f} | {method} | {sec:.0f} | {gpx * 1000 / sec:.1f} | "
                    f"{rss / 1024:.0f} |")
+    if a.no_stainfuser:
+        record(out)
+        return
+    per_tile = stainfuser_tiles("cpu", "fp32", a.steps, 1)
     out.append(f"\nstainfuser on this CPU, full-size random networks, 512 px, fp32: "
                f"{per_tile:.1f} s/tile at {a.steps} steps, about "
                f"{per_tile * 20 / a.steps:.0f} s/tile at 20 (extrapolated linearly in steps: an "

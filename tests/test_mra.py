@@ -11,7 +11,7 @@ import torch
 from test_evaluate import _folder, _tiles
 
 from stainctl.evaluate.evaluator import EvaluateOptions, evaluate
-from stainctl.evaluate.retrieval import mra, retrieval_ranks
+from stainctl.evaluate.retrieval import mra, mra_of_pairs, retrieval_ranks
 from stainctl.evaluate.sources import read_image
 
 TINY_GIGAPATH = """
@@ -56,6 +56,29 @@ def test_ranks_follow_the_authors_definition():
     m = mra(real, fake)
     assert m["top1"] == pytest.approx(1 / 3) and m["top3"] == 1.0
     assert m["chance_top1"] == pytest.approx(1 / 3) and m["chance_top3"] == 1.0
+
+
+def test_real_images_are_embedded_once_across_generated_sets():
+    class Item:
+        def __init__(self, key: str, value: float) -> None:
+            self.key, self.value = key, value
+
+        def load(self) -> np.ndarray:
+            return np.full((4, 4, 3), self.value, np.uint8)
+
+    calls: list[float] = []
+
+    def features(batch: np.ndarray) -> np.ndarray:
+        calls.append(float(batch[0, 0, 0, 0]))
+        return np.array([[float(batch[0, 0, 0, 0]), 1.0]])
+
+    real = [Item("a", 10), Item("b", 200)]
+    cache: dict[str, np.ndarray] = {}
+    first = mra_of_pairs([(real[0], Item("a", 10)), (real[1], Item("b", 200))], features, cache)
+    second = mra_of_pairs([(real[0], Item("a", 200)), (real[1], Item("b", 10))], features, cache)
+    assert calls.count(10) + calls.count(200) == 6  # 2 real + 2 x 2 generated, not 8
+    assert sorted(cache) == ["a", "b"]
+    assert first["top1"] == 1.0 and second["top1"] == 0.0  # the cache keeps the real images'
 
 
 def test_unrelated_pairs_score_at_chance():

@@ -78,14 +78,13 @@ def test_os1_is_brought_to_the_cmu1_stain_with_its_structure_and_no_seam(os1_nor
     source = _source(he_ome_path, normalised.shape)
     before = colour_distance(colour_stats(source[tissue_pixels(source)]), target_stats)
     after = colour_distance(colour_stats(normalised[tissue_pixels(normalised)]), target_stats)
-    # Reinhard matches the Lab statistics themselves (0.97 of the distance removed here).
-    # Macenko matches the stain vectors and scales each stain's 99th-percentile amount, keeping
-    # the shape of each pixel's amounts, and the OS-1 crop holds far more haematoxylin than
-    # CMU-1: it removes 0.46 of the Lab distance, short of the issue's half (the H vector moves
-    # onto the target's, asserted below). torchstain's own MacenkoNormalizer on the whole crop
-    # removes 0.45 with the target's percentiles taken on its tissue, as here, and 0.515 only
-    # with them taken over the whole CMU-1 picture, whose glass lowers them.
-    gain = 0.5 if method == "reinhard" else 0.4
+    # Reinhard matches the Lab statistics themselves (0.89 of the distance removed here).
+    # Macenko (stain plane through zero density) removes 0.51 here. It matches the stain
+    # vectors and each stain's 99th-percentile amount, keeping the shape of the amounts: OS-1's
+    # mean haematoxylin is 0.285 of its 99th percentile, CMU-1's 0.18, so the normalised crop
+    # stays darker and bluer than CMU-1 (Lab means -5.5, -4.4, -5.5). The other way (CMU-1 ->
+    # OS-1, not this test) it removes 0.43: bench/RESULTS.md, normalize, 2026-11-30 norm4.
+    gain = 0.5
     assert after["lab_distance"] <= (1 - gain) * before["lab_distance"], (before, after)
     if method == "macenko":  # Reinhard moves the Lab statistics, not the stain vectors
         assert after["haematoxylin_angle"] < before["haematoxylin_angle"]
@@ -126,9 +125,13 @@ def test_glass_stays_glass_and_a_slide_normalised_to_itself_barely_changes(cli, 
     mask = cv2.resize(mask, (source.shape[1], source.shape[0]),
                       interpolation=cv2.INTER_NEAREST) > 0
     glass = ~cv2.dilate(mask.astype(np.uint8), np.ones((25, 25), np.uint8)).astype(bool)
-    assert glass.sum() > 10_000
-    assert float(diff[glass].mean()) <= 3  # glass within a few grey levels
-    assert float(diff.mean()) <= 5  # itself: a few grey levels (Macenko 4.1, Reinhard less)
+    tissue = mask & tissue_pixels(source)
+    assert glass.sum() > 10_000 and tissue.sum() > 1_000_000
+    assert float(diff[glass].mean()) <= 3  # glass within a few grey levels (0.55 both)
+    # Tissue alone, a few grey levels: Reinhard 0.46; Macenko 3.9, which is what the two-stain
+    # model drops (the density off the stain plane: 3.7 with the slide's own fit on both sides;
+    # 6.8 with torchstain's centred plane).
+    assert float(diff[tissue].mean()) <= (4.5 if method == "macenko" else 1.5)
 
 
 @pytest.mark.slow

@@ -110,11 +110,6 @@ def info_nce(a: torch.Tensor, b: torch.Tensor, temperature: float) -> torch.Tens
     return (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
 
 
-def retrieval_accuracy(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Fraction of rows of `a` whose nearest row of `b` is their own pair (chance: 1/N)."""
-    return float((torch.argmax(a @ b.T, dim=1) == torch.arange(len(a))).float().mean())
-
-
 def save_heads(heads: AlignHeads, path: Path) -> Path:
     from safetensors.torch import save_file
 

@@ -48,8 +48,8 @@ def align_metrics(heads: AlignHeads, data: AlignData, pairs: list[PairTiles],
     tiles (the training tiles when none is held out), the slide classes."""
     import torch
 
-    from stainctl.align.heads import retrieval_accuracy
     from stainctl.evaluate.agreement import class_agreement
+    from stainctl.evaluate.retrieval import retrieval_ranks
 
     names = heads.config.classes
     with torch.inference_mode():
@@ -62,7 +62,8 @@ def align_metrics(heads: AlignHeads, data: AlignData, pairs: list[PairTiles],
         for s, p in enumerate(pairs):
             rows = np.flatnonzero((data.slide == s) & data.train)
             r = torch.from_numpy(rows)
-            top1.append(retrieval_accuracy(z_he[r], z_ihc[r]))
+            # The MRA metric's ranking: each H&E tile's own IHC tile among the pair's.
+            top1.append(float(np.mean(retrieval_ranks(z_ihc[r].numpy(), z_he[r].numpy()) == 0)))
             chance.append(1 / len(rows))
             counts.append(len(rows))
             retrieval.append({"slide": p.name, "tiles": len(rows), "top1": top1[-1],

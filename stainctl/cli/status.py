@@ -80,7 +80,8 @@ def fit_line(fit: dict[str, Any]) -> str:
             h = ",".join(str(row[0]) for row in he)
             e = ",".join(str(row[1]) for row in he)
             cmax = ",".join(str(round(v, 2)) for v in p.get("max_concentration", []))
-            return f"H ({h}) E ({e}) max C ({cmax})"
+            # A fit recorded before the plane was kept with it used torchstain's centred one.
+            return f"H ({h}) E ({e}) max C ({cmax}) plane {p.get('plane', 'centred')}"
         if "lab_mean" in p:
             mean = ",".join(str(round(v, 1)) for v in p["lab_mean"])
             std = ",".join(str(round(v, 1)) for v in p.get("lab_std", []))

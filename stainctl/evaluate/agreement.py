@@ -16,7 +16,8 @@ from typing import Any
 
 import numpy as np
 
-BOOTSTRAP = 1000  # resamples for the confidence interval
+from stainctl.evaluate.bootstrap import BOOTSTRAP, resample_indices
+
 Z95 = 1.959963984540054  # the normal 97.5 % quantile: Bland-Altman's limits
 
 
@@ -85,8 +86,7 @@ def class_agreement(truth: Sequence[Any], pred: Sequence[Any],
     if n == 0 or len(p) != n:
         raise ValueError(f"need two equally long, non-empty label lists (got {n} and {len(p)})")
     f1 = _weighted_f1(t, p, k)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, n, size=(resamples, n))
+    idx = resample_indices(n, resamples, seed)
     boot = np.asarray(_weighted_f1(t[idx], p[idx], k))
     lo, hi = np.percentile(boot, [2.5, 97.5])
     recall, support = {}, {}

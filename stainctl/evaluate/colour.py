@@ -1,7 +1,8 @@
 """Colour metrics (`evaluate --metrics colour`): what stain normalisation changes.
 
 Per set: the mean and spread of its tissue pixels in CIE Lab, and its haematoxylin and eosin
-stain vectors estimated by Macenko's method (torchstain) on those pixels. Between a set and the
+stain vectors estimated by Macenko's method on those pixels (torchstain's fit, with the stain
+plane through zero density: normalize/macenko.py). Between a set and the
 real (target) set: the distance of the Lab means (ΔE), of the spreads, both together (the "Lab
 distance"), and the angle between the stain vectors. Normalising slides to a target should bring
 their Lab distance and stain angles down.

@@ -230,6 +230,7 @@ def _add_mra(real: SetResult, fakes: list[SetResult], options: EvaluateOptions,
     from stainctl.evaluate.retrieval import mra_of_pairs
 
     assert real.image_set is not None
+    real_embeddings: dict[str, np.ndarray] = {}  # embedded once for every generated set
     for f in fakes:
         if f.error is not None or f.image_set is None:
             continue
@@ -240,7 +241,7 @@ def _add_mra(real: SetResult, fakes: list[SetResult], options: EvaluateOptions,
             caveats.append("mra needs at least 2 pairs of real and generated images (same "
                            "names, or --pairs CSV)")
             continue
-        f.metrics["mra"] = mra_of_pairs(pairs, encoder)
+        f.metrics["mra"] = mra_of_pairs(pairs, encoder, real_embeddings)
 
 
 def _feature_network(options: EvaluateOptions) -> Callable[[np.ndarray], np.ndarray]:

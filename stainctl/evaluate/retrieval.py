@@ -39,12 +39,17 @@ def mra(real: np.ndarray, fake: np.ndarray) -> dict[str, Any]:
             "chance_top3": min(3, n) / n if n else float("nan"), "pairs": n}
 
 
-def mra_of_pairs(pairs: list[tuple[Any, Any]], features: Any) -> dict[str, Any]:
+def mra_of_pairs(pairs: list[tuple[Any, Any]], features: Any,
+                 real_cache: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """MRA over `pairs` of (real item, fake item) with `features` ((B, H, W, 3) uint8 ->
-    (B, D)); images of a pair may differ in size, each is embedded on its own."""
+    (B, D)); images of a pair may differ in size, each is embedded on its own. `real_cache`
+    (by real item key) keeps the real embeddings for the next generated set."""
+    cache = {} if real_cache is None else real_cache
     real, fake = [], []
     for r_item, f_item in pairs:
-        real.append(features(np.asarray(r_item.load())[None])[0])
+        if r_item.key not in cache:
+            cache[r_item.key] = features(np.asarray(r_item.load())[None])[0]
+        real.append(cache[r_item.key])
         fake.append(features(np.asarray(f_item.load())[None])[0])
     if not pairs:
         return mra(np.zeros((0, 1)), np.zeros((0, 1)))

@@ -114,6 +114,7 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
     import cv2
 
     from stainctl.errors import SlideError
+    from stainctl.slide.grid import snap_level
     from stainctl.slide.reader import open_slide
 
     path = Path(path)
@@ -125,13 +126,17 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
     try:
         w, h = slide.dimensions
         if slide.mpp is None or max(w, h) * slide.mpp / target_mpp <= 4096:
-            # Output px per level-0 px: the target resolution, at most 4,096 px a side.
-            want = min(1.0 if slide.mpp is None else slide.mpp / target_mpp, 4096 / max(w, h))
-            level = slide.best_level(1 / want) if want < 1 else 0
+            # Level-0 px per output px: the target resolution, at most 4,096 px a side.
+            down = max(1.0 if slide.mpp is None else target_mpp / slide.mpp, max(w, h) / 4096)
+            # As the tile grid: a level within SNAP_TOLERANCE of it is used as stored, not
+            # resampled (a resize by 0.998 is a blur the slide's own tiles do not have, and a
+            # slide normalised to itself would then change).
+            snapped = snap_level(down, slide.level_downsamples)
+            level = slide.best_level(down) if snapped is None else snapped
             lw, lh = slide.level_dimensions[level]
             image = slide.read_region(0, 0, level, lw, lh)
-            size = (max(1, round(w * want)), max(1, round(h * want)))
-            if size != (lw, lh):
+            size = (max(1, round(w / down)), max(1, round(h / down)))
+            if snapped is None and size != (lw, lh):
                 image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
             tiles = [image]
             picture = image
@@ -150,6 +155,7 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
 def _slide_tiles(slide: object, target_mpp: float, tile_size: int,
                  seed: int) -> list[NDArray[np.uint8]]:
     """Up to SAMPLE_TILES tiles of a large slide, mostly tissue, found on a thumbnail."""
+    from stainctl.slide.grid import snap_level
     from stainctl.slide.reader import Slide
     from stainctl.slide.thumbnail import read_thumbnail
     from stainctl.slide.tiles import read_tile
@@ -166,7 +172,11 @@ def _slide_tiles(slide: object, target_mpp: float, tile_size: int,
         candidates = np.argwhere(frac >= frac.max()) if frac.size else np.zeros((0, 2), int)
     rng = np.random.default_rng(seed)
     picks = candidates[rng.permutation(len(candidates))[:SAMPLE_TILES]]
-    extent0 = tile_size * target_mpp / slide.mpp
+    # The grid's rule (slide/grid.py): a level within SNAP_TOLERANCE of the target is read as
+    # stored, its tiles not resampled.
+    scale = target_mpp / slide.mpp
+    snapped = snap_level(scale, slide.level_downsamples)
+    extent0 = tile_size * (scale if snapped is None else slide.level_downsamples[snapped])
     step0 = thumb.shape[1] and slide.dimensions[0] / thumb.shape[1]
     return [read_tile(slide, math.floor(c * cell * step0), math.floor(r * cell * step0),
                       extent0, tile_size) for r, c in picks]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -108,16 +109,26 @@ def heatmap_values(slide: SlideReadout) -> np.ndarray:
     """(rows, cols) per-tile value 0-1 (index, else DAB-positive fraction); NaN where no tile."""
     if not slide.tiles:
         return np.full((1, 1), np.nan)
-    extent = slide.tiles[0].extent0
-    cols = max(1, int(np.ceil(slide.width0 / extent)))
-    rows = max(1, int(np.ceil(slide.height0 / extent)))
-    grid = np.full((rows, cols), np.nan)
+    values = []
     for t in slide.tiles:
         r = t.readout
         value = r.index if r.index is not None else r.positive_fraction
         if r.nuclei is not None and r.index is None:
             value = 0.0  # tissue without nuclei found: nothing positive
-        grid[min(rows - 1, round(t.y0 / extent)), min(cols - 1, round(t.x0 / extent))] = value
+        values.append(value)
+    return tile_grid([(t.x0, t.y0) for t in slide.tiles], values, slide.tiles[0].extent0,
+                     (slide.width0, slide.height0))
+
+
+def tile_grid(xy0: Sequence[tuple[float, float]], values: Sequence[float], step0: float,
+              size0: tuple[float, float]) -> np.ndarray:
+    """(rows, cols) array of per-tile `values` at level-0 positions `xy0` on a grid of `step0`
+    level-0 px over a slide of `size0` (width, height); NaN where no tile (shared by `predict`)."""
+    cols = max(1, math.ceil(size0[0] / step0))
+    rows = max(1, math.ceil(size0[1] / step0))
+    grid = np.full((rows, cols), np.nan)
+    for (x, y), value in zip(xy0, values, strict=True):
+        grid[min(rows - 1, round(y / step0)), min(cols - 1, round(x / step0))] = value
     return grid
 
 

@@ -77,9 +77,7 @@ def dab_density_torch(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     column = torch.as_tensor(hed_from_rgb()[:, DAB], dtype=x.dtype, device=x.device)
-    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
-    od = torch.log(rgb) / math.log(EPS)
-    return torch.clamp(od @ column, min=0)
+    return torch.clamp(_od_torch(x) @ column, min=0)  # one column: a third of the product
 
 
 def hed_density_torch(x: torch.Tensor) -> torch.Tensor:
@@ -88,9 +86,15 @@ def hed_density_torch(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     matrix = torch.as_tensor(hed_from_rgb(), dtype=x.dtype, device=x.device)
+    return torch.clamp(_od_torch(x) @ matrix, min=0)
+
+
+def _od_torch(x: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 3) optical density, scaled as rgb2hed scales it, of (B, 3, H, W) in [-1, 1]."""
+    import torch
+
     rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
-    od = torch.log(rgb) / math.log(EPS)
-    return torch.clamp(od @ matrix, min=0)
+    return torch.log(rgb) / math.log(EPS)
 
 
 @functools.cache

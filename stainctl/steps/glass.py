@@ -28,9 +28,17 @@ def glass_colour(ws: Workspace, slide: SlideRecord, grid: GridRecord, engine: En
                  source: TileSource, margin: int, seed: int) -> tuple[int, int, int]:
     """The median RGB the engine gives a glass tile of `slide` (read like the tissue tiles:
     `source` gives tiles with `margin` px of context on each side)."""
-    from stainctl.steps.translate_work import glass_median
-
     return glass_median(engine, glass_tile(ws, slide, grid, source, margin), seed, margin)
+
+
+def glass_median(engine: Engine, tile: NDArray[np.uint8], seed: int,
+                 margin: int) -> tuple[int, int, int]:
+    """The median RGB `engine` gives `tile`, its context margin left out."""
+    out = engine.translate(tile[None], [seed])[0]
+    side = out.shape[0]
+    inner = out[margin:side - margin, margin:side - margin] if 2 * margin < side else out
+    r, g, b = (int(np.rint(v)) for v in np.median(inner.reshape(-1, 3), axis=0))
+    return r, g, b
 
 
 def glass_spot(ws: Workspace, slide: SlideRecord, grid: GridRecord,

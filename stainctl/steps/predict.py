@@ -12,10 +12,8 @@ recomputed on every run: from stored tokens they take milliseconds per slide.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -93,9 +91,11 @@ class PredictStep(SlideStep[SlideRecord, Path]):
 
     def __init__(self, ws: Workspace, progress: Progress, card: ModelCard, heads: AlignHeads,
                  weights: Path, folder: Path) -> None:
+        from stainctl.models.weights import sha256_of
+
         super().__init__(ws, progress, force=True)  # recomputed each run (see the docstring)
         self.card, self.heads, self.folder = card, heads, folder
-        self.weights_hash = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+        self.weights_hash = sha256_of(weights)[:16]
 
     def slide(self, item: SlideRecord) -> SlideRecord:
         return item
@@ -122,7 +122,7 @@ class PredictStep(SlideStep[SlideRecord, Path]):
         import torch
 
         from stainctl.align.heads import tile_probabilities
-        from stainctl.readout.outputs import grid_png, tile_feature
+        from stainctl.readout.outputs import grid_png, tile_feature, tile_grid
 
         slide, card, classes = plan.slide, self.card, self.heads.config.classes
         files = self.ws.embedding_files(slide.key, card.encoder)
@@ -158,12 +158,8 @@ class PredictStep(SlideStep[SlideRecord, Path]):
                 "type": "FeatureCollection", "features": features,
                 "properties": {"slide": slide.key, "model": card.name,
                                "coordinates": "level-0 pixels"}}, indent=1))
-        cols = max(1, math.ceil(size0[0] / grid.stride0))
-        rows = max(1, math.ceil(size0[1] / grid.stride0))
-        values = np.full((rows, cols), np.nan)
-        for (x, y), s in zip(xy0, score, strict=True):
-            values[min(rows - 1, round(y / grid.stride0)),
-                   min(cols - 1, round(x / grid.stride0))] = s
+        values = tile_grid([(float(x), float(y)) for x, y in xy0], [float(s) for s in score],
+                           grid.stride0, size0)
         with atomic_path(heatmap) as tmp:
             tmp.write_bytes(grid_png(values))
         details: dict[str, object] = {

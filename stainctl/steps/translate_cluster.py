@@ -12,6 +12,7 @@ all its shards are, failed (with the first shard's reason) when one fails; the b
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
     from stainctl.steps.translate import TranslateOptions, TranslateStep, TranslateWork
 
     Plan = SlidePlan[SlideRecord, TranslateWork]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -167,6 +170,9 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
                 continue
             state.back += 1
             state.tiles += res.tiles
+            # A slow or failing worker shows in the debug log (`-v`) by its name.
+            log.debug("%s shard %d: %d tiles in %.1f s on worker %s", plan.slide.key, res.shard,
+                      res.tiles, res.seconds, res.worker or "?")
             step.progress.advance(res.tiles)
             if res.error is not None and state.error is None:
                 state.error = res.error

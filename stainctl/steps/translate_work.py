@@ -103,16 +103,6 @@ def cached_engine(key: EngineKey) -> Engine:
     return load_engine(marker_card(key.marker, directory), directory, key.options)
 
 
-def glass_median(engine: Engine, tile: NDArray[np.uint8], seed: int,
-                 margin: int) -> tuple[int, int, int]:
-    """The median RGB `engine` gives `tile`, its context margin left out."""
-    out = engine.translate(tile[None], [seed])[0]
-    side = out.shape[0]
-    inner = out[margin:side - margin, margin:side - margin] if 2 * margin < side else out
-    r, g, b = (int(np.rint(v)) for v in np.median(inner.reshape(-1, 3), axis=0))
-    return r, g, b
-
-
 def measure_glass(task: GlassTask) -> WorkResult:
     """Runs on a worker: the glass colour, or the reason it could not be measured."""
     try:
@@ -121,6 +111,8 @@ def measure_glass(task: GlassTask) -> WorkResult:
         else:
             side = task.source.tile_size
             tile = np.full((side, side, 3), task.uniform, np.uint8)
+        from stainctl.steps.glass import glass_median
+
         colour = glass_median(cached_engine(task.engine), tile, task.seed, task.margin)
         return WorkResult(slide_id=task.slide_id, colour=colour, worker=_worker())
     except Exception as err:  # reported to the driver, which fails this slide only

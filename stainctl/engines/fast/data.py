@@ -57,17 +57,20 @@ def validation_split(image: np.ndarray, fraction: float,
     return kept.swapaxes(0, 1), None if strip is None else strip.swapaxes(0, 1)
 
 
+def tissue_origins(image: np.ndarray, crop: int,
+                   min_tissue: float = MIN_TISSUE) -> list[tuple[int, int]]:
+    """(y, x) of the non-overlapping `crop`-px squares of an image, row by row, that are mostly
+    tissue (the training sampler's own rule)."""
+    return [(y, x) for y in range(0, image.shape[0] - crop + 1, crop)
+            for x in range(0, image.shape[1] - crop + 1, crop)
+            if is_tissue_crop(image[y:y + crop, x:x + crop], min_tissue)]
+
+
 def held_out_crops(strip: np.ndarray, crop: int,
                    min_tissue: float = MIN_TISSUE) -> list[np.ndarray]:
     """Non-overlapping `crop`-px squares of a held-out strip, top to bottom, that are mostly
     tissue (the training sampler's own rule)."""
-    out = []
-    for y in range(0, strip.shape[0] - crop + 1, crop):
-        for x in range(0, strip.shape[1] - crop + 1, crop):
-            c = strip[y:y + crop, x:x + crop]
-            if is_tissue_crop(c, min_tissue):
-                out.append(c)
-    return out
+    return [strip[y:y + crop, x:x + crop] for y, x in tissue_origins(strip, crop, min_tissue)]
 
 
 Split = Callable[[np.ndarray, float, int], tuple[np.ndarray, np.ndarray | None]]

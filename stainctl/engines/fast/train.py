@@ -90,8 +90,8 @@ class TrainConfig:
     w_off_stain: float = 200.0  # colour no haematoxylin-DAB mix makes (green nuclei, pink)
     # Sliced-Wasserstein colour distributions (optical density), generated vs real: of nuclei
     # (mostly blue, the targets' fraction brown) and of the other tissue (pale blue-grey).
-    # Off by default: the shipped demo-ki67 was trained without them (its card's command must
-    # still make it); issue 22's second-round probes used nuclei_colour=30, tissue_colour=20.
+    # Off by default (the defaults keep the first counterstain recipe); the shipped demo-ki67
+    # sets nuclei_colour=30, tissue_colour=20 (and dab_tail=40 for its last 300 steps; its card).
     w_nuclei_colour: float = 0.0
     w_tissue_colour: float = 0.0
     # Paired (roughly aligned serial sections) only: losses that a 10-50 px shift barely moves.

@@ -23,15 +23,15 @@ def _unet(unet: Any, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
 @torch.no_grad()
 def invert(unet: Any, scheduler: Any, latents: torch.Tensor, cond: torch.Tensor, steps: int,
            eta: Callable[[float], float], noise: TileNoise, dtype: torch.dtype,
-           normalise_steps: bool = False, image: torch.Tensor | None = None) -> torch.Tensor:
+           normalise_steps: bool = False) -> torch.Tensor:
     """Noise latents from clean `latents` (B, C, h, w), `scheduler` a DDIMInverseScheduler:
     the published inversion (the model is evaluated at the target timestep on the current
-    latent; `image` channels zero unless given)."""
+    latent; the image channels are zero, as the authors invert under the text prompt)."""
     scheduler.set_timesteps(steps, device=latents.device)
     alphas = scheduler.alphas_cumprod.to(latents.device)
     total = scheduler.config.num_train_timesteps
     x = latents.float()
-    extra = torch.zeros_like(x) if image is None else image.float()
+    extra = torch.zeros_like(x)
     for i, t in enumerate(scheduler.timesteps):
         t_from = min(int(t) - total // steps, total - 1)
         a_from = alphas[t_from] if t_from >= 0 else scheduler.initial_alpha_cumprod.to(x.device)

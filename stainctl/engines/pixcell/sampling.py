@@ -35,10 +35,10 @@ def autocast(device: torch.device, dtype: torch.dtype) -> Any:
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:
-    out = torch.empty((len(seeds), *shape))
-    for i, seed in enumerate(seeds):
-        out[i] = torch.randn(shape, generator=torch.Generator().manual_seed(int(seed)))
-    return out
+    """The starting latents: each tile's noise from its own seed (engines.ddim.TileNoise)."""
+    from stainctl.engines.ddim import TileNoise
+
+    return TileNoise(seeds).draw(shape)
 
 
 def make_scheduler(config: dict[str, Any], sampler: str = "dpm++") -> Any:
