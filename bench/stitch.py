@@ -5,13 +5,18 @@ tiles it with `stainctl tile` (512-px grid tiles), and fills a tile store as `tr
 32 px of context on each side (a 64-px overlap between neighbours) and the slide's own pixels as the
 "translation". Then, in this one script:
   * floor: pyvips writes the same raster from an in-memory image (the fastest libvips can write
-    this pyramid: no tiles to read, no blending), in a subprocess to see its own peak RSS;
-  * stainctl: the real CLI (`stitch --force`) in a subprocess, timed, with its peak RSS.
-Both write OME-TIFF, pyramid in SubIFDs, JPEG Q90, 512-px tiles; both are the best of two runs.
-The slide is then built again at twice the area and stitched once, to show RSS does not grow.
-Target (issue 3): within 1.5x of the floor, peak RSS under 1.5 GB and flat in the slide area.
+    this pyramid: no tiles to read, no blending), in a subprocess that builds the raster once and
+    saves it once per round (its own peak RSS is reported);
+  * stainctl: the real CLI (`stitch --force`), one subprocess per round, with its peak RSS.
+Both write OME-TIFF, pyramid in SubIFDs, JPEG Q90, 512-px tiles. The two alternate round by round
+(stitch, floor, stitch, floor, ...), after one untimed stitch that puts the store in the page
+cache, so that a change in the machine's load hits both; figures are medians over the rounds with
+their spread, the ratio is that of the medians (each round's own ratio is listed too). Wall and
+CPU seconds are both reported: on two cores libvips' encoder keeps both busy, so stitch's own CPU
+adds to the floor's time. The slide is then built again at twice the area and stitched once, to
+show RSS does not grow. Target (issue 21): within 1.2x of the floor, peak RSS flat in the area.
 
-    python bench/stitch.py [--width 40000 --height 30000] [--no-double]
+    python bench/stitch.py [--width 40000 --height 30000] [--rounds 3] [--no-double]
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import platform
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -87,25 +93,70 @@ def prepare(work: Path, width: int, height: int) -> Path:
 
 
 def floor(width: int, height: int, out: Path) -> None:
-    """Subprocess body: time pyvips saving the raster from memory (best of two)."""
+    """Subprocess body: build the raster once, then save it from memory once per line read on
+    stdin, printing each save's wall and CPU seconds and this process's peak RSS as JSON."""
     import pyvips
 
     canvas = mosaic(width, height)
     image = pyvips.Image.new_from_memory(canvas.data, width, height, 3, "uchar")
-    times = []
-    for _ in range(2):
-        t0 = time.perf_counter()
+    print(json.dumps({"ready": True}), flush=True)
+    for _ in sys.stdin:
+        c0, t0 = _cpu(), time.perf_counter()
         image.tiffsave(str(out), **OPTIONS)
-        times.append(time.perf_counter() - t0)
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"seconds": min(times), "rss_mb": rss}))
+        seconds, cpu = time.perf_counter() - t0, _cpu() - c0
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps({"seconds": seconds, "cpu_s": cpu, "rss_mb": rss}), flush=True)
 
 
-def stitch(ws: Path, runs: int) -> tuple[float, float, Path]:
-    out = ws / "outputs"
-    results = [run_cli(["stitch", "-w", str(ws), "--force"]) for _ in range(runs)]
-    (path,) = out.glob("*.ome.tiff")
-    return min(t for t, _ in results), max(r for _, r in results), path
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def stitch_once(ws: Path) -> dict[str, float]:
+    """One `stainctl stitch --force` process: wall and CPU seconds, peak RSS in MB."""
+    t0 = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "stainctl", "stitch", "-w", str(ws), "--force",
+                             "-q"])
+    _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"stainctl stitch -w {ws} failed")
+    return {"seconds": seconds, "cpu_s": usage.ru_utime + usage.ru_stime,
+            "rss_mb": usage.ru_maxrss / 1024}
+
+
+class Floor:
+    """The floor's subprocess: the raster is built once, each `save()` is one timed save."""
+
+    def __init__(self, width: int, height: int, out: Path) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--width", str(width), "--height", str(height),
+             "--floor", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self._line()  # the raster is built
+
+    def _line(self) -> dict[str, float]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit("the floor's subprocess failed")
+        return dict(json.loads(line))
+
+    def save(self) -> dict[str, float]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write("save\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": round(statistics.median(values), 2), "min": round(min(values), 2),
+            "max": round(max(values), 2)}
 
 
 def psnr_between(a: Path, b: Path, width: int, height: int) -> float:
@@ -126,6 +177,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=40_000)
     ap.add_argument("--height", type=int, default=30_000)
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved stitch/floor rounds")
     ap.add_argument("--no-double", action="store_true", help="skip the twice-the-area run")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--floor", type=Path, help=argparse.SUPPRESS)
@@ -138,29 +190,41 @@ def main() -> None:
     gp = w * h / 1e9
 
     ws = prepare(args.work, w, h)
-    t_stitch, rss_stitch, output = stitch(ws, 2)
     floor_out = args.work / "floor.ome.tif"
-    proc = subprocess.run([sys.executable, __file__, "--width", str(w), "--height", str(h),
-                           "--floor", str(floor_out)], capture_output=True, text=True,
-                          check=True)
-    fl = json.loads(proc.stdout.strip().splitlines()[-1])
+    fl = Floor(w, h, floor_out)
+    stitch_once(ws)  # untimed: the store's chunk files into the page cache
+    runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    for r in range(args.rounds):
+        a, b = stitch_once(ws), fl.save()
+        runs.append((a, b))
+        print(f"round {r + 1}: stitch {a['seconds']:.2f} s ({a['cpu_s']:.1f} s CPU), floor "
+              f"{b['seconds']:.2f} s ({b['cpu_s']:.1f} s CPU)", flush=True)
+    fl.close()
+    st_s, fl_s = [a["seconds"] for a, _ in runs], [b["seconds"] for _, b in runs]
+    (output,) = (ws / "outputs").glob("*.ome.tiff")
     result = {
         "slide": f"{w}x{h} px at 0.5 µm/px ({gp:.2f} gigapixel), OME-TIFF SubIFDs, JPEG Q90",
-        "stitch_s": round(t_stitch, 2), "stitch_s_per_gigapixel": round(t_stitch / gp, 2),
-        "stitch_peak_rss_mb": round(rss_stitch),
-        "floor_s": round(fl["seconds"], 2), "floor_s_per_gigapixel": round(fl["seconds"] / gp, 2),
-        "floor_peak_rss_mb": round(fl["rss_mb"]),
-        "ratio_vs_floor": round(t_stitch / fl["seconds"], 2),
+        "rounds": args.rounds,
+        "stitch_s": summary(st_s),
+        "stitch_s_per_gigapixel": round(statistics.median(st_s) / gp, 2),
+        "stitch_cpu_s": summary([a["cpu_s"] for a, _ in runs]),
+        "stitch_peak_rss_mb": round(max(a["rss_mb"] for a, _ in runs)),
+        "floor_s": summary(fl_s),
+        "floor_s_per_gigapixel": round(statistics.median(fl_s) / gp, 2),
+        "floor_cpu_s": summary([b["cpu_s"] for _, b in runs]),
+        "floor_peak_rss_mb": round(max(b["rss_mb"] for _, b in runs)),
+        "ratio_vs_floor": round(statistics.median(st_s) / statistics.median(fl_s), 2),
+        "ratio_per_round": [round(a / b, 2) for a, b in zip(st_s, fl_s, strict=True)],
         "psnr_stitch_vs_floor_db": round(psnr_between(output, floor_out, w, h), 1),
     }
     floor_out.unlink()
     if not args.no_double:
         ws2 = prepare(args.work, w, 2 * h)
-        t2, rss2, _ = stitch(ws2, 1)
+        d = stitch_once(ws2)
         result.update({
-            "double_area": f"{w}x{2 * h} px", "double_stitch_s": round(t2, 2),
-            "double_s_per_gigapixel": round(t2 / (2 * gp), 2),
-            "double_peak_rss_mb": round(rss2),
+            "double_area": f"{w}x{2 * h} px", "double_stitch_s": round(d["seconds"], 2),
+            "double_s_per_gigapixel": round(d["seconds"] / (2 * gp), 2),
+            "double_peak_rss_mb": round(d["rss_mb"]),
         })
     result.update({"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()})
     print(json.dumps(result, indent=2))

@@ -119,6 +119,38 @@ def test_store_round_trip_resume_and_mismatch(tmp_path, cmu1):
         TileStore.open(tmp_path / "missing.zarr")
 
 
+def test_read_only_open_reads_the_metadata_without_zarr(tmp_path, cmu1):
+    """Stitching opens its store read-only from zarr.json alone (importing zarr was ~0.2 s of
+    the process's start-up); anything not laid out as `create` makes it goes through zarr."""
+    import zarr
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = TileStore.create(tmp_path / "s.zarr", lay, {"marker": "he", "model": "m"})
+    tile = _crop(cmu1, *lay.origin(1, 2), lay.side)
+    store.write(1, 2, tile)
+    ro = TileStore.open(tmp_path / "s.zarr", writable=False)
+    assert ro._zarr is None and ro._direct
+    assert (ro.layout, ro.meta, ro.generation) == (store.layout, store.meta, store.generation)
+    assert not ro.complete
+    out = np.full((lay.side, lay.side, 3), 7, np.uint8)
+    assert np.array_equal(ro.read_into(1, 2, out), tile)
+    assert not ro.read_into(0, 2, out).any()  # absent: zeros, as zarr's fill value
+    assert np.array_equal(ro.read(1, 2), tile)  # zarr opened on demand
+    store.finish()
+    assert TileStore.open(tmp_path / "s.zarr", writable=False).complete
+
+    # Another codec: the metadata check fails, zarr reads it.
+    other = zarr.create_array(str(tmp_path / "z.zarr"), shape=(lay.rows, lay.cols, lay.side,
+                              lay.side, 3), chunks=(1, 1, lay.side, lay.side, 3), dtype="uint8",
+                              fill_value=0, compressors=None,
+                              chunk_key_encoding={"name": "default", "separator": "/"},
+                              attributes=dict(zarr.open_array(str(tmp_path / "s.zarr")).attrs))
+    other[2, 1] = tile
+    ro = TileStore.open(tmp_path / "z.zarr", writable=False)
+    assert ro._zarr is not None and not ro._direct
+    assert np.array_equal(ro.read_into(1, 2, out), tile)
+
+
 # --- blending -----------------------------------------------------------------------------
 def test_ramps_are_a_partition_of_unity():
     out, fade_in = ramps(64)
