@@ -352,3 +352,14 @@ def test_a_coloured_background_is_warned_about_and_normal_slides_are_not(
     assert len(slides) == len(normal)
     assert not [s["slide"] for s in slides if "warning" in s["details"]]
     assert "WARNING" not in r.stderr
+
+
+def test_rejection_reasons_say_when_a_tile_failed_several_tests():
+    from stainctl.steps.filter import _reasons
+
+    one_each = {"measured": 18, "kept": 8, "background": 9, "blurry": 0, "faint": 1}
+    assert _reasons(one_each) == "; 10 rejected: 9 mostly glass, 1 weakly stained"
+    overlapping = {**one_each, "background": 10}
+    assert _reasons(overlapping) == ("; 10 rejected: 10 mostly glass, 1 weakly stained; a tile "
+                                     "can fail several")
+    assert _reasons({**one_each, "kept": 18}) == ""

@@ -136,4 +136,6 @@ def _reasons(verdict: dict[str, int]) -> str:
         return ""
     words = {"background": "mostly glass", "blurry": "blurred", "faint": "weakly stained"}
     parts = [f"{verdict[k]} {w}" for k, w in words.items() if verdict[k]]
-    return f"; {rejected} rejected: " + ", ".join(parts)
+    # A tile can fail several tests: say so when the counts add up to more than the rejected.
+    overlap = "; a tile can fail several" if sum(verdict[k] for k in words) > rejected else ""
+    return f"; {rejected} rejected: " + ", ".join(parts) + overlap
