@@ -29,41 +29,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT
+from _common import ROOT, run_cli
 
 IHC = ROOT.parent / "shared" / "data" / "tiles" / "ihc" / "OS-2-ndpi_Ki67.ome.tif"
 MPP = 0.2271
-
-
-# Runs stainctl's CLI as `python -m stainctl` does and prints the process's own peak RSS
-# (VmHWM) on exit. Not the child's ru_maxrss: Linux counts in it the peak of the process that
-# started it (this one: after it had built the slides, 358 MB on every run, whatever the area).
-_PEAK_RUNNER = """
-import atexit, runpy, sys
-def peak():
-    with open('/proc/self/status') as f:
-        kb = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))
-    sys.stderr.write(f'PEAK_RSS_KB {kb}\\n')
-atexit.register(peak)
-sys.argv[0] = 'stainctl'
-runpy.run_module('stainctl', run_name='__main__', alter_sys=True)
-"""
-
-
-def run_cli(args: list[str]) -> tuple[float, float]:
-    """Run stainctl in a subprocess; (seconds, its own peak RSS in MB)."""
-    import subprocess
-    import sys
-
-    t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", _PEAK_RUNNER, *args, "-q"],
-                          stderr=subprocess.PIPE, text=True)
-    elapsed = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"stainctl {' '.join(args)} failed:\n{proc.stderr}")
-    kb = [int(line.split()[1]) for line in proc.stderr.splitlines()
-          if line.startswith("PEAK_RSS_KB ")]
-    return elapsed, kb[-1] / 1024
 
 
 def build_ihc_slide(path: Path, side: int) -> None:
