@@ -63,3 +63,9 @@ def run_cli(args: list[str]) -> tuple[float, float]:
     kb = [int(line.split()[1]) for line in proc.stderr.splitlines()
           if line.startswith("PEAK_RSS_KB ")]
     return elapsed, kb[-1] / 1024
+
+
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM), for a bench subprocess reporting itself."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024

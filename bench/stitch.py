@@ -35,7 +35,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, build_slide, mosaic_block, run_cli
+from _common import ROOT, build_slide, mosaic_block, peak_rss_mb, run_cli
 
 OPTIONS = dict(tile=True, tile_width=512, tile_height=512, pyramid=True, subifd=True,
                bigtiff=True, compression="jpeg", Q=90, xres=2000.0, yres=2000.0, resunit="cm")
@@ -104,7 +104,7 @@ def floor(width: int, height: int, out: Path) -> None:
         c0, t0 = _cpu(), time.perf_counter()
         image.tiffsave(str(out), **OPTIONS)
         seconds, cpu = time.perf_counter() - t0, _cpu() - c0
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        rss = peak_rss_mb()
         print(json.dumps({"seconds": seconds, "cpu_s": cpu, "rss_mb": rss}), flush=True)
 
 
@@ -114,16 +114,12 @@ def _cpu() -> float:
 
 
 def stitch_once(ws: Path) -> dict[str, float]:
-    """One `stainctl stitch --force` process: wall and CPU seconds, peak RSS in MB."""
-    t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "stainctl", "stitch", "-w", str(ws), "--force",
-                             "-q"])
-    _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"stainctl stitch -w {ws} failed")
-    return {"seconds": seconds, "cpu_s": usage.ru_utime + usage.ru_stime,
-            "rss_mb": usage.ru_maxrss / 1024}
+    """One `stainctl stitch --force` process: wall and CPU seconds, its own peak RSS in MB."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    seconds, rss = run_cli(["stitch", "-w", str(ws), "--force"])
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+    return {"seconds": seconds, "cpu_s": cpu, "rss_mb": rss}
 
 
 class Floor:
