@@ -308,8 +308,8 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
     per_piece = np.bincount(piece_of, minlength=n)
     single = per_piece[piece_of] == 1
     # One look-up gives both: a single seed's piece its id, a shared piece -1 (to flood).
-    lut = np.where(per_piece > 1, np.int32(-1), np.int32(0)).astype(np.int32)
-    lut[0] = 0
+    # (Seeds lie in the foreground, so the background, piece 0, keeps 0.)
+    lut = np.where(per_piece > 1, np.int32(-1), np.int32(0))
     lut[piece_of[single]] = ids[single]
     labels = lut[pieces]
     if not single.all():
