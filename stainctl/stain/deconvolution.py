@@ -119,6 +119,5 @@ def off_stain_residual_torch(x: torch.Tensor) -> torch.Tensor:
     import torch
 
     projector = torch.as_tensor(_hdab_projector(), dtype=x.dtype, device=x.device)
-    rgb = ((x + 1) / 2).clamp(EPS, 1).permute(0, 2, 3, 1)
-    od = torch.log(rgb) / math.log(EPS)
+    od = _od_torch(x)
     return (od - od @ projector.T).norm(dim=-1)
