@@ -120,7 +120,8 @@ def heatmap_values(slide: SlideReadout) -> np.ndarray:
                      (slide.width0, slide.height0))
 
 
-def tile_grid(xy0: Sequence[tuple[float, float]], values: Sequence[float], step0: float,
+def tile_grid(xy0: Sequence[tuple[float, float]] | np.ndarray,
+              values: Sequence[float] | np.ndarray, step0: float,
               size0: tuple[float, float]) -> np.ndarray:
     """(rows, cols) array of per-tile `values` at level-0 positions `xy0` on a grid of `step0`
     level-0 px over a slide of `size0` (width, height); NaN where no tile (shared by `predict`)."""

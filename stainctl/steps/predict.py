@@ -158,8 +158,7 @@ class PredictStep(SlideStep[SlideRecord, Path]):
                 "type": "FeatureCollection", "features": features,
                 "properties": {"slide": slide.key, "model": card.name,
                                "coordinates": "level-0 pixels"}}, indent=1))
-        values = tile_grid([(float(x), float(y)) for x, y in xy0], [float(s) for s in score],
-                           grid.stride0, size0)
+        values = tile_grid(xy0, score, grid.stride0, size0)
         with atomic_path(heatmap) as tmp:
             tmp.write_bytes(grid_png(values))
         details: dict[str, object] = {
