@@ -135,7 +135,7 @@ def test_read_only_open_reads_the_metadata_without_zarr(tmp_path, cmu1):
     out = np.full((lay.side, lay.side, 3), 7, np.uint8)
     assert np.array_equal(ro.read_into(1, 2, out), tile)
     assert not ro.read_into(0, 2, out).any()  # absent: zeros, as zarr's fill value
-    assert np.array_equal(ro.read(1, 2), tile)  # zarr opened on demand
+    assert np.array_equal(ro.read(1, 2), tile)  # read directly too
     store.finish()
     assert TileStore.open(tmp_path / "s.zarr", writable=False).complete
 

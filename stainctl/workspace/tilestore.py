@@ -106,30 +106,10 @@ class StoreLayout:
                              f"{self.width} x {self.height} canvas")
 
 
-def _plain_blosc_layout(array: AnyArray) -> bool:
-    """True when chunks are single tiles at c/<row>/<col>/0/0/0, encoded bytes -> blosc."""
-    from zarr.core.chunk_grids import RegularChunkGrid
-    from zarr.core.metadata import ArrayV3Metadata
-
-    meta = array.metadata
-    if not isinstance(meta, ArrayV3Metadata) or not isinstance(meta.chunk_grid,
-                                                                  RegularChunkGrid):
-        return False
-    try:
-        names = [c.to_dict()["name"] for c in meta.codecs]
-        encoding = meta.chunk_key_encoding.to_dict()
-        chunks = tuple(meta.chunk_grid.chunk_shape)
-    except (AttributeError, KeyError):
-        return False
-    config = encoding.get("configuration")
-    separator = config.get("separator") if isinstance(config, dict) else None
-    return (names == ["bytes", "blosc"] and encoding["name"] == "default" and separator == "/"
-            and chunks[:2] == (1, 1) and chunks[2:] == tuple(meta.shape[2:]))
-
-
 def _plain_blosc_attrs(zarr_json: Path) -> dict[str, object] | None:
-    """The attributes of a zarr v3 array whose metadata says what `_plain_blosc_layout` checks
-    (uint8, fill 0, one chunk per tile at c/<row>/<col>/0/0/0, bytes -> blosc), else None."""
+    """The attributes of a zarr v3 array laid out as `TileStore.create` makes it (uint8, fill 0,
+    one chunk per tile at c/<row>/<col>/0/0/0, bytes -> blosc), whose chunk files stainctl can
+    decode itself; else None."""
     import json
 
     try:
@@ -189,7 +169,7 @@ class TileStore:
         self.layout = StoreLayout.from_attrs(path, layout)
         self.meta: dict[str, object] = dict(meta)
         self.generation = generation
-        self._direct = array is None or _plain_blosc_layout(array)
+        self._direct = array is None or _plain_blosc_attrs(path / "zarr.json") is not None
 
     @property
     def _array(self) -> AnyArray:
@@ -288,7 +268,8 @@ class TileStore:
         return mask
 
     def read(self, col: int, row: int) -> NDArray[np.uint8]:
-        return np.asarray(self._array[row, col])
+        s = self.layout.side
+        return self.read_into(col, row, np.empty((s, s, 3), np.uint8))
 
     def read_row(self, row: int, out: NDArray[np.uint8] | None = None) -> NDArray[np.uint8]:
         """All tiles of one grid row, (cols, side, side, 3); absent tiles read as zeros.
