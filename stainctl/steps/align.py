@@ -140,7 +140,7 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     from stainctl.models.card import ModelCard, WeightFile, write_card
     from stainctl.models.encoders import load_encoder
     from stainctl.models.registry import SHIPPED, get_card, install, models_dir
-    from stainctl.models.weights import sha256_of
+    from stainctl.models.weights import check_installed, sha256_of
     from stainctl.workspace.atomic import atomic_path
 
     progress = progress or SilentProgress()
@@ -154,6 +154,9 @@ def train_align(options: AlignOptions, progress: Progress | None = None) -> Alig
     table = LabelTable.read(options.labels) if options.labels else None
     bins = options.classes or ClassBins(names=table.classes() if table else ())
     enc_card = get_card(options.encoder, directory)
+    # Missing encoder weights are said now, before the pairs are registered and tiled; the
+    # encoder itself is loaded only if the embeddings are not cached.
+    check_installed([enc_card], directory)
     loop = LoopConfig(steps=options.steps, batch=options.batch, lr=options.lr,
                       seed=options.seed, checkpoint_every=options.checkpoint_every)
     mpp, side = float(enc_card.input_mpp), int(enc_card.tile_size)
