@@ -125,11 +125,12 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
         write_held_out,
     )
     from stainctl.engines.fast.model import FastConfig, parameter_count
-    from stainctl.engines.fast.train import TrainConfig, export, train
+    from stainctl.engines.fast.train import WEIGHTS, TrainConfig, export, train
     from stainctl.models.adapted import loss_curve
     from stainctl.models.card import ModelCard, WeightFile, write_card
     from stainctl.models.encoders import resolve_device
     from stainctl.models.registry import SHIPPED, install, models_dir
+    from stainctl.models.weights import sha256_of
 
     name = options.model_name
     if (SHIPPED / f"{name}.toml").exists():
@@ -160,9 +161,7 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
     export(gen, generator)  # type: ignore[arg-type]
     (folder / "history.json").write_text(json.dumps(state.history))
     loss_curve(state.history, folder / "loss.png",
-               keys=("g", "d", "adv", "identity", "structure", "dab", "glass", "dab_tail",
-                     "dab_upper", "haematoxylin", "nuclear", "background", "off_stain",
-                     "nuclei_colour", "tissue_colour"))
+               keys=("g", "d", *WEIGHTS))  # a term a run does not log is left out
     count = parameter_count(gen)
     how = (f"Unpaired, at {config.mpp} µm/px. H&E: {', '.join(p.name for p in options.he)}. "
            f"IHC: {', '.join(p.name for p in options.ihc)}")
@@ -189,7 +188,7 @@ def train_fast_model(options: FastTrainOptions, log: bool = True) -> FastTrainRe
         description=f"The fast engine ({count / 1e6:.2f} M parameters), float16 weights.",
         architecture={"margin": 32},
         weights=(WeightFile(role="generator", path=GENERATOR,
-                            sha256=hashlib.sha256(generator.read_bytes()).hexdigest()),))
+                            sha256=sha256_of(generator)),))
     card_file = write_card(card, folder / "card.toml")
     installed = card_file
     if folder.resolve() != (directory / name).resolve():
