@@ -154,10 +154,9 @@ def _od_tables(white: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """(1, 256, 3) float32 per-channel optical density of each intensity relative to `white`
     (clipped at the glass, as `stain_density`), and the (2, 3) float32 rows of the H-E-DAB
     matrix giving haematoxylin and DAB from it."""
-    from stainctl.stain.deconvolution import DAB, EPS, HAEMATOXYLIN, hed_from_rgb
+    from stainctl.stain.deconvolution import DAB, HAEMATOXYLIN, hed_from_rgb, od_table
 
-    v = np.arange(256, dtype=np.float64)[:, None] / np.asarray(white, dtype=np.float64)[None, :]
-    od = np.log(np.clip(v, EPS, 1.0)) / np.log(EPS)
+    od = od_table(white)
     matrix = hed_from_rgb()[:, [HAEMATOXYLIN, DAB]].T
     return (np.ascontiguousarray(od[None].astype(np.float32)),
             np.ascontiguousarray(matrix.astype(np.float32)))

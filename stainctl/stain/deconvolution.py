@@ -54,11 +54,17 @@ def dab_density(rgb: np.ndarray) -> np.ndarray:
 
 
 @functools.cache
+def od_table(white: tuple[int, int, int]) -> np.ndarray:
+    """(256, 3) float64 optical density (rgb2hed's scale) of each intensity of each channel,
+    relative to `white` and clipped at it: every stain density here is made from it."""
+    v = np.arange(256, dtype=np.float64)[:, None] / np.asarray(white, dtype=np.float64)[None, :]
+    return np.log(np.clip(v, EPS, 1.0)) / np.log(EPS)
+
+
+@functools.cache
 def _stain_luts(column: int, white: tuple[int, int, int]) -> np.ndarray:
     """(3, 256) lookup tables of one stain's density, intensities relative to `white`."""
-    v = np.arange(256, dtype=np.float64)[None, :] / np.asarray(white, dtype=np.float64)[:, None]
-    od = np.log(np.clip(v, EPS, 1.0)) / np.log(EPS)
-    return (od * hed_from_rgb()[:, column][:, None]).astype(np.float32)
+    return (od_table(white).T * hed_from_rgb()[:, column][:, None]).astype(np.float32)
 
 
 def stain_density(rgb: np.ndarray, column: int,
