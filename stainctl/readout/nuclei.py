@@ -37,6 +37,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -325,13 +326,12 @@ def _flood(surface: np.ndarray, mask: np.ndarray, seeds_rc: np.ndarray, ids: np.
     """scikit-image's watershed of `surface` from seeds `ids` inside `mask`, on a grid `step`
     times coarser (1: the full grid); labels at full size, meaningful inside `mask`."""
     import cv2
-    from skimage.segmentation import watershed
 
     h, w = mask.shape
     if step == 1:
         markers = np.zeros((h, w), dtype=np.int32)
         markers[seeds_rc[:, 0], seeds_rc[:, 1]] = ids
-        return np.asarray(watershed(surface, markers, mask=mask), dtype=np.int32)
+        return skimage_watershed(surface, markers, mask)
     # Even sides, so each coarse pixel is exactly a 2x2 block (the pad is outside the mask).
     ph, pw = -h % 2, -w % 2
     mask8 = cv2.compare(mask.view(np.uint8), 0, cv2.CMP_GT)  # 0/255: a 2x2 mean of one is > 0
@@ -345,9 +345,49 @@ def _flood(surface: np.ndarray, mask: np.ndarray, seeds_rc: np.ndarray, ids: np.
     coarse = cv2.resize(surface, size, interpolation=cv2.INTER_AREA)
     markers = np.zeros(coarse_mask.shape, dtype=np.int32)
     markers[seeds_rc[:, 0] // 2, seeds_rc[:, 1] // 2] = ids  # >= 2 px apart: one per pixel
-    flooded = np.asarray(watershed(coarse, markers, mask=coarse_mask), dtype=np.int32)
+    flooded = skimage_watershed(coarse, markers, coarse_mask)
     full = cv2.resize(flooded, (w + pw, h + ph), interpolation=cv2.INTER_NEAREST)
     return full[:h, :w]
+
+
+def skimage_watershed(surface: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """(H, W) int32: `skimage.segmentation.watershed(surface, markers, mask=mask)` for 2-D
+    int32 `markers` and a bool `mask` (4-connected, no compactness, no lines), by
+    scikit-image's own flood (`_watershed_cy.watershed_raveled`) with the arrays its wrapper
+    would make. The wrapper costs ~0.25 ms a readout tile, and its import (scipy.ndimage,
+    skimage.morphology) ~0.25 s at the first tile of every readout, while the flood's own
+    module imports in ~2 ms. Where that private function is missing or changed, the public
+    one; tests/test_readout.py checks the two agree on real tiles."""
+    flood = _raveled_flood()
+    if flood is not None:
+        h, w = surface.shape
+        wide = w + 2  # a 1-pixel frame outside the mask, as the wrapper pads, keeps the
+        # flood inside the array
+        image = np.zeros((h + 2, wide), np.float64)
+        image[1:-1, 1:-1] = surface
+        inside = np.zeros((h + 2, wide), np.int8)
+        inside[1:-1, 1:-1] = mask
+        out = np.zeros((h + 2, wide), np.int32)
+        np.multiply(markers, mask, out=out[1:-1, 1:-1])  # markers outside the mask: 0
+        try:
+            # 4-neighbours in the wrapper's order (nearest first, then raveled order)
+            flood(image.ravel(), np.flatnonzero(out), np.array([-wide, -1, 1, wide], np.intp),
+                  inside.ravel(), np.array([wide, 1], np.intp), 0.0, out.ravel(), False)
+            return out[1:-1, 1:-1]
+        except (TypeError, ValueError):  # another signature: the public function
+            pass
+    from skimage.segmentation import watershed as public
+
+    return np.asarray(public(surface, markers, mask=mask), dtype=np.int32)
+
+
+@functools.cache
+def _raveled_flood() -> Any:
+    try:
+        from skimage.segmentation._watershed_cy import watershed_raveled
+    except ImportError:
+        return None
+    return watershed_raveled
 
 
 def _empty(grid_shape: tuple[int, ...], grid_mpp: float, shape: tuple[int, int]) -> Nuclei:

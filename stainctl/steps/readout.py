@@ -307,10 +307,12 @@ def _tile_mask(mask: NDArray[np.bool_], x0: int, y0: int, extent0: float, margin
     lx0, ly0 = x0 - margin * scale, y0 - margin * scale
     # An affine map from tile pixels to thumbnail pixels, sampled nearest-neighbour.
     m = np.array([[scale * sx, 0, lx0 * sx], [0, scale * sy, ly0 * sy]], dtype=np.float64)
-    out = cv2.warpAffine(mask.astype(np.uint8), m, (full, full),
+    # Bool viewed as 0/1 bytes both ways: converting the whole thumbnail mask per tile cost
+    # more than the warp itself.
+    out = cv2.warpAffine(np.ascontiguousarray(mask).view(np.uint8), m, (full, full),
                          flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return out.astype(bool)
+    return out.view(bool)
 
 
 def _stain_warning(thumb: NDArray[np.uint8], mask: NDArray[np.bool_],
