@@ -242,13 +242,15 @@ def _peaks(blob: np.ndarray, foreground: np.ndarray, min_px: int) -> np.ndarray:
     through it."""
     import cv2
 
-    low = np.finfo(np.float32).min
-    masked = np.where(foreground, blob, low).astype(np.float32, copy=False)
+    masked = np.full(blob.shape, np.finfo(np.float32).min, np.float32)
+    cv2.copyTo(blob.astype(np.float32, copy=False), foreground.view(np.uint8), masked)
     size = 2 * min_px + 1
     # cv2's default border for dilation is "ignore", the same maximum as scipy's 'nearest'.
     top = masked == cv2.dilate(masked, np.ones((size, size), np.uint8))
     top &= foreground
-    if top[foreground].all():  # a flat image: leave its special case to scikit-image
+    # Every foreground pixel a maximum (top is within the foreground: equal counts): a flat
+    # image, whose special case is left to scikit-image.
+    if np.count_nonzero(top) == np.count_nonzero(foreground):
         from skimage.feature import peak_local_max
 
         return np.asarray(peak_local_max(blob, min_distance=min_px,
