@@ -62,7 +62,7 @@ def read_floor(slide_path: Path, out: Path, name: str, workers: int) -> tuple[fl
         MARGIN_UM,
         ReadoutOptions,
         _read_tile,
-        own_threads_only,
+        opencv_on_calling_thread,
         strip_cache,
         strip_order,
     )
@@ -88,11 +88,11 @@ def read_floor(slide_path: Path, out: Path, name: str, workers: int) -> tuple[fl
                                 margin, level, ds, w0, h0)
             return int(rgb[0, 0, 0])
 
-        with own_threads_only(slide), strip_cache(slide, level, grid, opts.tile_size, margin):
-            t0 = time.perf_counter()
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(read, order))
-            return time.perf_counter() - t0, len(coords)
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(workers) as pool, opencv_on_calling_thread(), \
+                strip_cache(slide, level, grid, opts.tile_size, margin):
+            list(pool.map(read, order))
+        return time.perf_counter() - t0, len(coords)
     finally:
         slide.close()
 

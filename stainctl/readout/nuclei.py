@@ -116,7 +116,7 @@ class Nuclei:
         found = self.found_labels
         out = np.zeros(found.shape, dtype=np.int32)
         where = np.flatnonzero(found > 0)
-        out.ravel()[where] = self.renumber[found.ravel()[where]]  # only the labelled pixels
+        out.ravel()[where] = self.renumber.take(found.ravel().take(where))  # labelled only
         return out
 
     @property
@@ -272,8 +272,9 @@ def _peaks(blob: np.ndarray, foreground: np.ndarray, min_px: int) -> np.ndarray:
                                          exclude_border=False))
     top &= blob > blob.min()
     # Flat indices, then rows and columns: ~5x faster than a 2-D np.nonzero.
-    rr, cc = np.divmod(np.flatnonzero(top), top.shape[1])
-    values = blob[rr, cc]
+    flat = np.flatnonzero(top)
+    rr, cc = np.divmod(flat, top.shape[1])
+    values = np.ascontiguousarray(blob).ravel().take(flat)
     order = np.argsort(-values, kind="stable")
     rr, cc, values = rr[order], cc[order], values[order]
     if min_px > 1 and len(values) > 1:
@@ -327,7 +328,7 @@ def _watershed(surface: np.ndarray, foreground: np.ndarray, seeds_rc: np.ndarray
     # (Seeds lie in the foreground, so the background, piece 0, keeps 0.)
     lut = np.where(per_piece > 1, np.int32(-1), np.int32(0))
     lut[piece_of[single]] = ids[single]
-    labels = lut[pieces]
+    labels = lut.take(pieces)  # (take: ~2x faster than indexing, for every gather here)
     if not single.all():
         # One flood over all those pieces at once (they cannot meet inside the mask): one
         # call's overhead instead of one per piece.
@@ -422,7 +423,7 @@ def _measure(labels: np.ndarray, dab: np.ndarray, mpp: float, params: NucleiPara
     if n == 0:
         return _empty(labels.shape, mpp, shape)
     where = np.flatnonzero(labels > 0)  # ~4x faster than on the int32 labels themselves
-    lab = labels.ravel()[where]
+    lab = labels.ravel().take(where)
     counts = np.bincount(lab, minlength=n + 1)[1:].astype(np.float64)
     area = counts * (mpp * mpp)
     keep = (area >= params.min_area_um2) & (area <= params.max_area_um2)
@@ -430,7 +431,8 @@ def _measure(labels: np.ndarray, dab: np.ndarray, mpp: float, params: NucleiPara
     if m == 0:
         return _empty(labels.shape, mpp, shape)
     counts = counts[keep]
-    dab_sum = np.bincount(lab, weights=dab.ravel()[where], minlength=n + 1)[1:][keep]
+    dab_px = np.ascontiguousarray(dab).ravel().take(where)
+    dab_sum = np.bincount(lab, weights=dab_px, minlength=n + 1)[1:][keep]
     # Centroids from sums of flat indices and of columns: whole numbers, exact in float64, so
     # the same as sums of rows and columns, without gathering either.
     width = labels.shape[1]

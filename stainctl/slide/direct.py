@@ -24,7 +24,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,10 +159,13 @@ class DirectReader:
         self.levels = levels
         self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._id = next(_READER_IDS)  # never reused, unlike id(): cache keys stay unique
-        # Large regions decoded on the shared pool; off for a caller that must not leave
-        # decoded memory in other threads' malloc arenas (readout: glibc does not give back
-        # the top of a thread's arena on malloc_trim, so the pool keeps ~a thumbnail's tiles).
-        self.parallel = True
+        # Large regions are decoded on this executor, else on the shared pool. Readout sets
+        # its tile threads for its thumbnail: memory a thread frees stays in its malloc arena
+        # (glibc's malloc_trim does not give back the top of a thread's arena), so tiles
+        # decoded on the shared pool left ~a thumbnail's worth there that no read reused.
+        # Never an executor whose own threads read through this reader: they would wait on
+        # themselves.
+        self.executor: Executor | None = None
 
     def serves(self, level: int) -> bool:
         return self._fd is not None and level in self.levels
@@ -203,8 +206,8 @@ class DirectReader:
             if x1 > x0 and y1 > y0:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
 
-        if self.parallel and len(spots) >= PARALLEL_TILES:
-            list(_pool().map(paste, spots))
+        if len(spots) >= PARALLEL_TILES:
+            list((self.executor or _pool()).map(paste, spots))
         else:
             for spot in spots:
                 paste(spot)

@@ -38,6 +38,8 @@ from stainctl.steps.report import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor, ThreadPoolExecutor
+
     from stainctl.slide.grid import Grid
     from stainctl.slide.reader import Slide
 
@@ -187,28 +189,35 @@ def _summary(slide: SlideReadout) -> str:
 
 def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
                     progress: Progress) -> SlideReadout:
+    from concurrent.futures import ThreadPoolExecutor
+
     from stainctl.slide.reader import open_slide
 
     slide = open_slide(item.path, item.mpp)
     try:
-        with own_threads_only(slide):
-            return _read_out_open(slide, item, options, progress)
+        # The tile threads, made first: they decode the thumbnail too (`_read_thumbnail`).
+        pool = ThreadPoolExecutor(options.workers)
+        try:
+            with opencv_on_calling_thread():
+                return _read_out_open(slide, item, options, progress, pool)
+        finally:  # tiles still being read finish before the slide is closed
+            pool.shutdown(cancel_futures=True)
     finally:
         slide.close()
 
 
 def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
-                   progress: Progress) -> SlideReadout:
+                   progress: Progress, pool: ThreadPoolExecutor) -> SlideReadout:
     from stainctl.readout.background import glass_white
     from stainctl.readout.measure import measure_tile
     from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
-    from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
+    from stainctl.slide.thumbnail import thumbnail_mpp
     from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
 
     mpp = slide.require_mpp()
     w0, h0 = slide.dimensions
     t_mpp = thumbnail_mpp(mpp, w0, h0)
-    thumb = read_thumbnail(slide, t_mpp)
+    thumb = _read_thumbnail(slide, t_mpp, pool)
     check_brightfield(thumb, item.path, False,
                       hint="readout measures brightfield DAB IHC slides")
     mask = tissue_mask(thumb, t_mpp, TissueParams())
@@ -254,12 +263,11 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
     # the log, a batch at a time, so a signal stops the slide between batches with all
     # before saved (tiles in flight are measured again by the rerun).
     from collections import deque
-    from concurrent.futures import Future, ThreadPoolExecutor
+    from concurrent.futures import Future
 
     from stainctl import interrupt
 
     batch = max(1, 4 * options.workers)
-    pool = ThreadPoolExecutor(options.workers)
     queue: deque[Future[TileRecord]] = deque()
     measured: list[TileRecord] = []
     try:
@@ -286,7 +294,8 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
             finally:  # a tile that fails keeps the tiles before it
                 append(measured)
     finally:
-        pool.shutdown(cancel_futures=True)
+        for future in queue:  # a failed tile: the tiles not begun are not read
+            future.cancel()
     tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
     total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
     return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
@@ -304,30 +313,37 @@ def strip_order(indices: list[int] | NDArray[np.int64], cols: int,
 
 
 @contextlib.contextmanager
-def own_threads_only(slide: Slide) -> Iterator[None]:
-    """Within: OpenCV runs on the calling thread and `slide`'s direct reader decodes large
-    regions (the thumbnail) on it too, rather than on their own thread pools. Readout spreads
-    its tiles over its own threads already, so those pools only add hand-offs for its small
-    images (~3 % of a readout's time with OpenCV's), and memory a pool thread frees stays in
-    its malloc arena: glibc's malloc_trim does not give back the top of a thread's arena, so
-    the pools kept ~20 MB more after a 32,000^2 slide's thumbnail and tissue mask than after
-    an 8,000^2 one's (bench/RESULTS.md, rperf4)."""
+def opencv_on_calling_thread() -> Iterator[None]:
+    """Within: OpenCV runs on the thread that calls it. Readout spreads its tiles over its own
+    threads already, so OpenCV's pool only adds hand-offs for its small images, and memory a
+    pool thread frees stays in that thread's malloc arena (glibc's malloc_trim does not give
+    back the top of a thread's arena), where readout's own threads never reuse it."""
     import cv2
 
     threads = cv2.getNumThreads()
-    direct = slide.direct
-    parallel = direct.parallel if direct is not None else False
-    import os
-    if os.environ.get("RO_CV1", "1") == "1":
-        cv2.setNumThreads(1)
-    if direct is not None:
-        direct.parallel = False
+    cv2.setNumThreads(1)
     try:
         yield
     finally:
         cv2.setNumThreads(threads)
-        if direct is not None:
-            direct.parallel = parallel
+
+
+def _read_thumbnail(slide: Slide, mpp: float, pool: Executor) -> NDArray[np.uint8]:
+    """The thumbnail, its stored tiles decoded on `pool` (readout's tile threads, idle yet)
+    rather than the direct reader's shared pool, for the arena reason above: the shared pool
+    kept ~12 MB more after a 32,000^2 slide's thumbnail than after an 8,000^2 one's
+    (bench/RESULTS.md, rperf4), where the tile threads reuse it. Only for this read: a tile
+    read on those threads that handed work to them would wait on itself."""
+    from stainctl.slide.thumbnail import read_thumbnail
+
+    direct = slide.direct
+    if direct is None:
+        return read_thumbnail(slide, mpp)
+    direct.executor = pool
+    try:
+        return read_thumbnail(slide, mpp)
+    finally:
+        direct.executor = None
 
 
 @contextlib.contextmanager
