@@ -241,7 +241,7 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
     margin = max(1, round(MARGIN_UM / grid.mpp))
     level = slide.best_level(scale)
     ds = slide.level_downsamples[level]
-    todo = strip_order(todo, grid.cols)
+    order = strip_order([int(i) for i in todo], grid.cols)
 
     def measure(i: int) -> TileRecord:
         x0, y0 = int(xs[i]), int(ys[i])
@@ -285,7 +285,7 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
                     interrupt.check()
 
             try:
-                for i in todo:
+                for i in order:
                     queue.append(pool.submit(measure, int(i)))
                     if len(queue) >= 2 * batch:
                         take(queue.popleft())
@@ -303,7 +303,7 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
                         warning=warning)
 
 
-def strip_order(indices: list[int] | NDArray[np.int64], cols: int,
+def strip_order(indices: list[int], cols: int,
                 strip: int = STRIP_COLUMNS) -> NDArray[np.int64]:
     """Row-major grid `indices` (of a grid `cols` wide) in reading order: strips of `strip`
     columns, left to right; in each strip its rows top to bottom, each row left to right."""
