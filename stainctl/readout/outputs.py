@@ -42,9 +42,9 @@ def write_outputs(slides: list[SlideReadout], out: Path) -> None:
 
 def write_geojson(path: Path, slide: SlideReadout) -> None:
     """`geojson(slide)` written a feature per line as it is made: the same JSON, but neither
-    the whole document nor its text is held (they grew with the slide: ~7 MB at 841 tiles, on
-    top of readout's peak memory), and each feature is encoded by json's C encoder (an
-    indented document goes through its pure-Python one, ~0.1 s at 841 tiles)."""
+    the whole document nor its text is held (they grew with the slide: +5-7 MB of peak memory
+    at 841 tiles), and each feature is encoded by json's C encoder (an indented document goes
+    through its pure-Python one)."""
     from stainctl.workspace.atomic import atomic_path
 
     size0 = (slide.width0, slide.height0)

@@ -315,9 +315,9 @@ def strip_order(indices: list[int], cols: int,
 @contextlib.contextmanager
 def opencv_on_calling_thread() -> Iterator[None]:
     """Within: OpenCV runs on the thread that calls it. Readout spreads its tiles over its own
-    threads already, so OpenCV's pool only adds hand-offs for its small images, and memory a
-    pool thread frees stays in that thread's malloc arena (glibc's malloc_trim does not give
-    back the top of a thread's arena), where readout's own threads never reuse it."""
+    threads already (its pool made no measured difference in time), and memory a pool thread
+    frees stays in that thread's malloc arena (glibc's malloc_trim does not give back the top
+    of a thread's arena), where readout's own threads never reuse it."""
     import cv2
 
     threads = cv2.getNumThreads()
@@ -331,7 +331,7 @@ def opencv_on_calling_thread() -> Iterator[None]:
 def _read_thumbnail(slide: Slide, mpp: float, pool: Executor) -> NDArray[np.uint8]:
     """The thumbnail, its stored tiles decoded on `pool` (readout's tile threads, idle yet)
     rather than the direct reader's shared pool, for the arena reason above: the shared pool
-    kept ~12 MB more after a 32,000^2 slide's thumbnail than after an 8,000^2 one's
+    kept ~13 MB more after a 32,000^2 slide's thumbnail than after an 8,000^2 one's
     (bench/RESULTS.md, rperf4), where the tile threads reuse it. Only for this read: a tile
     read on those threads that handed work to them would wait on itself."""
     from stainctl.slide.thumbnail import read_thumbnail
