@@ -128,7 +128,7 @@ def main() -> None:
     a = p.parse_args()
     cmd = "python bench/normalize.py " + " ".join(sys.argv[1:])
     if a.device.startswith("cuda"):
-        out = [f"## normalize: stainfuser on {a.device} (`{cmd}`)", ""]
+        out = [f"### normalize: stainfuser on {a.device} (`{cmd}`)", ""]
         for dtype in ("fp16", "bf16"):
             s = stainfuser_tiles(a.device, dtype, 20, 8)
             out.append(f"- {dtype}: {1 / s:.2f} tiles/s (512 px, 20 PNDM steps, batch 8, "
@@ -143,7 +143,7 @@ def main() -> None:
             for method in ("identity", "macenko"):
                 sec, rss = run_job(slide, Path(tmp) / f"out-{gpx}-{method}", method)
                 rows.append((gpx, method, sec, rss))
-    out = [f"## normalize (`{cmd}`, {time.strftime('%Y-%m-%d')})", "",
+    out = [f"### `{cmd}` ({time.strftime('%Y-%m-%d')})", "",
            "| slide Gpx | run | s | MP/s | peak RSS MB |", "|---|---|---|---|---|"]
     for gpx, method, sec, rss in rows:
         out.append(f"| {gpx:.2f} | {method} | {sec:.0f} | {gpx * 1000 / sec:.1f} | "

@@ -82,6 +82,9 @@ def test_translate_resumes_with_missing_tiles(cli, tmp_path, models, cmu1_path):
 
     w = Workspace.open(ws)  # a killed run leaves the step "running", same parameters
     sid = w.manifest.slides()[0].id
+    # Every tissue tile is translated, also those the filter rejected, and the line says so.
+    assert total == len(w.manifest.tissue_tiles(sid)) > len(w.manifest.kept_tiles(sid))
+    assert "those the filter rejected too" in first["slides"][0]["message"]
     row = w.manifest.step(sid, "translate:test-ki67")
     assert row is not None
     w.manifest.set_step(sid, "translate:test-ki67", "running", params_hash=row.params_hash,

@@ -58,7 +58,13 @@ def _estimate(value: float, n: int, boot: np.ndarray) -> Estimate:
 
 
 def _ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+    """num / den per draw, nan where den is not positive."""
     return np.divide(num, den, out=np.full(num.shape, np.nan), where=den > 0)
+
+
+def _scalar_ratio(num: float, den: float) -> float:
+    """`_ratio` of one value."""
+    return float(num / den) if den > 0 else float("nan")
 
 
 def bootstrap_mean(values: Values, *, resamples: int = BOOTSTRAP, seed: int = 0) -> Estimate:
@@ -76,7 +82,7 @@ def bootstrap_pooled(num: Values, den: Values, *, resamples: int = BOOTSTRAP,
     if a.shape != b.shape:
         raise ValueError(f"one numerator and one denominator per case: {a.shape} vs {b.shape}")
     idx = resample_indices(len(a), resamples, seed)
-    value = float(_ratio(np.array([a.sum()]), np.array([b.sum()]))[0])
+    value = _scalar_ratio(a.sum(), b.sum())
     return _estimate(value, len(a), _ratio(a[idx].sum(axis=1), b[idx].sum(axis=1)))
 
 
@@ -86,5 +92,5 @@ def bootstrap_mean_ratio(fake: Values, real: Values, *, resamples: int = BOOTSTR
     f, r = np.asarray(fake, np.float64), np.asarray(real, np.float64)
     mf = f[resample_indices(len(f), resamples, [seed, 0])].mean(axis=1)
     mr = r[resample_indices(len(r), resamples, [seed, 1])].mean(axis=1)
-    value = float(_ratio(np.array([f.mean()]), np.array([r.mean()]))[0])
+    value = _scalar_ratio(f.mean(), r.mean())
     return _estimate(value, min(len(f), len(r)), _ratio(mf, mr))

@@ -189,12 +189,6 @@ class StainTransform:
         # eight 512-px tiles of random colours, norm4).
         self._packed = fit.table().view(np.uint32).ravel()
 
-    @property
-    def lut(self) -> NDArray[np.uint8]:
-        """(2^24, 3) uint8: the table indexed r<<16|g<<8|b (a copy, for inspection)."""
-        cube = self._packed.view(np.uint8).reshape(256, 256, 256, 4)
-        return np.ascontiguousarray(cube.transpose(2, 1, 0, 3)[..., :3]).reshape(-1, 3)
-
     def apply(self, tiles: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """(..., W, 3 or 4) uint8 -> (..., W, 3) normalised."""
         import cv2

@@ -155,7 +155,7 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
 def _slide_tiles(slide: object, target_mpp: float, tile_size: int,
                  seed: int) -> list[NDArray[np.uint8]]:
     """Up to SAMPLE_TILES tiles of a large slide, mostly tissue, found on a thumbnail."""
-    from stainctl.slide.grid import snap_level
+    from stainctl.slide.grid import snapped_scale
     from stainctl.slide.reader import Slide
     from stainctl.slide.thumbnail import read_thumbnail
     from stainctl.slide.tiles import read_tile
@@ -172,11 +172,9 @@ def _slide_tiles(slide: object, target_mpp: float, tile_size: int,
         candidates = np.argwhere(frac >= frac.max()) if frac.size else np.zeros((0, 2), int)
     rng = np.random.default_rng(seed)
     picks = candidates[rng.permutation(len(candidates))[:SAMPLE_TILES]]
-    # The grid's rule (slide/grid.py): a level within SNAP_TOLERANCE of the target is read as
-    # stored, its tiles not resampled.
-    scale = target_mpp / slide.mpp
-    snapped = snap_level(scale, slide.level_downsamples)
-    extent0 = tile_size * (scale if snapped is None else slide.level_downsamples[snapped])
+    # The grid's rule: a level within SNAP_TOLERANCE of the target is read as stored.
+    scale, _ = snapped_scale(target_mpp / slide.mpp, slide.level_downsamples)
+    extent0 = tile_size * scale
     step0 = thumb.shape[1] and slide.dimensions[0] / thumb.shape[1]
     return [read_tile(slide, math.floor(c * cell * step0), math.floor(r * cell * step0),
                       extent0, tile_size) for r, c in picks]

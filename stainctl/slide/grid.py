@@ -68,10 +68,7 @@ def make_grid(width0: int, height0: int, slide_mpp: float, params: GridParams,
     """The grid for a slide of `width0` x `height0` level-0 pixels; with the slide's
     `level_downsamples`, laid on a level's pixels when the target is that level's µm/px
     (within SNAP_TOLERANCE)."""
-    scale = params.target_mpp / slide_mpp
-    level = snap_level(scale, level_downsamples)
-    if level is not None:
-        scale = float(level_downsamples[level])
+    scale, level = snapped_scale(params.target_mpp / slide_mpp, level_downsamples)
     extent0 = params.tile_size * scale
     stride0 = (params.tile_size - params.overlap) * scale
 
@@ -80,6 +77,15 @@ def make_grid(width0: int, height0: int, slide_mpp: float, params: GridParams,
 
     mpp = params.target_mpp if level is None else slide_mpp * scale
     return Grid(extent0, stride0, count(width0), count(height0), mpp, level)
+
+
+def snapped_scale(scale: float, level_downsamples: Sequence[float]
+                  ) -> tuple[float, int | None]:
+    """Level-0 px per output px as the grid reads them, and the level read as stored: a level's
+    own downsample where `scale` is within SNAP_TOLERANCE of it (its pixels are not resampled),
+    else `scale` itself and None."""
+    level = snap_level(scale, level_downsamples)
+    return (scale, None) if level is None else (float(level_downsamples[level]), level)
 
 
 def snap_level(scale: float, level_downsamples: Sequence[float]) -> int | None:

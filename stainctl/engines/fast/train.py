@@ -63,9 +63,10 @@ from stainctl.stain.deconvolution import dab_density_torch, hed_density_torch
 # Markers whose DAB sits in nuclei: for them DAB outside nuclei-shaped structures is penalised.
 NUCLEAR_MARKERS = frozenset({"ki67", "er", "pr", "p53", "ar", "mib1", "pcna", "sox10", "ttf1"})
 # The loss weights `stainctl train --loss-weight NAME=VALUE` may set.
-WEIGHTS = ("adv", "identity", "structure", "dab", "dab_tail", "dab_upper", "haematoxylin",
-           "nuclear", "background", "off_stain", "nuclei_colour", "tissue_colour", "glass",
-           "lowres", "fm")
+# In the order the generator's loss adds them up.
+WEIGHTS = ("adv", "identity", "structure", "dab", "glass", "dab_tail", "dab_upper",
+           "haematoxylin", "nuclear", "background", "off_stain", "nuclei_colour",
+           "tissue_colour", "lowres", "fm")
 
 
 @dataclass(frozen=True)
@@ -114,6 +115,10 @@ class TrainConfig:
         if self.w_nuclear is not None:
             return self.w_nuclear
         return 20.0 if self.marker.lower() in NUCLEAR_MARKERS else 0.0
+
+    def weight(self, name: str) -> float:
+        """The weight of loss term `name` (one of WEIGHTS) in this run."""
+        return self.nuclear_weight if name == "nuclear" else float(getattr(self, f"w_{name}"))
 
 
 @dataclass
@@ -176,35 +181,21 @@ def train(he: Sequence[np.ndarray], ihc: Sequence[np.ndarray], config: TrainConf
         structure = (edges(fake) - edges(x)).abs().mean()
         dab = dab_stats_loss(fake, y)
         glass = glass_loss(fake, x)
-        stain = counterstain_losses(fake, x, y, config)
-        g_loss = (config.w_adv * adv + config.w_identity * identity
-                  + config.w_structure * structure + config.w_dab * dab
-                  + config.w_glass * glass + config.w_dab_tail * stain["dab_tail"]
-                  + config.w_dab_upper * stain["dab_upper"]
-                  + config.w_haematoxylin * stain["haematoxylin"]
-                  + config.nuclear_weight * stain["nuclear"]
-                  + config.w_background * stain["background"]
-                  + config.w_off_stain * stain["off_stain"]
-                  + config.w_nuclei_colour * stain["nuclei_colour"]
-                  + config.w_tissue_colour * stain["tissue_colour"])
-        paired: dict[str, float] = {}
+        terms = {"adv": adv, "identity": identity, "structure": structure, "dab": dab,
+                 "glass": glass, **counterstain_losses(fake, x, y, config)}
         if pair_crops is not None:
             xp, yp = (t.to(device) for t in pair_crops.sample(config.batch))
             fake_p = gen(xp, marker)
-            lowres = lowres_l1(fake_p, yp, config.lowres_factor)
-            fm = feature_matching(disc, fake_p, yp)
-            g_loss = g_loss + config.w_lowres * lowres + config.w_fm * fm
-            paired = {"lowres": float(lowres.detach()), "fm": float(fm.detach())}
+            terms["lowres"] = lowres_l1(fake_p, yp, config.lowres_factor)
+            terms["fm"] = feature_matching(disc, fake_p, yp)
+        g_loss = sum(config.weight(name) * terms[name] for name in WEIGHTS if name in terms)
+        assert isinstance(g_loss, torch.Tensor)
         g_loss.backward()
         opt_g.step()
         state.step += 1
-        d_loss, adv, identity, structure, dab, glass, g_loss = (v.detach() for v in (
-            d_loss, adv, identity, structure, dab, glass, g_loss))
-        state.history.append({"step": state.step, "d": float(d_loss), "adv": float(adv),
-                              "identity": float(identity), "structure": float(structure),
-                              "dab": float(dab), "glass": float(glass),
-                              **{k: float(v.detach()) for k, v in stain.items()}, **paired,
-                              "g": float(g_loss)})
+        state.history.append({"step": state.step, "d": float(d_loss.detach()),
+                              **{k: float(v.detach()) for k, v in terms.items()},
+                              "g": float(g_loss.detach())})
         if log and state.step % 20 == 0:
             h = state.history[-1]
             print(f"step {state.step} {time.perf_counter() - t0:.0f}s " +
