@@ -8,8 +8,9 @@ in the page cache, in interleaved rounds (medians reported):
     subprocess, timed, with its peak RSS, on both slides (peak RSS should not grow with area);
   * the same without nuclei (`--marker her2`: DAB area and H-score only), for reference;
   * the tile-read floor: the very tiles readout measured (from its GeoJSON), read with the same
-    margin and resized to the same resolution by the same function, on as many threads, nothing
-    measured, in this process.
+    margin and resized to the same resolution by the same function, in the same order and
+    reading conditions, on as many threads, nothing measured, in this process (the target's
+    reference); and the same in a process of its own, start-up included, for reference.
 Target (issue 20): readout's tiles/s within 2x of the floor's; peak RSS flat with slide area.
 Appends a section to bench/RESULTS.md.
 
@@ -24,6 +25,8 @@ import os
 import platform
 import shutil
 import statistics
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -50,10 +53,19 @@ def build_ihc_slide(path: Path, side: int) -> None:
 
 
 def read_floor(slide_path: Path, out: Path, name: str, workers: int) -> tuple[float, int]:
-    """Seconds to read the tiles readout measured (its GeoJSON) exactly as it reads them."""
+    """Seconds to read the tiles readout measured (its GeoJSON) exactly as it reads them: in
+    its order (strips), under its reading conditions (OpenCV on the calling threads, the
+    decoded-tile cache cut to a strip's), on as many threads."""
     from stainctl.slide.grid import GridParams, make_grid
     from stainctl.slide.reader import open_slide
-    from stainctl.steps.readout import MARGIN_UM, ReadoutOptions, _read_tile
+    from stainctl.steps.readout import (
+        MARGIN_UM,
+        ReadoutOptions,
+        _read_tile,
+        opencv_on_calling_thread,
+        strip_cache,
+        strip_order,
+    )
 
     doc = json.loads((out / f"{name}.geojson").read_text())
     coords = [tuple(f["geometry"]["coordinates"][0][0]) for f in doc["features"]]
@@ -67,6 +79,9 @@ def read_floor(slide_path: Path, out: Path, name: str, workers: int) -> tuple[fl
         margin = max(1, round(MARGIN_UM / grid.mpp))
         level = slide.best_level(grid.extent0 / opts.tile_size)
         ds = slide.level_downsamples[level]
+        by_index = {round(y / grid.stride0) * grid.cols + round(x / grid.stride0): (x, y)
+                    for x, y in coords}
+        order = [by_index[int(i)] for i in strip_order(list(by_index), grid.cols)]
 
         def read(xy: tuple[int, int]) -> int:
             rgb, _ = _read_tile(slide, int(xy[0]), int(xy[1]), grid.extent0, opts.tile_size,
@@ -74,11 +89,22 @@ def read_floor(slide_path: Path, out: Path, name: str, workers: int) -> tuple[fl
             return int(rgb[0, 0, 0])
 
         t0 = time.perf_counter()
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(read, coords))
+        with ThreadPoolExecutor(workers) as pool, opencv_on_calling_thread(), \
+                strip_cache(slide, level, grid, opts.tile_size, margin):
+            list(pool.map(read, order))
         return time.perf_counter() - t0, len(coords)
     finally:
         slide.close()
+
+
+def process_floor(slide_path: Path, out: Path, name: str, workers: int) -> float:
+    """Seconds of a whole process that reads the same tiles as `read_floor` (interpreter
+    start, the reader's imports, the slide opened): the floor with a process's start-up, as
+    the readout CLI has its own (reported beside, not the target's reference)."""
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, __file__, "--floor-of", str(slide_path), str(out), name,
+                    str(workers)], check=True)
+    return time.perf_counter() - t0
 
 
 def main() -> None:
@@ -89,7 +115,13 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--floor-of", nargs=4, metavar=("SLIDE", "OUT", "NAME", "WORKERS"),
+                    help=argparse.SUPPRESS)  # process_floor's child
     args = ap.parse_args()
+    if args.floor_of:
+        slide, out, name, workers = args.floor_of
+        read_floor(Path(slide), Path(out), name, int(workers))
+        return
     args.work.mkdir(parents=True, exist_ok=True)
     slides = {}
     for side in (args.small, args.large):
@@ -114,6 +146,8 @@ def main() -> None:
             t, n = read_floor(path, out, path.stem, args.workers)
             tiles[side] = n
             rows.setdefault(f"{side}_floor_s", []).append(t)
+            rows.setdefault(f"{side}_process_floor_s", []).append(
+                process_floor(path, out, path.stem, args.workers))
         print(f"round {r + 1}: " + ", ".join(f"{k} {v[-1]:.1f}" for k, v in rows.items()),
               flush=True)
     med = {k: statistics.median(v) for k, v in rows.items()}
@@ -125,7 +159,13 @@ def main() -> None:
         "readout_nuclei_tiles_per_s": round(tiles[big] / med[f"{big}_nuclei_s"], 1),
         "readout_area_only_tiles_per_s": round(tiles[big] / med[f"{big}_area_s"], 1),
         "read_floor_tiles_per_s": round(tiles[big] / med[f"{big}_floor_s"], 1),
+        "process_floor_tiles_per_s": round(tiles[big] / med[f"{big}_process_floor_s"], 1),
         "ratio_nuclei_to_floor": round(med[f"{big}_nuclei_s"] / med[f"{big}_floor_s"], 2),
+        "ratio_nuclei_to_floor_rounds": [round(a / b, 2) for a, b in zip(
+            rows[f"{big}_nuclei_s"], rows[f"{big}_floor_s"], strict=True)],
+        "ratio_area_to_floor": round(med[f"{big}_area_s"] / med[f"{big}_floor_s"], 2),
+        "ratio_nuclei_to_process_floor": round(
+            med[f"{big}_nuclei_s"] / med[f"{big}_process_floor_s"], 2),
         "peak_rss_mb_small": round(med[f"{small}_nuclei_rss"]),
         "peak_rss_mb_large": round(med[f"{big}_nuclei_rss"]),
         "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -150,8 +190,12 @@ tiles; readout at 0.5 µm/px, 512-px tiles with a 16 µm margin; {res["workers"]
 | readout, Ki67 (nuclei counted), whole CLI process | {res["readout_nuclei_tiles_per_s"]} |
 | readout, HER2 (DAB area, H-score), whole CLI process | {res["readout_area_only_tiles_per_s"]} |
 | read floor: the same {res["tiles_large"]} tiles read, resized | {res["read_floor_tiles_per_s"]} |
+| the same, in a process of its own (start-up and imports counted) | \
+{res["process_floor_tiles_per_s"]} |
 
-Readout with nuclei takes {res["ratio_nuclei_to_floor"]}x the read floor's time (target 2x).
+Readout with nuclei takes {res["ratio_nuclei_to_floor"]}x the read floor's time (target 2x; per
+round {res["ratio_nuclei_to_floor_rounds"]}), {res["ratio_nuclei_to_process_floor"]}x the
+whole-process floor's; without nuclei {res["ratio_area_to_floor"]}x.
 Peak RSS of the readout process: {res["peak_rss_mb_small"]} MB on the {args.small}^2 slide
 ({res["tiles_small"]} tiles), {res["peak_rss_mb_large"]} MB on the {args.large}^2 one.
 """

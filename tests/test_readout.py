@@ -234,3 +234,99 @@ def test_stain_matrix_is_scikit_images() -> None:
     from stainctl.stain.deconvolution import hed_from_rgb
 
     assert np.array_equal(hed_from_rgb(), skimage_matrix)
+
+
+def test_direct_flood_is_scikit_images_watershed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`skimage_watershed` calls scikit-image's flood itself (no wrapper, no scipy.ndimage
+    import): labels equal to the public function's on a real tile's nuclei surface, markers
+    outside the mask included, and the public fallback gives the same."""
+    import cv2
+    import tifffile
+    from skimage.segmentation import watershed
+
+    from stainctl.readout import nuclei
+
+    rgb = tifffile.imread(NDPI)[:800, :800, :3]
+    h, d = nuclei.densities(rgb)
+    density = cv2.GaussianBlur(np.add(h, d), (9, 9), 2)
+    mask = density > 0.03
+    rng = np.random.default_rng(0)
+    markers = np.zeros(mask.shape, np.int32)
+    rows, cols = rng.integers(0, 800, 400), rng.integers(0, 800, 400)
+    markers[rows, cols] = np.arange(1, 401, dtype=np.int32)  # some fall outside the mask
+    expected = watershed(-density, markers, mask=mask)
+    assert len(np.unique(expected)) > 100  # many basins meet: the flood decides something
+    got = nuclei.skimage_watershed(-density, markers, mask)
+    assert got.dtype == np.int32 and np.array_equal(got, expected)
+    monkeypatch.setattr(nuclei, "_raveled_flood", lambda: None)
+    assert np.array_equal(nuclei.skimage_watershed(-density, markers, mask), expected)
+
+
+def test_strip_order_and_its_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiles are read in strips of STRIP_COLUMNS grid columns with the decoded-tile cache held
+    to a strip's reuse (the thumbnail's tiles dropped first); the numbers are those of a
+    row-major read with the full cache."""
+    import dataclasses
+
+    import pyvips
+
+    from stainctl.slide import direct
+    from stainctl.steps import readout as steps
+
+    order = steps.strip_order(list(range(30)), cols=10, strip=4)
+    assert sorted(order) == list(range(30))
+    assert list(order[:12]) == [0, 1, 2, 3, 10, 11, 12, 13, 20, 21, 22, 23]
+    # A 3 x 2 mosaic of the NDPI crop, 0.2271 µm/px, 256-px JPEG tiles, direct-read.
+    crop = pyvips.Image.new_from_file(str(NDPI))[0:3]
+    mosaic = crop.replicate(3, 2)
+    slide = tmp_path / "mosaic.tif"
+    mosaic.tiffsave(str(slide), tile=True, tile_width=256, tile_height=256, pyramid=True,
+                    compression="jpeg", Q=90, xres=1000 / 0.2271, yres=1000 / 0.2271)
+    budgets: list[int] = []
+    put = direct._TileCache.put
+
+    def spy(self: direct._TileCache, key: tuple[int, int, int], tile: np.ndarray) -> None:
+        put(self, key, tile)
+        budgets.append(self.budget)
+        assert self._bytes <= self.budget
+
+    monkeypatch.setattr(direct._TileCache, "put", spy)
+    opts = ReadoutOptions(marker="ki67", nuclear=True, out=tmp_path / "strips")
+    _, (strips,) = read_out([ReadoutInput(name="m", path=slide)], opts)
+    assert min(budgets) < direct.CACHE_BYTES  # tiles were read under the strip budget
+    assert direct._CACHE.budget == direct.CACHE_BYTES  # and the budget is given back
+    monkeypatch.setattr(steps, "strip_order", lambda idx, cols: np.asarray(idx))
+    monkeypatch.setattr(steps, "strip_cache_bytes", lambda *a, **k: None)
+    _, (rows,) = read_out([ReadoutInput(name="m", path=slide)],
+                          dataclasses.replace(opts, out=tmp_path / "rows"))
+    assert strips.total == rows.total and strips.tiles == rows.tiles
+    assert strips.total.nuclei is not None and strips.total.nuclei > 1000
+
+
+def test_tile_within_tissue_skips_the_mask_warp() -> None:
+    """`_all_tissue` holds only where the warped tissue mask is all ones, and does hold for a
+    tile inside a tissue mask with a hole elsewhere."""
+    from stainctl.steps.readout import _all_tissue, _tile_mask
+
+    w0 = h0 = 20_000
+    mask = np.ones((500, 500), dtype=bool)
+    mask[240:260, 240:260] = False
+    extent0, margin, full = 2202.0, 32, 576
+    seen = {True: 0, False: 0}
+    for y0 in range(0, h0, 1101):
+        for x0 in range(0, w0, 1101):
+            inside = _all_tissue(mask, x0, y0, extent0, margin, full, w0, h0)
+            warped = _tile_mask(mask, x0, y0, extent0, margin, full, w0, h0)
+            assert not inside or warped.all()
+            seen[inside] += 1
+    assert seen[True] > 100 and seen[False] > 10
+
+
+def test_geojson_is_written_a_feature_per_line(tmp_path: Path) -> None:
+    from stainctl.readout.outputs import geojson
+
+    _, (slide,) = read_out([ReadoutInput(name="vsi", path=VSI)],
+                           ReadoutOptions(marker="ki67", nuclear=True, out=tmp_path))
+    text = (tmp_path / "vsi.geojson").read_text()
+    assert json.loads(text) == geojson(slide)
+    assert len(text.splitlines()) == len(slide.tiles) + 2  # header, a line a tile, footer

@@ -37,8 +37,28 @@ def write_outputs(slides: list[SlideReadout], out: Path) -> None:
     _write_csv(slides, out / "readout.csv")
     for s in slides:
         _atomic_bytes(out / f"{s.name}.heatmap.png", heatmap_png(s))
-        _atomic_bytes(out / f"{s.name}.geojson",
-                      json.dumps(geojson(s), indent=1).encode())
+        write_geojson(out / f"{s.name}.geojson", s)
+
+
+def write_geojson(path: Path, slide: SlideReadout) -> None:
+    """`geojson(slide)` written a feature per line as it is made: the same JSON, but neither
+    the whole document nor its text is held (they grew with the slide: +5-7 MB of peak memory
+    at 841 tiles), and each feature is encoded by json's C encoder (an indented document goes
+    through its pure-Python one)."""
+    from stainctl.workspace.atomic import atomic_path
+
+    size0 = (slide.width0, slide.height0)
+    with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
+        f.write('{"type": "FeatureCollection", "features": [')
+        sep = "\n"
+        for t in slide.tiles:
+            f.write(sep)
+            f.write(json.dumps(tile_feature(t.x0, t.y0, t.extent0, size0,
+                                            tile_properties(t.readout))))
+            sep = ",\n"
+        f.write("\n], \"properties\": ")
+        f.write(json.dumps(_collection_properties(slide)))
+        f.write("}\n")
 
 
 def _write_csv(slides: list[SlideReadout], path: Path) -> None:
@@ -82,8 +102,11 @@ def geojson(slide: SlideReadout) -> dict[str, object]:
     features = [tile_feature(t.x0, t.y0, t.extent0, (slide.width0, slide.height0),
                              tile_properties(t.readout)) for t in slide.tiles]
     return {"type": "FeatureCollection", "features": features,
-            "properties": {"slide": slide.name, "marker": slide.marker,
-                           "coordinates": "level-0 pixels"}}
+            "properties": _collection_properties(slide)}
+
+
+def _collection_properties(slide: SlideReadout) -> dict[str, object]:
+    return {"slide": slide.name, "marker": slide.marker, "coordinates": "level-0 pixels"}
 
 
 def tile_feature(x0: float, y0: float, extent0: float, size0: tuple[float, float],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from stainctl.readout.measure import TileReadout
@@ -18,7 +18,9 @@ class TileRecord:
     readout: TileReadout
 
     def to_json(self) -> dict[str, object]:
-        return {"x0": self.x0, "y0": self.y0, "extent0": self.extent0, **asdict(self.readout)}
+        # vars, not asdict: the same keys and values (numbers, no nesting) without asdict's
+        # recursive copy, for every tile's log line.
+        return {"x0": self.x0, "y0": self.y0, "extent0": self.extent0, **vars(self.readout)}
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> TileRecord:

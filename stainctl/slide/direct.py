@@ -17,13 +17,14 @@ tile once. `STAINCTL_DIRECT_READ=0` turns the whole path off (benchmarks, troubl
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,29 @@ class _TileCache:
             for key in [k for k in self._items if k[0] == owner]:
                 self._bytes -= self._items.pop(key).nbytes
 
+    def limit(self, budget: int) -> int:
+        """Set the byte budget (least recently used tiles dropped down to it); the old one."""
+        with self._lock:
+            old, self.budget = self.budget, max(0, budget)
+            while self._bytes > self.budget:
+                _, tile = self._items.popitem(last=False)
+                self._bytes -= tile.nbytes
+            return old
+
 
 _CACHE = _TileCache(CACHE_BYTES)
+
+
+@contextlib.contextmanager
+def cache_budget(nbytes: int) -> Iterator[None]:
+    """Within: the shared tile cache holds at most `nbytes` of decoded tiles. For a caller
+    that reads in an order whose reuse fits in less than CACHE_BYTES (readout's strips), so
+    memory does not grow with the slide up to the full budget."""
+    old = _CACHE.limit(nbytes)
+    try:
+        yield
+    finally:
+        _CACHE.limit(old)
 _READER_IDS = itertools.count()
 _POOL: ThreadPoolExecutor | None = None
 _POOL_LOCK = threading.Lock()
@@ -137,6 +159,13 @@ class DirectReader:
         self.levels = levels
         self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._id = next(_READER_IDS)  # never reused, unlike id(): cache keys stay unique
+        # Large regions are decoded on this executor, else on the shared pool. Readout sets
+        # its tile threads for its thumbnail: memory a thread frees stays in its malloc arena
+        # (glibc's malloc_trim does not give back the top of a thread's arena), so tiles
+        # decoded on the shared pool left ~a thumbnail's worth there that no read reused.
+        # Never an executor whose own threads read through this reader: they would wait on
+        # themselves.
+        self.executor: Executor | None = None
 
     def serves(self, level: int) -> bool:
         return self._fd is not None and level in self.levels
@@ -178,7 +207,7 @@ class DirectReader:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
 
         if len(spots) >= PARALLEL_TILES:
-            list(_pool().map(paste, spots))
+            list((self.executor or _pool()).map(paste, spots))
         else:
             for spot in spots:
                 paste(spot)
@@ -208,6 +237,11 @@ class DirectReader:
             tile.setflags(write=False)  # shared through the cache
             _CACHE.put(key, tile)
         return tile
+
+    def forget(self) -> None:
+        """Drop this slide's decoded tiles from the shared cache (a caller done with a view,
+        such as the thumbnail, whose tiles no later read needs)."""
+        _CACHE.drop(self._id)
 
     def close(self) -> None:
         if self._fd is not None:

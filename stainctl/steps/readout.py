@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from stainctl import heap
 from stainctl.errors import SlideError
 from stainctl.readout.measure import ReadoutParams, sum_readouts
 from stainctl.readout.records import SlideReadout, TileRecord, slide_row
@@ -37,11 +38,19 @@ from stainctl.steps.report import (
 )
 
 if TYPE_CHECKING:
+    from concurrent.futures import Executor, ThreadPoolExecutor
+
+    from stainctl.slide.grid import Grid
     from stainctl.slide.reader import Slide
 
 log = logging.getLogger(__name__)
 
 MARGIN_UM = 16.0  # more than a nucleus is wide: one cut by the tile edge is seen whole
+# Tiles are read in vertical strips of this many grid columns, each top to bottom: the stored
+# tiles that neighbouring reads share (a tile's margin, a stored tile under two grid tiles)
+# are then all decoded recently, so the decoded-tile cache needs a strip's width of them, not
+# a whole row of the slide's (which grows with the slide).
+STRIP_COLUMNS = 8
 # H&E has eosin and no DAB; a slide whose tissue carries more eosin than DAB is not DAB IHC.
 NO_DAB_WARNING = ("no DAB staining found: the slide looks like H&E (eosin, no DAB); readout "
                   "measures DAB IHC slides (real or virtual), so its numbers mean nothing here")
@@ -180,95 +189,195 @@ def _summary(slide: SlideReadout) -> str:
 
 def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
                     progress: Progress) -> SlideReadout:
-    from stainctl.readout.background import glass_white
-    from stainctl.readout.measure import measure_tile
-    from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
+    from concurrent.futures import ThreadPoolExecutor
+
     from stainctl.slide.reader import open_slide
-    from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
-    from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
 
     slide = open_slide(item.path, item.mpp)
     try:
-        mpp = slide.require_mpp()
-        w0, h0 = slide.dimensions
-        t_mpp = thumbnail_mpp(mpp, w0, h0)
-        thumb = read_thumbnail(slide, t_mpp)
-        check_brightfield(thumb, item.path, False,
-                          hint="readout measures brightfield DAB IHC slides")
-        mask = tissue_mask(thumb, t_mpp, TissueParams())
-        white = glass_white(thumb)
-        grid = make_grid(w0, h0, mpp, GridParams(target_mpp=options.target_mpp,
-                                                 tile_size=options.tile_size, min_tissue=0.0),
-                         slide.level_downsamples)
-        fractions = tissue_fractions(mask, w0, h0, grid)
-        xs, ys = grid.origins()
-        chosen = np.flatnonzero(fractions >= max(options.min_tissue, 1e-9))
-        store = _TileLog(options.out / ".readout" / f"{item.name}.tiles.jsonl",
-                         params_hash({**options.as_dict(), "white": list(white)}))
-        records = store.load()
-        todo = [i for i in chosen if (int(xs[i]), int(ys[i])) not in records]
-        progress.start(f"readout {item.name}", len(chosen))
-        progress.advance(len(chosen) - len(todo))
-        scale = grid.extent0 / options.tile_size  # level-0 px per tile px
-        margin = max(1, round(MARGIN_UM / grid.mpp))
-        level = slide.best_level(scale)
-        ds = slide.level_downsamples[level]
-        def measure(i: int) -> TileRecord:
-            x0, y0 = int(xs[i]), int(ys[i])
-            rgb, valid = _read_tile(slide, x0, y0, grid.extent0, options.tile_size, margin,
-                                    level, ds, w0, h0)
-            readout = measure_tile(rgb, grid.mpp, options.params, options.nuclear,
-                                   white=white, valid=valid,
-                                   tissue=_tile_mask(mask, x0, y0, grid.extent0, margin,
-                                                     rgb.shape[0], w0, h0))
-            return TileRecord(x0=x0, y0=y0, extent0=float(grid.extent0), readout=readout)
-
-        # Tiles are read and measured on `workers` threads (the readers, OpenCV and
-        # scikit-image's flood release the GIL for most of it), kept fed up to `2 * batch`
-        # tiles ahead of the one awaited: a map per batch made every thread wait for the
-        # batch's slowest tile (~6 % of a slide's time with nuclei). Only this thread writes
-        # the log, a batch at a time, so a signal stops the slide between batches with all
-        # before saved (tiles in flight are measured again by the rerun).
-        from collections import deque
-        from concurrent.futures import Future, ThreadPoolExecutor
-
-        from stainctl import interrupt
-
-        batch = max(1, 4 * options.workers)
+        # The tile threads, made first: they decode the thumbnail too (`_read_thumbnail`).
         pool = ThreadPoolExecutor(options.workers)
-        queue: deque[Future[TileRecord]] = deque()
-        measured: list[TileRecord] = []
         try:
-            with store.appending() as append:
-
-                def take(future: Future[TileRecord]) -> None:
-                    rec = future.result()
-                    measured.append(rec)
-                    records[(rec.x0, rec.y0)] = rec
-                    progress.advance(1)
-                    if len(measured) >= batch:
-                        append(measured)
-                        measured.clear()
-                        interrupt.check()
-
-                try:
-                    for i in todo:
-                        queue.append(pool.submit(measure, int(i)))
-                        if len(queue) >= 2 * batch:
-                            take(queue.popleft())
-                    while queue:
-                        take(queue.popleft())
-                finally:  # a tile that fails keeps the tiles before it
-                    append(measured)
-        finally:
+            with opencv_on_calling_thread():
+                return _read_out_open(slide, item, options, progress, pool)
+        finally:  # tiles still being read finish before the slide is closed
             pool.shutdown(cancel_futures=True)
-        tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
-        total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
-        return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
-                            width0=w0, height0=h0, tiles=tiles, total=total,
-                            warning=_stain_warning(thumb, mask, white))
     finally:
         slide.close()
+
+
+def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
+                   progress: Progress, pool: ThreadPoolExecutor) -> SlideReadout:
+    from stainctl.readout.background import glass_white
+    from stainctl.readout.measure import measure_tile
+    from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
+    from stainctl.slide.thumbnail import thumbnail_mpp
+    from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
+
+    mpp = slide.require_mpp()
+    w0, h0 = slide.dimensions
+    t_mpp = thumbnail_mpp(mpp, w0, h0)
+    thumb = _read_thumbnail(slide, t_mpp, pool)
+    check_brightfield(thumb, item.path, False,
+                      hint="readout measures brightfield DAB IHC slides")
+    mask = tissue_mask(thumb, t_mpp, TissueParams())
+    white = glass_white(thumb)
+    # Now, not after the tiles: its temporaries (float densities of the thumbnail's
+    # tissue) are then freed before the tiles are read, not added to their peak.
+    warning = _stain_warning(thumb, mask, white)
+    grid = make_grid(w0, h0, mpp, GridParams(target_mpp=options.target_mpp,
+                                             tile_size=options.tile_size, min_tissue=0.0),
+                     slide.level_downsamples)
+    fractions = tissue_fractions(mask, w0, h0, grid)
+    xs, ys = grid.origins()
+    chosen = np.flatnonzero(fractions >= max(options.min_tissue, 1e-9))
+    store = _TileLog(options.out / ".readout" / f"{item.name}.tiles.jsonl",
+                     params_hash({**options.as_dict(), "white": list(white)}))
+    records = store.load()
+    todo = [i for i in chosen if (int(xs[i]), int(ys[i])) not in records]
+    progress.start(f"readout {item.name}", len(chosen))
+    progress.advance(len(chosen) - len(todo))
+    scale = grid.extent0 / options.tile_size  # level-0 px per tile px
+    margin = max(1, round(MARGIN_UM / grid.mpp))
+    level = slide.best_level(scale)
+    ds = slide.level_downsamples[level]
+    order = strip_order([int(i) for i in todo], grid.cols)
+
+    def measure(i: int) -> TileRecord:
+        x0, y0 = int(xs[i]), int(ys[i])
+        rgb, valid = _read_tile(slide, x0, y0, grid.extent0, options.tile_size, margin,
+                                level, ds, w0, h0)
+        # A tile within the tissue (most of a slide's) has the tissue mask all ones: the
+        # valid pixels are its tissue, without warping the mask (~0.3 ms a tile).
+        inside = _all_tissue(mask, x0, y0, grid.extent0, margin, rgb.shape[0], w0, h0)
+        readout = measure_tile(rgb, grid.mpp, options.params, options.nuclear,
+                               white=white, valid=valid,
+                               tissue=valid if inside else _tile_mask(
+                                   mask, x0, y0, grid.extent0, margin, rgb.shape[0], w0, h0))
+        return TileRecord(x0=x0, y0=y0, extent0=float(grid.extent0), readout=readout)
+
+    # Tiles are read and measured on `workers` threads (the readers, OpenCV and
+    # scikit-image's flood release the GIL for most of it), kept fed up to `2 * batch`
+    # tiles ahead of the one awaited: a map per batch made every thread wait for the
+    # batch's slowest tile (~6 % of a slide's time with nuclei). Only this thread writes
+    # the log, a batch at a time, so a signal stops the slide between batches with all
+    # before saved (tiles in flight are measured again by the rerun).
+    from collections import deque
+    from concurrent.futures import Future
+
+    from stainctl import interrupt
+
+    batch = max(1, 4 * options.workers)
+    queue: deque[Future[TileRecord]] = deque()
+    measured: list[TileRecord] = []
+    try:
+        with store.appending() as append, strip_cache(slide, level, grid,
+                                                      options.tile_size, margin):
+
+            def take(future: Future[TileRecord]) -> None:
+                rec = future.result()
+                measured.append(rec)
+                records[(rec.x0, rec.y0)] = rec
+                progress.advance(1)
+                if len(measured) >= batch:
+                    append(measured)
+                    measured.clear()
+                    interrupt.check()
+
+            try:
+                for i in order:
+                    queue.append(pool.submit(measure, int(i)))
+                    if len(queue) >= 2 * batch:
+                        take(queue.popleft())
+                while queue:
+                    take(queue.popleft())
+            finally:  # a tile that fails keeps the tiles before it
+                append(measured)
+    finally:
+        for future in queue:  # a failed tile: the tiles not begun are not read
+            future.cancel()
+    tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
+    total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
+    return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
+                        width0=w0, height0=h0, tiles=tiles, total=total,
+                        warning=warning)
+
+
+def strip_order(indices: list[int], cols: int,
+                strip: int = STRIP_COLUMNS) -> NDArray[np.int64]:
+    """Row-major grid `indices` (of a grid `cols` wide) in reading order: strips of `strip`
+    columns, left to right; in each strip its rows top to bottom, each row left to right."""
+    idx = np.asarray(indices, dtype=np.int64)
+    row, col = np.divmod(idx, cols)
+    return idx[np.lexsort((col, row, col // strip))]
+
+
+@contextlib.contextmanager
+def opencv_on_calling_thread() -> Iterator[None]:
+    """Within: OpenCV runs on the thread that calls it. Readout spreads its tiles over its own
+    threads already (its pool made no measured difference in time), and memory a pool thread
+    frees stays in that thread's malloc arena (glibc's malloc_trim does not give back the top
+    of a thread's arena), where readout's own threads never reuse it."""
+    import cv2
+
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(1)
+    try:
+        yield
+    finally:
+        cv2.setNumThreads(threads)
+
+
+def _read_thumbnail(slide: Slide, mpp: float, pool: Executor) -> NDArray[np.uint8]:
+    """The thumbnail, its stored tiles decoded on `pool` (readout's tile threads, idle yet)
+    rather than the direct reader's shared pool, for the arena reason above: the shared pool
+    kept ~13 MB more after a 32,000^2 slide's thumbnail than after an 8,000^2 one's
+    (bench/RESULTS.md, rperf4), where the tile threads reuse it. Only for this read: a tile
+    read on those threads that handed work to them would wait on itself."""
+    from stainctl.slide.thumbnail import read_thumbnail
+
+    direct = slide.direct
+    if direct is None:
+        return read_thumbnail(slide, mpp)
+    direct.executor = pool
+    try:
+        return read_thumbnail(slide, mpp)
+    finally:
+        direct.executor = None
+
+
+@contextlib.contextmanager
+def strip_cache(slide: Slide, level: int, grid: Grid, size: int, margin: int,
+                strip: int = STRIP_COLUMNS) -> Iterator[None]:
+    """Within: the shared decoded-tile cache holds what reads in strips of `strip` grid columns
+    reuse (`strip_cache_bytes`), not its full budget, and starts without `slide`'s tiles (the
+    thumbnail's, which no tile read needs), their memory given back: what readout holds then
+    does not depend on the slide's size."""
+    from stainctl.slide.direct import cache_budget
+
+    budget = strip_cache_bytes(slide, level, grid, size, margin, strip)
+    if slide.direct is not None:
+        slide.direct.forget()
+    heap.trim(0.0)
+    with cache_budget(budget) if budget is not None else contextlib.nullcontext():
+        yield
+
+
+def strip_cache_bytes(slide: Slide, level: int, grid: Grid, size: int, margin: int,
+                      strip: int = STRIP_COLUMNS) -> int | None:
+    """Bytes of the decoded stored tiles that reads of a strip reuse: the stored columns under
+    a row of `strip` tiles with their margins, times the stored rows under one tile and the
+    next row's. None when the level is not read from its stored tiles (the library caches)."""
+    direct = slide.direct
+    if direct is None or not direct.serves(level):
+        return None
+    stored = direct.levels[level]
+    ds = slide.level_downsamples[level]
+    side = (size + 2 * margin) * grid.extent0 / size / ds  # a read, in level pixels
+    width = (strip - 1) * grid.stride0 / ds + side
+    cols = math.ceil(width / stored.tile_width) + 1
+    rows = math.ceil(side / stored.tile_height) + 2
+    return cols * rows * stored.tile_width * stored.tile_height * 3
 
 
 def _read_tile(slide: Slide, x0: int, y0: int, extent0: float, size: int, margin: int,
@@ -301,16 +410,36 @@ def _tile_mask(mask: NDArray[np.bool_], x0: int, y0: int, extent0: float, margin
     """The slide's tissue mask (thumbnail) over a tile read with `margin`, at tile pixels."""
     import cv2
 
-    mh, mw = mask.shape
+    m = _tile_to_thumbnail(mask.shape, x0, y0, extent0, margin, full, w0, h0)
+    # Bool viewed as 0/1 bytes both ways: converting the whole thumbnail mask per tile cost
+    # more than the warp itself.
+    out = cv2.warpAffine(np.ascontiguousarray(mask).view(np.uint8), m, (full, full),
+                         flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
+                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    return out.view(bool)
+
+
+def _tile_to_thumbnail(shape: tuple[int, ...], x0: int, y0: int, extent0: float, margin: int,
+                       full: int, w0: int, h0: int) -> NDArray[np.float64]:
+    """(2, 3) affine map from the pixels of a tile read with `margin` to the thumbnail's."""
+    mh, mw = shape[:2]
     sx, sy = mw / w0, mh / h0
     scale = extent0 / (full - 2 * margin)
     lx0, ly0 = x0 - margin * scale, y0 - margin * scale
-    # An affine map from tile pixels to thumbnail pixels, sampled nearest-neighbour.
-    m = np.array([[scale * sx, 0, lx0 * sx], [0, scale * sy, ly0 * sy]], dtype=np.float64)
-    out = cv2.warpAffine(mask.astype(np.uint8), m, (full, full),
-                         flags=cv2.INTER_NEAREST | cv2.WARP_INVERSE_MAP,
-                         borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    return out.astype(bool)
+    return np.array([[scale * sx, 0, lx0 * sx], [0, scale * sy, ly0 * sy]], dtype=np.float64)
+
+
+def _all_tissue(mask: NDArray[np.bool_], x0: int, y0: int, extent0: float, margin: int,
+                full: int, w0: int, h0: int) -> bool:
+    """Whether `_tile_mask` is all ones: every thumbnail pixel its nearest-neighbour warp can
+    sample (those within a pixel of the tile's footprint, all inside the mask) is tissue."""
+    m = _tile_to_thumbnail(mask.shape, x0, y0, extent0, margin, full, w0, h0)
+    c0, r0 = math.floor(m[0, 2]) - 1, math.floor(m[1, 2]) - 1
+    c1 = math.ceil(m[0, 0] * (full - 1) + m[0, 2]) + 2
+    r1 = math.ceil(m[1, 1] * (full - 1) + m[1, 2]) + 2
+    if c0 < 0 or r0 < 0 or c1 > mask.shape[1] or r1 > mask.shape[0]:
+        return False  # samples outside the mask read as background
+    return bool(mask[r0:r1, c0:c1].all())
 
 
 def _stain_warning(thumb: NDArray[np.uint8], mask: NDArray[np.bool_],
