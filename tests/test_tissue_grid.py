@@ -100,3 +100,30 @@ def test_tissue_fractions_of_a_shifted_grid_are_those_of_its_own_footprints(cmu1
         y0, y1 = round(y * sy), round((y + grid.extent0) * sy)
         assert f == pytest.approx(mask[y0:y1, x0:x1].sum() / ((x1 - x0) * (y1 - y0)))
     assert not np.allclose(moved, tissue_fractions(mask, w0, h0, grid))  # it did move
+
+
+def test_histogram_quantiles_equal_numpys_to_the_bit(monkeypatch, cmu1_path):
+    """The overview stage's quantiles from histograms (no float64 copy of the thumbnail) are
+    numpy's, bit for bit: on random integers with ties at every kind of quantile, and on a real
+    thumbnail, counted in chunks smaller than it."""
+    import stainctl.slide.quantile as qm
+    from stainctl.readout.background import BRIGHTEST
+
+    rng = np.random.default_rng(0)
+    for trial in range(3000):
+        n, top = int(rng.integers(1, 2000)), int(rng.choice([2, 17, 256, 766]))
+        x = rng.integers(0, top, n)
+        if trial % 2:
+            x = np.minimum(x, rng.integers(0, top))  # many ties
+        q = float(rng.choice([0.0, 1.0, 0.5, 0.9, 0.95, 1.0 - BRIGHTEST, rng.random()]))
+        assert qm.quantile_of_counts(qm.counts(x, top), q) == np.quantile(x, q), (n, top, q)
+    thumb, _ = _mask(cmu1_path)
+    monkeypatch.setattr(qm, "CHUNK", 1000)  # several chunks
+    grey = cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY)
+    for p in (90, 95, 2.5):
+        assert qm.percentile_u8(grey, p) == np.percentile(grey, p)
+    rgb = thumb.reshape(-1, 3).astype(np.int32)
+    total = rgb.sum(axis=1)
+    for q in (0.9, 1.0 - BRIGHTEST):
+        want = np.median(rgb[total >= np.quantile(total, q)], axis=0)
+        np.testing.assert_array_equal(qm.brightest_median(thumb, q), want)

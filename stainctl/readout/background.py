@@ -18,13 +18,11 @@ MIN_GLASS = 180  # below this the brightest pixels are tissue, not glass: keep 2
 def glass_white(rgb: np.ndarray) -> tuple[int, int, int]:
     """Per-channel median of the brightest 2 % of a uint8 RGB(A) image's pixels; (255, 255, 255)
     when those are too dark to be glass (a crop of solid tissue)."""
-    pixels = rgb[..., :3].reshape(-1, 3)
-    if len(pixels) == 0:
+    from stainctl.slide.quantile import brightest_median
+
+    if rgb[..., :3].size == 0:
         return WHITE
-    brightness = pixels.astype(np.int32).sum(axis=1)
-    cut = np.quantile(brightness, 1.0 - BRIGHTEST)
-    bright = pixels[brightness >= cut]
-    white = np.median(bright, axis=0)
+    white = brightest_median(rgb, 1.0 - BRIGHTEST)
     if white.min() < MIN_GLASS:
         return WHITE
     return (int(white[0]), int(white[1]), int(white[2]))

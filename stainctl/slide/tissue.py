@@ -38,8 +38,9 @@ class TissueParams:
 def background_brightness(thumb: np.ndarray) -> float:
     import cv2
 
-    grey = cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY)
-    return float(np.percentile(grey, 90))
+    from stainctl.slide.quantile import percentile_u8
+
+    return percentile_u8(cv2.cvtColor(thumb, cv2.COLOR_RGB2GRAY), 90)
 
 
 DARK_HINT = "pass --allow-dark to process it anyway"
@@ -53,9 +54,9 @@ TINT_LIMIT = 60
 def background_colour(thumb: np.ndarray) -> np.ndarray:
     """Median RGB of the brightest 10 % of the thumbnail (by R + G + B): the glass of a
     brightfield slide."""
-    rgb = thumb.reshape(-1, 3).astype(np.int32)
-    total = rgb.sum(axis=1)
-    return np.median(rgb[total >= np.percentile(total, 90)], axis=0)
+    from stainctl.slide.quantile import brightest_median
+
+    return brightest_median(thumb, 90 / 100)
 
 
 def colour_warning(thumb: np.ndarray) -> str | None:
@@ -102,7 +103,9 @@ def tissue_mask(thumb: np.ndarray, mpp: float, params: TissueParams,
         mask = grey > max(thr, 10)
     else:
         sat = cv2.medianBlur(cv2.cvtColor(thumb, cv2.COLOR_RGB2HSV)[..., 1], 3)
-        glass = float(np.percentile(grey, 95))
+        from stainctl.slide.quantile import percentile_u8
+
+        glass = percentile_u8(grey, 95)
         mask = (sat > params.saturation) | (grey < glass - params.below_glass)
     m = mask.astype(np.uint8)
     m = cv2.morphologyEx(m, cv2.MORPH_CLOSE, _disk(params.close_um / mpp))
