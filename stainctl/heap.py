@@ -49,4 +49,22 @@ def trim(every: float = EVERY) -> bool:
     return True
 
 
+def single_arena() -> bool:
+    """From now on, threads that allocate share glibc's main arena instead of getting arenas of
+    their own (mallopt M_ARENA_MAX = 1); True where that was set. A thread arena keeps the
+    freed tile-sized blocks of its thread, fragmented by the small long-lived objects made
+    between them, so a readout's peak RSS crept up by ~10 kB a tile (146 -> 178 MB over
+    3,249 tiles); with one arena it stayed at 152-153 MB, in the same time (bench/RESULTS.md,
+    readout, lead, 2026-11-30). Arenas made before the call stay."""
+    if not _GLIBC:
+        return False
+    import ctypes
+
+    M_ARENA_MAX = -8  # glibc's malloc.h
+    try:
+        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1))
+    except (OSError, AttributeError):
+        return False
+
+
 _GLIBC = glibc()

@@ -196,6 +196,8 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
     slide = open_slide(item.path, item.mpp)
     try:
         # The tile threads, made first: they decode the thumbnail too (`_read_thumbnail`).
+        # They allocate from the main arena, so the peak does not creep with the tile count.
+        heap.single_arena()
         pool = ThreadPoolExecutor(options.workers)
         try:
             with opencv_on_calling_thread():
@@ -447,11 +449,18 @@ def _stain_warning(thumb: NDArray[np.uint8], mask: NDArray[np.bool_],
     """NO_DAB_WARNING when the tissue carries more eosin than DAB (an H&E slide)."""
     from stainctl.stain.deconvolution import DAB, stain_density
 
-    tissue = thumb[mask] if mask.any() else thumb.reshape(-1, 3)
-    if tissue.size == 0:
+    if thumb.size == 0:
         return None
-    eosin = float(stain_density(tissue[None], 1, white).mean())  # column 1 of H-E-DAB
-    dab = float(stain_density(tissue[None], DAB, white).mean())
+    anywhere = not mask.any()  # no tissue found: the whole thumbnail
+    # Summed over bands of rows: the densities of a whole thumbnail's tissue at once were the
+    # overview stage's largest temporaries (~25 bytes a pixel), growing with the slide.
+    rows = max(1, (1 << 20) // max(1, thumb.shape[1]))
+    eosin = dab = 0.0
+    for top in range(0, thumb.shape[0], rows):
+        band = thumb[top:top + rows, :, :3]
+        tissue = band.reshape(1, -1, 3) if anywhere else band[mask[top:top + rows]][None]
+        eosin += float(stain_density(tissue, 1, white).sum(dtype=np.float64))  # H-E-DAB col 1
+        dab += float(stain_density(tissue, DAB, white).sum(dtype=np.float64))
     return NO_DAB_WARNING if eosin > dab else None
 
 
