@@ -12,6 +12,29 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
+RESULTS = ROOT / "bench" / "RESULTS.md"
+
+
+def add_to_results(section: str, text: str, path: Path = RESULTS) -> None:
+    """Put `text` (a `###` subsection) at the end of the section of `path` whose `## ` heading
+    starts with `section`, or under a new such heading at the end: a rerun of a script lands
+    beside its earlier runs, not after whichever section happens to be last."""
+    doc = path.read_text(encoding="utf-8") if path.exists() else ""
+    lines = doc.rstrip("\n").split("\n") if doc else []
+    body = text.strip("\n")
+    start = next((i for i, line in enumerate(lines) if line.startswith(f"## {section}")), None)
+    if start is None:
+        lines += ["", f"## {section}", "", body]
+    else:
+        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")),
+                   len(lines))
+        last = end
+        while last > start + 1 and not lines[last - 1].strip():
+            last -= 1
+        lines = [*lines[:last], "", body, "", *lines[end:]]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def mosaic_block() -> np.ndarray:

@@ -588,8 +588,10 @@ def main() -> None:
     text = report(b, failures)
     print("\n" + text, flush=True)
     if args.results:
-        with open(args.results, "a", encoding="utf-8") as fh:
-            fh.write("\n" + text)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _common import add_to_results
+
+        add_to_results("GPU figures (issue 21, item 3)", text, Path(args.results))
     print(json.dumps({"rows": len(b.rows), "failures": list(failures)}))
 
 

@@ -21,6 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from _common import add_to_results
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 OS1 = DATA / "tiles" / "he" / "OS-1-detail_HE.ome.tif"
@@ -111,8 +113,7 @@ def stainfuser_tiles(device: str, dtype: str, steps: int, batch: int) -> float:
 
 
 def record(lines: list[str]) -> None:
-    with open(ROOT / "bench" / "RESULTS.md", "a") as f:
-        f.write("\n" + "\n".join(lines) + "\n")
+    add_to_results("normalize (issue 19)", "\n".join(lines))
     print("\n".join(lines))
 
 

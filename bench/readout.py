@@ -12,7 +12,7 @@ in the page cache, in interleaved rounds (medians reported):
     reading conditions, on as many threads, nothing measured, in this process (the target's
     reference); and the same in a process of its own, start-up included, for reference.
 Target (issue 20): readout's tiles/s within 2x of the floor's; peak RSS flat with slide area.
-Appends a section to bench/RESULTS.md.
+Adds a subsection to the readout section of bench/RESULTS.md.
 
     python bench/readout.py [--small 8000] [--large 32000] [--workers 2] [--rounds 2]
 """
@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import ROOT, run_cli
+from _common import ROOT, add_to_results, run_cli
 
 IHC = ROOT.parent / "shared" / "data" / "tiles" / "ihc" / "OS-2-ndpi_Ki67.ome.tif"
 MPP = 0.2271
@@ -179,7 +179,7 @@ def _record(res: dict[str, object], args: argparse.Namespace) -> None:
     cmd = (f"python bench/readout.py --small {args.small} --large {args.large} "
            f"--workers {args.workers} --rounds {args.rounds}")
     text = f"""
-## readout with nuclei (issue 20): `{cmd}`
+### readout with nuclei (issue 20): `{cmd}`
 
 Slide: {res["large"]}, the OS-2 Ki67 crop (Hamamatsu) mosaicked with flips, JPEG Q90, 512-px
 tiles; readout at 0.5 µm/px, 512-px tiles with a 16 µm margin; {res["workers"]} threads,
@@ -199,8 +199,7 @@ whole-process floor's; without nuclei {res["ratio_area_to_floor"]}x.
 Peak RSS of the readout process: {res["peak_rss_mb_small"]} MB on the {args.small}^2 slide
 ({res["tiles_small"]} tiles), {res["peak_rss_mb_large"]} MB on the {args.large}^2 one.
 """
-    with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-        f.write(text)
+    add_to_results("readout with nuclei (issue 20)", text)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from _common import build_slide  # noqa: E402
+from _common import add_to_results, build_slide  # noqa: E402
 
 RESULTS = ROOT / "bench" / "RESULTS.md"
 MARKER = "demo-ki67"
@@ -361,10 +361,9 @@ def gpu_part(args: argparse.Namespace, slide: Path, width: int, height: int) -> 
 
 
 def record(title: str, command: str, figures: dict[str, Any], lines: list[str]) -> None:
-    text = [f"\n## {title}\n", f"    {command}\n", *(f"- {line}" for line in lines),
-            f"\n```json\n{json.dumps(figures, indent=2)}\n```\n"]
-    with RESULTS.open("a") as f:
-        f.write("\n".join(text))
+    text = [f"### {title}\n", f"    {command}\n", *(f"- {line}" for line in lines),
+            f"\n```json\n{json.dumps(figures, indent=2)}\n```"]
+    add_to_results("translate on a Dask cluster (issue 17)", "\n".join(text), RESULTS)
 
 
 def main() -> None:

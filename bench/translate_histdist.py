@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import add_to_results
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -241,8 +242,7 @@ def record(result: dict[str, Any], command: str) -> None:
                      f"{p['tiles_per_s_structure_0.5']:.2f} |")
         lines.append(f"| --structure 0.99 | {p['structure_0.99_s']:.2f} | "
                      f"{p['batch'] / p['structure_0.99_s']:.2f} |")
-    with open(ROOT / "bench" / "RESULTS.md", "a", encoding="utf-8") as fh:
-        fh.write("\n".join(lines) + "\n")
+    add_to_results("translate with the histdist engine (issue 18)", "\n".join(lines))
 
 
 def main() -> None:
