@@ -107,6 +107,29 @@ def process_floor(slide_path: Path, out: Path, name: str, workers: int) -> float
     return time.perf_counter() - t0
 
 
+def bench_slide(work: Path, side: int) -> Path:
+    """The bench's slide of `side`^2 px in `work`, built when missing."""
+    path = work / f"ihc_mosaic_{side}.tif"
+    if not path.exists():
+        t0 = time.perf_counter()
+        build_ihc_slide(path, side)
+        print(f"built {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
+    return path
+
+
+def rss_sweep(sides: list[int], work: Path, workers: int) -> None:
+    """Peak RSS of readout with nuclei against the slide's area, two runs a size."""
+    for side in sides:
+        path, out = bench_slide(work, side), work / f"rss_{side}"
+        for run in range(2):
+            shutil.rmtree(out, ignore_errors=True)
+            t, rss = run_cli(["readout", str(path), "--marker", "ki67", "-o", str(out),
+                              "--workers", str(workers)])
+            doc = json.loads((out / f"{path.stem}.geojson").read_text())
+            print(f"{side}^2, run {run + 1}: {len(doc['features'])} tiles, {t:.1f} s, "
+                  f"peak RSS {rss:.0f} MB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", type=int, default=8_000)
@@ -115,6 +138,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    ap.add_argument("--rss-sweep", metavar="SIDES",
+                    help="instead: peak RSS and time of readout (Ki67) on slides of these sides, "
+                         "e.g. 8000,16000,32000,64000, two runs each (nothing recorded)")
     ap.add_argument("--floor-of", nargs=4, metavar=("SLIDE", "OUT", "NAME", "WORKERS"),
                     help=argparse.SUPPRESS)  # process_floor's child
     args = ap.parse_args()
@@ -123,14 +149,10 @@ def main() -> None:
         read_floor(Path(slide), Path(out), name, int(workers))
         return
     args.work.mkdir(parents=True, exist_ok=True)
-    slides = {}
-    for side in (args.small, args.large):
-        path = args.work / f"ihc_mosaic_{side}.tif"
-        if not path.exists():
-            t0 = time.perf_counter()
-            build_ihc_slide(path, side)
-            print(f"built {path.name} in {time.perf_counter() - t0:.1f}s", flush=True)
-        slides[side] = path
+    if args.rss_sweep:
+        rss_sweep([int(v) for v in args.rss_sweep.split(",")], args.work, args.workers)
+        return
+    slides = {side: bench_slide(args.work, side) for side in (args.small, args.large)}
     rows: dict[str, list[float]] = {}
     tiles: dict[int, int] = {}
     for r in range(args.rounds):
