@@ -144,7 +144,7 @@ def measure_tile(rgb: np.ndarray, mpp: float, params: ReadoutParams | None = Non
         mask = cv2.compare(cv2.add(haematoxylin, dab), params.tissue_od, cv2.CMP_GT)
     else:
         mask = np.ascontiguousarray(tissue, dtype=bool).view(np.uint8)
-    if valid is not None and tissue is not valid:  # (the slide loop's tile within tissue)
+    if valid is not None:
         mask = cv2.bitwise_and(mask, np.ascontiguousarray(valid, dtype=bool).view(np.uint8))
     px = mpp * mpp
 

@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -47,14 +47,12 @@ def write_geojson(path: Path, slide: SlideReadout) -> None:
     through its pure-Python one)."""
     from stainctl.workspace.atomic import atomic_path
 
-    size0 = (slide.width0, slide.height0)
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [')
         sep = "\n"
-        for t in slide.tiles:
+        for feature in _features(slide):
             f.write(sep)
-            f.write(json.dumps(tile_feature(t.x0, t.y0, t.extent0, size0,
-                                            tile_properties(t.readout))))
+            f.write(json.dumps(feature))
             sep = ",\n"
         f.write("\n], \"properties\": ")
         f.write(json.dumps(_collection_properties(slide)))
@@ -99,10 +97,15 @@ def tile_properties(r: TileReadout) -> dict[str, object]:
 
 
 def geojson(slide: SlideReadout) -> dict[str, object]:
-    features = [tile_feature(t.x0, t.y0, t.extent0, (slide.width0, slide.height0),
-                             tile_properties(t.readout)) for t in slide.tiles]
-    return {"type": "FeatureCollection", "features": features,
+    """The slide's GeoJSON document, as `write_geojson` writes it."""
+    return {"type": "FeatureCollection", "features": list(_features(slide)),
             "properties": _collection_properties(slide)}
+
+
+def _features(slide: SlideReadout) -> Iterator[dict[str, object]]:
+    size0 = (slide.width0, slide.height0)
+    for t in slide.tiles:
+        yield tile_feature(t.x0, t.y0, t.extent0, size0, tile_properties(t.readout))
 
 
 def _collection_properties(slide: SlideReadout) -> dict[str, object]:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from stainctl.readout.measure import TileReadout
@@ -18,9 +18,11 @@ class TileRecord:
     readout: TileReadout
 
     def to_json(self) -> dict[str, object]:
-        # vars, not asdict: the same keys and values (numbers, no nesting) without asdict's
-        # recursive copy, for every tile's log line.
-        return {"x0": self.x0, "y0": self.y0, "extent0": self.extent0, **vars(self.readout)}
+        # The fields, not asdict: the same keys and values (numbers, no nesting) without
+        # asdict's recursive copy, for every tile's log line.
+        r = self.readout
+        return {"x0": self.x0, "y0": self.y0, "extent0": self.extent0,
+                **{f.name: getattr(r, f.name) for f in fields(r)}}
 
     @classmethod
     def from_json(cls, d: dict[str, object]) -> TileRecord:

@@ -24,7 +24,7 @@ import os
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,9 +105,7 @@ class _TileCache:
                 return
             self._items[key] = tile
             self._bytes += tile.nbytes
-            while self._bytes > self.budget:
-                _, old = self._items.popitem(last=False)
-                self._bytes -= old.nbytes
+            self._shrink()
 
     def drop(self, owner: int) -> None:
         with self._lock:
@@ -118,10 +116,14 @@ class _TileCache:
         """Set the byte budget (least recently used tiles dropped down to it); the old one."""
         with self._lock:
             old, self.budget = self.budget, max(0, budget)
-            while self._bytes > self.budget:
-                _, tile = self._items.popitem(last=False)
-                self._bytes -= tile.nbytes
+            self._shrink()
             return old
+
+    def _shrink(self) -> None:
+        """Drop least recently used tiles down to the budget (the lock held)."""
+        while self._bytes > self.budget:
+            _, tile = self._items.popitem(last=False)
+            self._bytes -= tile.nbytes
 
 
 _CACHE = _TileCache(CACHE_BYTES)
@@ -129,10 +131,11 @@ _CACHE = _TileCache(CACHE_BYTES)
 
 @contextlib.contextmanager
 def cache_budget(nbytes: int) -> Iterator[None]:
-    """Within: the shared tile cache holds at most `nbytes` of decoded tiles. For a caller
-    that reads in an order whose reuse fits in less than CACHE_BYTES (readout's strips), so
-    memory does not grow with the slide up to the full budget."""
-    old = _CACHE.limit(nbytes)
+    """Within: the shared tile cache holds at most `nbytes` of decoded tiles (never more than
+    its budget already was). For a caller that reads in an order whose reuse fits in less than
+    CACHE_BYTES (readout's strips), so memory does not grow with the slide up to the full
+    budget."""
+    old = _CACHE.limit(min(nbytes, _CACHE.budget))
     try:
         yield
     finally:
@@ -159,13 +162,6 @@ class DirectReader:
         self.levels = levels
         self._fd: int | None = os.open(path, os.O_RDONLY | getattr(os, "O_BINARY", 0))
         self._id = next(_READER_IDS)  # never reused, unlike id(): cache keys stay unique
-        # Large regions are decoded on this executor, else on the shared pool. Readout sets
-        # its tile threads for its thumbnail: memory a thread frees stays in its malloc arena
-        # (glibc's malloc_trim does not give back the top of a thread's arena), so tiles
-        # decoded on the shared pool left ~a thumbnail's worth there that no read reused.
-        # Never an executor whose own threads read through this reader: they would wait on
-        # themselves.
-        self.executor: Executor | None = None
 
     def serves(self, level: int) -> bool:
         return self._fd is not None and level in self.levels
@@ -207,7 +203,7 @@ class DirectReader:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
 
         if len(spots) >= PARALLEL_TILES:
-            list((self.executor or _pool()).map(paste, spots))
+            list(_pool().map(paste, spots))
         else:
             for spot in spots:
                 paste(spot)

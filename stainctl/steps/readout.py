@@ -38,7 +38,7 @@ from stainctl.steps.report import (
 )
 
 if TYPE_CHECKING:
-    from concurrent.futures import Executor, ThreadPoolExecutor
+    from concurrent.futures import ThreadPoolExecutor
 
     from stainctl.slide.grid import Grid
     from stainctl.slide.reader import Slide
@@ -104,6 +104,9 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
     inputs = unique_names(inputs)
     result = BatchResult(step="readout")
     done: list[SlideReadout] = []
+    # Threads allocate from glibc's main arena from now on: a tile thread's own arena kept
+    # freed tile buffers, fragmented, and the peak crept with the number of tiles.
+    heap.single_arena()
     for item in inputs:
         try:
             slide = _read_out_slide(item, options, progress)
@@ -195,9 +198,6 @@ def _read_out_slide(item: ReadoutInput, options: ReadoutOptions,
 
     slide = open_slide(item.path, item.mpp)
     try:
-        # The tile threads, made first: they decode the thumbnail too (`_read_thumbnail`).
-        # They allocate from the main arena, so the peak does not creep with the tile count.
-        heap.single_arena()
         pool = ThreadPoolExecutor(options.workers)
         try:
             with opencv_on_calling_thread():
@@ -213,13 +213,13 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
     from stainctl.readout.background import glass_white
     from stainctl.readout.measure import measure_tile
     from stainctl.slide.grid import GridParams, make_grid, tissue_fractions
-    from stainctl.slide.thumbnail import thumbnail_mpp
+    from stainctl.slide.thumbnail import read_thumbnail, thumbnail_mpp
     from stainctl.slide.tissue import TissueParams, check_brightfield, tissue_mask
 
     mpp = slide.require_mpp()
     w0, h0 = slide.dimensions
     t_mpp = thumbnail_mpp(mpp, w0, h0)
-    thumb = _read_thumbnail(slide, t_mpp, pool)
+    thumb = read_thumbnail(slide, t_mpp)
     check_brightfield(thumb, item.path, False,
                       hint="readout measures brightfield DAB IHC slides")
     mask = tissue_mask(thumb, t_mpp, TissueParams())
@@ -272,32 +272,28 @@ def _read_out_open(slide: Slide, item: ReadoutInput, options: ReadoutOptions,
     batch = max(1, 4 * options.workers)
     queue: deque[Future[TileRecord]] = deque()
     measured: list[TileRecord] = []
-    try:
-        with store.appending() as append, strip_cache(slide, level, grid,
-                                                      options.tile_size, margin):
+    with store.appending() as append, strip_cache(slide, level, grid,
+                                                  options.tile_size, margin):
 
-            def take(future: Future[TileRecord]) -> None:
-                rec = future.result()
-                measured.append(rec)
-                records[(rec.x0, rec.y0)] = rec
-                progress.advance(1)
-                if len(measured) >= batch:
-                    append(measured)
-                    measured.clear()
-                    interrupt.check()
-
-            try:
-                for i in order:
-                    queue.append(pool.submit(measure, int(i)))
-                    if len(queue) >= 2 * batch:
-                        take(queue.popleft())
-                while queue:
-                    take(queue.popleft())
-            finally:  # a tile that fails keeps the tiles before it
+        def take(future: Future[TileRecord]) -> None:
+            rec = future.result()
+            measured.append(rec)
+            records[(rec.x0, rec.y0)] = rec
+            progress.advance(1)
+            if len(measured) >= batch:
                 append(measured)
-    finally:
-        for future in queue:  # a failed tile: the tiles not begun are not read
-            future.cancel()
+                measured.clear()
+                interrupt.check()
+
+        try:
+            for i in order:
+                queue.append(pool.submit(measure, int(i)))
+                if len(queue) >= 2 * batch:
+                    take(queue.popleft())
+            while queue:
+                take(queue.popleft())
+        finally:  # a tile that fails keeps the tiles before it
+            append(measured)
     tiles = tuple(records[(int(xs[i]), int(ys[i]))] for i in chosen)
     total = sum_readouts([t.readout for t in tiles], nuclear=options.nuclear)
     return SlideReadout(name=item.name, path=item.path, marker=options.marker, mpp=mpp,
@@ -328,24 +324,6 @@ def opencv_on_calling_thread() -> Iterator[None]:
         yield
     finally:
         cv2.setNumThreads(threads)
-
-
-def _read_thumbnail(slide: Slide, mpp: float, pool: Executor) -> NDArray[np.uint8]:
-    """The thumbnail, its stored tiles decoded on `pool` (readout's tile threads, idle yet)
-    rather than the direct reader's shared pool, for the arena reason above: the shared pool
-    kept ~13 MB more after a 32,000^2 slide's thumbnail than after an 8,000^2 one's
-    (bench/RESULTS.md, rperf4), where the tile threads reuse it. Only for this read: a tile
-    read on those threads that handed work to them would wait on itself."""
-    from stainctl.slide.thumbnail import read_thumbnail
-
-    direct = slide.direct
-    if direct is None:
-        return read_thumbnail(slide, mpp)
-    direct.executor = pool
-    try:
-        return read_thumbnail(slide, mpp)
-    finally:
-        direct.executor = None
 
 
 @contextlib.contextmanager
