@@ -313,9 +313,8 @@ def strip_order(indices: list[int], cols: int,
 @contextlib.contextmanager
 def opencv_on_calling_thread() -> Iterator[None]:
     """Within: OpenCV runs on the thread that calls it. Readout spreads its tiles over its own
-    threads already (its pool made no measured difference in time), and memory a pool thread
-    frees stays in that thread's malloc arena (glibc's malloc_trim does not give back the top
-    of a thread's arena), where readout's own threads never reuse it."""
+    threads already; OpenCV's pool beside them made no measured difference in time, only more
+    threads holding memory."""
     import cv2
 
     threads = cv2.getNumThreads()
