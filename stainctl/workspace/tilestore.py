@@ -271,21 +271,6 @@ class TileStore:
         s = self.layout.side
         return self.read_into(col, row, np.empty((s, s, 3), np.uint8))
 
-    def read_row(self, row: int, out: NDArray[np.uint8] | None = None) -> NDArray[np.uint8]:
-        """All tiles of one grid row, (cols, side, side, 3); absent tiles read as zeros.
-
-        With `out` (a C-contiguous uint8 array of that shape), the row is decoded into it: reusing
-        one buffer saves a copy and the page faults of a fresh ~100 MB array per row."""
-        if out is None:
-            out = np.empty((self.layout.cols, *self._array.shape[2:]), np.uint8)
-        if self._direct:
-            return self._read_row_direct(row, out)
-        from zarr.core.buffer import default_buffer_prototype
-
-        target = default_buffer_prototype().nd_buffer.from_numpy_array(out)
-        self._array.get_basic_selection((row,), out=target)
-        return out
-
     def read_into(self, col: int, row: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
         """One tile decoded into `out` (C-contiguous uint8, (side, side, 3)); absent: zeros.
         Stitching holds two tiles this way instead of a whole decoded row (~1 band of canvas,
@@ -297,20 +282,12 @@ class TileStore:
 
         return self._decode_into(Blosc(), row, col, out)
 
-    def _read_row_direct(self, row: int, out: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        """Decode the row's chunk files straight into `out` with numcodecs' Blosc, the codec zarr
-        itself uses: zarr's asynchronous machinery costs ~1 ms per chunk here, three times the
-        decoding, and stitching reads every tile. Only for stores laid out as `create` makes
-        them (checked in `__init__`); a test checks it reads what zarr reads."""
-        from numcodecs import Blosc
-
-        codec = Blosc()
-        for col in range(self.layout.cols):
-            self._decode_into(codec, row, col, out[col])
-        return out
-
     def _decode_into(self, codec: Blosc, row: int, col: int,
                      out: NDArray[np.uint8]) -> NDArray[np.uint8]:
+        """Decode the tile's chunk file straight into `out` with numcodecs' Blosc, the codec
+        zarr itself uses: zarr's asynchronous machinery costs ~1 ms per chunk, three times the
+        decoding, and stitching reads every tile. Only for stores laid out as `create` makes
+        them (checked in `__init__`); a test checks it reads what zarr reads."""
         try:
             blob = chunk_file(self.path, col, row).read_bytes()
         except FileNotFoundError:
