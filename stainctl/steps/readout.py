@@ -175,10 +175,13 @@ def read_out_virtual(outcomes: list[SlideOutcome], virtual: dict[str, Path], mar
             continue
         o.details["readout"] = r.details
         index = r.details.get("index_pct")
-        text = (f"{stain} index {index:.1f}%" if isinstance(index, float)
+        text = (f"{stain} index {index:.1f}% ({r.details['positive_nuclei']}/"
+                f"{r.details['nuclei']} nuclei" if isinstance(index, float)
                 else f"DAB+ {r.details['dab_positive_area_pct']:.1f}%, H-score "
-                     f"{r.details['h_score']:.0f}")
-        o.message = f"{o.message}; readout: {text}"
+                     f"{r.details['h_score']:.0f} (")
+        # Said to be of the virtual slide, and where the table is: a number without either
+        # reads like a measurement of the glass slide.
+        o.message = f"{o.message}; readout: {text} of the virtual slide, in {out / 'readout.csv'})"
 
 
 def _summary(slide: SlideReadout) -> str:

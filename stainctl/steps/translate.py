@@ -311,9 +311,10 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         total = int(store.written().sum())
         rate = translated / seconds if translated and seconds > 0 else 0.0
         return SlideOutcome(s.key, s.path, "done",
-                            f"{translated} tile(s) translated ({total} in the store: every "
-                            "tissue tile, those the filter rejected too)"
-                            + (f", {rate:.2f} tiles/s" if translated else ""),
+                            f"{translated} tile(s) translated"
+                            + (f" at {rate:.2f} tiles/s" if translated else "")
+                            + f"; {total} in the store: every tissue tile, those the filter "
+                              "rejected too",
                             {"store": str(path), "translated_now": translated, "tiles": total,
                              "tiles_per_s": round(rate, 3)})
 
