@@ -16,7 +16,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,26 +36,32 @@ def write_outputs(slides: list[SlideReadout], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(slides, out / "readout.csv")
     for s in slides:
-        _atomic_bytes(out / f"{s.name}.heatmap.png", heatmap_png(s))
+        atomic_bytes(out / f"{s.name}.heatmap.png", heatmap_png(s))
         write_geojson(out / f"{s.name}.geojson", s)
 
 
 def write_geojson(path: Path, slide: SlideReadout) -> None:
-    """`geojson(slide)` written a feature per line as it is made: the same JSON, but neither
-    the whole document nor its text is held (they grew with the slide: +5-7 MB of peak memory
-    at 841 tiles), and each feature is encoded by json's C encoder (an indented document goes
-    through its pure-Python one)."""
+    """The slide's tiles as a GeoJSON FeatureCollection (`geojson(slide)`, streamed)."""
+    write_feature_collection(path, _features(slide), _collection_properties(slide))
+
+
+def write_feature_collection(path: Path, features: Iterable[Mapping[str, object]],
+                             properties: Mapping[str, object]) -> None:
+    """A GeoJSON FeatureCollection written a feature per line as it is made (readout, predict):
+    neither the whole document nor its text is held (they grew with the slide: +5-7 MB of peak
+    memory at 841 tiles), and each feature is encoded by json's C encoder (an indented document
+    goes through its pure-Python one)."""
     from stainctl.workspace.atomic import atomic_path
 
     with atomic_path(path) as tmp, tmp.open("w", encoding="utf-8") as f:
         f.write('{"type": "FeatureCollection", "features": [')
         sep = "\n"
-        for feature in _features(slide):
+        for feature in features:
             f.write(sep)
             f.write(json.dumps(feature))
             sep = ",\n"
         f.write("\n], \"properties\": ")
-        f.write(json.dumps(_collection_properties(slide)))
+        f.write(json.dumps(properties))
         f.write("}\n")
 
 
@@ -82,7 +88,7 @@ def write_table(path: Path, new_rows: Mapping[str, Mapping[str, object]],
     writer.writeheader()
     for row in rows.values():
         writer.writerow({k: "" if row.get(k) is None else row.get(k) for k in columns})
-    _atomic_bytes(path, buf.getvalue().encode())
+    atomic_bytes(path, buf.getvalue().encode())
 
 
 def tile_properties(r: TileReadout) -> dict[str, object]:
@@ -178,7 +184,8 @@ def grid_png(values: np.ndarray) -> bytes:
     return bytes(data.tobytes())
 
 
-def _atomic_bytes(path: Path, data: bytes) -> None:
+def atomic_bytes(path: Path, data: bytes) -> None:
+    """`data` written to `path` whole or not at all."""
     from stainctl.workspace.atomic import atomic_path
 
     with atomic_path(path) as tmp:  # a killed run's temporary is cleared by the next

@@ -12,7 +12,6 @@ recomputed on every run: from stored tokens they take milliseconds per slide.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +22,7 @@ import numpy as np
 from stainctl.errors import ModelError, SlideError, UsageError
 from stainctl.steps.lifecycle import SlidePlan, SlideStep
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
-from stainctl.workspace import SlideRecord, StepRecord, Workspace, atomic_path
+from stainctl.workspace import SlideRecord, StepRecord, Workspace
 
 if TYPE_CHECKING:
     from stainctl.align.heads import AlignHeads
@@ -122,7 +121,13 @@ class PredictStep(SlideStep[SlideRecord, Path]):
         import torch
 
         from stainctl.align.heads import tile_probabilities
-        from stainctl.readout.outputs import grid_png, tile_feature, tile_grid
+        from stainctl.readout.outputs import (
+            atomic_bytes,
+            grid_png,
+            tile_feature,
+            tile_grid,
+            write_feature_collection,
+        )
 
         slide, card, classes = plan.slide, self.card, self.heads.config.classes
         files = self.ws.embedding_files(slide.key, card.encoder)
@@ -144,23 +149,18 @@ class PredictStep(SlideStep[SlideRecord, Path]):
         best = int(slide_p.argmax())
         size0 = (float(slide.width or xy0[:, 0].max() + grid.extent0),
                  float(slide.height or xy0[:, 1].max() + grid.extent0))
-        features = [tile_feature(int(x), int(y), grid.extent0, size0,
+        features = (tile_feature(int(x), int(y), grid.extent0, size0,
                                  {**{f"p_{c}": round(float(p[j]), 6)
                                      for j, c in enumerate(classes)},
                                   "score": round(float(s), 6)}, classes[int(p.argmax())])
-                    for (x, y), p, s in zip(xy0, probs, score, strict=True)]
+                    for (x, y), p, s in zip(xy0, probs, score, strict=True))
         base = self.folder / f"{slide.key}.{card.name}"
         geojson = base.with_name(base.name + ".geojson")
         heatmap = base.with_name(base.name + ".heatmap.png")
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(geojson) as tmp:
-            tmp.write_text(json.dumps({
-                "type": "FeatureCollection", "features": features,
-                "properties": {"slide": slide.key, "model": card.name,
-                               "coordinates": "level-0 pixels"}}, indent=1))
-        values = tile_grid(xy0, score, grid.stride0, size0)
-        with atomic_path(heatmap) as tmp:
-            tmp.write_bytes(grid_png(values))
+        write_feature_collection(geojson, features, {
+            "slide": slide.key, "model": card.name, "coordinates": "level-0 pixels"})
+        atomic_bytes(heatmap, grid_png(tile_grid(xy0, score, grid.stride0, size0)))
         details: dict[str, object] = {
             "slide": slide.key, "path": slide.path, "model": card.name,
             "class": classes[best], "probability": float(slide_p[best]),
