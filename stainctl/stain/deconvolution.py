@@ -36,21 +36,10 @@ def hed_from_rgb() -> np.ndarray:
     return np.array(_HED_FROM_RGB, dtype=np.float64)
 
 
-@functools.cache
-def _dab_luts() -> np.ndarray:
-    """(3, 256): channel c with value v contributes luts[c, v] to the DAB density."""
-    v = np.maximum(np.arange(256) / 255.0, EPS)
-    od = np.log(v) / np.log(EPS)
-    return (od[None, :] * hed_from_rgb()[:, DAB][:, None]).astype(np.float32)
-
-
 def dab_density(rgb: np.ndarray) -> np.ndarray:
-    """(H, W) float32 DAB optical density of a uint8 RGB image (`rgb2hed(rgb)[..., 2]`)."""
-    luts = _dab_luts()
-    dab = luts[0][rgb[..., 0]]
-    dab += luts[1][rgb[..., 1]]
-    dab += luts[2][rgb[..., 2]]
-    return np.maximum(dab, 0, out=dab)
+    """(H, W) float32 DAB optical density of a uint8 RGB image (`rgb2hed(rgb)[..., 2]`):
+    `stain_density` with white = 255."""
+    return stain_density(rgb, DAB)
 
 
 @functools.cache
