@@ -17,6 +17,7 @@ from stainctl.errors import UsageError
 
 if TYPE_CHECKING:
     from stainctl.slide.tiles import TileSource
+    from stainctl.workspace.tilestore import TileStore
     from stainctl.workspace.workspace import Workspace
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -285,8 +286,7 @@ def _translated_set(ws: Workspace, marker: str) -> ImageSet:
         written = store.written()
         for row, col in zip(*np.nonzero(written), strict=True):
             items.append(Item(f"{s.key}/c{col}_r{row}", s.key,
-                              _store_loader(path, int(col), int(row), store.layout.margin,
-                                            store.layout.tile_size)))
+                              _store_loader(store, int(col), int(row))))
         for a in m.artifacts(s.id, "stitched"):
             out = root / a.path  # an absolute path stays itself
             if f".{marker}." in out.name and out.exists():
@@ -298,12 +298,13 @@ def _translated_set(ws: Workspace, marker: str) -> ImageSet:
     return ImageSet(f"{root.name}:{marker}", root, "workspace", items, previews)
 
 
-def _store_loader(path: Path, col: int, row: int, margin: int,
-                  size: int) -> Callable[[], np.ndarray]:
-    def load() -> np.ndarray:
-        from stainctl.workspace.tilestore import TileStore
+def _store_loader(store: TileStore, col: int, row: int) -> Callable[[], np.ndarray]:
+    """A tile of the (read-only) store without its margin; the store is opened once per slide,
+    not per load (items are loaded several times: stats, pairs, retrieval, figures)."""
+    margin, size = store.layout.margin, store.layout.tile_size
 
-        tile = TileStore.open(path, writable=False).read(col, row)
+    def load() -> np.ndarray:
+        tile = store.read(col, row)
         return np.ascontiguousarray(tile[margin:margin + size, margin:margin + size])
 
     return load

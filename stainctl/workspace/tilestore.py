@@ -24,7 +24,6 @@ from numpy.typing import NDArray
 from stainctl.errors import StainctlError
 
 if TYPE_CHECKING:
-    from numcodecs import Blosc
     from zarr.core.common import JSON
     from zarr.types import AnyArray
 
@@ -278,22 +277,18 @@ class TileStore:
         if not self._direct:
             out[...] = self._array[row, col]
             return out
+        # The chunk file decoded straight into `out` with numcodecs' Blosc, the codec zarr
+        # itself uses: zarr's asynchronous machinery costs ~1 ms per chunk, three times the
+        # decoding, and stitching reads every tile. Only for stores laid out as `create` makes
+        # them (checked in `__init__`); a test checks it reads what zarr reads.
         from numcodecs import Blosc
 
-        return self._decode_into(Blosc(), row, col, out)
-
-    def _decode_into(self, codec: Blosc, row: int, col: int,
-                     out: NDArray[np.uint8]) -> NDArray[np.uint8]:
-        """Decode the tile's chunk file straight into `out` with numcodecs' Blosc, the codec
-        zarr itself uses: zarr's asynchronous machinery costs ~1 ms per chunk, three times the
-        decoding, and stitching reads every tile. Only for stores laid out as `create` makes
-        them (checked in `__init__`); a test checks it reads what zarr reads."""
         try:
             blob = chunk_file(self.path, col, row).read_bytes()
         except FileNotFoundError:
             out[...] = 0
             return out
-        codec.decode(blob, out=out)
+        Blosc().decode(blob, out=out)
         return out
 
 
