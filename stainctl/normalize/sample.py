@@ -114,7 +114,7 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
     import cv2
 
     from stainctl.errors import SlideError
-    from stainctl.slide.grid import snap_level
+    from stainctl.slide.grid import snapped_scale
     from stainctl.slide.reader import open_slide
 
     path = Path(path)
@@ -131,7 +131,7 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
             # As the tile grid: a level within SNAP_TOLERANCE of it is used as stored, not
             # resampled (a resize by 0.998 is a blur the slide's own tiles do not have, and a
             # slide normalised to itself would then change).
-            snapped = snap_level(down, slide.level_downsamples)
+            down, snapped = snapped_scale(down, slide.level_downsamples)
             level = slide.best_level(down) if snapped is None else snapped
             lw, lh = slide.level_dimensions[level]
             image = slide.read_region(0, 0, level, lw, lh)

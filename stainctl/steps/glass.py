@@ -37,8 +37,7 @@ def glass_median(engine: Engine, tile: NDArray[np.uint8], seed: int,
     out = engine.translate(tile[None], [seed])[0]
     side = out.shape[0]
     inner = out[margin:side - margin, margin:side - margin] if 2 * margin < side else out
-    r, g, b = (int(np.rint(v)) for v in np.median(inner.reshape(-1, 3), axis=0))
-    return r, g, b
+    return _rgb(np.median(inner.reshape(-1, 3), axis=0))
 
 
 def glass_spot(ws: Workspace, slide: SlideRecord, grid: GridRecord,
