@@ -49,7 +49,7 @@ def align_metrics(heads: AlignHeads, data: AlignData, pairs: list[PairTiles],
     import torch
 
     from stainctl.evaluate.agreement import class_agreement
-    from stainctl.evaluate.retrieval import retrieval_ranks
+    from stainctl.evaluate.retrieval import mra
 
     names = heads.config.classes
     with torch.inference_mode():
@@ -62,9 +62,10 @@ def align_metrics(heads: AlignHeads, data: AlignData, pairs: list[PairTiles],
         for s, p in enumerate(pairs):
             rows = np.flatnonzero((data.slide == s) & data.train)
             r = torch.from_numpy(rows)
-            # The MRA metric's ranking: each H&E tile's own IHC tile among the pair's.
-            top1.append(float(np.mean(retrieval_ranks(z_ihc[r].numpy(), z_he[r].numpy()) == 0)))
-            chance.append(1 / len(rows))
+            # The MRA metric: each H&E tile's own IHC tile among the pair's.
+            m = mra(z_ihc[r].numpy(), z_he[r].numpy())
+            top1.append(m["top1"])
+            chance.append(m["chance_top1"])
             counts.append(len(rows))
             retrieval.append({"slide": p.name, "tiles": len(rows), "top1": top1[-1],
                               "chance": chance[-1]})
