@@ -352,6 +352,7 @@ def test_macenkos_colour_table_is_the_per_colour_mapping(cmu1_path, he_ome_path)
     diff = np.abs(mapped.astype(np.int16) - expected)
     assert diff.max() <= 1 and (diff > 0).mean() < 1e-3
     assert (mapped != rgb).any(axis=1).mean() > 0.5  # it does normalise
+    # A batch of 2-D tiles (the step's shape) maps each pixel as the flat row did.
     tile = rgb[:262_144].astype(np.uint8).reshape(512, 512, 3)
     np.testing.assert_array_equal(transform.apply(tile[None])[0],
                                   mapped[:262_144].reshape(512, 512, 3))
