@@ -213,17 +213,19 @@ def test_devices_parse():
     d = Devices.parse("cuda:0, cuda:3")
     assert d.gpus == (0, 3) and d.worker_device == "cuda"
     assert Devices.parse("cuda").names == ("cuda:0",)
+    assert str(Devices.parse("cuda:0, cuda:3")) == "cuda:0,cuda:3"  # as a run records it
     for bad in ("cuda:0,cpu", "cuda:1,cuda:1", "gpu0", ""):
         with pytest.raises(UsageError, match="--devices"):
             Devices.parse(bad)
 
 
 def test_devices_and_scheduler_together_are_refused():
+    from stainctl.cluster.local import Devices
     from stainctl.errors import UsageError
     from stainctl.steps.translate import TranslateOptions
 
     with pytest.raises(UsageError, match="--scheduler or --devices"):
-        TranslateOptions(marker=MARKER, scheduler="tcp://h:8786", devices=("cpu",))
+        TranslateOptions(marker=MARKER, scheduler="tcp://h:8786", devices=Devices.parse("cpu"))
 
 
 def test_shards_are_whole_batches_and_cover_every_tile_once():

@@ -115,7 +115,7 @@ def translate(
             marker=marker, models_dir=Path(models_dir) if models_dir else None, device=device,
             batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
             seed=seed, dtype=dtype, overlap=overlap, sampler=sampler, scheduler=scheduler,
-            devices=Devices.parse(devices).names if devices else None, shard_tiles=shard_tiles,
+            devices=Devices.parse(devices) if devices else None, shard_tiles=shard_tiles,
             normalize_to=normalize_to, normalize_method=normalize_method,
             inversion_steps=inversion_steps, eta=eta, inversion_eta=inversion_eta,
             prediction=prediction_type, latent_norm=latent_norm, structure=structure)

@@ -32,6 +32,7 @@ from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOu
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
 
 if TYPE_CHECKING:
+    from stainctl.cluster.local import Devices
     from stainctl.normalize.classical import Normaliser
     from stainctl.slide.tiles import TileSource
     from stainctl.workspace.tilestore import TileStore
@@ -54,9 +55,9 @@ class TranslateOptions:
     overlap: int | None = None  # context px each side; default: the model card's margin
     sampler: str = "dpm++"  # diffusion solver (engines.base.SAMPLERS)
     # Where the work runs (cluster/): a Dask scheduler's address, or one local worker per
-    # device (`cuda:0`, `cpu`); neither: in this process.
+    # device (`cuda:0`, `cpu`), parsed and checked once (Devices.parse); neither: in this process.
     scheduler: str | None = None
-    devices: tuple[str, ...] | None = None
+    devices: Devices | None = None
     shard_tiles: int = 256  # tiles per task on a cluster; rounded up to whole batches
     # Tiles normalised to this reference (image or slide) before the model sees them; default:
     # the reference the model card names (architecture.normalize_to), if any.
@@ -78,10 +79,6 @@ class TranslateOptions:
         if self.scheduler and self.devices:
             raise UsageError("give --scheduler or --devices, not both: --devices starts its "
                              "own local cluster")
-        if self.devices is not None:
-            from stainctl.cluster.local import Devices
-
-            Devices(names=self.devices)  # checks them
         if self.normalize_method not in CLASSICAL:
             raise UsageError(f"--normalize-method must be one of {', '.join(CLASSICAL)}, got "
                              f"{self.normalize_method}")

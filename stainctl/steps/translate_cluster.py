@@ -63,26 +63,25 @@ class _Slide:
 def cluster_client(options: TranslateOptions) -> Iterator[Client]:
     """A client of --scheduler's cluster, or of a local one started for --devices."""
     from stainctl.cluster.connect import connect
-    from stainctl.cluster.local import Devices, local_cluster
+    from stainctl.cluster.local import local_cluster
 
     if options.scheduler:
         with connect(options.scheduler) as client:
             yield client
         return
     assert options.devices is not None
-    with local_cluster(Devices(names=options.devices)) as address, connect(address) as client:
+    with local_cluster(options.devices) as address, connect(address) as client:
         yield client
 
 
 def engine_key(step: TranslateStep) -> EngineKey:
     """The engine each worker loads: on --devices workers, the device each sees."""
-    from stainctl.cluster.local import Devices
     from stainctl.models.registry import models_dir
 
     options = step.options
     engine = options.engine_options()
     if options.devices:
-        engine = dataclasses.replace(engine, device=Devices(names=options.devices).worker_device)
+        engine = dataclasses.replace(engine, device=options.devices.worker_device)
     directory = step.directory or models_dir(options.models_dir)
     return EngineKey(marker=step.card.name, models_dir=str(directory), options=engine)
 
