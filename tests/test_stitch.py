@@ -332,6 +332,66 @@ def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
         assert np.abs(back.astype(int) - region).max() <= 1, comp
 
 
+def canvas_processes() -> list[str]:
+    """Pids of running canvas child processes (stainctl/stitch/canvas_process.py)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"stainctl.stitch.canvas_process" in args:
+            found.append(cmdline.parent.name)
+    return found
+
+
+def _level0(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return tif.series[0].levels[0].asarray()
+
+
+def test_the_canvas_process_stitches_what_a_thread_does(tmp_path, cmu1):
+    from stainctl.stitch import canvas_process
+
+    assert canvas_process.available()  # Linux: the default path
+    lay = _layout(cmu1, 256, 32, 16)
+    offsets = np.random.default_rng(2).integers(-40, 40, (lay.rows, lay.cols))
+    store = _store(tmp_path / "s.zarr", cmu1, lay, offsets=offsets, skip={(3, 4), (4, 4)})
+    # More band rows than ring slots: slots are refilled while libvips still reads the canvas.
+    assert lay.rows > 2 * canvas_process.SLOTS
+    outputs = {}
+    for in_process in (False, True):
+        res = stitch_store(store, tmp_path / f"{in_process}.ome.tif",
+                           options=PyramidOptions("ome-tiff", "none"), background=BG, name="x",
+                           annotations={}, in_process=in_process)
+        outputs[in_process] = _level0(res.path)
+    assert np.array_equal(outputs[False], _canvas(store))
+    assert np.array_equal(outputs[False], outputs[True])
+    assert not canvas_processes()
+
+
+def test_a_failure_in_the_canvas_process_fails_the_stitch_as_on_a_thread(tmp_path, cmu1):
+    from stainctl.workspace.tilestore import chunk_file
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = _store(tmp_path / "s.zarr", cmu1, lay)
+    chunk_file(store.path, 2, 6).write_bytes(b"not a blosc chunk")
+    errors = {}
+    for in_process in (False, True):
+        out = tmp_path / f"{in_process}.ome.tif"
+        with pytest.raises(Exception) as err:
+            stitch_store(store, out, options=PyramidOptions(), background=BG, name="x",
+                         annotations={}, in_process=in_process)
+        errors[in_process] = (type(err.value), str(err.value))
+        assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+    assert errors[False] == errors[True]
+    kind, message = errors[False]
+    assert kind is StoreError and "tile (2, 6)" in message and "translate --force" in message
+    assert not canvas_processes()
+
+
 def test_level0_overlays_the_source_slide(tmp_path, cmu1):
     import tiffslide
 

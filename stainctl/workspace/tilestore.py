@@ -300,7 +300,11 @@ class TileStore:
         except FileNotFoundError:
             out[...] = 0
             return out
-        Blosc().decode(blob, out=out)
+        try:
+            Blosc().decode(blob, out=out)
+        except (RuntimeError, ValueError) as err:  # a damaged or foreign chunk file
+            raise StoreError(f"tile ({col}, {row}) of {self.path} is damaged ({err}); run "
+                             "`stainctl translate --force` for this slide") from err
         return out
 
 
