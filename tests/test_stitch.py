@@ -150,6 +150,29 @@ def test_read_only_open_reads_the_metadata_without_zarr(tmp_path, cmu1):
     assert np.array_equal(ro.read_into(1, 2, out), tile)
 
 
+def test_a_writable_store_reads_its_metadata_once(tmp_path, cmu1, monkeypatch):
+    """Opened writable, a store takes its layout check from the metadata zarr read, not from a
+    second read of zarr.json; the check still tells a plain store from another codec's."""
+    import zarr
+
+    from stainctl.workspace import tilestore
+
+    lay = _layout(cmu1, 256, 32, 16)
+    TileStore.create(tmp_path / "s.zarr", lay, {"marker": "he"})
+    other = zarr.create_array(str(tmp_path / "z.zarr"), shape=(lay.rows, lay.cols, lay.side,
+                              lay.side, 3), chunks=(1, 1, lay.side, lay.side, 3), dtype="uint8",
+                              fill_value=0, compressors=None,
+                              attributes=dict(zarr.open_array(str(tmp_path / "s.zarr")).attrs))
+    del other
+
+    def no_second_read(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(tilestore, "_plain_blosc_attrs", no_second_read)
+    assert TileStore.open(tmp_path / "s.zarr")._direct
+    assert not TileStore.open(tmp_path / "z.zarr")._direct
+
+
 # --- blending -----------------------------------------------------------------------------
 def test_ramps_are_a_partition_of_unity():
     out, fade_in = ramps(64)
