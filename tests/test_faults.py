@@ -368,7 +368,7 @@ def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, c
     run = w.manifest.db.execute("SELECT command, outcome FROM runs ORDER BY id DESC").fetchone()
     assert tuple(run) == ("stitch", "interrupted")
     w.close()
-    assert not canvas_processes(), "the canvas process outlived the stitch"
+    assert not canvas_processes(tmp_path), "the canvas process outlived the stitch"
 
 
 

@@ -332,15 +332,17 @@ def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
         assert np.abs(back.astype(int) - region).max() <= 1, comp
 
 
-def canvas_processes() -> list[str]:
-    """Pids of running canvas child processes (stainctl/stitch/canvas_process.py)."""
+def canvas_processes(under: Path) -> list[str]:
+    """Pids of running canvas child processes (stainctl/stitch/canvas_process.py) of stores
+    under `under` (other tests or benchmarks may stitch at the same time)."""
     found = []
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             args = cmdline.read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"stainctl.stitch.canvas_process" in args:
+        if b"stainctl.stitch.canvas_process" in args and \
+                any(a.startswith(bytes(under)) for a in args):
             found.append(cmdline.parent.name)
     return found
 
@@ -366,10 +368,45 @@ def test_the_canvas_process_stitches_what_a_thread_does(tmp_path, cmu1):
         res = stitch_store(store, tmp_path / f"{in_process}.ome.tif",
                            options=PyramidOptions("ome-tiff", "none"), background=BG, name="x",
                            annotations={}, in_process=in_process)
+        # The shared ring is unmapped when the stitch returns, not at some later collection.
+        assert "stainctl-canvas" not in Path("/proc/self/maps").read_text()
         outputs[in_process] = _level0(res.path)
     assert np.array_equal(outputs[False], _canvas(store))
     assert np.array_equal(outputs[False], outputs[True])
-    assert not canvas_processes()
+    assert not canvas_processes(tmp_path)
+
+
+def test_a_canvas_process_that_cannot_start_leaves_the_blending_to_a_thread(
+        tmp_path, cmu1, monkeypatch):
+    import os
+
+    def no_memory(name: str) -> int:
+        raise OSError(12, "Cannot allocate memory")
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = _store(tmp_path / "s.zarr", cmu1, lay)
+    stitch_store(store, tmp_path / "warm.ome.tif", options=PyramidOptions(), background=BG,
+                 name="x", annotations={})  # what libvips keeps open once used is counted
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(os, "memfd_create", no_memory)
+    res = stitch_store(store, tmp_path / "o.ome.tif", options=PyramidOptions("ome-tiff", "none"),
+                       background=BG, name="x", annotations={})
+    assert np.array_equal(_level0(res.path), _canvas(store))
+    assert len(os.listdir("/proc/self/fd")) == fds  # nothing left open
+
+    # The same when the process itself cannot be started, after the memfd and pipes were made.
+    import subprocess
+
+    monkeypatch.undo()
+
+    def no_process(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_process)
+    res = stitch_store(store, tmp_path / "p.ome.tif", options=PyramidOptions("ome-tiff", "none"),
+                       background=BG, name="x", annotations={})
+    assert np.array_equal(_level0(res.path), _canvas(store))
+    assert len(os.listdir("/proc/self/fd")) == fds
 
 
 def test_a_failure_in_the_canvas_process_fails_the_stitch_as_on_a_thread(tmp_path, cmu1):
@@ -389,7 +426,7 @@ def test_a_failure_in_the_canvas_process_fails_the_stitch_as_on_a_thread(tmp_pat
     assert errors[False] == errors[True]
     kind, message = errors[False]
     assert kind is StoreError and "tile (2, 6)" in message and "translate --force" in message
-    assert not canvas_processes()
+    assert not canvas_processes(tmp_path)
 
 
 def test_level0_overlays_the_source_slide(tmp_path, cmu1):

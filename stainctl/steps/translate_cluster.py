@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl.engines.base import EngineShape, tile_seed
-from stainctl.errors import ModelError
+from stainctl.errors import StainctlError
 from stainctl.steps.lifecycle import Failure, SlidePlan
 from stainctl.steps.report import SlideOutcome, unexpected
 from stainctl.steps.translate_work import (
@@ -94,8 +94,12 @@ def worker_shape(client: Client, key: EngineKey) -> EngineShape:
     it for its tasks: the driver plans slides without loading the model itself."""
     try:
         shape: EngineShape = client.submit(engine_shape, key, pure=False).result()
+    except StainctlError:
+        raise  # the worker's own clear error (a missing or bad model: exit 2)
     except Exception as err:  # every slide needs the model: the batch stops with the reason
-        raise ModelError(f"a worker could not load {key.marker}: {err}") from err
+        # Not a usage error: a worker that died or ran out of memory may do better on a rerun.
+        raise StainctlError(f"a worker could not load {key.marker} ({type(err).__name__}: "
+                            f"{err}); see the workers' logs, then run again") from err
     return shape
 
 

@@ -38,7 +38,7 @@ NICE = 10  # nice 5 still slowed the save by ~1 s in 3 runs; 10 and 19 did not (
 
 
 def available() -> bool:
-    return hasattr(os, "memfd_create")
+    return hasattr(os, "memfd_create") and bool(sys.executable)
 
 
 class CanvasProcess:
@@ -60,24 +60,35 @@ class CanvasProcess:
         self._map: mmap.mmap | None = None
 
     def __enter__(self) -> CanvasProcess:
+        """Start the child. OSError (no memfd, no memory, no process): nothing is left open."""
         size = int(np.prod(self.shape))
-        fd = os.memfd_create("stainctl-canvas")
+        opened: list[int] = []
         try:
+            fd = os.memfd_create("stainctl-canvas")
+            opened.append(fd)
             os.ftruncate(fd, size)
             self._map = mmap.mmap(fd, size)
             down_r, down_w = os.pipe()  # parent -> child: consumed block numbers
+            opened += [down_r, down_w]
             up_r, up_w = os.pipe()  # child -> parent: blocks, then None or an error
+            opened += [up_r, up_w]
             r, g, b = self.background
             cmd = [sys.executable, "-m", "stainctl.stitch.canvas_process", str(self.store.path),
                    f"{r},{g},{b}", str(self.shape[0]), str(self.nice), str(fd), str(down_r),
                    str(up_w)]
-            try:
-                self._child = subprocess.Popen(cmd, pass_fds=(fd, down_r, up_w))
-            finally:
-                os.close(down_r)
-                os.close(up_w)
-        finally:
-            os.close(fd)
+            # Its own session: a Ctrl-C at the terminal reaches the stitch only, which stops
+            # and then kills the child (before the child could even ignore the signal).
+            self._child = subprocess.Popen(cmd, pass_fds=(fd, down_r, up_w),
+                                           start_new_session=True)
+        except BaseException:
+            for f in opened:
+                os.close(f)
+            if self._map is not None:
+                self._map.close()
+                self._map = None
+            raise
+        for f in (fd, down_r, up_w):  # the child's ends, and the memfd it has mapped
+            os.close(f)
         self._to_child = Connection(down_w, readable=False)
         self._from_child = Connection(up_r, writable=False)
         self._ring = np.frombuffer(self._map, np.uint8).reshape(self.shape)
@@ -126,6 +137,10 @@ class CanvasProcess:
                 self._map.close()
 
 
+class _ParentGone(Exception):
+    """The stitch process stopped reading (it finished, failed or was killed)."""
+
+
 class _Ring:
     """The child's side of the ring: which slot the canvas may fill next."""
 
@@ -142,7 +157,10 @@ class _Ring:
                 if s != self.current and self.last[s] <= self.consumed:
                     self.current = s
                     return self.ring[s]
-            self.consumed = self.inbox.recv()  # EOFError when the parent is gone: we exit
+            try:
+                self.consumed = self.inbox.recv()
+            except EOFError:
+                raise _ParentGone from None
 
     def locate(self, block: np.ndarray) -> tuple[int, int]:
         """(slot, first row) of a block that is a row range of one slot."""
@@ -182,17 +200,31 @@ def _child(store_path: str, background: str, slots: int, nice: int, ring_fd: int
         for i, block in enumerate(canvas.blocks()):
             slot, row = ring.locate(block)
             ring.last[slot] = i
-            outbox.send((slot, row, len(block)))
-        outbox.send(None)
-    except (EOFError, BrokenPipeError):
-        return 0  # the parent stopped reading
+            _send(outbox, (slot, row, len(block)))
+        _send(outbox, None)
+    except _ParentGone:
+        return 0
     except BaseException as err:
-        try:
-            outbox.send(err)
-        except Exception:  # an exception that does not pickle
-            outbox.send(RuntimeError(f"{type(err).__name__}: {err}"))
+        import traceback
+
+        # The traceback does not travel with a pickled exception: `-v` shows it from the note.
+        err.add_note("in the canvas process:\n" + traceback.format_exc())
+        with contextlib.suppress(_ParentGone):
+            try:
+                _send(outbox, err)
+            except _ParentGone:
+                raise
+            except Exception:  # an exception that does not pickle
+                _send(outbox, RuntimeError(f"{type(err).__name__}: {err}"))
         return 1
     return 0
+
+
+def _send(outbox: Connection, message: object) -> None:
+    try:
+        outbox.send(message)
+    except (BrokenPipeError, ConnectionResetError):
+        raise _ParentGone from None
 
 
 if __name__ == "__main__":

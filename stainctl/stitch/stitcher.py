@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ from stainctl.workspace.tilestore import TileStore
 
 if TYPE_CHECKING:
     import numpy as np
+
+    from stainctl.stitch.stream import BlockSource
+
+log = logging.getLogger(__name__)
 
 DEFAULT_BACKGROUND = (245, 245, 245)
 
@@ -51,27 +56,46 @@ def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
     platforms without memfd do)."""
     from stainctl.stitch import canvas_process
 
+    written = store.written()
     with contextlib.ExitStack() as stack:
+        blocks = None
         if canvas_process.available() and not in_process:
-            blocks = stack.enter_context(canvas_process.CanvasProcess(store, background)).blocks()
-        else:
+            try:
+                child = stack.enter_context(canvas_process.CanvasProcess(store, background))
+                blocks = child.blocks()
+            except OSError as err:  # no process or memory to spare: blend on a thread instead
+                log.debug("canvas process not started (%s); blending on a thread", err)
+        if blocks is None:
             from stainctl.stitch.blend import Canvas
             from stainctl.stitch.stream import prefetch
 
-            blocks = prefetch(Canvas(store, background).blocks())
-        return _save(store, blocks, output, options=options, name=name,
-                     annotations=annotations, overlay=overlay)
+            blocks = prefetch(Canvas(store, background, written).blocks())
+        path, thumb, width, height, mpp = _save(store, blocks, output, options=options,
+                                                name=name, annotations=annotations,
+                                                overlay=overlay)
+    return StitchResult(path, thumb, width, height, mpp, int(written.sum()))
 
 
 def _save(store: TileStore, blocks: Iterator[np.ndarray], output: Path, *,
           options: PyramidOptions, name: str, annotations: dict[str, str],
-          overlay: Overlay | None) -> StitchResult:
+          overlay: Overlay | None) -> tuple[Path, Path, int, int, float]:
+    """The pyramid and its thumbnail from the canvas' `blocks`: (output, thumbnail, width,
+    height, mpp)."""
     from stainctl.stitch.stream import BlockSource
 
     lay = store.layout
     source = BlockSource(lay.width, lay.height, blocks)
+    try:
+        return _save_source(source, output, lay.mpp, options=options, name=name,
+                            annotations=annotations, overlay=overlay)
+    finally:
+        source.release()  # the canvas' buffers can go as soon as the save is over
+
+
+def _save_source(source: BlockSource, output: Path, mpp: float, *, options: PyramidOptions,
+                 name: str, annotations: dict[str, str], overlay: Overlay | None
+                 ) -> tuple[Path, Path, int, int, float]:
     image = source.image()
-    mpp = lay.mpp
     if overlay is not None:
         image = _resample(image, overlay)
         mpp = overlay.mpp
@@ -99,7 +123,7 @@ def _save(store: TileStore, blocks: Iterator[np.ndarray], output: Path, *,
             raise source.error
         with atomic_path(thumb) as tmp_thumb:
             save_thumbnail(tmp, tmp_thumb)
-    return StitchResult(output, thumb, width, height, mpp, int(store.written().sum()))
+    return output, thumb, width, height, mpp
 
 
 def _resample(image: Any, overlay: Overlay) -> Any:

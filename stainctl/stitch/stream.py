@@ -53,7 +53,8 @@ class BlockSource:
         self.header = tiff_header(width, height)
         self.total = len(self.header) + width * height * 3
         self.error: BaseException | None = None
-        self._blocks = iter(blocks)
+        self._blocks: Iterator[np.ndarray] = iter(blocks)
+        self._source: Any = None
         self._pos = 0
         # (start offset, bytes) of the blocks still needed: the current one, and the previous
         # in case a strip straddles two blocks.
@@ -69,6 +70,14 @@ class BlockSource:
         # libvips holds only a C handle: keep the Python object alive as long as this one.
         self._source = source
         return pyvips.Image.tiffload_source(source, access="sequential")
+
+    def release(self) -> None:
+        """Let go of the blocks and of libvips' source: the source's callbacks and this object
+        refer to each other, so without this the last blocks (views of the canvas' buffers)
+        would live until a garbage collection."""
+        self._window = []
+        self._blocks = iter(())
+        self._source = None
 
     def _seek(self, offset: int, whence: int) -> int:
         base = {0: 0, 1: self._pos, 2: self.total}[whence]
