@@ -46,3 +46,44 @@ def test_a_resumed_translate_counts_only_the_tiles_left(cli, tmp_path, models, c
     # Its counter lines count up to the 3, never past them.
     counts = re.findall(r"INFO translate: (\d+)/(\d+) ", again.stderr)
     assert all(int(total) == 3 for _, total in counts), again.stderr
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_any_work(cli, tmp_path, models,
+                                                                      cmu1_path, he_ome_path):
+    # -o under a file (as a read-only share, which root cannot be shown in a test): stitch
+    # failed each slide with "unexpected error (NotADirectoryError ...); run again with -v"
+    # (exit 1), readout logged "failed: unexpected error" without a slide, the main job with
+    # -w elsewhere translated everything first, evaluate computed every metric first.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    bad = a_file / "out"
+    ws = tmp_path / "ws"
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", bad, "-w", ws)
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: -o {bad}: {a_file} is a file, not a folder; give a "
+                                "folder path"), r.stderr
+    assert not ws.exists()  # nothing was started
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
+    for args in (("stitch", "-w", ws, "-o", bad), ("stitch", "-w", ws, "-o", bad / "x.tif"),
+                 ("readout", he_ome_path, "--marker", "ki67", "-o", bad),
+                 ("normalize", he_ome_path, "--target", cmu1_path, "-o", bad, "-w", ws),
+                 ("evaluate", "--real", he_ome_path, "--fake", he_ome_path, "--metrics",
+                  "stain", "--report", bad)):
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.stderr.startswith("error: -"), (args, r.stderr)
+        assert f"{a_file} is a file, not a folder" in r.stderr, (args, r.stderr)
+        assert "unexpected" not in r.stderr and "measuring" not in r.stderr, r.stderr
+
+
+def test_a_read_only_output_folder_is_named_with_its_cause(tmp_path, monkeypatch):
+    import os
+
+    from stainctl.cli.outdir import check_output_folder
+    from stainctl.errors import UsageError
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a non-root user
+    with pytest.raises(UsageError, match=rf"^-o {tmp_path}/a/b: cannot write in {tmp_path} "
+                       r"\((permission denied|read-only file system)\); choose a writable"):
+        check_output_folder(tmp_path / "a" / "b", "-o")
+    assert not (tmp_path / "a").exists()

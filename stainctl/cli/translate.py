@@ -129,10 +129,12 @@ def translate(
                      step=lambda ws, progress: translate_slides(ws, options, progress))
 
     def main_job() -> Batch:
+        from stainctl.cli.outdir import check_output_folder
         from stainctl.slide.inputs import expand_slides
         from stainctl.steps.pipeline import run_main_job
         from stainctl.stitch.pyramid import PyramidOptions
 
+        check_output_folder(output, "-o")
         options = translate_options()
         pyramid = PyramidOptions(format=fmt)
         requests = expand_slides(slides or [], mpp)
