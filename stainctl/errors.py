@@ -64,6 +64,12 @@ class SlideError(StainctlError):
     def hint(self) -> str:
         return hint(self.code)
 
+    @property
+    def message(self) -> str:
+        """The reason naming the file once: a summary names the slide by its key, and
+        "ihc: no pixel size" alone does not say which file needs one."""
+        return self.reason if self.reason.startswith(self.path) else f"{self.path}: {self.reason}"
+
 
 def hint(code: str | None) -> str:
     """The next step for a failure of kind `code` (the generic one for an unknown kind)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -87,3 +88,19 @@ def test_a_read_only_output_folder_is_named_with_its_cause(tmp_path, monkeypatch
                        r"\((permission denied|read-only file system)\); choose a writable"):
         check_output_folder(tmp_path / "a" / "b", "-o")
     assert not (tmp_path / "a").exists()
+
+
+def test_every_failed_slide_names_its_file(cli, tmp_path, ihc_png_path, dapi_path):
+    # The summary names a slide by its key ("ihc: the slide has no pixel size"): the reasons
+    # of a missing pixel size and of a dark background named no file, unlike the others.
+    r = cli("tile", ihc_png_path, dapi_path, "-w", tmp_path / "ws", "--json")
+    assert r.exit_code == 1
+    slides = {s["path"]: s for s in json.loads(r.stdout)["slides"]}
+    for path, code in ((ihc_png_path, "no-mpp"), (dapi_path, "dark")):
+        s = slides[str(path)]
+        assert s["state"] == "failed" and s["code"] == code, s
+        assert s["message"].startswith(f"{path}: "), s
+        assert s["message"].count(str(path)) == 1, s
+    r = cli("readout", ihc_png_path, "--marker", "ki67", "-o", tmp_path / "readout", "--json")
+    [s] = json.loads(r.stdout)["slides"]
+    assert s["message"].startswith(f"{ihc_png_path}: the slide has no pixel size"), s
