@@ -104,3 +104,17 @@ def test_every_failed_slide_names_its_file(cli, tmp_path, ihc_png_path, dapi_pat
     r = cli("readout", ihc_png_path, "--marker", "ki67", "-o", tmp_path / "readout", "--json")
     [s] = json.loads(r.stdout)["slides"]
     assert s["message"].startswith(f"{ihc_png_path}: the slide has no pixel size"), s
+
+
+def test_translate_on_a_workspace_refuses_the_main_job_options(cli, tmp_path, cmu1_path):
+    # `translate -w WS -o DIR --readout` translated the tiles and wrote nothing to DIR, silently.
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
+    assert cli("filter", "-w", ws).exit_code == 0
+    r = cli("translate", "-w", ws, "--marker", "demo-ki67", "-o", tmp_path / "out", "--readout")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: -o, --readout: only for the main job (with SLIDES)")
+    assert "stainctl stitch -w WS -o DIR" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = cli("translate", "-w", ws, "--marker", "demo-ki67", "--format", "tiff", "--mpp", "0.5")
+    assert r.exit_code == 2 and r.stderr.startswith("error: --format, --mpp: only for"), r.stderr
