@@ -118,3 +118,15 @@ def test_translate_on_a_workspace_refuses_the_main_job_options(cli, tmp_path, cm
     assert not (tmp_path / "out").exists()
     r = cli("translate", "-w", ws, "--marker", "demo-ki67", "--format", "tiff", "--mpp", "0.5")
     assert r.exit_code == 2 and r.stderr.startswith("error: --format, --mpp: only for"), r.stderr
+
+
+def test_models_list_keeps_its_columns_in_line(cli, use_models):
+    # Fixed widths (8 for the marker, 7 for the engine): 'normaliser', 'histdist' and
+    # 'transformers' pushed the rest of their rows out of line.
+    use_models()  # an empty models directory: the shipped cards only
+    lines = cli("models", "list").stdout.splitlines()[1:]
+    assert lines[0].split() == ["name", "makes", "engine", "weights"]
+    starts = {ln.index(ln.split()[3], len(ln.split()[0]) + len(ln.split()[1]) + 2)
+              for ln in lines}
+    assert len(starts) == 1, lines
+    assert any(ln.split()[:3] == ["stainfuser", "normaliser", "stainfuser"] for ln in lines)
