@@ -130,3 +130,12 @@ def test_models_list_keeps_its_columns_in_line(cli, use_models):
               for ln in lines}
     assert len(starts) == 1, lines
     assert any(ln.split()[:3] == ["stainfuser", "normaliser", "stainfuser"] for ln in lines)
+
+
+def test_status_says_what_its_exit_code_means(cli, tmp_path, cmu1_path, ihc_png_path):
+    # `status` exits 1 when a slide has failed (a script's test), which its help did not say.
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, ihc_png_path, "-w", ws).exit_code == 1
+    assert cli("status", "-w", ws).exit_code == 1
+    assert "Exit 1 when a slide of the workspace has an error" in " ".join(
+        cli("status", "--help").stdout.split())
