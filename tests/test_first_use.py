@@ -139,3 +139,18 @@ def test_status_says_what_its_exit_code_means(cli, tmp_path, cmu1_path, ihc_png_
     assert cli("status", "-w", ws).exit_code == 1
     assert "Exit 1 when a slide of the workspace has an error" in " ".join(
         cli("status", "--help").stdout.split())
+
+
+def test_evaluate_says_when_the_sets_are_at_different_resolutions(cli, ki67_ome_paths):
+    # Slides are sampled at their own µm/px by default: the two scans of one Ki67 glass
+    # (0.2271 and 0.3461 µm/px) were compared without a word about it.
+    ndpi, vsi = ki67_ome_paths
+    args = ("evaluate", "--real", ndpi, "--fake", vsi, "--metrics", "stain", "--tile-size",
+            "512", "--json")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    [caveat] = [c for c in json.loads(r.stdout)["caveats"] if "different resolutions" in c]
+    assert "0.2271" in caveat and "0.3461" in caveat and "--tile-mpp" in caveat
+    assert "different resolutions" in r.stderr  # at once, before the metrics
+    r = cli(*args, "--tile-mpp", "0.5")
+    assert not [c for c in json.loads(r.stdout)["caveats"] if "different resolutions" in c]
