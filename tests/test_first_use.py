@@ -154,3 +154,14 @@ def test_evaluate_says_when_the_sets_are_at_different_resolutions(cli, ki67_ome_
     assert "different resolutions" in r.stderr  # at once, before the metrics
     r = cli(*args, "--tile-mpp", "0.5")
     assert not [c for c in json.loads(r.stdout)["caveats"] if "different resolutions" in c]
+
+
+def test_a_readout_failure_is_logged_under_its_own_slide(cli, tmp_path, ki67_ome_paths,
+                                                          ihc_png_path):
+    # The PNG (no pixel size) fails before its tiles are counted: its line was
+    # "readout OS-2-vsi_Ki67: failed: .../skimage_ihc_FHL2-DAB_colon.png: ...".
+    r = cli("readout", ki67_ome_paths[1], ihc_png_path, "--marker", "ki67", "-o",
+            tmp_path / "ro", "--tile-size", "256")
+    assert r.exit_code == 1
+    [line] = [ln for ln in r.stderr.splitlines() if "WARNING" in ln and "failed" in ln]
+    assert f"WARNING readout {ihc_png_path.stem}: failed: {ihc_png_path}: " in line, line
