@@ -165,3 +165,20 @@ def test_a_readout_failure_is_logged_under_its_own_slide(cli, tmp_path, ki67_ome
     assert r.exit_code == 1
     [line] = [ln for ln in r.stderr.splitlines() if "WARNING" in ln and "failed" in ln]
     assert f"WARNING readout {ihc_png_path.stem}: failed: {ihc_png_path}: " in line, line
+
+
+def test_a_slide_list_row_written_relative_to_the_current_folder_says_so(
+        cli, tmp_path, monkeypatch, ihc_png_path):
+    # Rows are read relative to the CSV's folder (README); one written relative to where the
+    # user stands failed as ".../lists/slides/ihc.png: no such file or directory".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "ihc.png").symlink_to(ihc_png_path)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "batch.csv").write_text("path,mpp\nslides/ihc.png,0.5\n")
+    r = cli("tile", "lists/batch.csv", "-w", "ws", "--json")
+    assert r.exit_code == 1
+    [s] = json.loads(r.stdout)["slides"]
+    assert (f"lists/batch.csv, line 2: slides/ihc.png is read relative to the list's folder "
+            f"({tmp_path}/lists), where it does not exist; write it relative to that folder "
+            f"or as {tmp_path}/slides/ihc.png") in s["message"], s["message"]
