@@ -182,3 +182,18 @@ def test_a_slide_list_row_written_relative_to_the_current_folder_says_so(
     assert (f"lists/batch.csv, line 2: slides/ihc.png is read relative to the list's folder "
             f"({tmp_path}/lists), where it does not exist; write it relative to that folder "
             f"or as {tmp_path}/slides/ihc.png") in s["message"], s["message"]
+
+
+def test_the_main_job_on_a_missing_gpu_stops_before_tiling(cli, tmp_path, models, monkeypatch,
+                                                           cmu1_path):
+    # `--device cuda` without a GPU: the slides were tiled and filtered, then the usage error
+    # came, and OUT/workspace stayed behind.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    out = tmp_path / "out"
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", out, "--device", "cuda")
+    assert r.exit_code == 2
+    assert "torch sees no CUDA GPU here" in r.stderr and "--device cpu" in r.stderr
+    assert "tile:" not in r.stderr, r.stderr
+    assert not (out / "workspace").exists()
