@@ -197,3 +197,16 @@ def test_the_main_job_on_a_missing_gpu_stops_before_tiling(cli, tmp_path, models
     assert "torch sees no CUDA GPU here" in r.stderr and "--device cpu" in r.stderr
     assert "tile:" not in r.stderr, r.stderr
     assert not (out / "workspace").exists()
+
+
+def test_quiet_still_names_the_slides_that_failed(cli, tmp_path, cmu1_path, ihc_png_path):
+    # -q "prints only warnings and errors", yet a batch with a failed slide printed nothing at
+    # all and exited 1 (a cron job's mail said nothing).
+    r = cli("tile", cmu1_path, ihc_png_path, "-w", tmp_path / "ws", "-q")
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert r.stderr.strip() == (f"failed: skimage_ihc_FHL2-DAB_colon: {ihc_png_path}: the slide "
+                                "has no pixel size (mpp) in its metadata; give it in an `mpp` "
+                                "column of a CSV slide list (`path,mpp` rows), or with --mpp if "
+                                "every slide of the command has that size (--mpp overrides "
+                                "them all)"), r.stderr
