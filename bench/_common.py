@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import subprocess
 import sys
@@ -60,16 +61,21 @@ def build_slide(path: Path, width: int, height: int) -> None:
     os.replace(tmp, path)
 
 
-# Runs stainctl's CLI as `python -m stainctl` does and prints the process's own peak RSS
-# (VmHWM) on exit. Not the child's ru_maxrss: Linux counts in it the peak of the process that
-# started it (a bench that had just built its slides read 358 MB on every run, whatever the area).
-_PEAK_RUNNER = """
+def peak_rss_mb() -> float:
+    """This process's own peak RSS (VmHWM). Not ru_maxrss: in a child, Linux counts in it the
+    peak of the process that started it (a bench that had just built its slides read 358 MB on
+    every run, whatever the area). Benchmarks' child processes run this very source
+    (PEAK_RSS_SOURCE), so every figure is read one way."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+
+
+PEAK_RSS_SOURCE = inspect.getsource(peak_rss_mb)
+
+# Runs stainctl's CLI as `python -m stainctl` does and prints the process's own peak RSS on exit.
+_PEAK_RUNNER = PEAK_RSS_SOURCE + """
 import atexit, runpy, sys
-def peak():
-    with open('/proc/self/status') as f:
-        kb = next(int(l.split()[1]) for l in f if l.startswith('VmHWM:'))
-    sys.stderr.write(f'PEAK_RSS_KB {kb}\\n')
-atexit.register(peak)
+atexit.register(lambda: sys.stderr.write(f'PEAK_RSS_MB {peak_rss_mb()!r}\\n'))
 sys.argv[0] = 'stainctl'
 runpy.run_module('stainctl', run_name='__main__', alter_sys=True)
 """
@@ -83,12 +89,6 @@ def run_cli(args: list[str]) -> tuple[float, float]:
     elapsed = time.perf_counter() - t0
     if proc.returncode != 0:
         raise SystemExit(f"stainctl {' '.join(args)} failed:\n{proc.stderr}")
-    kb = [int(line.split()[1]) for line in proc.stderr.splitlines()
-          if line.startswith("PEAK_RSS_KB ")]
-    return elapsed, kb[-1] / 1024
-
-
-def peak_rss_mb() -> float:
-    """This process's own peak RSS (VmHWM), for a bench subprocess reporting itself."""
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    mb = [float(line.split()[1]) for line in proc.stderr.splitlines()
+          if line.startswith("PEAK_RSS_MB ")]
+    return elapsed, mb[-1]

@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import add_to_results
+from _common import PEAK_RSS_SOURCE, add_to_results
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -44,9 +44,9 @@ def mosaic(path: Path, gpx: float, width: int | None = None) -> Path:
     return path
 
 
-def run_job(slide: Path, out: Path, method: str) -> tuple[float, int]:
-    """Seconds and peak RSS (KB) of one normalize run in a child process."""
-    code = f"""
+def run_job(slide: Path, out: Path, method: str) -> tuple[float, float]:
+    """Seconds and peak RSS (MB, `peak_rss_mb`) of one normalize run in a child process."""
+    code = PEAK_RSS_SOURCE + f"""
 import sys, time
 sys.argv = ["stainctl", "normalize", {str(slide)!r}, "--target", {str(CMU1)!r}, "-o",
             {str(out)!r}, "--method", {method!r}, "-q"]
@@ -57,8 +57,7 @@ try:
 except SystemExit:
     pass
 print("SECONDS", time.perf_counter() - t)
-# Its own peak (VmHWM): ru_maxrss would count the bench's peak when it started this process.
-print("RSS", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
+print("RSS", repr(peak_rss_mb()))
 """
     if method == "identity":
         code = code.replace("from stainctl.cli.app import main", (
@@ -74,7 +73,7 @@ print("RSS", next(int(l.split()[1]) for l in open("/proc/self/status") if l.star
         if line.startswith("SECONDS"):
             seconds = float(line.split()[1])
         if line.startswith("RSS"):
-            rss = int(line.split()[1])
+            rss = float(line.split()[1])
     if seconds is None or rss is None:
         raise RuntimeError(r.stderr[-2000:])
     return seconds, rss
@@ -148,7 +147,7 @@ def main() -> None:
            "| slide Gpx | run | s | MP/s | peak RSS MB |", "|---|---|---|---|---|"]
     for gpx, method, sec, rss in rows:
         out.append(f"| {gpx:.2f} | {method} | {sec:.0f} | {gpx * 1000 / sec:.1f} | "
-                   f"{rss / 1024:.0f} |")
+                   f"{rss:.0f} |")
     if a.no_stainfuser:
         record(out)
         return

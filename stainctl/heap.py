@@ -14,9 +14,11 @@ in time; fixing the mmap threshold instead (mallopt) gave 614 and 841 MB but too
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from typing import Any
 
 EVERY = 1.0  # seconds between trims: a trim walks every arena (~ms), the work between is ~s
 
@@ -31,20 +33,34 @@ def glibc() -> bool:
         return False
 
 
+@functools.cache
+def _libc() -> Any:
+    """The C library's handle, loaded once, on first use; None off glibc."""
+    if not glibc():
+        return None
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None)
+    except OSError:
+        return None
+
+
 def trim(every: float = EVERY) -> bool:
     """Return the free pages of every malloc arena to the system, unless that was done less than
     `every` seconds ago (by any thread); True when it ran. A no-op off glibc."""
     global _last
+    libc = _libc()
+    if libc is None:
+        return False
     now = time.monotonic()
     with _lock:
-        if now - _last < every or not _GLIBC:
+        if now - _last < every:
             return False
         _last = now
-    import ctypes
-
     try:
-        ctypes.CDLL(None).malloc_trim(0)
-    except (OSError, AttributeError):
+        libc.malloc_trim(0)
+    except AttributeError:
         return False
     return True
 
@@ -56,15 +72,11 @@ def single_arena() -> bool:
     between them, so a readout's peak RSS crept up by ~10 kB a tile (146 -> 178 MB over
     3,249 tiles); with one arena it stayed at 152-153 MB, in the same time (bench/RESULTS.md,
     readout, lead, 2026-11-30). Arenas made before the call stay."""
-    if not _GLIBC:
+    libc = _libc()
+    if libc is None:
         return False
-    import ctypes
-
     M_ARENA_MAX = -8  # glibc's malloc.h
     try:
-        return bool(ctypes.CDLL(None).mallopt(M_ARENA_MAX, 1))
-    except (OSError, AttributeError):
+        return bool(libc.mallopt(M_ARENA_MAX, 1))
+    except AttributeError:
         return False
-
-
-_GLIBC = glibc()

@@ -213,3 +213,24 @@ def test_ycbcr_tables_match_openslide_formula() -> None:
     expected = np.stack([y + 1.402 * (cr - 128), y - 0.34414 * (cb - 128) - 0.71414 * (cr - 128),
                          y + 1.772 * (cb - 128)], axis=-1).clip(0, 255)
     assert np.abs(rgb[0] - expected).max() <= 1
+
+
+def test_strip_bytes_covers_the_stored_tiles_a_strip_of_reads_touches() -> None:
+    """`strip_bytes` (readout's cache budget) counts the stored tiles under a strip of square
+    reads starting anywhere, and the next row's; nothing for a level it does not read."""
+    slide = open_slide(DATA / "wsi/aperio/CMU-1-Small-Region.svs")
+    assert slide.direct is not None
+    lv = slide.direct.levels[0]
+    tw, th = lv.tile_width, lv.tile_height  # 240 px
+    side, width = 300.0, 1000.0
+    budget = slide.direct.strip_bytes(0, width, side)
+    assert budget == (-(-1000 // tw) + 1) * (-(-300 // th) + 2) * tw * th * 3
+    rng = np.random.default_rng(0)
+    for _ in range(50):  # a strip at any offset touches no more tiles than that, less a row
+        x, y = int(rng.integers(0, tw)), int(rng.integers(0, th))
+        cols = (x + int(width) - 1) // tw - x // tw + 1
+        rows = (y + int(side) - 1) // th - y // th + 1
+        assert cols * (rows + 1) * tw * th * 3 <= budget
+    assert slide.direct.strip_bytes(len(slide.level_dimensions), width, side) is None
+    slide.close()
+    assert slide.direct is None or slide.direct.strip_bytes(0, width, side) is None

@@ -297,7 +297,9 @@ def test_main_job_killed_and_terminated_resumes_to_the_same_pixels(tmp_path):
     # Stitch logs nothing before its work (a rerun's log says no "to do" it will not do): its
     # points follow translate's line for the slide.
     stitch = r"translate: CMU-1-Small-Region: (done|skipped)"
-    points = [(r"filter: \d+ to do", signal.SIGKILL), (r"translate: \d+/\d+", signal.SIGTERM),
+    # Translate's start line comes with its first written batch: mid-slide (its 10 % lines are
+    # at least 2 s apart, and this slide takes about that long).
+    points = [(r"filter: \d+ to do", signal.SIGKILL), (r"translate: \d+ to do", signal.SIGTERM),
               (stitch, signal.SIGKILL), (stitch, signal.SIGTERM)]
     for pattern, sig in points:
         code, sent, stderr = _run_until(job, pattern, sig, env)
@@ -326,17 +328,18 @@ def test_main_job_killed_and_terminated_resumes_to_the_same_pixels(tmp_path):
     assert leftovers == []
 
 
+# The canvas is blended in a child process; the stitch process receives its blocks here.
 STITCH_SLOWLY = textwrap.dedent("""
     import sys, time
-    import stainctl.stitch.blend as blend
-    blocks = blend.Canvas.blocks
+    import stainctl.stitch.canvas_process as canvas_process
+    blocks = canvas_process.CanvasProcess.blocks
     def slow(self):
         for i, block in enumerate(blocks(self)):
             if i == 1:
                 print("writing the pyramid", file=sys.stderr, flush=True)
             time.sleep(0.3)
             yield block
-    blend.Canvas.blocks = slow
+    canvas_process.CanvasProcess.blocks = slow
     from stainctl.cli.app import main
     sys.argv[0] = "stainctl"
     main()
@@ -345,7 +348,7 @@ STITCH_SLOWLY = textwrap.dedent("""
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, cmu1_path):
-    from test_stitch import _tiled_workspace, _translate_identity
+    from test_stitch import _tiled_workspace, _translate_identity, canvas_processes
 
     from stainctl.slide.reader import open_slide
 
@@ -365,6 +368,8 @@ def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, c
     run = w.manifest.db.execute("SELECT command, outcome FROM runs ORDER BY id DESC").fetchone()
     assert tuple(run) == ("stitch", "interrupted")
     w.close()
+    assert not canvas_processes(), "the canvas process outlived the stitch"
+
 
 
 def test_status_tells_a_running_step_from_an_interrupted_one(tiled, tmp_path):

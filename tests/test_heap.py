@@ -54,3 +54,35 @@ def test_freed_tiles_go_back_to_the_system() -> None:
 def test_trims_are_spaced() -> None:
     heap.trim(every=0.0)
     assert heap.trim(every=3600.0) is False  # the one just done is recent
+
+
+def test_libc_is_loaded_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """trim and single_arena share one handle of the C library, loaded on first use."""
+    import ctypes
+
+    calls: list[tuple[str, tuple[int, ...]]] = []
+
+    class Libc:
+        def malloc_trim(self, pad: int) -> int:
+            calls.append(("malloc_trim", (pad,)))
+            return 1
+
+        def mallopt(self, param: int, value: int) -> int:
+            calls.append(("mallopt", (param, value)))
+            return 1
+
+    loads: list[object] = []
+
+    def cdll(name: object) -> Libc:
+        loads.append(name)
+        return Libc()
+
+    monkeypatch.setattr(heap, "glibc", lambda: True)
+    monkeypatch.setattr(ctypes, "CDLL", cdll)
+    heap._libc.cache_clear()
+    try:
+        assert heap.trim(every=0.0) and heap.trim(every=0.0) and heap.single_arena()
+    finally:
+        heap._libc.cache_clear()  # the real library for the tests after this one
+    assert loads == [None]
+    assert calls == [("malloc_trim", (0,)), ("malloc_trim", (0,)), ("mallopt", (-8, 1))]

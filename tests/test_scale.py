@@ -86,6 +86,37 @@ def test_main_job_on_a_scheduler_equals_in_process(cli, tmp_path, reference, clu
     assert sum(i["hits"] + i["misses"] for i in info.values()) >= 4  # glass tasks + shards
 
 
+def test_the_driver_loads_no_model(cli, tmp_path, reference, cluster, monkeypatch):
+    """On a cluster only the workers load the engine: the driver checks the weights are there
+    and learns the engine's shape from a worker. A driver that loads it fails here."""
+    import stainctl.steps.translate as translate
+    from stainctl.errors import ModelError
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the driver loaded the model")
+
+    c, _ = cluster
+    for k, v in _env(tmp_path).items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr(translate, "load_engine", no_load)
+    r = cli("translate", CMU1, "--marker", MARKER, "-o", tmp_path / "out", "--scheduler",
+            c.scheduler_address, "--json")
+    assert r.exit_code == 0, r.output
+    assert np.array_equal(_level0(tmp_path / "out", CMU1), _level0(reference, CMU1))
+
+    # Missing weights are still said by the driver, before any slide is planned.
+    def missing(cards, directory, **kwargs):
+        raise ModelError("demo-ki67: its weights are not installed")
+
+    monkeypatch.setattr("stainctl.models.weights.check_installed", missing)
+    from stainctl.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "out" / "workspace")
+    with pytest.raises(ModelError, match="not installed"):
+        translate.translate_slides(ws, translate.TranslateOptions(
+            marker=MARKER, scheduler=c.scheduler_address, force=True))
+
+
 def test_devices_cpu_cpu_equals_in_process(cli, tmp_path, reference, monkeypatch):
     for k, v in _env(tmp_path).items():
         monkeypatch.setenv(k, v)
@@ -213,17 +244,19 @@ def test_devices_parse():
     d = Devices.parse("cuda:0, cuda:3")
     assert d.gpus == (0, 3) and d.worker_device == "cuda"
     assert Devices.parse("cuda").names == ("cuda:0",)
+    assert str(Devices.parse("cuda:0, cuda:3")) == "cuda:0,cuda:3"  # as a run records it
     for bad in ("cuda:0,cpu", "cuda:1,cuda:1", "gpu0", ""):
         with pytest.raises(UsageError, match="--devices"):
             Devices.parse(bad)
 
 
 def test_devices_and_scheduler_together_are_refused():
+    from stainctl.cluster.local import Devices
     from stainctl.errors import UsageError
     from stainctl.steps.translate import TranslateOptions
 
     with pytest.raises(UsageError, match="--scheduler or --devices"):
-        TranslateOptions(marker=MARKER, scheduler="tcp://h:8786", devices=("cpu",))
+        TranslateOptions(marker=MARKER, scheduler="tcp://h:8786", devices=Devices.parse("cpu"))
 
 
 def test_shards_are_whole_batches_and_cover_every_tile_once():

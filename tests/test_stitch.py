@@ -150,6 +150,29 @@ def test_read_only_open_reads_the_metadata_without_zarr(tmp_path, cmu1):
     assert np.array_equal(ro.read_into(1, 2, out), tile)
 
 
+def test_a_writable_store_reads_its_metadata_once(tmp_path, cmu1, monkeypatch):
+    """Opened writable, a store takes its layout check from the metadata zarr read, not from a
+    second read of zarr.json; the check still tells a plain store from another codec's."""
+    import zarr
+
+    from stainctl.workspace import tilestore
+
+    lay = _layout(cmu1, 256, 32, 16)
+    TileStore.create(tmp_path / "s.zarr", lay, {"marker": "he"})
+    other = zarr.create_array(str(tmp_path / "z.zarr"), shape=(lay.rows, lay.cols, lay.side,
+                              lay.side, 3), chunks=(1, 1, lay.side, lay.side, 3), dtype="uint8",
+                              fill_value=0, compressors=None,
+                              attributes=dict(zarr.open_array(str(tmp_path / "s.zarr")).attrs))
+    del other
+
+    def no_second_read(path):
+        raise AssertionError(f"{path} read again")
+
+    monkeypatch.setattr(tilestore, "_plain_blosc_attrs", no_second_read)
+    assert TileStore.open(tmp_path / "s.zarr")._direct
+    assert not TileStore.open(tmp_path / "z.zarr")._direct
+
+
 # --- blending -----------------------------------------------------------------------------
 def test_ramps_are_a_partition_of_unity():
     out, fade_in = ramps(64)
@@ -307,6 +330,66 @@ def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
         slide = tiffslide.TiffSlide(res.path)
         back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
         assert np.abs(back.astype(int) - region).max() <= 1, comp
+
+
+def canvas_processes() -> list[str]:
+    """Pids of running canvas child processes (stainctl/stitch/canvas_process.py)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            args = cmdline.read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"stainctl.stitch.canvas_process" in args:
+            found.append(cmdline.parent.name)
+    return found
+
+
+def _level0(path: Path) -> np.ndarray:
+    import tifffile
+
+    with tifffile.TiffFile(path) as tif:
+        return tif.series[0].levels[0].asarray()
+
+
+def test_the_canvas_process_stitches_what_a_thread_does(tmp_path, cmu1):
+    from stainctl.stitch import canvas_process
+
+    assert canvas_process.available()  # Linux: the default path
+    lay = _layout(cmu1, 256, 32, 16)
+    offsets = np.random.default_rng(2).integers(-40, 40, (lay.rows, lay.cols))
+    store = _store(tmp_path / "s.zarr", cmu1, lay, offsets=offsets, skip={(3, 4), (4, 4)})
+    # More band rows than ring slots: slots are refilled while libvips still reads the canvas.
+    assert lay.rows > 2 * canvas_process.SLOTS
+    outputs = {}
+    for in_process in (False, True):
+        res = stitch_store(store, tmp_path / f"{in_process}.ome.tif",
+                           options=PyramidOptions("ome-tiff", "none"), background=BG, name="x",
+                           annotations={}, in_process=in_process)
+        outputs[in_process] = _level0(res.path)
+    assert np.array_equal(outputs[False], _canvas(store))
+    assert np.array_equal(outputs[False], outputs[True])
+    assert not canvas_processes()
+
+
+def test_a_failure_in_the_canvas_process_fails_the_stitch_as_on_a_thread(tmp_path, cmu1):
+    from stainctl.workspace.tilestore import chunk_file
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = _store(tmp_path / "s.zarr", cmu1, lay)
+    chunk_file(store.path, 2, 6).write_bytes(b"not a blosc chunk")
+    errors = {}
+    for in_process in (False, True):
+        out = tmp_path / f"{in_process}.ome.tif"
+        with pytest.raises(Exception) as err:
+            stitch_store(store, out, options=PyramidOptions(), background=BG, name="x",
+                         annotations={}, in_process=in_process)
+        errors[in_process] = (type(err.value), str(err.value))
+        assert not out.exists() and not list(tmp_path.glob(".*tmp*"))
+    assert errors[False] == errors[True]
+    kind, message = errors[False]
+    assert kind is StoreError and "tile (2, 6)" in message and "translate --force" in message
+    assert not canvas_processes()
 
 
 def test_level0_overlays_the_source_slide(tmp_path, cmu1):

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.output import Batch, Output, run_batch
 
@@ -18,12 +17,10 @@ def embed(
         help="Encoder model (see `stainctl models list`), or a card file.")] = "uni2-h",
     models_dir: opt.ModelsDir = None,
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
-    device: Annotated[str, typer.Option(
-        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: opt.Device = "auto",
     dtype: Annotated[str, typer.Option(help="fp32, or bf16 (autocast; faster on GPUs and "
                                             "CPUs with bf16 instructions).")] = "fp32",
-    readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the network.")]
-    = 2,
+    readers: Annotated[int, opt.readers("network")] = 2,
     scheduler: opt.Scheduler = None,
     force: opt.Force = False,
     json_out: opt.Json = False,

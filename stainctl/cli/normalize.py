@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 
 import typer
 
-from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.options import Format
 from stainctl.cli.output import Batch, Output, run_batch
@@ -30,31 +29,24 @@ def normalize(
     model: Annotated[str, typer.Option(
         help="The learned normaliser's model (--method stainfuser): its card name.")]
     = "stainfuser",
-    workspace: Annotated[Path | None, typer.Option(
-        "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
-        help="Workspace; default OUTPUT/workspace.")] = None,
+    workspace: Annotated[Path | None, opt.workspace(
+        "Workspace; default OUTPUT/workspace.")] = None,
     target_mpp: Annotated[float, typer.Option(
         help="µm/px of the tiles and of the output (stainfuser takes 0.5).")] = 0.5,
     tile_size: Annotated[int, typer.Option(
         help="Tile px a side (classical methods; stainfuser takes its model's).")] = 512,
-    fmt: Annotated[Format, typer.Option("--format", help="ome-tiff or tiff.")] = "ome-tiff",
+    fmt: Annotated[Format, opt.pyramid_format()] = "ome-tiff",
     mpp: opt.Mpp = None,
     scheduler: Annotated[str | None, typer.Option(
         help="Address of a running Dask distributed scheduler for the tile filter; default: "
              "local threads.")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Local threads of the filter (default: one per core).")] = None,
-    device: Annotated[str, typer.Option(
-        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N (stainfuser).")]
-    = "auto",
+    device: Annotated[str, opt.device(" (stainfuser)")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per batch.")] = 8,
     steps: Annotated[int, typer.Option(help="Denoising steps (stainfuser).")] = 20,
-    seed: Annotated[int, typer.Option(
-        help="Seed; each tile's noise derives from it, the slide and the tile (stainfuser).")]
-    = 0,
-    dtype: Annotated[str, typer.Option(
-        help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU) or fp32 (stainfuser).")]
-    = "auto",
+    seed: Annotated[int, opt.tile_seed("stainfuser")] = 0,
+    dtype: Annotated[str, opt.diffusion_dtype("stainfuser")] = "auto",
     overlap: Annotated[int | None, typer.Option(
         help="Context px on each side of a tile, blended by stitch (stainfuser; default 32). "
              "The classical methods map each colour alike everywhere and need none.")] = None,

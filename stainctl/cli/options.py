@@ -1,15 +1,67 @@
-"""Options shared by the subcommands, so every command spells them the same way."""
+"""Options shared by the subcommands, so every command spells them the same way.
+
+An option spelt the same everywhere is an alias (`Json`); one whose help names what it applies
+to in each command is a factory giving the option (`device(" (pixcell)")`), used as
+`device: Annotated[str, opt.device(...)] = "auto"` so the type stays in the signature.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 
-Workspace = Annotated[Path, typer.Option(
-    "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
-    help="Workspace directory (manifest, tiles, outputs).")]
+from stainctl.cli import complete
+
+
+def workspace(help: str = "Workspace directory (manifest, tiles, outputs).") -> Any:
+    return typer.Option("-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
+                        help=help)
+
+
+def device(note: str = "") -> Any:
+    """--device for a command running a network; `note`: which one, or what a device does."""
+    return typer.Option(autocompletion=complete.devices, help=f"auto, cpu, cuda or cuda:N{note}.")
+
+
+def diffusion_dtype(engines: str) -> Any:
+    """--dtype of the diffusion `engines` (their own default per device)."""
+    return typer.Option(help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU) or fp32 "
+                             f"({engines}).")
+
+
+def tile_seed(engines: str) -> Any:
+    """--seed of engines whose noise is drawn per tile."""
+    return typer.Option(help="Seed; each tile's noise derives from it, the slide and the tile, so "
+                             "re-runs and resumed runs give the same slide "
+                             f"({engines}).")
+
+
+def training_seed(made: str = "model") -> Any:
+    return typer.Option(help=f"Seed: the same seed gives the same {made}.")
+
+
+def new_model_name(suffix: str) -> Any:
+    return typer.Option(help=f"Name of the new model; default <marker>-{suffix}.")
+
+
+def default_mpp(note: str = "") -> Any:
+    """--default-mpp of the training commands, which also take PNG/JPEG images."""
+    return typer.Option(help=f"µm/px of images that do not record it (PNG, JPEG){note}.")
+
+
+def readers(consumer: str) -> Any:
+    return typer.Option(help=f"Threads reading tiles ahead of the {consumer}.")
+
+
+def pyramid_format(note: str = "") -> Any:
+    """--format of a command that writes pyramidal slides (stitch, normalize, the main job)."""
+    return typer.Option("--format", help="ome-tiff (pyramid in SubIFDs; QuPath, Bio-Formats) or "
+                                         f"tiff (levels as pages; OpenSlide){note}.")
+
+
+Workspace = Annotated[Path, workspace()]
 Json = Annotated[bool, typer.Option(
     "--json", help="Print one JSON document on stdout for scripts.")]
 Quiet = Annotated[bool, typer.Option("-q", "--quiet", help="Print only warnings and errors.")]
@@ -39,3 +91,5 @@ Scheduler = Annotated[str | None, typer.Option(
          "paths.")]
 # A choice, so a typo stops the command before any work and the shell completes it.
 Format = Literal["ome-tiff", "tiff"]
+Device = Annotated[str, device()]
+TileSize = Annotated[int, typer.Option(help="Tile side in pixels at --target-mpp.")]

@@ -184,35 +184,43 @@ def _sqlite_message(err: sqlite3.DatabaseError) -> str:
 
 class _LogProgress:
     """Plain lines for logs: per-slide lines, and for a step that works through tiles, a start
-    line and a line every ~10 % or 30 s.
+    line and a line every ~10 %, at most one every `GAP` seconds (a job of a few seconds, such
+    as a readout of 18 tiles, would otherwise print nine lines in a fraction of a second), and
+    one at least every `EVERY` seconds however slow the work.
 
     The start line waits for the first work: a step's total counts what it will look at, and on
     a rerun the slides already done are skipped without any work, so "18 to do" would be
     followed by "skipped" (the per-slide lines say what happened to each slide)."""
 
-    def __init__(self, quiet: bool) -> None:
+    GAP = 2.0
+    EVERY = 30.0
+
+    def __init__(self, quiet: bool, clock: Callable[[], float] = time.monotonic) -> None:
         self.quiet = quiet
+        self.clock = clock
         self.total = self.done = 0
         self.name = ""
-        self.last = 0.0
+        self.last = 0.0  # when the last line about the count was written
         self.next_pct = 10
         self.pending = False  # the start line is not written yet
         self.slide_lines = 0
 
     def start(self, description: str, total: int) -> None:
         self.name, self.total, self.done, self.last, self.next_pct = description, total, 0, \
-            time.monotonic(), 10
+            self.clock(), 10
         self.pending, self.slide_lines = True, 0
 
     def advance(self, n: int = 1) -> None:
+        now = self.clock()
         if self.pending and not self.slide_lines and not self.quiet:
             log.info("%s: %d to do", self.name, self.total)
+            self.last = now
         self.pending = False
         self.done += n
         pct = 100 * self.done // max(self.total, 1)
-        now = time.monotonic()
+        since = now - self.last
         if not self.quiet and self.done < self.total and (
-                pct >= self.next_pct or now - self.last > 30):
+                (pct >= self.next_pct and since >= self.GAP) or since > self.EVERY):
             log.info("%s: %d/%d (%d%%)", self.name, self.done, self.total, pct)
             self.next_pct = pct - pct % 10 + 10
             self.last = now

@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.output import Batch, Output, run_batch
 
@@ -28,9 +27,7 @@ def predict(
     models_dir: opt.ModelsDir = None,
     batch_size: Annotated[int, typer.Option(
         help="Tiles per forward pass of the encoder (slides not embedded yet).")] = 8,
-    device: Annotated[str, typer.Option(
-        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N (the encoder).")]
-    = "auto",
+    device: Annotated[str, opt.device(" (the encoder)")] = "auto",
     json_out: opt.Json = False,
     quiet: opt.Quiet = False,
     verbose: opt.Verbose = 0,

@@ -33,7 +33,7 @@ def readout(
     mpp: opt.Mpp = None,
     target_mpp: Annotated[float, typer.Option(
         help="Resolution the tiles are measured at, µm/px (all scanners alike).")] = 0.5,
-    tile_size: Annotated[int, typer.Option(help="Tile side in pixels at --target-mpp.")] = 512,
+    tile_size: opt.TileSize = 512,
     workers: Annotated[int | None, typer.Option(
         help="Threads reading and measuring tiles; default: the CPU count.")] = None,
     models_dir: opt.ModelsDir = None,

@@ -20,9 +20,7 @@ def stitch(
         "-o", "--output",
         help="Output directory (default WS/outputs), or a .tif file when one output is made.")]
     = None,
-    fmt: Annotated[opt.Format, typer.Option(
-        "--format", help="ome-tiff (pyramid in SubIFDs; QuPath, Bio-Formats) or tiff "
-                         "(levels as pages; OpenSlide).")] = "ome-tiff",
+    fmt: Annotated[opt.Format, opt.pyramid_format()] = "ome-tiff",
     compression: Annotated[str, typer.Option(help="jpeg, lzw, deflate or none.")] = "jpeg",
     quality: Annotated[int, typer.Option(help="JPEG quality (1-100).")] = 90,
     tile: Annotated[int, typer.Option("--tile", help="TIFF tile side in pixels.")] = 512,

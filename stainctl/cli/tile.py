@@ -20,7 +20,7 @@ def tile(
     workspace: opt.Workspace,
     mpp: opt.Mpp = None,
     target_mpp: Annotated[float, typer.Option(help="Tile resolution in µm/px.")] = 0.5,
-    tile_size: Annotated[int, typer.Option(help="Tile side in pixels at --target-mpp.")] = 512,
+    tile_size: opt.TileSize = 512,
     overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 0,
     min_tissue: Annotated[float, typer.Option(
         help="Keep tiles with at least this tissue fraction.")] = 0.25,

@@ -23,8 +23,7 @@ def train(
         "--pair", metavar="HE,IHC",
         help="A roughly aligned H&E / IHC pair of serial sections, comma-separated (repeat); "
              "registered on landmark CSVs beside them when present.")] = None,
-    name: Annotated[str | None, typer.Option(
-        help="Name of the new model; default <marker>-fast.")] = None,
+    name: Annotated[str | None, opt.new_model_name("fast")] = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 2000,
     batch: Annotated[int, typer.Option(help="Crops a step.")] = 4,
     crop: Annotated[int, typer.Option(help="Crop side in px, at 0.5 µm/px.")] = 256,
@@ -37,12 +36,9 @@ def train(
         help="Also keep about this fraction of the rest of each IHC image (a bottom strip) out "
              "of training; its crops go to OUT/validation/, to choose checkpoints on without "
              "touching the held-out crops.")] = 0.0,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same model.")] = 0,
-    default_mpp: Annotated[float, typer.Option(
-        help="µm/px of images that do not record it (PNG, JPEG).")] = 0.5,
-    device: Annotated[str, typer.Option(
-        autocompletion=complete.devices,
-        help="auto, cpu, cuda or cuda:N; a CUDA run uses deterministic kernels.")] = "auto",
+    seed: Annotated[int, opt.training_seed()] = 0,
+    default_mpp: Annotated[float, opt.default_mpp()] = 0.5,
+    device: Annotated[str, opt.device("; a CUDA run uses deterministic kernels")] = "auto",
     loss_weight: Annotated[list[str] | None, typer.Option(
         "--loss-weight", metavar="NAME=VALUE",
         help="Set one loss weight (repeat): adv 1, identity 5, structure 10, dab 2 (DAB mean "

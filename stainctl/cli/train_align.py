@@ -39,21 +39,17 @@ def train_align(
     pool: Annotated[str, typer.Option(
         help="Slide class from the tiles': mean, max, or attention (trained on the slide "
              "labels).")] = "mean",
-    name: Annotated[str | None, typer.Option(
-        help="Name of the new model; default <marker>-align.")] = None,
+    name: Annotated[str | None, opt.new_model_name("align")] = None,
     steps: Annotated[int, typer.Option(help="Training steps.")] = 300,
     batch: Annotated[int, typer.Option(help="Tile pairs a step (InfoNCE's negatives).")] = 32,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW).")] = 1e-3,
     val: Annotated[float, typer.Option(
         metavar="FRACTION", help="Fraction of each pair's tiles held out for the card's "
                                  "metrics.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same model.")] = 0,
+    seed: Annotated[int, opt.training_seed()] = 0,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
-    default_mpp: Annotated[float | None, typer.Option(
-        help="µm/px of images that do not record it (PNG, JPEG); default: refuse them.")]
-    = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N (the encoder).")]
-    = "auto",
+    default_mpp: Annotated[float | None, opt.default_mpp("; default: refuse them")] = None,
+    device: Annotated[str, opt.device(" (the encoder)")] = "auto",
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", "--out", file_okay=False,
         help="Model folder (and its resumable run/); default <models dir>/<name>. The model "

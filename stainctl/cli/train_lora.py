@@ -7,7 +7,6 @@ from typing import Annotated, Any
 
 import typer
 
-from stainctl.cli import complete
 from stainctl.cli import options as opt
 from stainctl.cli.output import Output, run_command
 
@@ -29,8 +28,7 @@ def train_lora(
     base: Annotated[str | None, typer.Option(
         help="The installed model to adapt; default demo-ki67 (fast), pixcell-1024 "
              "(pixcell).")] = None,
-    name: Annotated[str | None, typer.Option(
-        help="Name of the new model; default <marker>-lora.")] = None,
+    name: Annotated[str | None, opt.new_model_name("lora")] = None,
     rank: Annotated[int, typer.Option(help="LoRA rank.")] = 4,
     alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / rank).")] = 4.0,
     steps: Annotated[int, typer.Option(help="fast: training steps.")] = 300,
@@ -59,11 +57,9 @@ def train_lora(
                               "tissue.")] = None,
     flow_epochs: Annotated[int, typer.Option(help="pixcell --train-flow: passes over the "
                                                   "pairs.")] = 100,
-    device: Annotated[str, typer.Option(
-        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N (pixcell).")] = "auto",
-    seed: Annotated[int, typer.Option(help="Seed: the same seed gives the same adapter.")] = 0,
-    default_mpp: Annotated[float | None, typer.Option(
-        help="µm/px of images that do not record it (PNG, JPEG).")] = None,
+    device: Annotated[str, opt.device(" (pixcell)")] = "auto",
+    seed: Annotated[int, opt.training_seed("adapter")] = 0,
+    default_mpp: Annotated[float | None, opt.default_mpp("; default: refuse them")] = None,
     output: Annotated[Path | None, typer.Option(
         "-o", "--output", file_okay=False,
         help="Model folder; default <models dir>/<name>, so translate can use it at once.")]

@@ -29,16 +29,13 @@ def translate(
     output: Annotated[Path, typer.Option(
         "-o", "--output", help="Where the slides and side-by-side PNGs go (with SLIDES).")]
     = Path("stainctl-out"),
-    workspace: Annotated[Path | None, typer.Option(
-        "-w", "--workspace", envvar="STAINCTL_WORKSPACE", file_okay=False,
-        help="Workspace; default with SLIDES: OUTPUT/workspace.")] = None,
+    workspace: Annotated[Path | None, opt.workspace(
+        "Workspace; default with SLIDES: OUTPUT/workspace.")] = None,
     models_dir: opt.ModelsDir = None,
-    device: Annotated[str, typer.Option(
-        autocompletion=complete.devices, help="auto, cpu, cuda or cuda:N.")] = "auto",
+    device: opt.Device = "auto",
     batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
-    readers: Annotated[int, typer.Option(help="Threads reading tiles ahead of the model.")] = 2,
-    fmt: Annotated[Format, typer.Option("--format", help="ome-tiff or tiff (with SLIDES).")]
-    = "ome-tiff",
+    readers: Annotated[int, opt.readers("model")] = 2,
+    fmt: Annotated[Format, opt.pyramid_format("; with SLIDES")] = "ome-tiff",
     mpp: opt.Mpp = None,
     steps: Annotated[int | None, typer.Option(
         help="Diffusion steps: default 20 (pixcell), 100 translation steps (histdist).")]
@@ -50,13 +47,8 @@ def translate(
     guidance: Annotated[float, typer.Option(
         help="Classifier-free guidance scale (pixcell); <= 1 skips the unconditional "
              "pass.")] = 1.2,
-    seed: Annotated[int, typer.Option(
-        help="Seed; each tile's noise derives from it, the slide and the tile, so re-runs and "
-             "resumed runs give the same slide (pixcell, histdist).")] = 0,
-    dtype: Annotated[str, typer.Option(
-        help="auto (bf16 on a GPU, fp32 on a CPU), bf16, fp16 (GPU) or fp32 (pixcell, "
-             "histdist).")]
-    = "auto",
+    seed: Annotated[int, opt.tile_seed("pixcell, histdist")] = 0,
+    dtype: Annotated[str, opt.diffusion_dtype("pixcell, histdist")] = "auto",
     inversion_steps: Annotated[int | None, typer.Option(
         help="DDIM inversion steps (histdist; default 100).")] = None,
     eta: Annotated[str | None, typer.Option(
@@ -118,7 +110,7 @@ def translate(
             marker=marker, models_dir=Path(models_dir) if models_dir else None, device=device,
             batch_size=batch_size, readers=readers, force=force, steps=steps, guidance=guidance,
             seed=seed, dtype=dtype, overlap=overlap, sampler=sampler, scheduler=scheduler,
-            devices=Devices.parse(devices).names if devices else None, shard_tiles=shard_tiles,
+            devices=Devices.parse(devices) if devices else None, shard_tiles=shard_tiles,
             normalize_to=normalize_to, normalize_method=normalize_method,
             inversion_steps=inversion_steps, eta=eta, inversion_eta=inversion_eta,
             prediction=prediction_type, latent_norm=latent_norm, structure=structure)

@@ -35,6 +35,10 @@ class Devices:
         if len(set(gpus)) != len(gpus):
             raise UsageError(f"--devices names a GPU twice: {','.join(self.names)}")
 
+    def __str__(self) -> str:
+        """As --devices takes them (how a run's parameters record them)."""
+        return ",".join(self.names)
+
     @property
     def gpus(self) -> tuple[int, ...]:
         return tuple(int(n.split(":")[1]) for n in self.names if n != "cpu")

@@ -107,6 +107,25 @@ Loader = Callable[["ModelCard", Path, EngineOptions], Engine]
 
 
 @dataclass(frozen=True, kw_only=True)
+class EngineShape:
+    """What planning a slide needs of a loaded engine: its tile geometry and the settings
+    recorded with its tiles. Plain data, so a cluster's worker, which loads the engine anyway,
+    can send it to the driver, which then loads no model."""
+
+    margin: int
+    multiple: int
+    input_side: int | None
+    deterministic: bool
+    settings: dict[str, object]
+
+    @classmethod
+    def of(cls, engine: Engine) -> EngineShape:
+        return cls(margin=engine.margin, multiple=engine.multiple,
+                   input_side=engine.input_side, deterministic=engine.deterministic,
+                   settings=dict(engine.settings()))
+
+
+@dataclass(frozen=True, kw_only=True)
 class EngineSpec:
     name: str
     loader: str | Loader  # "package.module:function", imported on first use, or the function

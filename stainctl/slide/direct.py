@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import math
 import os
 import threading
 from collections import OrderedDict
@@ -233,6 +234,19 @@ class DirectReader:
             tile.setflags(write=False)  # shared through the cache
             _CACHE.put(key, tile)
         return tile
+
+    def strip_bytes(self, level: int, width: float, side: float) -> int | None:
+        """Bytes of the decoded stored tiles that square reads of `side` level pixels, along a
+        strip `width` level pixels wide, reuse: the stored columns under the strip, times the
+        stored rows under one read and the next row's (a column and a row more: a read starts
+        anywhere in a stored tile). None when the level is not read here (the library caches).
+        """
+        if not self.serves(level):
+            return None
+        lv = self.levels[level]
+        cols = math.ceil(width / lv.tile_width) + 1
+        rows = math.ceil(side / lv.tile_height) + 2
+        return cols * rows * lv.tile_width * lv.tile_height * 3
 
     def forget(self) -> None:
         """Drop this slide's decoded tiles from the shared cache (a caller done with a view,

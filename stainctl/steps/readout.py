@@ -354,19 +354,14 @@ def strip_cache(slide: Slide, level: int, grid: Grid, size: int, margin: int,
 
 def strip_cache_bytes(slide: Slide, level: int, grid: Grid, size: int, margin: int,
                       strip: int = STRIP_COLUMNS) -> int | None:
-    """Bytes of the decoded stored tiles that reads of a strip reuse: the stored columns under
-    a row of `strip` tiles with their margins, times the stored rows under one tile and the
-    next row's. None when the level is not read from its stored tiles (the library caches)."""
-    direct = slide.direct
-    if direct is None or not direct.serves(level):
+    """Bytes of the decoded stored tiles that reads of a strip of `strip` grid columns reuse
+    (`DirectReader.strip_bytes`); None when the level is not read from its stored tiles."""
+    if slide.direct is None:
         return None
-    stored = direct.levels[level]
     ds = slide.level_downsamples[level]
     side = (size + 2 * margin) * grid.extent0 / size / ds  # a read, in level pixels
     width = (strip - 1) * grid.stride0 / ds + side
-    cols = math.ceil(width / stored.tile_width) + 1
-    rows = math.ceil(side / stored.tile_height) + 2
-    return cols * rows * stored.tile_width * stored.tile_height * 3
+    return slide.direct.strip_bytes(level, width, side)
 
 
 def _read_tile(slide: Slide, x0: int, y0: int, extent0: float, size: int, margin: int,

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 from stainctl.engines.base import (
     Engine,
     EngineOptions,
+    EngineShape,
     engine_spec,
     load_engine,
     tile_seed,
@@ -32,6 +33,7 @@ from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOu
 from stainctl.workspace import GridRecord, SlideRecord, StepRecord, Workspace
 
 if TYPE_CHECKING:
+    from stainctl.cluster.local import Devices
     from stainctl.normalize.classical import Normaliser
     from stainctl.slide.tiles import TileSource
     from stainctl.workspace.tilestore import TileStore
@@ -54,9 +56,9 @@ class TranslateOptions:
     overlap: int | None = None  # context px each side; default: the model card's margin
     sampler: str = "dpm++"  # diffusion solver (engines.base.SAMPLERS)
     # Where the work runs (cluster/): a Dask scheduler's address, or one local worker per
-    # device (`cuda:0`, `cpu`); neither: in this process.
+    # device (`cuda:0`, `cpu`), parsed and checked once (Devices.parse); neither: in this process.
     scheduler: str | None = None
-    devices: tuple[str, ...] | None = None
+    devices: Devices | None = None
     shard_tiles: int = 256  # tiles per task on a cluster; rounded up to whole batches
     # Tiles normalised to this reference (image or slide) before the model sees them; default:
     # the reference the model card names (architecture.normalize_to), if any.
@@ -78,10 +80,6 @@ class TranslateOptions:
         if self.scheduler and self.devices:
             raise UsageError("give --scheduler or --devices, not both: --devices starts its "
                              "own local cluster")
-        if self.devices is not None:
-            from stainctl.cluster.local import Devices
-
-            Devices(names=self.devices)  # checks them
         if self.normalize_method not in CLASSICAL:
             raise UsageError(f"--normalize-method must be one of {', '.join(CLASSICAL)}, got "
                              f"{self.normalize_method}")
@@ -127,7 +125,16 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
         # The per-slide fit and its colour table live in this process; workers do not get them.
         raise UsageError("input normalisation (--normalize-to, or the model card's reference) "
                          "runs in this process only: drop --scheduler/--devices for this run")
-    engine = load_engine(card, directory, options.engine_options())
+    if options.on_cluster:
+        # Only the workers load the model (the driver learns its shape from one of them,
+        # translate_cluster.py); here, missing weights are said before any slide is planned.
+        from stainctl.models.registry import required_cards
+        from stainctl.models.weights import check_installed
+
+        check_installed(required_cards(card, directory), directory)
+        engine = None
+    else:
+        engine = load_engine(card, directory, options.engine_options())
     try:  # whatever happens once it is loaded (nothing to translate, a stop): close it
         m = ws.manifest
         ready = m.slides_done(Workspace.FILTER)
@@ -138,7 +145,8 @@ def translate_slides(ws: Workspace, options: TranslateOptions,
         return TranslateStep(ws, progress, options, card, engine, directory,
                              normaliser).run(ready)
     finally:
-        engine.close()
+        if engine is not None:
+            engine.close()
 
 
 def input_normaliser(card: ModelCard, options: TranslateOptions) -> Normaliser | None:
@@ -174,10 +182,13 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
     label = "translate"
 
     def __init__(self, ws: Workspace, progress: Progress, options: TranslateOptions,
-                 card: ModelCard, engine: Engine, directory: Path | None = None,
+                 card: ModelCard, engine: Engine | None, directory: Path | None = None,
                  normaliser: Normaliser | None = None) -> None:
+        """`engine` None: a cluster's driver, which plans and records while the workers
+        translate; `shape` is then set from a worker's engine before the first plan."""
         super().__init__(ws, progress, force=options.force)
-        self.options, self.card, self.engine = options, card, engine
+        self.options, self.card, self._engine = options, card, engine
+        self.shape = EngineShape.of(engine) if engine is not None else None
         self.directory = directory
         self.normaliser = normaliser  # tiles normalised first, fitted per slide
 
@@ -189,21 +200,22 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
 
     def plan(self, item: SlideRecord, slide: SlideRecord,
              previous: StepRecord | None) -> SlidePlan[SlideRecord, TranslateWork]:
-        card, options, m = self.card, self.options, self.manifest
+        card, options, m, shape = self.card, self.options, self.manifest, self.shape
+        assert shape is not None, "a cluster's driver plans once a worker gave the shape"
         grid = self.model_grid(slide, card)
-        margin = _margin(slide.path, grid.tile_size, card, self.engine, options)
+        margin = _margin(slide.path, grid.tile_size, card, shape, options)
         side = grid.tile_size + 2 * margin
-        if side % self.engine.multiple:
+        if side % shape.multiple:
             raise SlideError(slide.path, f"{card.name} needs tiles of a multiple of "
-                             f"{self.engine.multiple} px; re-tile with --tile-size "
+                             f"{shape.multiple} px; re-tile with --tile-size "
                              f"{card.tile_size}")
         filtered = m.step(slide.id, Workspace.FILTER)
         params: dict[str, object] = {
             "model": card.name, "margin": margin, "grid": grid.params_hash,
             "filter": filtered.params_hash if filtered else None,
             "background": "the model's glass"}  # was a fixed near-white: such stores are redone
-        params.update(self.engine.settings())  # what changes the pixels; batching and device
-        if not self.engine.deterministic:  # do not
+        params.update(shape.settings)  # what changes the pixels; batching and device
+        if not shape.deterministic:  # do not
             params["seed"] = options.seed
         if self.normaliser is not None:  # absent without one: older stores stay valid
             params["normalize"] = self.normaliser.settings()
@@ -239,6 +251,12 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         from stainctl.steps.translate_cluster import run_on_cluster
 
         yield from run_on_cluster(self, plans)
+
+    @property
+    def engine(self) -> Engine:
+        """The loaded engine (in process; a cluster's driver has none)."""
+        assert self._engine is not None, "the cluster's driver loads no engine"
+        return self._engine
 
     def slide_engine(self, plan: SlidePlan[SlideRecord, TranslateWork]) -> Engine:
         """The engine for one slide: with a normaliser, one whose tiles are normalised first
@@ -338,16 +356,16 @@ def _resumed_background(path: Path) -> tuple[int, int, int] | None:
     return r, g, b
 
 
-def _margin(path: str, tile_size: int, card: ModelCard, engine: Engine,
+def _margin(path: str, tile_size: int, card: ModelCard, shape: EngineShape,
             options: TranslateOptions) -> int:
     """Context px on each side of a grid tile: fixed by the grid for a fixed-size generator,
     else --overlap or the card's margin."""
-    side = engine.input_side
+    side = shape.input_side
     if side is None:
-        return int(options.overlap if options.overlap is not None else engine.margin)
+        return int(options.overlap if options.overlap is not None else shape.margin)
     margin, odd = divmod(side - tile_size, 2)
     if margin < 0 or odd or (options.overlap is not None and margin != options.overlap):
-        overlap = engine.margin if options.overlap is None else options.overlap
+        overlap = shape.margin if options.overlap is None else options.overlap
         raise SlideError(path, f"{card.name} generates {side}-px tiles; with a {overlap}-px "
                          f"overlap, tile at --tile-size {side - 2 * overlap} (this workspace "
                          f"has {tile_size}-px tiles)")

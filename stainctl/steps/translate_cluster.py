@@ -1,12 +1,13 @@
 """`translate` on a Dask cluster: the driver side.
 
-Per slide, a worker first measures the colour the model gives the slide's glass (the driver reads
-no slide pixels, so a slide a worker cannot see fails with that reason); the driver then creates
-the tile store, cuts the slide's tissue tiles into shards of whole batches and submits those the
-store does not hold yet. A
-shard whose worker dies is re-run by Dask on another worker and writes only the tiles still
-missing. Results come back to this process, which alone writes the manifest: a slide is done when
-all its shards are, failed (with the first shard's reason) when one fails; the batch goes on.
+The driver loads no model: a worker, which loads the engine for its tasks anyway, sends its
+shape (margin, settings) for planning. Per slide, a worker first measures the colour the model
+gives the slide's glass (the driver reads no slide pixels, so a slide a worker cannot see fails
+with that reason); the driver then creates the tile store, cuts the slide's tissue tiles into
+shards of whole batches and submits those the store does not hold yet. A shard whose worker dies
+is re-run by Dask on another worker and writes only the tiles still missing. Results come back
+to this process, which alone writes the manifest: a slide is done when all its shards are,
+failed (with the first shard's reason) when one fails; the batch goes on.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
-from stainctl.engines.base import tile_seed
+from stainctl.engines.base import EngineShape, tile_seed
+from stainctl.errors import ModelError
 from stainctl.steps.lifecycle import Failure, SlidePlan
 from stainctl.steps.report import SlideOutcome, unexpected
 from stainctl.steps.translate_work import (
@@ -30,6 +32,7 @@ from stainctl.steps.translate_work import (
     GlassTask,
     ShardTask,
     WorkResult,
+    engine_shape,
     measure_glass,
     run_shard,
     shards,
@@ -63,28 +66,37 @@ class _Slide:
 def cluster_client(options: TranslateOptions) -> Iterator[Client]:
     """A client of --scheduler's cluster, or of a local one started for --devices."""
     from stainctl.cluster.connect import connect
-    from stainctl.cluster.local import Devices, local_cluster
+    from stainctl.cluster.local import local_cluster
 
     if options.scheduler:
         with connect(options.scheduler) as client:
             yield client
         return
     assert options.devices is not None
-    with local_cluster(Devices(names=options.devices)) as address, connect(address) as client:
+    with local_cluster(options.devices) as address, connect(address) as client:
         yield client
 
 
 def engine_key(step: TranslateStep) -> EngineKey:
     """The engine each worker loads: on --devices workers, the device each sees."""
-    from stainctl.cluster.local import Devices
     from stainctl.models.registry import models_dir
 
     options = step.options
     engine = options.engine_options()
     if options.devices:
-        engine = dataclasses.replace(engine, device=Devices(names=options.devices).worker_device)
+        engine = dataclasses.replace(engine, device=options.devices.worker_device)
     directory = step.directory or models_dir(options.models_dir)
     return EngineKey(marker=step.card.name, models_dir=str(directory), options=engine)
+
+
+def worker_shape(client: Client, key: EngineKey) -> EngineShape:
+    """The engine's shape (margin, settings...) from a worker, which loads the engine and keeps
+    it for its tasks: the driver plans slides without loading the model itself."""
+    try:
+        shape: EngineShape = client.submit(engine_shape, key, pure=False).result()
+    except Exception as err:  # every slide needs the model: the batch stops with the reason
+        raise ModelError(f"a worker could not load {key.marker}: {err}") from err
+    return shape
 
 
 def shard_size(options: TranslateOptions) -> int:
@@ -105,6 +117,8 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
     slides: dict[int, _Slide] = {}
     owner: dict[Hashable, int] = {}  # future key -> slide id
     with cluster_client(options) as client:
+        if step.shape is None:
+            step.shape = worker_shape(client, key)
         queue = as_completed([], loop=client.loop)
 
         def submit_shards(state: _Slide, background: tuple[int, int, int]

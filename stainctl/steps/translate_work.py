@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl import heap
-from stainctl.engines.base import EngineOptions, tile_seed
+from stainctl.engines.base import EngineOptions, EngineShape, tile_seed
 from stainctl.errors import SlideError
 from stainctl.slide.tiles import TileSource
 
@@ -101,6 +101,11 @@ def cached_engine(key: EngineKey) -> Engine:
 
     directory = Path(key.models_dir)
     return load_engine(marker_card(key.marker, directory), directory, key.options)
+
+
+def engine_shape(key: EngineKey) -> EngineShape:
+    """Runs on a worker: the shape of the engine it loads (and keeps) for `key`."""
+    return EngineShape.of(cached_engine(key))
 
 
 def measure_glass(task: GlassTask) -> WorkResult:

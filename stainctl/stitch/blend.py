@@ -16,7 +16,7 @@ a whole row, which would hold a third band's worth).
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -37,8 +37,12 @@ class Canvas:
     """The blended canvas of a tile store, produced as row blocks from top to bottom."""
 
     def __init__(self, store: TileStore, background: tuple[int, int, int],
-                 written: np.ndarray | None = None) -> None:
+                 written: np.ndarray | None = None,
+                 bands: Callable[[], np.ndarray] | None = None) -> None:
+        """`bands`, if given, hands out the (side, width, 3) band buffers instead of
+        `_free_band`: one is asked for per band row, and the previous one is still read then."""
         self.store = store
+        self._next_band = bands or self._free_band
         self.layout: StoreLayout = store.layout
         self.background = np.asarray(background, np.uint8)
         self.written = store.written() if written is None else written
@@ -89,7 +93,7 @@ class Canvas:
         lay = self.layout
         s, o, m, width = lay.side, lay.blend, lay.margin, lay.width
         present = self.written[r]
-        band = self._free_band()
+        band = self._next_band()
         if not present.any():
             band[:] = self.background
             return band

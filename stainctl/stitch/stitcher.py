@@ -1,20 +1,26 @@
 """One tile store in, one pyramidal slide (and its thumbnail) out, in bounded memory.
 
-The blended canvas is produced band by band on a background thread and streamed into libvips,
-which encodes the pyramid; the output is written under a temporary name and renamed when complete.
+The blended canvas is produced band by band by a child process (`canvas_process`; a thread where
+that is not available) and streamed into libvips, which encodes the pyramid; the output is written
+under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from stainctl import interrupt
 from stainctl.stitch.pyramid import PyramidOptions, save_pyramid, save_thumbnail
 from stainctl.workspace.atomic import atomic_path, remove_stale
 from stainctl.workspace.tilestore import TileStore
+
+if TYPE_CHECKING:
+    import numpy as np
 
 DEFAULT_BACKGROUND = (245, 245, 245)
 
@@ -40,13 +46,30 @@ class StitchResult:
 
 def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
                  background: tuple[int, int, int], name: str, annotations: dict[str, str],
-                 overlay: Overlay | None = None) -> StitchResult:
-    from stainctl.stitch.blend import Canvas
-    from stainctl.stitch.stream import BlockSource, prefetch
+                 overlay: Overlay | None = None, in_process: bool = False) -> StitchResult:
+    """`in_process`: blend on a thread of this process rather than in a child process (what
+    platforms without memfd do)."""
+    from stainctl.stitch import canvas_process
+
+    with contextlib.ExitStack() as stack:
+        if canvas_process.available() and not in_process:
+            blocks = stack.enter_context(canvas_process.CanvasProcess(store, background)).blocks()
+        else:
+            from stainctl.stitch.blend import Canvas
+            from stainctl.stitch.stream import prefetch
+
+            blocks = prefetch(Canvas(store, background).blocks())
+        return _save(store, blocks, output, options=options, name=name,
+                     annotations=annotations, overlay=overlay)
+
+
+def _save(store: TileStore, blocks: Iterator[np.ndarray], output: Path, *,
+          options: PyramidOptions, name: str, annotations: dict[str, str],
+          overlay: Overlay | None) -> StitchResult:
+    from stainctl.stitch.stream import BlockSource
 
     lay = store.layout
-    canvas = Canvas(store, background)
-    source = BlockSource(lay.width, lay.height, prefetch(canvas.blocks()))
+    source = BlockSource(lay.width, lay.height, blocks)
     image = source.image()
     mpp = lay.mpp
     if overlay is not None:
@@ -76,7 +99,7 @@ def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
             raise source.error
         with atomic_path(thumb) as tmp_thumb:
             save_thumbnail(tmp, tmp_thumb)
-    return StitchResult(output, thumb, width, height, mpp, int(canvas.written.sum()))
+    return StitchResult(output, thumb, width, height, mpp, int(store.written().sum()))
 
 
 def _resample(image: Any, overlay: Overlay) -> Any:

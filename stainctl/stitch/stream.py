@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 ROWS_PER_STRIP = 64
+HELD = 2  # blocks a BlockSource holds: the current one and the previous (a strip may straddle)
 
 
 def tiff_header(width: int, height: int) -> bytes:
@@ -77,6 +78,8 @@ class BlockSource:
     def _read(self, size: int) -> bytes | memoryview:
         from stainctl import interrupt
 
+        if self.error is not None:  # libvips may read on after a failed read: keep the cause
+            return b""
         try:
             interrupt.check()  # a signal during the save: a short read makes libvips stop
             chunk = self._chunk(self._pos, size)
@@ -96,7 +99,7 @@ class BlockSource:
                     raise RuntimeError(f"the canvas ended at byte {self._end} of {self.total}")
                 return b""
             view = np.ascontiguousarray(block).data.cast("B")
-            self._window = [*self._window[-1:], (self._end, view)]
+            self._window = [*self._window[1 - HELD:], (self._end, view)]
             self._end += len(view)
         for start, view in self._window:
             if start <= pos < start + len(view):

@@ -106,13 +106,24 @@ class StoreLayout:
 
 
 def _plain_blosc_attrs(zarr_json: Path) -> dict[str, object] | None:
-    """The attributes of a zarr v3 array laid out as `TileStore.create` makes it (uint8, fill 0,
-    one chunk per tile at c/<row>/<col>/0/0/0, bytes -> blosc), whose chunk files stainctl can
-    decode itself; else None."""
+    """The attributes in a zarr.json of an array laid out as `TileStore.create` makes it
+    (`_plain_blosc`); else None."""
     import json
 
     try:
         meta = json.loads(zarr_json.read_text())
+    except (OSError, ValueError):
+        return None
+    return _plain_blosc(meta)
+
+
+def _plain_blosc(meta: object) -> dict[str, object] | None:
+    """The attributes of zarr v3 array metadata (zarr.json's, or zarr's own as a dict) laid
+    out as `TileStore.create` makes it (uint8, fill 0, one chunk per tile at c/<row>/<col>/0/0/0,
+    bytes -> blosc), whose chunk files stainctl can decode itself; else None."""
+    if not isinstance(meta, dict):
+        return None
+    try:
         shape, grid = meta["shape"], meta["chunk_grid"]
         encoding, codecs = meta["chunk_key_encoding"], meta["codecs"]
         chunks = tuple(grid["configuration"]["chunk_shape"])
@@ -124,7 +135,7 @@ def _plain_blosc_attrs(zarr_json: Path) -> dict[str, object] | None:
                  and (encoding.get("configuration") or {}).get("separator") == "/"
                  and chunks[:2] == (1, 1) and chunks[2:] == tuple(shape[2:]))
         attrs = meta.get("attributes")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (ValueError, KeyError, TypeError, AttributeError):
         return None
     return dict(attrs) if plain and isinstance(attrs, dict) else None
 
@@ -168,7 +179,8 @@ class TileStore:
         self.layout = StoreLayout.from_attrs(path, layout)
         self.meta: dict[str, object] = dict(meta)
         self.generation = generation
-        self._direct = array is None or _plain_blosc_attrs(path / "zarr.json") is not None
+        # From the metadata zarr already read (a writable store): zarr.json is read once.
+        self._direct = array is None or _plain_blosc(array.metadata.to_dict()) is not None
 
     @property
     def _array(self) -> AnyArray:
@@ -288,7 +300,11 @@ class TileStore:
         except FileNotFoundError:
             out[...] = 0
             return out
-        Blosc().decode(blob, out=out)
+        try:
+            Blosc().decode(blob, out=out)
+        except (RuntimeError, ValueError) as err:  # a damaged or foreign chunk file
+            raise StoreError(f"tile ({col}, {row}) of {self.path} is damaged ({err}); run "
+                             "`stainctl translate --force` for this slide") from err
         return out
 
 
