@@ -55,7 +55,8 @@ class SlideError(StainctlError):
     of failure (NO_MPP, CORRUPT, ...), whose next step the summary gives (`hint`)."""
 
     def __init__(self, path: object, reason: str, code: str | None = None) -> None:
-        super().__init__(f"{path}: {reason}")
+        # A reason may name the file itself (one a summary lists under the slide's key).
+        super().__init__(reason if reason.startswith(f"{path}: ") else f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
         self.code = code

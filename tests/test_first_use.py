@@ -85,7 +85,7 @@ def test_a_read_only_output_folder_is_named_with_its_cause(tmp_path, monkeypatch
 
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a non-root user
     with pytest.raises(UsageError, match=rf"^-o {tmp_path}/a/b: cannot write in {tmp_path} "
-                       r"\((permission denied|read-only file system)\); choose a writable"):
+                       r"\((Permission denied|Read-only file system)\); choose a writable"):
         check_output_folder(tmp_path / "a" / "b", "-o")
     assert not (tmp_path / "a").exists()
 

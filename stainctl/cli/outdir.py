@@ -5,6 +5,7 @@ folder's nearest existing ancestor must be a folder this process may write in.""
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -22,10 +23,10 @@ def check_output_folder(path: Path, option: str, given: Path | None = None) -> N
         raise UsageError(f"{where}: {existing} is a file, not a folder; give a folder path")
     if os.access(existing, os.W_OK | os.X_OK):
         return
-    cause = "permission denied"
+    cause = os.strerror(errno.EACCES)  # worded as the OS words it ("Permission denied")
     try:
         if os.statvfs(existing).f_flag & os.ST_RDONLY:
-            cause = "read-only file system"
+            cause = os.strerror(errno.EROFS)
     except OSError:
         pass
     raise UsageError(f"{where}: cannot write in {existing} ({cause}); choose a writable folder "

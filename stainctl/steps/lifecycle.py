@@ -66,7 +66,7 @@ class Failure:
         """`where`: the folder the step writes in, named when a full disk names no file."""
         log.debug("%s failed", what, exc_info=not isinstance(err, SlideError))
         if isinstance(err, SlideError):
-            return cls(err.message, err.code)
+            return cls(err.reason, err.code)
         return cls(unexpected(err, where))
 
 
