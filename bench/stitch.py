@@ -7,9 +7,12 @@ tiles it with `stainctl tile` (512-px grid tiles), and fills a tile store as `tr
   * floor: pyvips writes the same raster from an in-memory image (the fastest libvips can write
     this pyramid: no tiles to read, no blending), in a subprocess that builds the raster once and
     saves it once per round (its own peak RSS is reported);
+  * streamed floor: the same raster saved through stainctl's own streaming source
+    (`stainctl.stitch.stream.BlockSource`, what keeps stitch's memory bounded), in a second such
+    subprocess: what streaming alone costs, with no tiles to read or blend;
   * stainctl: the real CLI (`stitch --force`), one subprocess per round, with its peak RSS.
-Both write OME-TIFF, pyramid in SubIFDs, JPEG Q90, 512-px tiles. The two alternate round by round
-(stitch, floor, stitch, floor, ...), after one untimed stitch that puts the store in the page
+Both write OME-TIFF, pyramid in SubIFDs, JPEG Q90, 512-px tiles. The three alternate round by round
+(stitch, floor, streamed, stitch, ...), after one untimed stitch that puts the store in the page
 cache, so that a change in the machine's load hits both; figures are medians over the rounds with
 their spread, the ratio is that of the medians (each round's own ratio is listed too). Wall and
 CPU seconds are both reported: on two cores libvips' encoder keeps both busy, so stitch's own CPU
@@ -92,16 +95,24 @@ def prepare(work: Path, width: int, height: int) -> Path:
     return ws
 
 
-def floor(width: int, height: int, out: Path) -> None:
-    """Subprocess body: build the raster once, then save it from memory once per line read on
-    stdin, printing each save's wall and CPU seconds and this process's peak RSS as JSON."""
+def floor(width: int, height: int, out: Path, streamed: bool) -> None:
+    """Subprocess body: build the raster once, then save it once per line read on stdin (from
+    memory, or `streamed` through stainctl's block source in 512-row blocks), printing each
+    save's wall and CPU seconds and this process's peak RSS as JSON."""
     import pyvips
 
+    from stainctl.stitch.stream import BlockSource
+
     canvas = mosaic(width, height)
-    image = pyvips.Image.new_from_memory(canvas.data, width, height, 3, "uchar")
     print(json.dumps({"ready": True}), flush=True)
     for _ in sys.stdin:
         c0, t0 = _cpu(), time.perf_counter()
+        if streamed:
+            blocks = (canvas[y:y + 512] for y in range(0, height, 512))
+            source = BlockSource(width, height, blocks)
+            image = source.image()
+        else:
+            image = pyvips.Image.new_from_memory(canvas.data, width, height, 3, "uchar")
         image.tiffsave(str(out), **OPTIONS)
         seconds, cpu = time.perf_counter() - t0, _cpu() - c0
         rss = peak_rss_mb()
@@ -125,10 +136,11 @@ def stitch_once(ws: Path) -> dict[str, float]:
 class Floor:
     """The floor's subprocess: the raster is built once, each `save()` is one timed save."""
 
-    def __init__(self, width: int, height: int, out: Path) -> None:
+    def __init__(self, width: int, height: int, out: Path, streamed: bool = False) -> None:
         self.proc = subprocess.Popen(
             [sys.executable, __file__, "--width", str(width), "--height", str(height),
-             "--floor", str(out)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+             "--floor", str(out), *(["--streamed"] if streamed else [])],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self._line()  # the raster is built
 
     def _line(self) -> dict[str, float]:
@@ -177,9 +189,10 @@ def main() -> None:
     ap.add_argument("--no-double", action="store_true", help="skip the twice-the-area run")
     ap.add_argument("--work", type=Path, default=ROOT / "bench" / "_work")
     ap.add_argument("--floor", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--streamed", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.floor:
-        floor(args.width, args.height, args.floor)
+        floor(args.width, args.height, args.floor, args.streamed)
         return
     args.work.mkdir(parents=True, exist_ok=True)
     w, h = args.width, args.height
@@ -188,15 +201,21 @@ def main() -> None:
     ws = prepare(args.work, w, h)
     floor_out = args.work / "floor.ome.tif"
     fl = Floor(w, h, floor_out)
+    sf = Floor(w, h, floor_out, streamed=True)
     stitch_once(ws)  # untimed: the store's chunk files into the page cache
     runs: list[tuple[dict[str, float], dict[str, float]]] = []
+    streams: list[dict[str, float]] = []
     for r in range(args.rounds):
-        a, b = stitch_once(ws), fl.save()
+        a, b, c = stitch_once(ws), fl.save(), sf.save()
         runs.append((a, b))
+        streams.append(c)
         print(f"round {r + 1}: stitch {a['seconds']:.2f} s ({a['cpu_s']:.1f} s CPU), floor "
-              f"{b['seconds']:.2f} s ({b['cpu_s']:.1f} s CPU)", flush=True)
+              f"{b['seconds']:.2f} s ({b['cpu_s']:.1f} s CPU), streamed floor "
+              f"{c['seconds']:.2f} s ({c['cpu_s']:.1f} s CPU)", flush=True)
     fl.close()
+    sf.close()
     st_s, fl_s = [a["seconds"] for a, _ in runs], [b["seconds"] for _, b in runs]
+    sf_s = [c["seconds"] for c in streams]
     (output,) = (ws / "outputs").glob("*.ome.tiff")
     result = {
         "slide": f"{w}x{h} px at 0.5 µm/px ({gp:.2f} gigapixel), OME-TIFF SubIFDs, JPEG Q90",
@@ -210,6 +229,11 @@ def main() -> None:
         "floor_cpu_s": summary([b["cpu_s"] for _, b in runs]),
         "floor_peak_rss_mb": round(max(b["rss_mb"] for _, b in runs)),
         "ratio_vs_floor": round(statistics.median(st_s) / statistics.median(fl_s), 2),
+        "streamed_floor_s": summary(sf_s),
+        "streamed_floor_cpu_s": summary([c["cpu_s"] for c in streams]),
+        "streamed_floor_peak_rss_mb": round(max(c["rss_mb"] for c in streams)),
+        "ratio_streamed_vs_floor": round(statistics.median(sf_s) / statistics.median(fl_s), 2),
+        "ratio_vs_streamed_floor": round(statistics.median(st_s) / statistics.median(sf_s), 2),
         "ratio_per_round": [round(a / b, 2) for a, b in zip(st_s, fl_s, strict=True)],
         "psnr_stitch_vs_floor_db": round(psnr_between(output, floor_out, w, h), 1),
     }
