@@ -55,7 +55,8 @@ class SlideError(StainctlError):
     of failure (NO_MPP, CORRUPT, ...), whose next step the summary gives (`hint`)."""
 
     def __init__(self, path: object, reason: str, code: str | None = None) -> None:
-        super().__init__(f"{path}: {reason}")
+        # A reason may name the file itself (one a summary lists under the slide's key).
+        super().__init__(reason if reason.startswith(f"{path}: ") else f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
         self.code = code
@@ -63,6 +64,12 @@ class SlideError(StainctlError):
     @property
     def hint(self) -> str:
         return hint(self.code)
+
+    @property
+    def message(self) -> str:
+        """The reason naming the file once: a summary names the slide by its key, and
+        "ihc: no pixel size" alone does not say which file needs one."""
+        return self.reason if self.reason.startswith(self.path) else f"{self.path}: {self.reason}"
 
 
 def hint(code: str | None) -> str:

@@ -169,6 +169,8 @@ def test_main_job_readout_then_workspace_readout(cli, tmp_path: Path,
     with (out / "readout" / "readout.csv").open() as f:
         (row,) = list(csv.DictReader(f))
     assert float(row["index_pct"]) == pytest.approx(index)
+    # The stitched TIFF's resolution tag reads back as 0.4990000020466797: the CSV says 0.499.
+    assert row["mpp_um"] == "0.499"
     r = cli("readout", "-w", out / "workspace", "--marker", "demo-ki67", "-o", tmp_path / "ws",
             "--json")
     assert r.exit_code == 0, r.output

@@ -95,6 +95,10 @@ def evaluate(
         if real is None or not fake:
             raise UsageError("evaluate needs --real and --fake (images, slides or workspaces), "
                              "or two --readout CSVs")
+        if report is not None:  # before the metrics, which may take long
+            from stainctl.cli.outdir import check_output_folder
+
+            check_output_folder(report, "--report")
         from stainctl.evaluate.evaluator import DEFAULT_METRICS, EvaluateOptions
         from stainctl.evaluate.evaluator import evaluate as run
         from stainctl.evaluate.sources import SourceOptions

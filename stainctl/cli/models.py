@@ -54,13 +54,19 @@ def list_models(models_dir: opt.ModelsDir = None, json_out: opt.Json = False) ->
                          "licence": card.licence, "card": str(card.origin)})
         def human() -> None:
             typer.echo(f"models directory: {directory}")
+            table = [("name", "makes", "engine", "weights")]
             for r in rows:
                 state = ("installed" if r["installed"]
                          else "missing " + ", ".join(r["missing"]))
                 if r["needs"]:
                     state += "; needs " + ", ".join(r["needs"])
-                what = r["marker"] or r["kind"]
-                typer.echo(f"{r['name']:<22} {what:<8} {r['engine']:<7} {state}")
+                table.append((r["name"], r["marker"] or r["kind"], r["engine"], state))
+            # Columns as wide as their longest cell: fixed widths let 'histdist' and
+            # 'normaliser' push the rest of their rows out of line.
+            widths = [max(len(row[i]) for row in table) for i in range(3)]
+            for row in table:
+                typer.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=False))
+                           + "  " + row[3])
 
         out.emit({"models_dir": str(directory), "models": rows}, human)
         return 0

@@ -61,6 +61,7 @@ def normalize(
     out = Output(json_out, quiet, verbose)
 
     def job() -> Batch:
+        from stainctl.cli.outdir import check_output_folder
         from stainctl.slide.inputs import expand_slides
         from stainctl.steps.normalize import NormalizeOptions, run_normalize_job
         from stainctl.stitch.pyramid import PyramidOptions
@@ -72,6 +73,7 @@ def normalize(
             steps=steps, seed=seed, dtype=dtype, overlap=overlap, scheduler=scheduler,
             workers=workers, force=force)
         pyramid = PyramidOptions(format=fmt)
+        check_output_folder(output, "-o")
         requests = expand_slides(slides, mpp)
         return Batch(params={"slides": slides, **{k: str(v) if isinstance(v, Path) else v
                                                   for k, v in vars(options).items()}},

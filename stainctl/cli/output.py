@@ -65,6 +65,10 @@ class Output:
             print(json.dumps(data, indent=2, default=str))
         elif not self.quiet:
             human()
+        else:  # --quiet prints errors: a failed slide is one, else exit 1 came without a word
+            for s in data.get("slides", []):
+                if isinstance(s, dict) and s.get("state") == "failed":
+                    typer.echo(f"failed: {s.get('slide')}: {s.get('message')}", err=True)
 
 
 def run_command(out: Output, body: Callable[[], int]) -> NoReturn:

@@ -46,6 +46,7 @@ def readout(
     out = Output(json_out, quiet, verbose)
 
     def body() -> int:
+        from stainctl.cli.outdir import check_output_folder
         from stainctl.errors import UsageError
         from stainctl.readout.markers import is_nuclear, resolve_marker
         from stainctl.steps.readout import ReadoutOptions, read_out
@@ -57,6 +58,7 @@ def readout(
             raise UsageError("give SLIDES or -w WORKSPACE (one of them)")
         inputs = _inputs(slides or [], workspace, marker, mpp)
         folder = out_dir or (workspace / "readout" if workspace is not None else Path("readout"))
+        check_output_folder(folder, "-o")
         options = ReadoutOptions(marker=stain, nuclear=nuclear or is_nuclear(stain), out=folder,
                                  target_mpp=target_mpp, tile_size=tile_size,
                                  workers=workers or os.cpu_count() or 1)

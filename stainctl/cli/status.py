@@ -14,7 +14,8 @@ from stainctl.cli.output import Output, run_command
 
 def status(workspace: opt.Workspace, json_out: opt.Json = False) -> None:
     """Show per slide: tiles total / on tissue / kept, the last step done, errors and
-    warnings."""
+    warnings. Exit 1 when a slide of the workspace has an error (a script can test for
+    failures), else 0; 2 when the workspace cannot be opened."""
     out = Output(json_out)
 
     def body() -> int:

@@ -38,9 +38,12 @@ def stitch(
     """Blend each slide's translated tiles and write a pyramidal slide with a PNG thumbnail."""
 
     def prepare() -> Batch:
+        from stainctl.cli.outdir import check_output_file_or_folder
         from stainctl.steps.stitch import StitchOptions, stitch_slides
         from stainctl.stitch.pyramid import PyramidOptions
 
+        if output is not None:
+            check_output_file_or_folder(output, "-o")
         options = StitchOptions(
             pyramid=PyramidOptions(format=fmt, compression=compression, quality=quality,
                                    tile=tile),

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 def translate(
+    ctx: typer.Context,
     slides: Annotated[list[str] | None, typer.Argument(
         help="Slides to take through tile, filter, translate and stitch; none: translate the "
              "filtered slides of -w.")] = None,
@@ -98,6 +99,8 @@ def translate(
     if not slides and workspace is None:
         out.error("give slides, or a workspace with -w to translate its filtered tiles")
         raise typer.Exit(2)
+    if not slides:
+        _refuse_main_job_options(ctx, out)
 
     def translate_options() -> TranslateOptions:
         from stainctl.cluster.local import Devices
@@ -121,10 +124,12 @@ def translate(
                      step=lambda ws, progress: translate_slides(ws, options, progress))
 
     def main_job() -> Batch:
+        from stainctl.cli.outdir import check_output_folder
         from stainctl.slide.inputs import expand_slides
         from stainctl.steps.pipeline import run_main_job
         from stainctl.stitch.pyramid import PyramidOptions
 
+        check_output_folder(output, "-o")
         options = translate_options()
         pyramid = PyramidOptions(format=fmt)
         requests = expand_slides(slides or [], mpp)
@@ -137,3 +142,21 @@ def translate(
         assert workspace is not None
         run_batch(out, workspace, "translate", step_alone)
     run_batch(out, workspace or output / "workspace", "translate", main_job, create=True)
+
+
+# Options only the main job (with SLIDES) uses; with -w alone they were silently ignored, and
+# `translate -w WS -o DIR` left DIR empty.
+MAIN_JOB_ONLY = {"output": "-o", "fmt": "--format", "readout": "--readout", "mpp": "--mpp",
+                 "max_thumbnail_read": "--max-thumbnail-read"}
+
+
+def _refuse_main_job_options(ctx: typer.Context, out: Output) -> None:
+    from typer._click.core import ParameterSource  # typer vendors click: its own enum
+
+    given = [flag for name, flag in MAIN_JOB_ONLY.items()
+             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+    if given:
+        out.error(f"{', '.join(given)}: only for the main job (with SLIDES); without SLIDES, "
+                  "translate only fills the tile stores of -w, then `stainctl stitch -w WS -o "
+                  "DIR` writes the slides and `stainctl readout -w WS` reads them out")
+        raise typer.Exit(2)

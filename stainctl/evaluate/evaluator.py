@@ -9,6 +9,7 @@ for by name, it is an error.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -24,7 +25,16 @@ from stainctl.evaluate.distribution import (
     mean_std,
 )
 from stainctl.evaluate.measure import MeasureOptions, SetMeasures, measure_set, network_fn
-from stainctl.evaluate.sources import ImageSet, Item, SourceOptions, equal_subsets, open_set
+from stainctl.evaluate.sources import (
+    ImageSet,
+    Item,
+    SourceOptions,
+    equal_subsets,
+    open_set,
+    resolution_caveat,
+)
+
+log = logging.getLogger(__name__)
 
 METRICS = ("fid", "cropfid", "kid", "encoder", "stain", "paired", "seams", "colour", "mra")
 DEFAULT_METRICS = ("fid", "cropfid", "kid", "stain", "paired", "seams")
@@ -173,6 +183,12 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
         f.items = items
         f.images = len(items)
 
+    caveats: list[str] = []
+    mixed = resolution_caveat([real_set, *opened])
+    if mixed is not None:
+        log.warning("%s", mixed)  # at once, on stderr: the metrics may take long
+        caveats.append(mixed)
+
     seeds = tuple(range(options.seeds)) if wanted & {"cropfid", "kid"} else ()
     mopts = MeasureOptions(full="fid" in wanted, crop_seeds=seeds, crops=options.crops,
                            crop_size=options.crop_size, stain="stain" in wanted,
@@ -200,7 +216,6 @@ def evaluate(options: EvaluateOptions, progress: Any = None) -> Evaluation:
         check_target(real.measures.colour, real.measures.colour_all, real.path)
         target = colour_stats(real.measures.colour, real.path)
         real.metrics["colour"] = target.as_dict()
-    caveats: list[str] = []
     for f in fakes:
         if f.error is None:
             f.metrics = _compare(real, f, options, wanted, caveats)

@@ -40,6 +40,7 @@ class Item:
     # Tile-border lines inside this image (x columns, y rows), for the seam score.
     borders: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     path: Path | None = None  # the image file, for folder images (pairs CSV, landmarks)
+    mpp: float | None = None  # µm/px of a tile from a slide or workspace (images: unknown)
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def slide_tiles(path: Path, options: SourceOptions) -> list[Item]:
             borders = (_inside(lines[0], x, scale, options.tile_size),
                        _inside(lines[1], y, scale, options.tile_size))
         items.append(Item(f"{stem}/x{x}_y{y}", stem,
-                          _tile_loader(source, int(x), int(y)), borders))
+                          _tile_loader(source, int(x), int(y)), borders, mpp=target))
     return items
 
 
@@ -264,7 +265,7 @@ def _kept_set(ws: Workspace) -> ImageSet:
         source = TileSource(s.path, g.extent0, g.tile_size)
         for t in m.kept_tiles(s.id):
             items.append(Item(f"{s.key}/c{t.col}_r{t.row}", s.key,
-                              _tile_loader(source, t.x, t.y)))
+                              _tile_loader(source, t.x, t.y), mpp=g.target_mpp))
     if not items:
         raise UsageError(f"{root}: no kept tiles; run `stainctl tile` and `stainctl filter` on "
                          "the real slides first")
@@ -286,7 +287,7 @@ def _translated_set(ws: Workspace, marker: str) -> ImageSet:
         written = store.written()
         for row, col in zip(*np.nonzero(written), strict=True):
             items.append(Item(f"{s.key}/c{col}_r{row}", s.key,
-                              _store_loader(store, int(col), int(row))))
+                              _store_loader(store, int(col), int(row)), mpp=store.layout.mpp))
         for a in m.artifacts(s.id, "stitched"):
             out = root / a.path  # an absolute path stays itself
             if f".{marker}." in out.name and out.exists():
@@ -308,6 +309,22 @@ def _store_loader(store: TileStore, col: int, row: int) -> Callable[[], np.ndarr
         return np.ascontiguousarray(tile[margin:margin + size, margin:margin + size])
 
     return load
+
+
+def resolution_caveat(sets: list[ImageSet]) -> str | None:
+    """A sentence when the sets' tiles are at different µm/px (beyond 10 %): a real slide
+    sampled at its own 0.23 µm/px against a workspace's 0.5 µm/px tiles compares
+    magnifications as much as stains. Folder images have no known resolution."""
+    found = {s.label: sorted({round(i.mpp, 4) for i in s.items if i.mpp}) for s in sets}
+    every = [m for mpps in found.values() for m in mpps]
+    if not every or max(every) <= 1.1 * min(every):
+        return None
+    listed = "; ".join(f"{label} {', '.join(f'{m:g}' for m in mpps)}"
+                       for label, mpps in found.items() if mpps)
+    return (f"the sets' tiles are at different resolutions (µm/px: {listed}): the metrics "
+            "compare magnifications as much as stains; sample the slides at one resolution "
+            f"with --tile-mpp (e.g. --tile-mpp {max(every):g}; a workspace's tiles stay at its "
+            "grid's)")
 
 
 def equal_subsets(sets: list[ImageSet], limit: int | None, seed: int = 0) -> list[list[Item]]:

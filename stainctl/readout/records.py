@@ -54,7 +54,7 @@ def slide_row(slide: SlideReadout) -> dict[str, object]:
     per_mm2 = t.nuclei_per_mm2
     return {
         "slide": slide.name, "path": str(slide.path), "marker": slide.marker,
-        "mpp_um": slide.mpp, "tiles": len(slide.tiles),
+        "mpp_um": round(slide.mpp, 6), "tiles": len(slide.tiles),
         "tissue_mm2": round(t.tissue_um2 / 1e6, 6),
         "dab_positive_area_pct": round(100 * t.positive_fraction, 3),
         "h_score": round(t.h_score, 2),

@@ -89,9 +89,8 @@ def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
         col_mpp = 1
     out = []
     for n, row in rows:
-        p = Path(row[0].strip())
-        if not p.is_absolute():
-            p = path.parent / p
+        given = Path(row[0].strip())
+        p = given if given.is_absolute() else path.parent / given
         value = row[col_mpp].strip() if col_mpp is not None and len(row) > col_mpp else ""
         row_mpp, error = default_mpp, None
         try:
@@ -99,5 +98,10 @@ def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
         except ValueError:
             error = (f"{path}, line {n}: mpp {value!r} is not a number; correct it (e.g. 0.25) "
                      "or leave it empty to use the slide's metadata")
+        if not os.path.lexists(p) and given.exists() and not given.is_absolute():
+            # Written relative to the current folder: "no such file" alone hid why.
+            error = (f"{path}, line {n}: {given} is read relative to the list's folder "
+                     f"({_absolute(path.parent)}), where it does not exist; write it relative "
+                     f"to that folder or as {_absolute(given)}")
         out.append(SlideRequest(_absolute(p), row_mpp, error))
     return out

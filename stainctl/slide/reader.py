@@ -109,10 +109,10 @@ class Slide:
 
     def require_mpp(self) -> float:
         if self.mpp is None:
-            raise SlideError(self.path, "the slide has no pixel size (mpp) in its metadata; "
-                             "give it in an `mpp` column of a CSV slide list (`path,mpp` "
-                             "rows), or with --mpp if every slide of the command has that "
-                             "size (--mpp overrides them all)",
+            raise SlideError(self.path, f"{self.path}: the slide has no pixel size (mpp) in its "
+                             "metadata; give it in an `mpp` column of a CSV slide list "
+                             "(`path,mpp` rows), or with --mpp if every slide of the command "
+                             "has that size (--mpp overrides them all)",
                              code=NO_MPP)
         return self.mpp
 

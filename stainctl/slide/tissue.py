@@ -86,9 +86,9 @@ def check_brightfield(thumb: np.ndarray, path: object, allow_dark: bool,
         return False
     if allow_dark:
         return True
-    raise SlideError(path, f"dark background (90th percentile brightness {p90:.0f}/255): this "
-                     f"looks like a fluorescence or dark-field slide, not brightfield H&E/IHC; "
-                     f"{hint}", code)
+    raise SlideError(path, f"{path}: dark background (90th percentile brightness "
+                     f"{p90:.0f}/255): this looks like a fluorescence or dark-field slide, not "
+                     f"brightfield H&E/IHC; {hint}", code)
 
 
 def tissue_mask(thumb: np.ndarray, mpp: float, params: TissueParams,

@@ -68,6 +68,11 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
         from stainctl.cluster.connect import probe
 
         probe(options.scheduler)
+    elif not options.on_cluster and options.device.startswith("cuda"):
+        # No GPU here: say so before tiling anything, not after tile and filter.
+        from stainctl.models.encoders import resolve_device
+
+        resolve_device(options.device)
     directory = models_dir(options.models_dir)
     card = marker_model(options.marker, directory)
     # Missing weights, the card's or those of the models it runs with (base, flow, encoder):

@@ -112,14 +112,14 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
             slide = _read_out_slide(item, options, progress)
         except SlideError as err:
             result.slides.append(SlideOutcome(item.name, str(item.path), "failed",
-                                              err.reason, code=err.code))
-            progress.log(f"failed: {err.reason}", warning=True)
+                                              err.message, code=err.code))
+            _log_failure(progress, item.name, err.message)
             continue
         except Exception as err:  # one bad slide (a corrupt tile) does not stop the batch
             log.debug("readout of %s failed", item.path, exc_info=True)
             reason = unexpected(err, options.out)
             result.slides.append(SlideOutcome(item.name, str(item.path), "failed", reason))
-            progress.log(f"failed: {reason}", warning=True)
+            _log_failure(progress, item.name, reason)
             continue
         done.append(slide)
         message = _summary(slide)
@@ -182,6 +182,13 @@ def read_out_virtual(outcomes: list[SlideOutcome], virtual: dict[str, Path], mar
         # Said to be of the virtual slide, and where the table is: a number without either
         # reads like a measurement of the glass slide.
         o.message = f"{o.message}; readout: {text} of the virtual slide, in {out / 'readout.csv'})"
+
+
+def _log_failure(progress: Progress, name: str, reason: str) -> None:
+    """The failure's line under this slide's name: one that fails before its tiles are counted
+    was logged under the previous slide's ("readout crop: failed: .../ihc.png: ...")."""
+    progress.start(f"readout {name}", 0)
+    progress.log(f"failed: {reason}", warning=True)
 
 
 def _summary(slide: SlideReadout) -> str:

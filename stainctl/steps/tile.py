@@ -168,16 +168,16 @@ def _layout(slide: Slide, options: TileOptions, slide_id: int, phash: str,
                             options.dark_code)
     mask = tissue_mask(thumb, t_mpp, options.tissue, dark=dark)
     if not mask.any():
-        raise SlideError(slide.path, "no tissue found on the thumbnail; if the tissue is "
-                         "faint, lower --tissue-threshold (now "
+        raise SlideError(slide.path, f"{slide.path}: no tissue found on the thumbnail; if the "
+                         "tissue is faint, lower --tissue-threshold (now "
                          f"{options.tissue.saturation})", NO_TISSUE)
     gp = options.grid
     grid = make_grid(w0, h0, mpp, gp, slide.level_downsamples)
     frac = tissue_fractions(mask, w0, h0, grid)
     keep = frac >= gp.min_tissue
     if not keep.any():
-        raise SlideError(slide.path, f"no tile has at least {gp.min_tissue:.0%} tissue "
-                         f"(best: {frac.max():.0%}); lower --min-tissue", NO_TISSUE)
+        raise SlideError(slide.path, f"{slide.path}: no tile has at least {gp.min_tissue:.0%} "
+                         f"tissue (best: {frac.max():.0%}); lower --min-tissue", NO_TISSUE)
     xs, ys = grid.origins()
     cols = np.tile(np.arange(grid.cols), grid.rows)
     rows = np.repeat(np.arange(grid.rows), grid.cols)

@@ -282,6 +282,8 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
             self.ws, s, work.grid, engine, source, work.margin,
             tile_seed(options.seed, s.key, -1, -1))
         store, tiles, present = self.open_store(plan, background)
+        # Tiles an interrupted run wrote need no work: a resumed run counts only the rest.
+        self.progress.drop(int(present.sum()))
         t0 = time.perf_counter()
         n = translate_tiles(engine, source, store, tiles, present=present, slide_key=s.key,
                             margin0=self.margin0(work), seed=options.seed,

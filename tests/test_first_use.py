@@ -1,0 +1,212 @@
+"""What a first-time user trips over (the fifth new-user run): each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+from models_helpers import install_fast
+
+
+@pytest.fixture
+def models(use_models):
+    return use_models(install_fast)
+
+
+def _to_do(stderr: str, step: str) -> list[int]:
+    return [int(n) for n in re.findall(rf"INFO {step}: (\d+) to do", stderr)]
+
+
+@pytest.mark.slow
+def test_a_resumed_translate_counts_only_the_tiles_left(cli, tmp_path, models, cmu1_path):
+    # Ctrl-C in a translate, then the same command: the progress said "18 to do" and ended at
+    # "10/18" when 8 tiles were in the store already.
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
+    assert cli("filter", "-w", ws).exit_code == 0
+    first = cli("translate", "-w", ws, "--marker", "test-ki67")
+    total = _to_do(first.stderr, "translate")
+    assert total and total[0] > 3, first.stderr
+    chunks = sorted((ws / "slides" / "CMU-1-Small-Region" / "translated" /
+                     "test-ki67.zarr" / "c").glob("*/*/0/0/0"))
+    for c in chunks[:3]:  # as if the run had been stopped before writing them
+        c.unlink()
+    from stainctl.workspace import Workspace
+
+    w = Workspace.open(ws)
+    sid = w.manifest.slides()[0].id
+    row = w.manifest.step(sid, "translate:test-ki67")
+    assert row is not None
+    w.manifest.set_step(sid, "translate:test-ki67", "running", params_hash=row.params_hash,
+                        params=row.params)
+    w.close()
+    again = cli("translate", "-w", ws, "--marker", "test-ki67")
+    assert again.exit_code == 0, again.output
+    assert _to_do(again.stderr, "translate") == [3], again.stderr
+    # Its counter lines count up to the 3, never past them.
+    counts = re.findall(r"INFO translate: (\d+)/(\d+) ", again.stderr)
+    assert all(int(total) == 3 for _, total in counts), again.stderr
+
+
+def test_an_output_folder_that_cannot_be_written_stops_before_any_work(cli, tmp_path, models,
+                                                                      cmu1_path, he_ome_path):
+    # -o under a file (as a read-only share, which root cannot be shown in a test): stitch
+    # failed each slide with "unexpected error (NotADirectoryError ...); run again with -v"
+    # (exit 1), readout logged "failed: unexpected error" without a slide, the main job with
+    # -w elsewhere translated everything first, evaluate computed every metric first.
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("not a folder")
+    bad = a_file / "out"
+    ws = tmp_path / "ws"
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", bad, "-w", ws)
+    assert r.exit_code == 2
+    assert r.stderr.strip() == (f"error: -o {bad}: {a_file} is a file, not a folder; give a "
+                                "folder path"), r.stderr
+    assert not ws.exists()  # nothing was started
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
+    for args in (("stitch", "-w", ws, "-o", bad), ("stitch", "-w", ws, "-o", bad / "x.tif"),
+                 ("readout", he_ome_path, "--marker", "ki67", "-o", bad),
+                 ("normalize", he_ome_path, "--target", cmu1_path, "-o", bad, "-w", ws),
+                 ("evaluate", "--real", he_ome_path, "--fake", he_ome_path, "--metrics",
+                  "stain", "--report", bad)):
+        r = cli(*args)
+        assert r.exit_code == 2, (args, r.output)
+        assert r.stderr.startswith("error: -"), (args, r.stderr)
+        assert f"{a_file} is a file, not a folder" in r.stderr, (args, r.stderr)
+        assert "unexpected" not in r.stderr and "measuring" not in r.stderr, r.stderr
+
+
+def test_a_read_only_output_folder_is_named_with_its_cause(tmp_path, monkeypatch):
+    import os
+
+    from stainctl.cli.outdir import check_output_folder
+    from stainctl.errors import UsageError
+
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as for a non-root user
+    with pytest.raises(UsageError, match=rf"^-o {tmp_path}/a/b: cannot write in {tmp_path} "
+                       r"\((Permission denied|Read-only file system)\); choose a writable"):
+        check_output_folder(tmp_path / "a" / "b", "-o")
+    assert not (tmp_path / "a").exists()
+
+
+def test_every_failed_slide_names_its_file(cli, tmp_path, ihc_png_path, dapi_path):
+    # The summary names a slide by its key ("ihc: the slide has no pixel size"): the reasons
+    # of a missing pixel size and of a dark background named no file, unlike the others.
+    r = cli("tile", ihc_png_path, dapi_path, "-w", tmp_path / "ws", "--json")
+    assert r.exit_code == 1
+    slides = {s["path"]: s for s in json.loads(r.stdout)["slides"]}
+    for path, code in ((ihc_png_path, "no-mpp"), (dapi_path, "dark")):
+        s = slides[str(path)]
+        assert s["state"] == "failed" and s["code"] == code, s
+        assert s["message"].startswith(f"{path}: "), s
+        assert s["message"].count(str(path)) == 1, s
+    r = cli("readout", ihc_png_path, "--marker", "ki67", "-o", tmp_path / "readout", "--json")
+    [s] = json.loads(r.stdout)["slides"]
+    assert s["message"].startswith(f"{ihc_png_path}: the slide has no pixel size"), s
+
+
+def test_translate_on_a_workspace_refuses_the_main_job_options(cli, tmp_path, cmu1_path):
+    # `translate -w WS -o DIR --readout` translated the tiles and wrote nothing to DIR, silently.
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, "-w", ws).exit_code == 0
+    assert cli("filter", "-w", ws).exit_code == 0
+    r = cli("translate", "-w", ws, "--marker", "demo-ki67", "-o", tmp_path / "out", "--readout")
+    assert r.exit_code == 2
+    assert r.stderr.startswith("error: -o, --readout: only for the main job (with SLIDES)")
+    assert "stainctl stitch -w WS -o DIR" in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = cli("translate", "-w", ws, "--marker", "demo-ki67", "--format", "tiff", "--mpp", "0.5")
+    assert r.exit_code == 2 and r.stderr.startswith("error: --format, --mpp: only for"), r.stderr
+
+
+def test_models_list_keeps_its_columns_in_line(cli, use_models):
+    # Fixed widths (8 for the marker, 7 for the engine): 'normaliser', 'histdist' and
+    # 'transformers' pushed the rest of their rows out of line.
+    use_models()  # an empty models directory: the shipped cards only
+    lines = cli("models", "list").stdout.splitlines()[1:]
+    assert lines[0].split() == ["name", "makes", "engine", "weights"]
+    starts = {ln.index(ln.split()[3], len(ln.split()[0]) + len(ln.split()[1]) + 2)
+              for ln in lines}
+    assert len(starts) == 1, lines
+    assert any(ln.split()[:3] == ["stainfuser", "normaliser", "stainfuser"] for ln in lines)
+
+
+def test_status_says_what_its_exit_code_means(cli, tmp_path, cmu1_path, ihc_png_path):
+    # `status` exits 1 when a slide has failed (a script's test), which its help did not say.
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, ihc_png_path, "-w", ws).exit_code == 1
+    assert cli("status", "-w", ws).exit_code == 1
+    assert "Exit 1 when a slide of the workspace has an error" in " ".join(
+        cli("status", "--help").stdout.split())
+
+
+def test_evaluate_says_when_the_sets_are_at_different_resolutions(cli, ki67_ome_paths):
+    # Slides are sampled at their own µm/px by default: the two scans of one Ki67 glass
+    # (0.2271 and 0.3461 µm/px) were compared without a word about it.
+    ndpi, vsi = ki67_ome_paths
+    args = ("evaluate", "--real", ndpi, "--fake", vsi, "--metrics", "stain", "--tile-size",
+            "512", "--json")
+    r = cli(*args)
+    assert r.exit_code == 0, r.output
+    [caveat] = [c for c in json.loads(r.stdout)["caveats"] if "different resolutions" in c]
+    assert "0.2271" in caveat and "0.3461" in caveat and "--tile-mpp" in caveat
+    assert "different resolutions" in r.stderr  # at once, before the metrics
+    r = cli(*args, "--tile-mpp", "0.5")
+    assert not [c for c in json.loads(r.stdout)["caveats"] if "different resolutions" in c]
+
+
+def test_a_readout_failure_is_logged_under_its_own_slide(cli, tmp_path, ki67_ome_paths,
+                                                          ihc_png_path):
+    # The PNG (no pixel size) fails before its tiles are counted: its line was
+    # "readout OS-2-vsi_Ki67: failed: .../skimage_ihc_FHL2-DAB_colon.png: ...".
+    r = cli("readout", ki67_ome_paths[1], ihc_png_path, "--marker", "ki67", "-o",
+            tmp_path / "ro", "--tile-size", "256")
+    assert r.exit_code == 1
+    [line] = [ln for ln in r.stderr.splitlines() if "WARNING" in ln and "failed" in ln]
+    assert f"WARNING readout {ihc_png_path.stem}: failed: {ihc_png_path}: " in line, line
+
+
+def test_a_slide_list_row_written_relative_to_the_current_folder_says_so(
+        cli, tmp_path, monkeypatch, ihc_png_path):
+    # Rows are read relative to the CSV's folder (README); one written relative to where the
+    # user stands failed as ".../lists/slides/ihc.png: no such file or directory".
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "slides").mkdir()
+    (tmp_path / "slides" / "ihc.png").symlink_to(ihc_png_path)
+    (tmp_path / "lists").mkdir()
+    (tmp_path / "lists" / "batch.csv").write_text("path,mpp\nslides/ihc.png,0.5\n")
+    r = cli("tile", "lists/batch.csv", "-w", "ws", "--json")
+    assert r.exit_code == 1
+    [s] = json.loads(r.stdout)["slides"]
+    assert (f"lists/batch.csv, line 2: slides/ihc.png is read relative to the list's folder "
+            f"({tmp_path}/lists), where it does not exist; write it relative to that folder "
+            f"or as {tmp_path}/slides/ihc.png") in s["message"], s["message"]
+
+
+def test_the_main_job_on_a_missing_gpu_stops_before_tiling(cli, tmp_path, models, monkeypatch,
+                                                           cmu1_path):
+    # `--device cuda` without a GPU: the slides were tiled and filtered, then the usage error
+    # came, and OUT/workspace stayed behind.
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # as on a CPU machine
+    out = tmp_path / "out"
+    r = cli("translate", cmu1_path, "--marker", "test-ki67", "-o", out, "--device", "cuda")
+    assert r.exit_code == 2
+    assert "torch sees no CUDA GPU here" in r.stderr and "--device cpu" in r.stderr
+    assert "tile:" not in r.stderr, r.stderr
+    assert not (out / "workspace").exists()
+
+
+def test_quiet_still_names_the_slides_that_failed(cli, tmp_path, cmu1_path, ihc_png_path):
+    # -q "prints only warnings and errors", yet a batch with a failed slide printed nothing at
+    # all and exited 1 (a cron job's mail said nothing).
+    r = cli("tile", cmu1_path, ihc_png_path, "-w", tmp_path / "ws", "-q")
+    assert r.exit_code == 1
+    assert r.stdout == ""
+    assert r.stderr.strip() == (f"failed: skimage_ihc_FHL2-DAB_colon: {ihc_png_path}: the slide "
+                                "has no pixel size (mpp) in its metadata; give it in an `mpp` "
+                                "column of a CSV slide list (`path,mpp` rows), or with --mpp if "
+                                "every slide of the command has that size (--mpp overrides "
+                                "them all)"), r.stderr
