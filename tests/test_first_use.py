@@ -210,3 +210,30 @@ def test_quiet_still_names_the_slides_that_failed(cli, tmp_path, cmu1_path, ihc_
                                 "column of a CSV slide list (`path,mpp` rows), or with --mpp if "
                                 "every slide of the command has that size (--mpp overrides "
                                 "them all)"), r.stderr
+
+
+def test_a_random_bytes_svs_gets_the_unsupported_hint(cli, tmp_path):
+    import os
+
+    noise = tmp_path / "noise.svs"
+    noise.write_bytes(os.urandom(4096).replace(b"II", b"ii").replace(b"MM", b"mm"))
+    r = cli("tile", noise, "-w", tmp_path / "ws")
+    assert r.exit_code == 1
+    assert "1 slide(s) are in a format stainctl does not read" in r.stderr
+    assert "fix the cause shown above" not in r.stderr
+    [slide] = json.loads(cli("tile", noise, "-w", tmp_path / "ws", "--json").stdout)["slides"]
+    assert slide["code"] == "unsupported"
+
+
+def test_a_tiff_that_cannot_be_read_gets_the_corrupt_hint(cli, tmp_path, cmu1_path):
+    # A TIFF header whose first directory is inside the file but holds garbage: not truncated,
+    # still unreadable.
+    data = bytearray(cmu1_path.read_bytes()[:4096])
+    data[4:8] = (16).to_bytes(4, "little") if data[:2] == b"II" else (16).to_bytes(4, "big")
+    data[16:4096] = b"\xff" * (4096 - 16)
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(bytes(data))
+    r = cli("tile", bad, "-w", tmp_path / "ws")
+    assert r.exit_code == 1
+    assert "1 slide(s) are truncated or corrupt" in r.stderr
+    assert "fix the cause shown above" not in r.stderr
