@@ -237,3 +237,13 @@ def test_a_tiff_that_cannot_be_read_gets_the_corrupt_hint(cli, tmp_path, cmu1_pa
     assert r.exit_code == 1
     assert "1 slide(s) are truncated or corrupt" in r.stderr
     assert "fix the cause shown above" not in r.stderr
+
+
+def test_a_readout_where_every_slide_failed_does_not_point_at_an_empty_csv(cli, tmp_path,
+                                                                          ihc_png_path):
+    out = tmp_path / "readout"
+    r = cli("readout", ihc_png_path, "--marker", "ki67", "-o", out)
+    assert r.exit_code == 1  # as before: a failed slide
+    assert "(heat maps and GeoJSON beside it)" not in r.stdout
+    assert "no slide was read out" in r.stdout
+    assert str(out / "readout.csv") in r.stdout  # still named: it holds the header only
