@@ -247,3 +247,19 @@ def test_a_readout_where_every_slide_failed_does_not_point_at_an_empty_csv(cli, 
     assert "(heat maps and GeoJSON beside it)" not in r.stdout
     assert "no slide was read out" in r.stdout
     assert str(out / "readout.csv") in r.stdout  # still named: it holds the header only
+
+
+def test_the_json_hint_is_a_full_sentence(cli, tmp_path, ihc_png_path, dapi_path):
+    # It was the summary's fragment written to follow "N slide(s) ": "have no pixel size ...".
+    from stainctl.errors import HINTS, SLIDE_HINTS, slide_hint
+
+    assert SLIDE_HINTS.keys() == HINTS.keys()  # every kind has both
+    for code in HINTS:
+        sentence = slide_hint(code)
+        assert sentence[0].isupper() and sentence.endswith("."), (code, sentence)
+        assert "slide(s)" not in sentence, (code, sentence)
+    r = cli("tile", ihc_png_path, dapi_path, "-w", tmp_path / "ws", "--json")
+    hints = {s["code"]: s["hint"] for s in json.loads(r.stdout)["slides"]}
+    assert hints["no-mpp"].startswith("The slide has no pixel size"), hints
+    assert hints["dark"].startswith("The slide looks like a fluorescence"), hints
+    assert "--allow-dark" in hints["dark"]
