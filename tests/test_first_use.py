@@ -263,3 +263,33 @@ def test_the_json_hint_is_a_full_sentence(cli, tmp_path, ihc_png_path, dapi_path
     assert hints["no-mpp"].startswith("The slide has no pixel size"), hints
     assert hints["dark"].startswith("The slide looks like a fluorescence"), hints
     assert "--allow-dark" in hints["dark"]
+
+
+def test_evaluate_of_a_one_slide_readout_with_itself(cli, tmp_path):
+    # It printed nan for everything, bias B-A included, and "warning: n=0" for the empty text
+    # column.
+    import csv
+
+    from stainctl.readout.outputs import COLUMNS
+
+    readout = tmp_path / "readout.csv"
+    with open(readout, "w", newline="") as fh:
+        w = csv.DictWriter(fh, COLUMNS)
+        w.writeheader()
+        w.writerow({c: "" for c in COLUMNS} | {
+            "slide": "OS-2-vsi_Ki67", "path": "/x/OS-2.vsi_Ki67.ome.tif", "marker": "ki67",
+            "mpp_um": 0.5, "tiles": 40, "tissue_mm2": 2.5, "dab_positive_area_pct": 12.5,
+            "h_score": 30.1, "nuclei": 812})
+    r = cli("evaluate", "--readout", readout, "--readout", readout)
+    assert r.exit_code == 0, r.output
+    assert "nan" not in r.stdout, r.stdout
+    assert "warning:" not in r.stdout, r.stdout
+    [line] = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("h_score:")]
+    assert "bias (B-A)=0 " in line and "mean |B-A|=0" in line, line
+    assert "at least 3 slides" in line, line
+    data = json.loads(cli("evaluate", "--readout", readout, "--readout", readout,
+                          "--json").stdout)
+    assert "warning" not in data["values"] and "warning" not in data["classes"]
+    h = data["values"]["h_score"]
+    assert h["n"] == 1 and h["bland_altman_bias"] == 0 and h["mean_abs_difference"] == 0
+    assert h["pearson_r"] is None and "at least 3 slides" in h["missing"]
