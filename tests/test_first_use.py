@@ -293,3 +293,26 @@ def test_evaluate_of_a_one_slide_readout_with_itself(cli, tmp_path):
     h = data["values"]["h_score"]
     assert h["n"] == 1 and h["bland_altman_bias"] == 0 and h["mean_abs_difference"] == 0
     assert h["pearson_r"] is None and "at least 3 slides" in h["missing"]
+
+
+@pytest.mark.parametrize("second", ["0.25", "abc", ""])
+def test_a_slide_list_naming_one_slide_twice_with_different_mpp_fails(cli, tmp_path, cmu1_path,
+                                                                       second):
+    # The second row disappeared silently: the first one won.
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{cmu1_path},0.5\n{cmu1_path},{second}\n")
+    r = cli("tile", listing, "-w", tmp_path / "ws")
+    assert r.exit_code == 2, r.output
+    [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert str(listing) in line and str(cmu1_path) in line, line
+    assert "'0.5' (line 2)" in line and f"{second!r} (line 3)" in line, line
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_slide_list_naming_one_slide_twice_alike_is_read_once(tmp_path, cmu1_path):
+    from stainctl.slide.inputs import expand_slides
+
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{cmu1_path},0.5\n{cmu1_path},0.50\n")
+    [req] = expand_slides([str(listing)])
+    assert req.mpp == 0.5 and req.error is None
