@@ -376,6 +376,24 @@ def test_the_canvas_process_stitches_what_a_thread_does(tmp_path, cmu1):
     assert not canvas_processes(tmp_path)
 
 
+def test_the_canvas_process_yields_to_the_encoder(tmp_path, cmu1):
+    import os
+
+    from stainctl.stitch.canvas_process import NICE, CanvasProcess
+
+    lay = _layout(cmu1, 256, 32, 16)
+    store = _store(tmp_path / "s.zarr", cmu1, lay)
+    with CanvasProcess(store, BG) as child:
+        first = next(child.blocks())  # by then the child has lowered its priority
+        assert first.shape[1:] == (lay.width, 3)
+        pid = child._child.pid
+        assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + NICE
+        # Same session: under autogroup scheduling a session of its own would be a group with
+        # its own full share of the CPU, and the lower priority would not count against libvips.
+        assert os.getsid(pid) == os.getsid(0)
+    assert not canvas_processes(tmp_path)
+
+
 def test_a_canvas_process_that_cannot_start_leaves_the_blending_to_a_thread(
         tmp_path, cmu1, monkeypatch):
     import os
