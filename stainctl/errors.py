@@ -49,6 +49,29 @@ HINTS: dict[str | None, str] = {
           "skipped.",
 }
 
+# The same next steps as a full sentence about one slide: a failed slide's `hint` in --json,
+# read on its own. Keep each in step with its HINTS entry.
+SLIDE_HINTS: dict[str | None, str] = {
+    NO_MPP: "The slide has no pixel size in its metadata: give it in a CSV slide list with an "
+            "`mpp` column (`path,mpp` rows), or add --mpp MICRONS_PER_PIXEL only when every "
+            "slide of the command lacks one or has that size (--mpp overrides the pixel size of "
+            "every slide of the command); then run it again, finished work is skipped.",
+    MISSING: "The file cannot be reached: check the path (a typo, an unmounted drive, a broken "
+             "link) and run the same command again: finished work is skipped.",
+    UNSUPPORTED: "The slide is in a format stainctl does not read: convert it to a pyramidal "
+                 "TIFF (e.g. `vips tiffsave --tile --pyramid`) or leave it out of the command.",
+    CORRUPT: "The file is truncated or corrupt: copy the file again from its source (compare "
+             "its size), then run the same command again: finished work is skipped.",
+    NO_TISSUE: "No tissue was found on the slide: check the slide (is it the right one?), or "
+               "lower --min-tissue / --tissue-threshold and run the same command again.",
+    DARK: "The slide looks like a fluorescence or dark-field slide: if it is brightfield after "
+          "all, add --allow-dark and run the same command again.",
+    LEFT_OUT: "The slide was left out as not brightfield H&E (fluorescence or dark-field): "
+              "nothing to fix, a virtual IHC slide is made from a brightfield H&E slide.",
+    None: "The slide failed: fix the cause in its message and run the same command again: "
+          "finished work is skipped.",
+}
+
 
 class SlideError(StainctlError):
     """One slide cannot be processed; the batch goes on with the others. `code` names the kind
@@ -63,7 +86,7 @@ class SlideError(StainctlError):
 
     @property
     def hint(self) -> str:
-        return hint(self.code)
+        return slide_hint(self.code)
 
     @property
     def message(self) -> str:
@@ -73,8 +96,14 @@ class SlideError(StainctlError):
 
 
 def hint(code: str | None) -> str:
-    """The next step for a failure of kind `code` (the generic one for an unknown kind)."""
+    """The next step for a failure of kind `code` (the generic one for an unknown kind), to
+    follow "N slide(s) " in a summary."""
     return HINTS.get(code, HINTS[None])
+
+
+def slide_hint(code: str | None) -> str:
+    """The next step for one slide's failure of kind `code`, as a sentence of its own."""
+    return SLIDE_HINTS.get(code, SLIDE_HINTS[None])
 
 
 class ModelError(UsageError):

@@ -210,3 +210,109 @@ def test_quiet_still_names_the_slides_that_failed(cli, tmp_path, cmu1_path, ihc_
                                 "column of a CSV slide list (`path,mpp` rows), or with --mpp if "
                                 "every slide of the command has that size (--mpp overrides "
                                 "them all)"), r.stderr
+
+
+def test_a_random_bytes_svs_gets_the_unsupported_hint(cli, tmp_path):
+    import os
+
+    noise = tmp_path / "noise.svs"
+    noise.write_bytes(os.urandom(4096).replace(b"II", b"ii").replace(b"MM", b"mm"))
+    r = cli("tile", noise, "-w", tmp_path / "ws")
+    assert r.exit_code == 1
+    assert "1 slide(s) are in a format stainctl does not read" in r.stderr
+    assert "fix the cause shown above" not in r.stderr
+    [slide] = json.loads(cli("tile", noise, "-w", tmp_path / "ws", "--json").stdout)["slides"]
+    assert slide["code"] == "unsupported"
+
+
+def test_a_tiff_that_cannot_be_read_gets_the_corrupt_hint(cli, tmp_path, cmu1_path):
+    # A TIFF header whose first directory is inside the file but holds garbage: not truncated,
+    # still unreadable.
+    data = bytearray(cmu1_path.read_bytes()[:4096])
+    data[4:8] = (16).to_bytes(4, "little") if data[:2] == b"II" else (16).to_bytes(4, "big")
+    data[16:4096] = b"\xff" * (4096 - 16)
+    bad = tmp_path / "bad.svs"
+    bad.write_bytes(bytes(data))
+    r = cli("tile", bad, "-w", tmp_path / "ws")
+    assert r.exit_code == 1
+    assert "1 slide(s) are truncated or corrupt" in r.stderr
+    assert "fix the cause shown above" not in r.stderr
+
+
+def test_a_readout_where_every_slide_failed_does_not_point_at_an_empty_csv(cli, tmp_path,
+                                                                          ihc_png_path):
+    out = tmp_path / "readout"
+    r = cli("readout", ihc_png_path, "--marker", "ki67", "-o", out)
+    assert r.exit_code == 1  # as before: a failed slide
+    assert "(heat maps and GeoJSON beside it)" not in r.stdout
+    assert "no slide was read out" in r.stdout
+    assert str(out / "readout.csv") in r.stdout  # still named: it holds the header only
+
+
+def test_the_json_hint_is_a_full_sentence(cli, tmp_path, ihc_png_path, dapi_path):
+    # It was the summary's fragment written to follow "N slide(s) ": "have no pixel size ...".
+    from stainctl.errors import HINTS, SLIDE_HINTS, slide_hint
+
+    assert SLIDE_HINTS.keys() == HINTS.keys()  # every kind has both
+    for code in HINTS:
+        sentence = slide_hint(code)
+        assert sentence[0].isupper() and sentence.endswith("."), (code, sentence)
+        assert "slide(s)" not in sentence, (code, sentence)
+    r = cli("tile", ihc_png_path, dapi_path, "-w", tmp_path / "ws", "--json")
+    hints = {s["code"]: s["hint"] for s in json.loads(r.stdout)["slides"]}
+    assert hints["no-mpp"].startswith("The slide has no pixel size"), hints
+    assert hints["dark"].startswith("The slide looks like a fluorescence"), hints
+    assert "--allow-dark" in hints["dark"]
+
+
+def test_evaluate_of_a_one_slide_readout_with_itself(cli, tmp_path):
+    # It printed nan for everything, bias B-A included, and "warning: n=0" for the empty text
+    # column.
+    import csv
+
+    from stainctl.readout.outputs import COLUMNS
+
+    readout = tmp_path / "readout.csv"
+    with open(readout, "w", newline="") as fh:
+        w = csv.DictWriter(fh, COLUMNS)
+        w.writeheader()
+        w.writerow({c: "" for c in COLUMNS} | {
+            "slide": "OS-2-vsi_Ki67", "path": "/x/OS-2.vsi_Ki67.ome.tif", "marker": "ki67",
+            "mpp_um": 0.5, "tiles": 40, "tissue_mm2": 2.5, "dab_positive_area_pct": 12.5,
+            "h_score": 30.1, "nuclei": 812})
+    r = cli("evaluate", "--readout", readout, "--readout", readout)
+    assert r.exit_code == 0, r.output
+    assert "nan" not in r.stdout, r.stdout
+    assert "warning:" not in r.stdout, r.stdout
+    [line] = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("h_score:")]
+    assert "bias (B-A)=0 " in line and "mean |B-A|=0" in line, line
+    assert "at least 3 slides" in line, line
+    data = json.loads(cli("evaluate", "--readout", readout, "--readout", readout,
+                          "--json").stdout)
+    assert "warning" not in data["values"] and "warning" not in data["classes"]
+    h = data["values"]["h_score"]
+    assert h["n"] == 1 and h["bland_altman_bias"] == 0 and h["mean_abs_difference"] == 0
+    assert h["pearson_r"] is None and "at least 3 slides" in h["missing"]
+
+
+@pytest.mark.parametrize("second", ["0.25", "abc", ""])
+def test_a_slide_list_naming_one_slide_twice_with_different_mpp_fails(cli, tmp_path, cmu1_path,
+                                                                       second):
+    # The second row disappeared silently: the first one won.
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{cmu1_path},0.5\n{cmu1_path},{second}\n")
+    r = cli("tile", listing, "-w", tmp_path / "ws")
+    assert r.exit_code == 2, r.output
+    [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert str(listing) in line and str(cmu1_path) in line, line
+    assert "'0.5' (line 2)" in line and f"{second!r} (line 3)" in line, line
+    assert not (tmp_path / "ws").exists()
+
+
+def test_a_slide_list_naming_one_slide_twice_alike_is_read_once(tmp_path, cmu1_path):
+    from stainctl.slide.inputs import expand_slides
+
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{cmu1_path},0.5\n{cmu1_path},0.50\n")
+    [req] = expand_slides([str(listing)])
+    assert req.mpp == 0.5 and req.error is None

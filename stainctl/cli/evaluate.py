@@ -134,10 +134,19 @@ def _agreement(data: dict[str, Any]) -> None:
                + (f"; only in A: {len(data['only_in_a'])}" if data["only_in_a"] else "")
                + (f"; only in B: {len(data['only_in_b'])}" if data["only_in_b"] else ""))
     for col, v in data["values"].items():
-        lo, hi = v["bland_altman_loa95"]
-        typer.echo(f"  {col}: n={v['n']}  Pearson r={v['pearson_r']:.3f}  Spearman r="
-                   f"{v['spearman_r']:.3f}  bias (B-A)={v['bland_altman_bias']:.4g}  limits "
-                   f"[{lo:.4g}, {hi:.4g}]")
+        # A figure that cannot be had from n slides is left out and `missing` says why.
+        parts = [f"n={v['n']}"]
+        if v["pearson_r"] is not None:
+            parts.append(f"Pearson r={v['pearson_r']:.3f}  Spearman r={v['spearman_r']:.3f}")
+        if v["bland_altman_bias"] is not None:
+            parts.append(f"bias (B-A)={v['bland_altman_bias']:.4g}  mean |B-A|="
+                         f"{v['mean_abs_difference']:.4g}")
+        if v["bland_altman_loa95"] is not None:
+            lo, hi = v["bland_altman_loa95"]
+            parts.append(f"limits [{lo:.4g}, {hi:.4g}]")
+        if v["missing"]:
+            parts.append(f"({v['missing']})")
+        typer.echo(f"  {col}: " + "  ".join(parts))
     for col, c in data["classes"].items():
         lo, hi = c["weighted_f1_ci95"]
         recall = ", ".join(f"{k} {r:.2f}" for k, r in c["recall"].items())

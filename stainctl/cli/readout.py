@@ -103,4 +103,9 @@ def _human(result: Any, folder: Path) -> None:
     from stainctl.cli.render import batch_summary
 
     batch_summary(result)
-    typer.echo(f"readout: {folder / 'readout.csv'} (heat maps and GeoJSON beside it)")
+    csv = folder / "readout.csv"
+    if result.slides and len(result.failed) == len(result.slides):
+        # The CSV is there but holds its header only: pointing at it would suggest results.
+        typer.echo(f"readout: no slide was read out ({csv} has its header only)")
+    else:
+        typer.echo(f"readout: {csv} (heat maps and GeoJSON beside it)")

@@ -38,15 +38,28 @@ class ClassAgreement:
 
 @dataclass(frozen=True, kw_only=True)
 class ValueAgreement:
+    """None where a figure cannot be had from `n` cases (`missing` says why): a bias from one
+    case, limits of agreement (an SD) from two, a correlation from three."""
+
     n: int
-    pearson: float
-    spearman: float
-    bias: float  # mean of (b - a)
-    loa: tuple[float, float]  # bias -+ 1.96 SD of (b - a), SD with n - 1
+    pearson: float | None
+    spearman: float | None
+    bias: float | None  # mean of (b - a)
+    mean_abs: float | None  # mean of |b - a|
+    loa: tuple[float, float] | None  # bias -+ 1.96 SD of (b - a), SD with n - 1
+    missing: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.n < 0:
+            raise ValueError(f"n must be >= 0, got {self.n}")
+        if (self.pearson is None or self.loa is None or self.bias is None) and not self.missing:
+            raise ValueError("a figure left out needs its reason (missing)")
 
     def as_dict(self) -> dict[str, Any]:
         return {"n": self.n, "pearson_r": self.pearson, "spearman_r": self.spearman,
-                "bland_altman_bias": self.bias, "bland_altman_loa95": list(self.loa)}
+                "bland_altman_bias": self.bias, "mean_abs_difference": self.mean_abs,
+                "bland_altman_loa95": list(self.loa) if self.loa is not None else None,
+                "missing": self.missing}
 
 
 def _codes(truth: Sequence[Any], pred: Sequence[Any],
@@ -108,25 +121,39 @@ def _rank(x: np.ndarray) -> np.ndarray:
     return (sums / np.bincount(inverse))[inverse]
 
 
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
+def _pearson(a: np.ndarray, b: np.ndarray) -> float | None:
     da, db = a - a.mean(), b - b.mean()
     denom = np.sqrt((da * da).sum() * (db * db).sum())
-    return float((da * db).sum() / denom) if denom > 0 else float("nan")
+    return float((da * db).sum() / denom) if denom > 0 else None
 
 
 def value_agreement(a: Sequence[float], b: Sequence[float]) -> ValueAgreement:
     """Two readouts of the same cases: correlation, and Bland-Altman's bias (b - a) and limits.
-    Cases where either value is missing (nan) are left out."""
+    Cases where either value is missing (nan) are left out. Each figure is given from as few
+    cases as it can be had from (bias 1, limits 2, correlation 3), else None with the reason."""
     x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
     if x.shape != y.shape:
         raise ValueError(f"need two equally long value lists (got {len(x)} and {len(y)})")
     keep = np.isfinite(x) & np.isfinite(y)
     x, y = x[keep], y[keep]
     n = len(x)
-    if n < 2:
-        nan = float("nan")
-        return ValueAgreement(n=n, pearson=nan, spearman=nan, bias=nan, loa=(nan, nan))
+    if n == 0:
+        return ValueAgreement(n=0, pearson=None, spearman=None, bias=None, mean_abs=None,
+                              loa=None, missing="no slide has a value in both readouts")
     d = y - x
-    bias, sd = float(d.mean()), float(d.std(ddof=1))
-    return ValueAgreement(n=n, pearson=_pearson(x, y), spearman=_pearson(_rank(x), _rank(y)),
-                          bias=bias, loa=(bias - Z95 * sd, bias + Z95 * sd))
+    bias = float(d.mean())
+    loa = None
+    if n >= 2:
+        sd = float(d.std(ddof=1))
+        loa = (bias - Z95 * sd, bias + Z95 * sd)
+    pearson = spearman = None
+    missing = None
+    if n < 3:
+        missing = (f"correlation needs at least 3 slides with a value in both (n={n})"
+                   + ("; limits of agreement at least 2" if n < 2 else ""))
+    else:
+        pearson, spearman = _pearson(x, y), _pearson(_rank(x), _rank(y))
+        if pearson is None:
+            missing = "no correlation: one readout has the same value for every slide"
+    return ValueAgreement(n=n, pearson=pearson, spearman=spearman, bias=bias,
+                          mean_abs=float(np.abs(d).mean()), loa=loa, missing=missing)

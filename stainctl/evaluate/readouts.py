@@ -54,6 +54,8 @@ def compare_readouts(a_path: Path, b_path: Path, seed: int = 0) -> dict[str, Any
     values: dict[str, Any] = {}
     classes: dict[str, Any] = {}
     for col in columns:
+        if not any(a[s][col].strip() or b[s][col].strip() for s in slides):
+            continue  # empty on both sides (readout's `warning` when nothing was warned)
         xs = [_number(a[s][col]) for s in slides]
         ys = [_number(b[s][col]) for s in slides]
         if all(v is not None for v in xs + ys):

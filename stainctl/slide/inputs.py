@@ -88,14 +88,19 @@ def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
     else:
         col_mpp = 1
     out = []
+    # path -> (line, mpp text, what it reads as): a path listed twice must agree with itself,
+    # else which row wins would be a silent guess.
+    seen: dict[Path, tuple[int, str, object]] = {}
     for n, row in rows:
         given = Path(row[0].strip())
         p = given if given.is_absolute() else path.parent / given
         value = row[col_mpp].strip() if col_mpp is not None and len(row) > col_mpp else ""
         row_mpp, error = default_mpp, None
+        meaning: object = row_mpp  # what the mpp text reads as: a number, or the bad text
         try:
-            row_mpp = float(value) if value else default_mpp
+            row_mpp = meaning = float(value) if value else default_mpp
         except ValueError:
+            meaning = value
             error = (f"{path}, line {n}: mpp {value!r} is not a number; correct it (e.g. 0.25) "
                      "or leave it empty to use the slide's metadata")
         if not os.path.lexists(p) and given.exists() and not given.is_absolute():
@@ -103,5 +108,15 @@ def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
             error = (f"{path}, line {n}: {given} is read relative to the list's folder "
                      f"({_absolute(path.parent)}), where it does not exist; write it relative "
                      f"to that folder or as {_absolute(given)}")
-        out.append(SlideRequest(_absolute(p), row_mpp, error))
+        key = _absolute(p)
+        if key in seen:
+            first_line, first_value, first_meaning = seen[key]
+            if first_meaning != meaning:
+                raise UsageError(
+                    f"{path}: {key} is listed twice with different pixel sizes: mpp "
+                    f"{first_value!r} (line {first_line}) and {value!r} (line {n}); keep one "
+                    "row per slide")
+            continue  # the same slide with the same mpp: one row is enough
+        seen[key] = (n, value, meaning)
+        out.append(SlideRequest(key, row_mpp, error))
     return out

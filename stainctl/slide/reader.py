@@ -284,7 +284,8 @@ def _open_tiffslide(path: Path, target: Path) -> Slide:
             detail = "; ".join(messages) or (
                 "no image in it" if isinstance(err, IndexError) else str(err))
             raise SlideError(path, f"neither OpenSlide nor tiffslide can read it ({detail}); "
-                             "the format is unsupported or the file is corrupt") from err
+                             "the format is unsupported or the file is corrupt",
+                             _unreadable_code(target)) from err
     mpp = _mpp(props.get("tiffslide.mpp-x"), props.get("tiffslide.mpp-y"), path)
     vendor = props.get("tiffslide.vendor") or ("ome" if ".ome." in path.name.lower() else None)
     return Slide(
@@ -292,6 +293,26 @@ def _open_tiffslide(path: Path, target: Path) -> Slide:
         mpp=mpp, mpp_source="metadata" if mpp else None,
         objective_power=_float(props.get("tiffslide.objective-power")), properties=props,
         direct=open_direct(target, handle.level_dimensions, vendor, "tiffslide"))
+
+
+_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+_JP2_MAGIC = (b"\0\0\0\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # JP2 box, raw codestream
+
+
+def _unreadable_code(path: Path) -> str | None:
+    """The kind of failure of a file no reader accepts, from its first bytes, so the summary
+    gives the right next step: a TIFF header means a damaged copy (CORRUPT); no TIFF, DICOM or
+    JPEG 2000 magic at all means another format (UNSUPPORTED); otherwise we cannot tell."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(132)
+    except OSError:
+        return None
+    if head.startswith(_TIFF_MAGIC):
+        return CORRUPT
+    if head[128:132] == b"DICM" or head.startswith(_JP2_MAGIC):
+        return None
+    return UNSUPPORTED
 
 
 def _truncated_tiff(path: Path) -> str | None:

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from stainctl.errors import hint
+from stainctl.errors import slide_hint
 
 
 class Progress(Protocol):
@@ -77,8 +77,10 @@ class BatchResult:
         return {
             "step": self.step,
             "ok": not self.failed,
-            # A failed slide's next step, as the summary gives it (errors.HINTS).
-            "slides": [{**vars(s), "hint": hint(s.code)} if s.state == "failed" else vars(s)
+            # A failed slide's next step, as the summary gives it but as a sentence of its own
+            # (errors.SLIDE_HINTS): the summary's fragment follows "N slide(s) ".
+            "slides": [{**vars(s), "hint": slide_hint(s.code)} if s.state == "failed"
+                       else vars(s)
                        for s in self.slides],
         }
 
