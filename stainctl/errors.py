@@ -3,6 +3,8 @@
 Core code raises these; the CLI prints the message (no traceback) and picks the exit code.
 """
 
+from typing import NamedTuple
+
 
 class StainctlError(Exception):
     """Base class: `str(err)` is a complete sentence naming the object and the fix."""
@@ -26,50 +28,59 @@ NO_TISSUE = "no-tissue"
 DARK = "dark"  # fluorescence or dark-field, refused by `tile` (--allow-dark takes it)
 LEFT_OUT = "left-out"  # fluorescence or dark-field in the main job: nothing to fix
 
-# What the summary says after "N slide(s) ", per kind; `None`: any other reason.
-HINTS: dict[str | None, str] = {
-    NO_MPP: "have no pixel size in their metadata: give each its pixel size in a CSV slide "
-            "list with an `mpp` column (`path,mpp` rows), or add --mpp MICRONS_PER_PIXEL only "
-            "when every slide of the command lacks one or has that size (--mpp overrides the "
-            "pixel size of every slide of the command); then run it again, finished work is "
-            "skipped.",
-    MISSING: "failed: the file cannot be reached; check the path (a typo, an unmounted drive, "
-             "a broken link) and run the same command again: finished work is skipped.",
-    UNSUPPORTED: "are in a format stainctl does not read: convert them to a pyramidal TIFF "
-                 "(e.g. `vips tiffsave --tile --pyramid`) or leave them out of the command.",
-    CORRUPT: "are truncated or corrupt: copy the file again from its source (compare its "
-             "size), then run the same command again: finished work is skipped.",
-    NO_TISSUE: "have no tissue found: check the slide (is it the right one?), or lower "
-               "--min-tissue / --tissue-threshold and run the same command again.",
-    DARK: "look like fluorescence or dark-field slides: if they are brightfield after all, add "
-          "--allow-dark and run the same command again.",
-    LEFT_OUT: "were left out as not brightfield H&E (fluorescence or dark-field): nothing to "
-              "fix, a virtual IHC slide is made from a brightfield H&E slide.",
-    None: "failed: fix the cause shown above and run the same command again: finished work is "
-          "skipped.",
-}
+class Hint(NamedTuple):
+    """A kind of failure's next step, said of many slides (after "N slide(s) " in a batch's
+    summary) or of one (a failed slide's `hint` in --json, read on its own)."""
 
-# The same next steps as a full sentence about one slide: a failed slide's `hint` in --json,
-# read on its own. Keep each in step with its HINTS entry.
-SLIDE_HINTS: dict[str | None, str] = {
-    NO_MPP: "The slide has no pixel size in its metadata: give it in a CSV slide list with an "
-            "`mpp` column (`path,mpp` rows), or add --mpp MICRONS_PER_PIXEL only when every "
-            "slide of the command lacks one or has that size (--mpp overrides the pixel size of "
-            "every slide of the command); then run it again, finished work is skipped.",
-    MISSING: "The file cannot be reached: check the path (a typo, an unmounted drive, a broken "
-             "link) and run the same command again: finished work is skipped.",
-    UNSUPPORTED: "The slide is in a format stainctl does not read: convert it to a pyramidal "
-                 "TIFF (e.g. `vips tiffsave --tile --pyramid`) or leave it out of the command.",
-    CORRUPT: "The file is truncated or corrupt: copy the file again from its source (compare "
-             "its size), then run the same command again: finished work is skipped.",
-    NO_TISSUE: "No tissue was found on the slide: check the slide (is it the right one?), or "
-               "lower --min-tissue / --tissue-threshold and run the same command again.",
-    DARK: "The slide looks like a fluorescence or dark-field slide: if it is brightfield after "
-          "all, add --allow-dark and run the same command again.",
-    LEFT_OUT: "The slide was left out as not brightfield H&E (fluorescence or dark-field): "
-              "nothing to fix, a virtual IHC slide is made from a brightfield H&E slide.",
-    None: "The slide failed: fix the cause in its message and run the same command again: "
-          "finished work is skipped.",
+    many: str  # follows "N slide(s) "
+    one: str  # a sentence's start about one slide
+    step: str  # what to do, for one slide or many
+    joint: str = ": "
+
+    def of_many(self) -> str:
+        return f"{self.many}{self.joint}{self.step}"
+
+    def of_one(self) -> str:
+        return f"{self.one}{self.joint}{self.step}"
+
+
+HINTS: dict[str | None, Hint] = {
+    NO_MPP: Hint(
+        "have no pixel size in their metadata", "The slide has no pixel size in its metadata",
+        "give each such slide its pixel size in a CSV slide list with an `mpp` column "
+        "(`path,mpp` rows), or add --mpp MICRONS_PER_PIXEL only when every slide of the command "
+        "lacks one or has that size (--mpp overrides the pixel size of every slide of the "
+        "command); then run it again, finished work is skipped."),
+    MISSING: Hint(
+        "failed: the file cannot be reached", "The file cannot be reached",
+        "check the path (a typo, an unmounted drive, a broken link) and run the same command "
+        "again: finished work is skipped.", joint="; "),
+    UNSUPPORTED: Hint(
+        "are in a format stainctl does not read",
+        "The slide is in a format stainctl does not read",
+        "convert each such file to a pyramidal TIFF (e.g. `vips tiffsave --tile --pyramid`) or "
+        "leave it out of the command."),
+    CORRUPT: Hint(
+        "are truncated or corrupt", "The file is truncated or corrupt",
+        "copy the file again from its source (compare its size), then run the same command "
+        "again: finished work is skipped."),
+    NO_TISSUE: Hint(
+        "have no tissue found", "No tissue was found on the slide",
+        "check the slide (is it the right one?), or lower --min-tissue / --tissue-threshold and "
+        "run the same command again."),
+    DARK: Hint(
+        "look like fluorescence or dark-field slides",
+        "The slide looks like a fluorescence or dark-field slide",
+        "a slide that is brightfield after all needs --allow-dark; add it and run the same "
+        "command again."),
+    LEFT_OUT: Hint(
+        "were left out as not brightfield H&E (fluorescence or dark-field)",
+        "The slide was left out as not brightfield H&E (fluorescence or dark-field)",
+        "nothing to fix, a virtual IHC slide is made from a brightfield H&E slide."),
+    None: Hint(
+        "failed", "The slide failed",
+        "fix the cause shown above (the slide's message) and run the same command again: "
+        "finished work is skipped."),
 }
 
 
@@ -98,12 +109,12 @@ class SlideError(StainctlError):
 def hint(code: str | None) -> str:
     """The next step for a failure of kind `code` (the generic one for an unknown kind), to
     follow "N slide(s) " in a summary."""
-    return HINTS.get(code, HINTS[None])
+    return HINTS.get(code, HINTS[None]).of_many()
 
 
 def slide_hint(code: str | None) -> str:
     """The next step for one slide's failure of kind `code`, as a sentence of its own."""
-    return SLIDE_HINTS.get(code, SLIDE_HINTS[None])
+    return HINTS.get(code, HINTS[None]).of_one()
 
 
 class ModelError(UsageError):

@@ -78,7 +78,7 @@ class BatchResult:
             "step": self.step,
             "ok": not self.failed,
             # A failed slide's next step, as the summary gives it but as a sentence of its own
-            # (errors.SLIDE_HINTS): the summary's fragment follows "N slide(s) ".
+            # (errors.HINTS, said of one slide): the summary's fragment follows "N slide(s) ".
             "slides": [{**vars(s), "hint": slide_hint(s.code)} if s.state == "failed"
                        else vars(s)
                        for s in self.slides],
