@@ -121,3 +121,7 @@ def test_the_main_job_says_a_fluorescence_slide_was_left_out_not_to_run_again(
     assert "1 slide(s) were left out as not brightfield H&E" in err and "nothing to fix" in err
     assert "run the same command again" not in err and "--allow-dark" not in err
     assert "The other 1 slide(s) are saved." in err
+    # Its own line and the log say "left out", not "failed": nothing went wrong with it.
+    [line] = [ln for ln in r.stdout.splitlines() if dapi_path.stem in ln]
+    assert line.split()[:2] == ["left", "out"], line
+    assert f"tile: {dapi_path.stem}: left out (" in r.stderr

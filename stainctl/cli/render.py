@@ -25,14 +25,14 @@ def batch_summary(result: Any) -> None:
         for col in ("slide", "state", "detail"):
             # A long path wraps onto the next line instead of ending in "…" in 80 columns.
             table.add_column(col, overflow="fold")
-        style = {"failed": "bold red", "done": "green", "skipped": "dim"}
+        style = {"failed": "bold red", "done": "green", "skipped": "dim", "left out": "yellow"}
         for s in slides:
-            table.add_row(s.slide, f"[{style[s.state]}]{s.state}[/]", s.message)
+            table.add_row(s.slide, f"[{style[s.label]}]{s.label}[/]", s.message)
         Console().print(table)
     else:
         typer.echo(head)
         for s in slides:
-            typer.echo(f"  {s.state:<8} {s.slide}: {s.message}")
+            typer.echo(f"  {s.label:<8} {s.slide}: {s.message}")
     if states["failed"]:
         _failure_hints(slides)
 

@@ -191,7 +191,7 @@ class SlideStep(ABC, Generic[I, W]):
         result.slides.append(outcome)
         # A slide with a warning is named by its path: the line says which file to check.
         self.progress.log(f"{outcome.path if outcome.warning else outcome.slide}: "
-                          f"{outcome.state}" + (f" ({outcome.message})" if outcome.message else ""),
+                          f"{outcome.label}" + (f" ({outcome.message})" if outcome.message else ""),
                           warning=outcome.warning is not None)
         if self.counts_items:
             # Only slides that did work count: a skipped one leaves the total instead.

@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from stainctl.errors import slide_hint
+from stainctl.errors import LEFT_OUT, slide_hint
 
 
 class Progress(Protocol):
@@ -43,6 +43,12 @@ class SlideOutcome:
     message: str = ""
     details: dict[str, object] = field(default_factory=dict)
     code: str | None = None  # a failure's kind (errors.HINTS gives its next step)
+
+    @property
+    def label(self) -> str:
+        """The state as a person reads it: a slide the main job leaves out by design (not a
+        brightfield H&E) is "left out", not "failed" (its exit status still counts it)."""
+        return "left out" if self.state == "failed" and self.code == LEFT_OUT else self.state
 
     @property
     def warning(self) -> str | None:
