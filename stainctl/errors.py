@@ -86,7 +86,8 @@ HINTS: dict[str | None, Hint] = {
 
 class SlideError(StainctlError):
     """One slide cannot be processed; the batch goes on with the others. `code` names the kind
-    of failure (NO_MPP, CORRUPT, ...), whose next step the summary gives (`hint`)."""
+    of failure (NO_MPP, CORRUPT, ...), whose next step the summary gives (`hint`). `str(err)`
+    names the file once, whether or not `reason` already starts with it."""
 
     def __init__(self, path: object, reason: str, code: str | None = None) -> None:
         # A reason may name the file itself (one a summary lists under the slide's key).
@@ -94,16 +95,6 @@ class SlideError(StainctlError):
         self.path = str(path)
         self.reason = reason
         self.code = code
-
-    @property
-    def hint(self) -> str:
-        return slide_hint(self.code)
-
-    @property
-    def message(self) -> str:
-        """The reason naming the file once: a summary names the slide by its key, and
-        "ihc: no pixel size" alone does not say which file needs one."""
-        return self.reason if self.reason.startswith(self.path) else f"{self.path}: {self.reason}"
 
 
 def hint(code: str | None) -> str:

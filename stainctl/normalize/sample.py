@@ -122,7 +122,7 @@ def load_reference(path: str | Path, target_mpp: float = 0.5, tile_size: int = 5
     try:
         slide = open_slide(path)
     except SlideError as err:
-        raise UsageError(f"--target {err.message}") from None
+        raise UsageError(f"--target {err}") from None
     try:
         w, h = slide.dimensions
         if slide.mpp is None or max(w, h) * slide.mpp / target_mpp <= 4096:

@@ -112,8 +112,8 @@ def read_out(inputs: list[ReadoutInput], options: ReadoutOptions,
             slide = _read_out_slide(item, options, progress)
         except SlideError as err:
             result.slides.append(SlideOutcome(item.name, str(item.path), "failed",
-                                              err.message, code=err.code))
-            _log_failure(progress, item.name, err.message)
+                                              str(err), code=err.code))
+            _log_failure(progress, item.name, str(err))
             continue
         except Exception as err:  # one bad slide (a corrupt tile) does not stop the batch
             log.debug("readout of %s failed", item.path, exc_info=True)
