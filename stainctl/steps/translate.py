@@ -282,8 +282,6 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
             self.ws, s, work.grid, engine, source, work.margin,
             tile_seed(options.seed, s.key, -1, -1))
         store, tiles, present = self.open_store(plan, background)
-        # Tiles an interrupted run wrote need no work: a resumed run counts only the rest.
-        self.progress.drop(int(present.sum()))
         t0 = time.perf_counter()
         n = translate_tiles(engine, source, store, tiles, present=present, slide_key=s.key,
                             margin0=self.margin0(work), seed=options.seed,
@@ -308,7 +306,8 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
                    background: tuple[int, int, int]
                    ) -> tuple[TileStore, NDArray[np.int64], NDArray[np.bool_]]:
         """The slide's store (created, or reopened to resume; recorded in the manifest), its
-        tissue tiles ((n, 4): col, row, level-0 x, y) and which of them it holds already."""
+        tissue tiles ((n, 4): col, row, level-0 x, y) and which of them it holds already. Those
+        leave the progress total: a resumed run counts only the tiles left."""
         from stainctl.workspace.tilestore import create_for_slide
 
         s = plan.slide
@@ -316,8 +315,9 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
                                  {"model": self.card.name, "background": list(background)})
         todo = np.asarray([(t.col, t.row, t.x, t.y) for t in self.manifest.tissue_tiles(s.id)],
                           np.int64).reshape(-1, 4)
-        written = store.written()
-        return store, todo, written[todo[:, 1], todo[:, 0]]
+        present = store.written()[todo[:, 1], todo[:, 0]]
+        self.progress.drop(int(present.sum()))
+        return store, todo, present
 
     def finished(self, plan: SlidePlan[SlideRecord, TranslateWork], translated: int,
                  seconds: float) -> SlideOutcome:

@@ -130,7 +130,6 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
             """Create the store and submit its shards; the outcome when nothing is left."""
             plan = state.plan
             _, tiles, present = step.open_store(plan, background)
-            step.progress.drop(int(present.sum()))  # written by an earlier run: no work
             size = shard_size(options)
             for i, part in enumerate(shards(tiles, size)):
                 if present[i * size:(i + 1) * size].all():
