@@ -151,10 +151,9 @@ MAIN_JOB_ONLY = {"output": "-o", "fmt": "--format", "readout": "--readout", "mpp
 
 
 def _refuse_main_job_options(ctx: typer.Context, out: Output) -> None:
-    from typer._click.core import ParameterSource  # typer vendors click: its own enum
-
+    # By the enum member's name: typer versions differ in whose click (vendored or not) it is.
     given = [flag for name, flag in MAIN_JOB_ONLY.items()
-             if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT)]
+             if getattr(ctx.get_parameter_source(name), "name", "DEFAULT") != "DEFAULT"]
     if given:
         out.error(f"{', '.join(given)}: only for the main job (with SLIDES); without SLIDES, "
                   "translate only fills the tile stores of -w, then `stainctl stitch -w WS -o "
