@@ -31,9 +31,3 @@ def check_output_folder(path: Path, option: str, given: Path | None = None) -> N
         pass
     raise UsageError(f"{where}: cannot write in {existing} ({cause}); choose a writable folder "
                      "or fix its permissions")
-
-
-def check_output_file_or_folder(path: Path, option: str) -> None:
-    """As check_output_folder, for an option that takes a folder or a `.tif`/`.tiff` file."""
-    is_file = path.suffix.lower() in (".tif", ".tiff")  # as StitchOptions reads it
-    check_output_folder(path.parent if is_file else path, option, path)

@@ -38,17 +38,17 @@ def stitch(
     """Blend each slide's translated tiles and write a pyramidal slide with a PNG thumbnail."""
 
     def prepare() -> Batch:
-        from stainctl.cli.outdir import check_output_file_or_folder
+        from stainctl.cli.outdir import check_output_folder
         from stainctl.steps.stitch import StitchOptions, stitch_slides
         from stainctl.stitch.pyramid import PyramidOptions
 
-        if output is not None:
-            check_output_file_or_folder(output, "-o")
         options = StitchOptions(
             pyramid=PyramidOptions(format=fmt, compression=compression, quality=quality,
                                    tile=tile),
             markers=tuple(marker or ()), output=output, level0=level0,
             background=_rgb(background), force=force)
+        if output is not None:
+            check_output_folder(output.parent if options.single_file else output, "-o", output)
         return Batch(params=vars(options),
                      step=lambda ws, progress: stitch_slides(ws, options, progress))
 
