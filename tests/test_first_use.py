@@ -317,3 +317,22 @@ def test_a_slide_list_naming_one_slide_twice_alike_is_read_once(tmp_path, cmu1_p
     listing.write_text(f"path,mpp\n{cmu1_path},0.5\n{cmu1_path},0.50\n")
     [req] = expand_slides([str(listing)])
     assert req.mpp == 0.5 and req.error is None
+
+
+def test_one_slide_given_twice_with_different_pixel_sizes_across_arguments_fails(tmp_path,
+                                                                                 cmu1_path):
+    # Within one list the rows were checked; a list plus the slide itself (or two lists) kept
+    # the first silently.
+    from stainctl.errors import UsageError
+    from stainctl.slide.inputs import expand_slides
+
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path,mpp\n{cmu1_path},0.25\n")
+    with pytest.raises(UsageError, match=r"given twice .*0\.25 µm/px and its metadata's"):
+        expand_slides([str(listing), str(cmu1_path)])
+    other = tmp_path / "other.csv"
+    other.write_text(f"path,mpp\n{cmu1_path},0.5\n")
+    with pytest.raises(UsageError, match="given twice"):
+        expand_slides([str(listing), str(other)])
+    [req] = expand_slides([str(listing), str(listing)])  # the same list twice agrees with itself
+    assert req.mpp == 0.25

@@ -30,10 +30,18 @@ def expand_slides(args: list[str], mpp: float | None = None) -> list[SlideReques
     found: dict[Path, SlideRequest] = {}
     for arg in args:
         for req in _expand_one(arg, mpp):
-            found.setdefault(req.path, req)
+            first = found.setdefault(req.path, req)
+            if (first.mpp, first.error) != (req.mpp, req.error):
+                # Which one wins would be a silent guess (two lists, or a list and the slide).
+                raise UsageError(f"{req.path} is given twice with different pixel sizes "
+                                 f"({_size(first)} and {_size(req)}); give each slide once")
     if not found:
         raise UsageError(f"no slides found in: {' '.join(args)}")
     return list(found.values())
+
+
+def _size(req: SlideRequest) -> str:
+    return "its metadata's" if req.mpp is None else f"{req.mpp:g} µm/px"
 
 
 def _expand_one(arg: str, mpp: float | None) -> list[SlideRequest]:
