@@ -102,8 +102,10 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def _is_tiff(path: Path) -> bool:
+    from stainctl.slide.reader import TIFF_MAGIC
+
     with open(path, "rb") as fh:
-        return fh.read(4) in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+        return fh.read(4) in TIFF_MAGIC
 
 
 def _folder_set(folder: Path) -> ImageSet:

@@ -295,7 +295,7 @@ def _open_tiffslide(path: Path, target: Path) -> Slide:
         direct=open_direct(target, handle.level_dimensions, vendor, "tiffslide"))
 
 
-_TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
+TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF
 _JP2_MAGIC = (b"\0\0\0\x0cjP  \r\n\x87\n", b"\xff\x4f\xff\x51")  # JP2 box, raw codestream
 
 
@@ -308,7 +308,7 @@ def _unreadable_code(path: Path) -> str | None:
             head = fh.read(132)
     except OSError:
         return None
-    if head.startswith(_TIFF_MAGIC):
+    if head.startswith(TIFF_MAGIC):
         return CORRUPT
     if head[128:132] == b"DICM" or head.startswith(_JP2_MAGIC):
         return None
