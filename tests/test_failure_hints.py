@@ -125,3 +125,4 @@ def test_the_main_job_says_a_fluorescence_slide_was_left_out_not_to_run_again(
     [line] = [ln for ln in r.stdout.splitlines() if dapi_path.stem in ln]
     assert line.split()[:2] == ["left", "out"], line
     assert f"tile: {dapi_path.stem}: left out (" in r.stderr
+    assert "2 slide(s): 1 done, 0 already done, 0 failed, 1 left out" in r.stdout

@@ -12,8 +12,10 @@ def batch_summary(result: Any) -> None:
     """One line of totals, then one line per slide (a table on a terminal)."""
     slides = result.slides
     states = {k: sum(1 for s in slides if s.state == k) for k in ("done", "skipped", "failed")}
+    left_out = sum(1 for s in slides if s.label == "left out")
     head = (f"{result.step}: {len(slides)} slide(s): {states['done']} done, "
-            f"{states['skipped']} already done, {states['failed']} failed")
+            f"{states['skipped']} already done, {states['failed'] - left_out} failed"
+            + (f", {left_out} left out" if left_out else ""))
     if slides and states["skipped"] == len(slides):
         head = (f"{result.step}: nothing to do, {len(slides)} slide(s) already done "
                 "(--force redoes them)")
