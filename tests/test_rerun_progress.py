@@ -78,3 +78,11 @@ def test_count_lines_every_ten_percent_but_not_every_instant(monkeypatch):
 
     crawl = _count_lines([45.0 * i for i in range(1, 6)], 1000, monkeypatch)  # 0.1 % a step
     assert len(crawl) == 5 and "5/1000" in crawl[-1][1]
+
+
+def test_count_lines_round_the_percentage_but_never_say_100_before_the_end(monkeypatch):
+    thirds = _count_lines([3.0 * i for i in range(1, 7)], 6, monkeypatch)
+    assert "readout: 4/6 (67%)" in [text for _, text in thirds]
+    last = _count_lines([35.0 * i for i in range(1, 201)], 200, monkeypatch)
+    assert "readout: 199/200 (99%)" in [text for _, text in last]
+    assert not any("(100%)" in text for _, text in last)

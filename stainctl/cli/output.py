@@ -221,7 +221,9 @@ class _LogProgress:
         since = now - self.last
         if not self.quiet and self.done < self.total and (
                 (pct >= self.next_pct and since >= self.GAP) or since > self.EVERY):
-            log.info("%s: %d/%d (%d%%)", self.name, self.done, self.total, pct)
+            # Rounded ("4/6 (67%)"), never 100 % while work is left.
+            shown = min(round(100 * self.done / self.total), 99)
+            log.info("%s: %d/%d (%d%%)", self.name, self.done, self.total, shown)
             self.next_pct = pct - pct % 10 + 10
             self.last = now
 
