@@ -216,6 +216,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("command", [
     ["translate", str(CMU1), "-o", "{tmp}/out"],
     ["filter", "-w", "{tmp}/ws"],
+    ["normalize", str(CMU1), "--target", str(OME_HE), "-o", "{tmp}/out"],
 ])
 def test_an_unreachable_scheduler_is_one_message_and_exit_2(cli, tmp_path, command, cli_ws):
     address = f"tcp://127.0.0.1:{_free_port()}"

@@ -37,9 +37,9 @@ def normalize(
         help="Tile px a side (classical methods; stainfuser takes its model's).")] = 512,
     fmt: Annotated[Format, opt.pyramid_format()] = "ome-tiff",
     mpp: opt.Mpp = None,
-    scheduler: Annotated[str | None, typer.Option(
-        help="Address of a running Dask distributed scheduler for the tile filter; default: "
-             "local threads.")] = None,
+    scheduler: Annotated[str | None, opt.scheduler(
+        "Address of a running Dask distributed scheduler for the tile filter; default: "
+        "local threads.")] = None,
     workers: Annotated[int | None, typer.Option(
         help="Local threads of the filter (default: one per core).")] = None,
     device: Annotated[str, opt.device(" (stainfuser)")] = "auto",

@@ -55,6 +55,15 @@ def readers(consumer: str) -> Any:
     return typer.Option(help=f"Threads reading tiles ahead of the {consumer}.")
 
 
+def scheduler(help: str = "Address of a running Dask scheduler (tcp://host:8786) whose "
+              "workers do the work; default: this machine. Workers must see the slides and "
+              "the workspace at the same paths.") -> Any:
+    """One spelling, and one variable (cron sets it), for every distributed command."""
+    from stainctl.cluster.connect import ENV
+
+    return typer.Option("--scheduler", envvar=ENV, metavar="ADDRESS", help=help)
+
+
 def pyramid_format(note: str = "") -> Any:
     """--format of a command that writes pyramidal slides (stitch, normalize, the main job)."""
     return typer.Option("--format", help="ome-tiff (pyramid in SubIFDs; QuPath, Bio-Formats) or "
@@ -83,12 +92,7 @@ Mpp = Annotated[float | None, typer.Option(
     help="Pixel size in µm/px for every slide of the command, overriding their metadata (a "
          "CSV's `mpp` column overrides it per slide); for a batch where only some slides lack "
          "one (PNG/JPEG), give those theirs in a CSV `path,mpp` list instead.")]
-# One spelling for every distributed command (filter, embed, translate); cron sets the variable.
-Scheduler = Annotated[str | None, typer.Option(
-    "--scheduler", envvar="STAINCTL_SCHEDULER", metavar="ADDRESS",
-    help="Address of a running Dask scheduler (tcp://host:8786) whose workers do the work; "
-         "default: this machine. Workers must see the slides and the workspace at the same "
-         "paths.")]
+Scheduler = Annotated[str | None, scheduler()]
 # A choice, so a typo stops the command before any work and the shell completes it.
 Format = Literal["ome-tiff", "tiff"]
 Device = Annotated[str, device()]

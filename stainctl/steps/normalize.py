@@ -182,6 +182,10 @@ def run_normalize_job(ws: Workspace, requests: list[SlideRequest], options: Norm
     from stainctl.steps.tile import TileOptions, tile_slides
 
     progress = progress or SilentProgress()
+    if options.scheduler:  # an unreachable scheduler: say so before tiling anything
+        from stainctl.cluster.connect import probe
+
+        probe(options.scheduler)
     # A bad reference (uniform, glass only, no haematoxylin) stops before any slide is added.
     reference = load_reference(options.target, options.target_mpp)
     grid = GridParams(target_mpp=options.target_mpp, tile_size=grid_tile_size(options),
