@@ -56,6 +56,19 @@ def test_usage_errors_exit_2(cli, tmp_path):
     assert cli("frobnicate").exit_code == 2
 
 
+@pytest.mark.parametrize("path", [[], ["translate"], ["models", "list"]])
+def test_help_command_shows_the_commands_own_help(cli, path):
+    r = cli("help", *path)
+    assert r.exit_code == 0, r.output
+    assert r.stdout == cli(*path, "--help").stdout
+    assert r.stdout.startswith(f"Usage: stainctl {' '.join(path)}".rstrip())
+
+
+def test_help_command_refuses_an_unknown_command(cli):
+    r = cli("help", "frobnicate")
+    assert r.exit_code == 2 and "No such command 'frobnicate'" in r.stderr
+
+
 def test_json_error_is_machine_readable(cli, tmp_path):
     import json
 

@@ -26,7 +26,7 @@ from stainctl.cli import (
     translate,
 )
 from stainctl.cli import filter as filter_cmd
-from stainctl.cli.help import use_plain_help
+from stainctl.cli.help import help_command, use_plain_help
 
 app = typer.Typer(
     name="stainctl",
@@ -65,7 +65,7 @@ COMMANDS: dict[str, Callable[..., None]] = {
     "train": train.train, "train-lora": train_lora.train_lora, "translate": translate.translate,
     "stitch": stitch.stitch, "evaluate": evaluate.evaluate, "readout": readout.readout,
     "train-align": train_align.train_align, "predict": predict.predict,
-    "status": status.status}
+    "status": status.status, "help": help_command}
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)
 app.add_typer(models.app, name="models")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Annotated
 
 import typer
 from typer._click import Context, HelpFormatter
@@ -89,3 +90,13 @@ def use_plain_help(app: typer.Typer) -> None:
             group.cls = PlainGroup
         if group.typer_instance is not None:
             use_plain_help(group.typer_instance)
+
+
+def help_command(command: Annotated[list[str] | None, typer.Argument(
+        help="A command, or a group and its command (`models list`).", show_default=False)]
+        = None) -> None:
+    """Show the help of stainctl, or of a command (`stainctl help translate`)."""
+    from stainctl.cli.app import app  # this module is imported by app.py
+
+    # The app itself answers, so an unknown name gets click's usage error and exit status 2.
+    app(args=[*(command or []), "--help"], prog_name="stainctl")
