@@ -150,6 +150,38 @@ def test_read_only_open_reads_the_metadata_without_zarr(tmp_path, cmu1):
     assert np.array_equal(ro.read_into(1, 2, out), tile)
 
 
+def test_reading_tiles_on_a_main_thread_starts_no_blosc_threads(tmp_path, cmu1):
+    """Blosc would decode each tile with a pool of threads when called from a main thread,
+    slower in wall and CPU time (bench/RESULTS.md). Counted in a fresh process: the pool, once
+    started, lives as long as the process. The control shows the count would see it."""
+    import os
+
+    lay = _layout(cmu1, 512, 64, 32)
+    store = TileStore.create(tmp_path / "s.zarr", lay, {"marker": "he"})
+    store.write(1, 1, _crop(cmu1, *lay.origin(1, 1), lay.side))
+    code = f"""
+import os, numpy as np, numcodecs.blosc
+from pathlib import Path
+from stainctl.workspace.tilestore import TileStore
+threads = lambda: len(os.listdir("/proc/self/task"))
+store = TileStore.open(Path({str(tmp_path / "s.zarr")!r}), writable=False)
+out = np.empty((store.layout.side,) * 2 + (3,), np.uint8)
+before = threads()
+for _ in range(3):
+    store.read_into(1, 1, out)
+after = threads()
+numcodecs.blosc.use_threads = None  # the default
+blob = (Path({str(tmp_path / "s.zarr")!r}) / "c/1/1/0/0/0").read_bytes()
+numcodecs.blosc.Blosc().decode(blob, out=out)
+print(before, after, threads())
+"""
+    before, after, control = map(int, subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split())
+    assert after == before
+    if (os.cpu_count() or 1) > 1:
+        assert control > after
+
+
 def test_a_writable_store_reads_its_metadata_once(tmp_path, cmu1, monkeypatch):
     """Opened writable, a store takes its layout check from the metadata zarr read, not from a
     second read of zarr.json; the check still tells a plain store from another codec's."""

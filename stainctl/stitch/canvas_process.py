@@ -194,13 +194,8 @@ def _child(store_path: str, background: str, slots: int, nice: int, ring_fd: int
     inbox = Connection(inbox_fd, writable=False)
     outbox = Connection(outbox_fd, readable=False)
     try:
-        import numcodecs.blosc
-
         from stainctl.stitch.blend import Canvas
 
-        # On a main thread Blosc decodes each tile with a pool of threads: measured 3.1-3.4 s of
-        # CPU for the 1.2-gigapixel bench canvas against 2.5 s on this thread alone.
-        numcodecs.blosc.use_threads = False
         store = TileStore.open(Path(store_path), writable=False)
         lay = store.layout
         shape = (slots, lay.side, lay.width, 3)

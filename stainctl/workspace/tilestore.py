@@ -24,6 +24,7 @@ from numpy.typing import NDArray
 from stainctl.errors import StainctlError
 
 if TYPE_CHECKING:
+    from numcodecs.blosc import Blosc
     from zarr.core.common import JSON
     from zarr.types import AnyArray
 
@@ -293,19 +294,29 @@ class TileStore:
         # itself uses: zarr's asynchronous machinery costs ~1 ms per chunk, three times the
         # decoding, and stitching reads every tile. Only for stores laid out as `create` makes
         # them (checked in `__init__`); a test checks it reads what zarr reads.
-        from numcodecs import Blosc
-
         try:
             blob = chunk_file(self.path, col, row).read_bytes()
         except FileNotFoundError:
             out[...] = 0
             return out
         try:
-            Blosc().decode(blob, out=out)
+            _blosc().decode(blob, out=out)
         except (RuntimeError, ValueError) as err:  # a damaged or foreign chunk file
             raise StoreError(f"tile ({col}, {row}) of {self.path} is damaged ({err}); run "
                              "`stainctl translate --force` for this slide") from err
         return out
+
+
+def _blosc() -> Blosc:
+    """numcodecs' Blosc, decoding on the calling thread. Called from a main thread, Blosc would
+    decode each tile with its own pool of threads, slower in both wall and CPU time for tiles of
+    this size (1,600 tiles: 0.36 s against 0.25 s, `bench/tilestore_read.py`), and the callers
+    already spread tiles over threads or processes. The switch is process-wide: encoding, as
+    zarr's writer does, was measured no slower without the pool."""
+    import numcodecs.blosc
+
+    numcodecs.blosc.use_threads = False
+    return numcodecs.blosc.Blosc()
 
 
 def chunk_file(store: Path, col: int, row: int) -> Path:
