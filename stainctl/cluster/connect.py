@@ -37,9 +37,36 @@ def probe(address: str, timeout: float = 5.0) -> None:
     if not host or not port:
         raise unreachable(address, "no host:port in it")
     try:
-        socket.create_connection((host, port), timeout=timeout).close()
+        sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as err:
         raise unreachable(address, err.strerror or str(err)) from None
+    with sock:
+        if parts.scheme == "tcp":
+            _expect_dask(sock, address)
+
+
+# A Dask scheduler speaks first: its handshake message, prefixed by its length as a
+# little-endian uint64 (distributed.comm.tcp), a few hundred bytes. Something else listening
+# there (the dashboard's port 8787, a web server) says nothing or another protocol, and the
+# Dask client then waits without end or dies on a nonsense length (seen: a 3 EiB allocation).
+_MAX_HANDSHAKE = 1 << 24
+
+
+def _expect_dask(sock: socket.socket, address: str) -> None:
+    head = b""
+    try:
+        while len(head) < 8:
+            chunk = sock.recv(8 - len(head))
+            if not chunk:
+                break
+            head += chunk
+    except OSError:  # the timeout: nothing was said
+        pass
+    length = int.from_bytes(head, "little") if len(head) == 8 else 0
+    if not 0 < length <= _MAX_HANDSHAKE:
+        raise unreachable(address, "something listens there but it does not answer as a Dask "
+                          "scheduler; check the port: the scheduler's is 8786 by default, its "
+                          "dashboard's 8787") from None
 
 
 @contextmanager

@@ -1,0 +1,65 @@
+"""An overnight batch as a lab's cron job runs it: what goes wrong around the slides (a wrong
+scheduler address, evaluate on the main job's output folder, a full disk) is one clear line."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+
+@contextmanager
+def _listener(reply: bytes | None) -> Iterator[str]:
+    """A TCP server that is not a Dask scheduler: silent (None, like a web server waiting for a
+    request) or answering `reply` at once."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                continue
+            held.append(conn)
+            if reply is not None:
+                conn.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"tcp://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join()
+        for c in held:
+            c.close()
+        server.close()
+
+
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.0 400 Bad Request\r\n\r\n"])
+def test_a_port_that_is_not_a_dask_scheduler_is_one_message(reply: bytes | None) -> None:
+    """Before: the Dask client waited without end on a silent port (a cron job hung all night),
+    or died with a traceback on another protocol's bytes read as a message length."""
+    from stainctl.cluster.connect import probe
+    from stainctl.errors import UsageError
+
+    with _listener(reply) as address, pytest.raises(UsageError) as err:
+        probe(address, timeout=1.0)
+    assert address in str(err.value) and "not answer as a Dask scheduler" in str(err.value)
+
+
+def test_a_real_scheduler_passes_the_probe() -> None:
+    from distributed import LocalCluster
+
+    from stainctl.cluster.connect import probe
+
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+        probe(cluster.scheduler_address, timeout=5.0)
