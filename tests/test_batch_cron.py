@@ -63,3 +63,15 @@ def test_a_real_scheduler_passes_the_probe() -> None:
 
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
         probe(cluster.scheduler_address, timeout=5.0)
+
+
+def test_quiet_names_a_fluorescence_slide_left_out_as_the_table_does(cli, tmp_path,
+                                                                     dapi_path) -> None:
+    """-q printed `failed: dapi: ...so this one was left out` where the summary table says
+    `left out`: the morning reader was told to fix a slide that needs nothing."""
+    r = cli("translate", dapi_path, "--marker", "demo-ki67", "-o", tmp_path / "out",
+            "-q")
+    assert r.exit_code == 1, r.output  # the exit status still counts it
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith(f"left out: {dapi_path.stem}: {dapi_path}"), lines[0]
