@@ -227,6 +227,29 @@ def test_stitched_slide_and_workspace_sets(cli, translated, tmp_path, ki67_ome_p
     assert (tmp_path / "rep" / "slide_1.png").exists()  # H&E | virtual IHC | DAB per slide
 
 
+def test_the_main_jobs_output_folder_is_its_stitched_slides(cli, translated, ki67_ome_paths):
+    """`--fake OUT` (the main job's output folder, as a user evaluates a batch the next
+    morning): before, a folder of 5 'images', each whole virtual slide beside its thumbnail, its
+    H&E | IHC side-by-side PNG and the workspace's H&E thumbnail and tissue mask, without seams;
+    now the stitched slides' tissue tiles, with their seams. Seams asked of a set without
+    borders are a caveat, not silence."""
+    from stainctl.evaluate.sources import open_set
+
+    fake = open_set(translated, SourceOptions(tile_size=256, tile_mpp=0.5), fake=True)
+    assert fake.kind == "slide" and len(fake) > 4
+    assert all(i.key.startswith("CMU-1-Small-Region/") for i in fake.items)
+    assert any(i.borders and (i.borders[0] or i.borders[1]) for i in fake.items)
+    r = cli("evaluate", "--real", ki67_ome_paths[0], "--fake", translated, "--fake",
+            translated / "workspace", "--marker", "demo-ki67", "--metrics", "stain,seams",
+            "--tile-size", "256", "--tile-mpp", "0.5", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    by_kind = {f["kind"]: f for f in data["fakes"]}
+    assert "seams" in by_kind["slide"] and "seams" not in by_kind["workspace"]
+    assert any(c.startswith(f"seams: {by_kind['workspace']['label']} has no tile borders")
+               for c in data["caveats"]), data["caveats"]
+
+
 def test_workspace_real_set_is_the_kept_tiles(translated):
     ws = translated / "workspace"
     from stainctl.evaluate.sources import open_set

@@ -72,8 +72,20 @@ def open_set(path: str | Path, options: SourceOptions, *, fake: bool) -> ImageSe
     if Workspace.exists_at(p):
         return _workspace_set(p, options, fake=fake)
     if p.is_dir():
+        stitched = _stitched_in(p)
+        if stitched:
+            return _slide_set(stitched, options, label=p.name, path=p)
         return _folder_set(p)
     return _slide_set([p], options, label=p.name, path=p)
+
+
+def _stitched_in(folder: Path) -> list[Path]:
+    """The slides stainctl stitched, directly in `folder` (the main job's OUT, WS/outputs).
+    Such a folder is read as those slides: as a folder of images it gave each whole slide as one
+    image, beside its thumbnail, its H&E | IHC side-by-side PNG and the workspace's H&E
+    thumbnails and tissue masks."""
+    return [f for f in sorted(folder.iterdir())
+            if f.suffix.lower() in (".tif", ".tiff") and "grid" in stitched_annotations(f)]
 
 
 def read_image(path: Path) -> np.ndarray:
