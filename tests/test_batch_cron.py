@@ -75,3 +75,23 @@ def test_quiet_names_a_fluorescence_slide_left_out_as_the_table_does(cli, tmp_pa
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1, r.stderr
     assert lines[0].startswith(f"left out: {dapi_path.stem}: {dapi_path}"), lines[0]
+
+
+def test_a_full_disk_under_the_side_by_side_png_is_named(tmp_path, cmu1_path, capfd) -> None:
+    """The main job on a full output disk: before, the side-by-side PNG's failure was `could
+    not write PATH` with libpng's `Write Error` lines on stderr and no cause; now the error is
+    ENOSPC naming the PNG, as every other disk-full message. /dev/full stands in for the disk:
+    the temporary the PNG is written through is a link to it."""
+    import errno
+    import os
+
+    from stainctl.steps.side_by_side import side_by_side, side_by_side_path
+
+    thumbnail = tmp_path / "cmu.demo-ki67.png"
+    final = side_by_side_path(thumbnail)
+    (tmp_path / f".{final.stem}.tmp-{os.getpid()}{final.suffix}").symlink_to("/dev/full")
+    with pytest.raises(OSError) as err:
+        side_by_side(str(cmu1_path), 0.499, cmu1_path, thumbnail, "demo-ki67")
+    assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)
+    assert "libpng" not in capfd.readouterr().err
+    assert not final.exists() and list(tmp_path.iterdir()) == []  # no temporary left

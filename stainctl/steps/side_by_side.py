@@ -91,10 +91,17 @@ def side_by_side(slide_path: str, slide_mpp: float, output: Path, thumbnail: Pat
     width = max(top.shape[1], bottom.shape[1])
     sheet = np.vstack([_pad(top, width), np.full((GAP, width, 3), 255, np.uint8),
                        _pad(bottom, width)])
+    # Encoded in memory and written by Python: cv2.imwrite on a full disk printed libpng's
+    # "Write Error" on stderr and returned False, hiding the cause (ENOSPC) from the message.
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(sheet[..., ::-1]),
+                           [cv2.IMWRITE_PNG_COMPRESSION, 6])
+    if not ok:
+        raise OSError(f"could not encode {path}")
     with atomic_path(path) as tmp:
-        if not cv2.imwrite(str(tmp), np.ascontiguousarray(sheet[..., ::-1]),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 6]):
-            raise OSError(f"could not write {path}")
+        try:
+            tmp.write_bytes(png.tobytes())
+        except OSError as err:  # named by the final path, not the temporary
+            raise OSError(err.errno, err.strerror, str(path)) from err
     return path
 
 
