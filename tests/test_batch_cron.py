@@ -3,6 +3,7 @@ scheduler address, evaluate on the main job's output folder, a full disk) is one
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -95,3 +96,21 @@ def test_a_full_disk_under_the_side_by_side_png_is_named(tmp_path, cmu1_path, ca
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)
     assert "libpng" not in capfd.readouterr().err
     assert not final.exists() and list(tmp_path.iterdir()) == []  # no temporary left
+
+
+def test_filter_force_with_an_unreachable_scheduler_keeps_the_metrics(cli, tmp_path,
+                                                                       cmu1_path) -> None:
+    """Before: `filter --force --scheduler BAD` cleared every slide's metrics, then failed on
+    the scheduler (exit 2, a 'usage error'): the workspace was left unfiltered."""
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, "-w", ws, "-q").exit_code == 0
+    assert cli("filter", "-w", ws, "-q").exit_code == 0
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    r = cli("filter", "-w", ws, "--force", "--scheduler", address)
+    assert r.exit_code == 2 and address in r.stderr, r.output
+    r = cli("status", "-w", ws, "--json")
+    slide = json.loads(r.stdout)["slides"][0]
+    assert slide["tiles_measured"] == slide["tiles_tissue"] > 0, slide
+    assert slide["steps"]["filter"] == "done", slide

@@ -40,6 +40,10 @@ def filter_slides(ws: Workspace, options: FilterOptions,
     if not ready:
         raise UsageError(f"nothing to filter in {ws.root}: no slide has been tiled; "
                          "run `stainctl tile SLIDES -w WS` first")
+    if options.scheduler:  # unreachable: say so before --force clears what was measured
+        from stainctl.cluster.connect import probe
+
+        probe(options.scheduler)
     if options.force:
         for s in ready:
             ws.manifest.clear_metrics(s.id)
