@@ -114,3 +114,22 @@ def test_filter_force_with_an_unreachable_scheduler_keeps_the_metrics(cli, tmp_p
     slide = json.loads(r.stdout)["slides"][0]
     assert slide["tiles_measured"] == slide["tiles_tissue"] > 0, slide
     assert slide["steps"]["filter"] == "done", slide
+
+
+@pytest.mark.slow
+def test_tile_min_tissue_005_lays_the_main_jobs_tiles(cli, tmp_path, cmu1_path) -> None:
+    """What `tile --help` tells a script chaining the steps: `--min-tissue 0.05` gives the tiles
+    the main job translates (the default 0.25 gave 14 of the sample's 18, and the virtual slide
+    lost the edges of its tissue)."""
+    assert cli("translate", cmu1_path, "--marker", "demo-ki67", "-o", tmp_path / "out",
+               "-q").exit_code == 0
+    assert cli("tile", cmu1_path, "-w", tmp_path / "ws", "--min-tissue", "0.05",
+               "-q").exit_code == 0
+    assert cli("tile", cmu1_path, "-w", tmp_path / "ws25", "-q").exit_code == 0
+
+    def tissue(ws) -> int:
+        return int(json.loads(cli("status", "-w", ws, "--json").stdout)
+                   ["slides"][0]["tiles_tissue"])
+
+    main = tissue(tmp_path / "out" / "workspace")
+    assert tissue(tmp_path / "ws") == main > tissue(tmp_path / "ws25")

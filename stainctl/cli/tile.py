@@ -23,7 +23,9 @@ def tile(
     tile_size: opt.TileSize = 512,
     overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 0,
     min_tissue: Annotated[float, typer.Option(
-        help="Keep tiles with at least this tissue fraction.")] = 0.25,
+        help="Keep tiles with at least this tissue fraction. The main job (`translate "
+             "SLIDES`) uses 0.05, so its virtual slides cover the edges of the tissue: give "
+             "0.05 to tile a workspace for `translate -w` the same way.")] = 0.25,
     tissue_threshold: Annotated[int, typer.Option(
         help="HSV saturation (0-255) above which a thumbnail pixel is tissue.")] = 15,
     allow_dark: Annotated[bool, typer.Option(
