@@ -64,6 +64,15 @@ def test_help_command_shows_the_commands_own_help(cli, path):
     assert r.stdout.startswith(f"Usage: stainctl {' '.join(path)}".rstrip())
 
 
+@pytest.mark.parametrize(("line", "expected"), [
+    ("stainctl help tr", {"train", "train-lora", "translate", "train-align"}),
+    ("stainctl help models ", {"list", "show", "pull", "add"}),
+    ("stainctl help frobnicate ", set()),
+])
+def test_help_command_completes_command_names(line, expected):
+    assert set(_complete("bash", line).stdout.split()) == expected
+
+
 def test_help_command_refuses_an_unknown_command(cli):
     r = cli("help", "frobnicate")
     assert r.exit_code == 2 and "No such command 'frobnicate'" in r.stderr

@@ -38,3 +38,15 @@ def metrics(incomplete: str) -> list[str]:
 
 def devices(incomplete: str) -> list[str]:
     return [d for d in DEVICES if d.startswith(incomplete)]
+
+
+def commands(ctx: typer.Context, incomplete: str) -> list[tuple[str, str]]:
+    """`stainctl help <Tab>`: the command names, or a group's commands after the group's."""
+    cmd: object = ctx.find_root().command
+    for word in ctx.params.get("command") or []:  # the words already typed
+        cmd = getattr(cmd, "commands", {}).get(word)
+        if cmd is None:
+            return []
+    return [(name, sub.get_short_help_str(limit=60))
+            for name, sub in getattr(cmd, "commands", {}).items()
+            if name.startswith(incomplete) and not sub.hidden]

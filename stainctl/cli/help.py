@@ -18,6 +18,8 @@ import typer
 from typer._click import Context, HelpFormatter
 from typer.core import TyperCommand, TyperGroup
 
+from stainctl.cli import complete
+
 NBSP = "\u00a0"  # textwrap breaks at neither of these; written back as a space and "-"
 NBHYPHEN = "\u2011"
 _LIST_TYPE = re.compile(r"<list\[(\w+)\]>")  # typer's label of a repeatable option
@@ -93,7 +95,8 @@ def use_plain_help(app: typer.Typer) -> None:
 
 
 def help_command(command: Annotated[list[str] | None, typer.Argument(
-        help="A command, or a group and its command (`models list`).", show_default=False)]
+        help="A command, or a group and its command (`models list`).", show_default=False,
+        autocompletion=complete.commands)]
         = None) -> None:
     """Show the help of stainctl, or of a command (`stainctl help translate`)."""
     from stainctl.cli.app import app  # this module is imported by app.py
