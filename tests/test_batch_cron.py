@@ -133,3 +133,24 @@ def test_tile_min_tissue_005_lays_the_main_jobs_tiles(cli, tmp_path, cmu1_path) 
 
     main = tissue(tmp_path / "out" / "workspace")
     assert tissue(tmp_path / "ws") == main > tissue(tmp_path / "ws25")
+
+
+def test_a_full_disk_under_the_manifest_names_it(cli, tmp_path, cmu1_path, monkeypatch) -> None:
+    """SQLite's 'database or disk is full' names no file: the cron log said `disk full
+    (database or disk is full)` without saying which disk. Now the batch names its manifest."""
+    import sqlite3
+
+    from stainctl.steps import filter as filter_step
+
+    ws = tmp_path / "ws"
+    assert cli("tile", cmu1_path, "-w", ws, "-q").exit_code == 0
+
+    def full(*args: object, **kwargs: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    monkeypatch.setattr(filter_step, "filter_slides", full)
+    r = cli("filter", "-w", ws)
+    assert r.exit_code == 1, r.output
+    assert r.stderr.strip() == (f"error: disk full writing {ws / 'manifest.sqlite'} (database or "
+                                "disk is full); free space and run the same command again: "
+                                "finished work is kept and skipped"), r.stderr

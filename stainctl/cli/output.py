@@ -74,9 +74,10 @@ class Output:
                     typer.echo(f"{label}: {s.get('slide')}: {s.get('message')}", err=True)
 
 
-def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
+def run_command(out: Output, body: Callable[[], int], manifest: Path | None = None) -> NoReturn:
     """Run a command body; turn stainctl errors, OS errors and signals into one message and an
-    exit code (SIGINT and SIGTERM are handled here, for every command, and nowhere else)."""
+    exit code (SIGINT and SIGTERM are handled here, for every command, and nowhere else).
+    `manifest`: the workspace manifest a batch writes, named when SQLite reports a full disk."""
     from stainctl import interrupt
 
     try:
@@ -90,7 +91,7 @@ def run_command(out: Output, body: Callable[[], int]) -> NoReturn:
         raise typer.Exit(1) from None
     except sqlite3.DatabaseError as err:
         log.debug("manifest error", exc_info=True)  # -v: the traceback
-        out.error(_sqlite_message(err))
+        out.error(_sqlite_message(err, manifest))
         raise typer.Exit(1 if _disk_full(err) else 2) from None
     except OSError as err:
         log.debug("OS error", exc_info=True)
@@ -144,7 +145,7 @@ def run_batch(out: Output, workspace: Path, command: str, prepare: Callable[[], 
         out.emit(result.as_dict(), human)
         return int(result.exit_code)
 
-    run_command(out, body)
+    run_command(out, body, Path(workspace) / "manifest.sqlite")
 
 
 def _missing_dirs(path: Path) -> list[Path]:
@@ -175,11 +176,11 @@ def _os_message(err: OSError) -> str:
             "another folder (-o / -w)")
 
 
-def _sqlite_message(err: sqlite3.DatabaseError) -> str:
+def _sqlite_message(err: sqlite3.DatabaseError, manifest: Path | None = None) -> str:
     from stainctl.workspace.manifest import damaged_message
 
-    if _disk_full(err):
-        return f"disk full ({err}); {DISK_FULL}"
+    if _disk_full(err):  # SQLite names no file: a cron log must say which disk
+        return f"disk full{f' writing {manifest}' if manifest else ''} ({err}); {DISK_FULL}"
     if getattr(err, "sqlite_errorname", "") in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
         return damaged_message("the workspace manifest", err)
     return f"the workspace manifest cannot be used ({err})"
