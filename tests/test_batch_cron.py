@@ -154,3 +154,22 @@ def test_a_full_disk_under_the_manifest_names_it(cli, tmp_path, cmu1_path, monke
     assert r.stderr.strip() == (f"error: disk full writing {ws / 'manifest.sqlite'} (database or "
                                 "disk is full); free space and run the same command again: "
                                 "finished work is kept and skipped"), r.stderr
+
+
+def test_the_thumbnail_of_a_small_slide_is_not_enlarged(tmp_path, he_ome_path) -> None:
+    """save_thumbnail's docstring says 'at most 1024 px a side'; libvips' thumbnail enlarges by
+    default, so a 500 x 500 px virtual slide got a 1024 x 1024 'thumbnail' (2.7 MB, eight times
+    the slide's file)."""
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from stainctl.stitch.pyramid import save_thumbnail
+
+    small = tmp_path / "small.tif"
+    tifffile.imwrite(small, tifffile.imread(he_ome_path)[:200, :300], photometric="rgb",
+                     metadata=None)
+    save_thumbnail(small, tmp_path / "small.png")
+    with Image.open(tmp_path / "small.png") as png:
+        assert png.size == (300, 200)
+        assert np.array_equal(np.asarray(png.convert("RGB")), tifffile.imread(small))

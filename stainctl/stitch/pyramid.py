@@ -72,5 +72,5 @@ def save_thumbnail(slide: Path, png: Path, size: int = 1024) -> None:
     """A PNG of at most `size` px a side, from the smallest pyramid level that is big enough."""
     import pyvips
 
-    thumb = pyvips.Image.thumbnail(str(slide), size)
+    thumb = pyvips.Image.thumbnail(str(slide), size, size="down")  # never enlarged
     thumb.pngsave(str(png))
