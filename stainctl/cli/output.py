@@ -145,7 +145,9 @@ def run_batch(out: Output, workspace: Path, command: str, prepare: Callable[[], 
         out.emit(result.as_dict(), human)
         return int(result.exit_code)
 
-    run_command(out, body, Path(workspace) / "manifest.sqlite")
+    from stainctl.workspace.workspace import MANIFEST
+
+    run_command(out, body, Path(workspace) / MANIFEST)
 
 
 def _missing_dirs(path: Path) -> list[Path]:
