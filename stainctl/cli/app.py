@@ -33,7 +33,8 @@ app = typer.Typer(
     help="Turn H&E whole-slide images into virtual IHC slides, in batches.\n\n"
          "Steps share one workspace (-w DIR): tile -> filter -> embed -> translate -> stitch "
          "-> evaluate; normalize brings slides to a reference's stain. Exit codes: 0 all done, "
-         "1 some slides failed (the others finished), "
+         "1 some slides failed (the others finished) or the disk filled (finished work is "
+         "kept), "
          "2 usage error, 130/143 stopped by Ctrl-C/SIGTERM (the same command resumes).",
     no_args_is_help=True,
     add_completion=False,
