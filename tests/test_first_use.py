@@ -310,13 +310,17 @@ def test_a_slide_list_naming_one_slide_twice_with_different_mpp_fails(cli, tmp_p
     assert not (tmp_path / "ws").exists()
 
 
-def test_a_slide_list_naming_one_slide_twice_alike_is_read_once(tmp_path, cmu1_path):
+def test_a_slide_list_naming_one_slide_twice_alike_is_read_once(tmp_path, cmu1_path, caplog):
     from stainctl.slide.inputs import expand_slides
 
     listing = tmp_path / "slides.csv"
     listing.write_text(f"path,mpp\n{cmu1_path},0.5\n{cmu1_path},0.50\n")
-    [req] = expand_slides([str(listing)])
+    with caplog.at_level("INFO", logger="stainctl.slide.inputs"):
+        [req] = expand_slides([str(listing)])
     assert req.mpp == 0.5 and req.error is None
+    # Said, so 2 rows giving 1 slide is not a mystery.
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{listing}, line 3: {cmu1_path} repeats line 2; counted once"]
 
 
 def test_one_slide_given_twice_with_different_pixel_sizes_across_arguments_fails(tmp_path,

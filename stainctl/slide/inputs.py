@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import csv
 import glob
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from stainctl.errors import UsageError
 from stainctl.slide.reader import SLIDE_SUFFIXES
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,10 @@ def _read_csv(path: Path, default_mpp: float | None) -> list[SlideRequest]:
                     f"{path}: {key} is listed twice with different pixel sizes: mpp "
                     f"{first_value!r} (line {first_line}) and {value!r} (line {n}); keep one "
                     "row per slide")
-            continue  # the same slide with the same mpp: one row is enough
+            # The same slide with the same mpp: one row is enough, said so that a count of
+            # slides one short of the rows is not a mystery.
+            log.info("%s, line %d: %s repeats line %d; counted once", path, n, key, first_line)
+            continue
         seen[key] = (n, value, meaning)
         out.append(SlideRequest(key, row_mpp, error))
     return out
