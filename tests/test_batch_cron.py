@@ -78,6 +78,29 @@ def test_quiet_names_a_fluorescence_slide_left_out_as_the_table_does(cli, tmp_pa
     assert lines[0].startswith(f"left out: {dapi_path.stem}: {dapi_path}"), lines[0]
 
 
+def test_status_counts_a_left_out_slide_as_the_run_did(cli, tmp_path, dapi_path) -> None:
+    """`status --json` counted the fluorescence slide the main job left out under "failed",
+    where the run's summary said "0 failed, 1 left out"; its kind now stays in the manifest."""
+    import json
+
+    assert cli("translate", dapi_path, "--marker", "demo-ki67", "-o", tmp_path / "out",
+               "-q").exit_code == 1
+    r = cli("status", "-w", tmp_path / "out" / "workspace", "--json")
+    assert r.exit_code == 1, r.output  # as the run's exit status
+    data = json.loads(r.stdout)
+    assert (data["failed"], data["left_out"]) == (0, 1)
+    [slide] = data["slides"]
+    assert slide["left_out"] and slide["codes"] == {"tile": "left-out"}
+    table = cli("status", "-w", tmp_path / "out" / "workspace")
+    assert "\tleft out: tile: " in table.stdout, table.stdout
+    # A slide that failed for a reason to fix still counts as failed: `tile` alone refuses the
+    # same slide as a failure (--allow-dark is its fix).
+    assert cli("tile", dapi_path, "-w", tmp_path / "ws", "-q").exit_code == 1
+    data = json.loads(cli("status", "-w", tmp_path / "ws", "--json").stdout)
+    assert (data["failed"], data["left_out"]) == (1, 0)
+    assert data["slides"][0]["codes"] == {"tile": "dark"}
+
+
 def test_a_full_disk_under_the_side_by_side_png_is_named(tmp_path, cmu1_path, capfd) -> None:
     """The main job on a full output disk: before, the side-by-side PNG's failure was `could
     not write PATH` with libpng's `Write Error` lines on stderr and no cause; now the error is

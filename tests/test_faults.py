@@ -163,12 +163,15 @@ def test_a_workspace_of_an_older_schema_is_read_read_only(tiled, tmp_path):
     ws = _copy(tiled, tmp_path / "ws")
     db = sqlite3.connect(ws / "manifest.sqlite")
     db.execute("ALTER TABLE slides DROP COLUMN warning")
+    db.execute("ALTER TABLE steps DROP COLUMN code")  # schema 4's, as schema 1 had neither
     db.execute("PRAGMA user_version=1")
     db.commit()
     db.close()
     reader = Workspace.open(ws, readonly=True)
     slides = reader.manifest.slides()
     assert slides and slides[0].warning is None and slides[0].mpp
+    [summary] = reader.manifest.slide_summaries()  # steps without their schema-4 `code`
+    assert summary.steps and not summary.codes and not summary.left_out
     reader.close()
     writer = Workspace.open(ws)  # a writer upgrades it
     assert writer.manifest.db.execute("PRAGMA user_version").fetchone()[0] >= 2

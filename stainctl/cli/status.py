@@ -25,11 +25,15 @@ def status(workspace: opt.Workspace, json_out: opt.Json = False) -> None:
         ws = Workspace.open(workspace, readonly=True)
         # A step is running only while its run holds the lock; else it was interrupted.
         live = ws.manifest.live_run() if holder(ws.root / ".lock") else None
-        slides = [s.as_dict() for s in ws.manifest.slide_summaries(live)]
-        failed = sum(1 for s in slides if s["errors"])
-        data = {"workspace": str(ws.root), "slides": slides, "failed": failed}
+        summaries = ws.manifest.slide_summaries(live)
+        slides = [s.as_dict() for s in summaries]
+        # Counted as the run's summary counts them: a slide left out by design is not failed.
+        left_out = sum(1 for s in summaries if s.left_out)
+        failed = sum(1 for s in summaries if s.errors and not s.left_out)
+        data = {"workspace": str(ws.root), "slides": slides, "failed": failed,
+                "left_out": left_out}
         out.emit(data, lambda: _print(slides))
-        return 1 if failed else 0
+        return 1 if failed or left_out else 0
 
     run_command(out, body)
 
@@ -47,8 +51,9 @@ def _print(slides: list[dict[str, Any]]) -> None:
             steps = [k for k, v in s["steps"].items() if v == state]
             if steps:
                 last += f" ({', '.join(steps)} {state})"
-        error = "; ".join([f"{k}: {v}" for k, v in s["errors"].items()]
-                          + ([f"warning: {s['warning']}"] if s["warning"] else []))
+        errors = [f"{k}: {v}" for k, v in s["errors"].items()]
+        warning = [f"warning: {s['warning']}"] if s["warning"] else []
+        error = ("left out: " if s["left_out"] else "") + "; ".join(errors + warning)
         rows.append((s["slide"], str(s["tiles_total"]), str(s["tiles_tissue"]), str(kept),
                      str(pending) if s["steps"].get("filter") else "-", last, error))
     head = ("slide", "tiles", "tissue", "kept", "unfiltered", "last done", "error / warning")

@@ -184,7 +184,8 @@ class SlideStep(ABC, Generic[I, W]):
         self.manifest.set_step(slide.id, step, "failed",
                                params_hash=plan.phash if plan else None,
                                params=plan.params if plan else None,
-                               error=failure.reason, run_id=self.ws.run_id)
+                               error=failure.reason, code=failure.code,
+                               run_id=self.ws.run_id)
         self._report(result, self.failed(item, slide, failure))
 
     def _report(self, result: BatchResult, outcome: SlideOutcome) -> None:

@@ -320,19 +320,21 @@ class Manifest:
 
     def set_step(self, slide_id: int, step: str, state: StepState, *,
                  params_hash: str | None = None, params: Mapping[str, object] | None = None,
-                 error: str | None = None, run_id: int | None = None) -> None:
+                 error: str | None = None, code: str | None = None,
+                 run_id: int | None = None) -> None:
+        """`error`: why the step failed, a sentence naming the fix; `code`: its kind."""
         stamp = now()
         with self.transaction():
             self.db.execute(
-                "INSERT INTO steps (slide_id, step, params_hash, params, state, error, run_id, "
-                "started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                "INSERT INTO steps (slide_id, step, params_hash, params, state, error, code, "
+                "run_id, started, finished) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT (slide_id, step) DO UPDATE SET params_hash=excluded.params_hash, "
                 "params=excluded.params, state=excluded.state, error=excluded.error, "
-                "run_id=excluded.run_id, "
+                "code=excluded.code, run_id=excluded.run_id, "
                 "started=CASE WHEN excluded.state='running' THEN excluded.started ELSE started END,"
                 " finished=excluded.finished",
                 (slide_id, step, params_hash, json.dumps(params) if params else None, state,
-                 error, run_id, stamp, None if state == "running" else stamp))
+                 error, code, run_id, stamp, None if state == "running" else stamp))
 
     # --- stain normalisation ---------------------------------------------------------------
     def record_stain_fit(self, slide_id: int, step: str, method: str,
@@ -509,6 +511,8 @@ class Manifest:
                 steps={name: _state(r, live_run) for name, r in st.items()},
                 last_done=done[-1] if done else None,
                 errors={name: r.error for name, r in st.items() if r.state == "failed"},
+                codes={name: r.code for name, r in st.items()
+                       if r.state == "failed" and r.code is not None},
                 warning=s.warning, stain_fits=fits.get(s.id, {})))
         return out
 

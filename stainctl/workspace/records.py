@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Literal
 
+from stainctl.errors import LEFT_OUT
+
 StepState = Literal["running", "done", "failed"]
 STEP_STATES: tuple[StepState, ...] = ("running", "done", "failed")
 
@@ -132,6 +134,7 @@ class StepRecord:
     params_hash: str | None = None
     params: Mapping[str, object] | None = None
     error: str | None = None
+    code: str | None = None  # a failure's kind (errors.LEFT_OUT, ...); None for older runs
     run_id: int | None = None
     started: str | None = None
     finished: str | None = None
@@ -156,6 +159,7 @@ class StepRecord:
             state=state,
             params_hash=_str(c["params_hash"]),
             params=params if isinstance(params, dict) else None, error=_str(c["error"]),
+            code=_str(c["code"]) if "code" in c.keys() else None,  # noqa: SIM118
             run_id=_int(c["run_id"]), started=_str(c["started"]), finished=_str(c["finished"]))
 
 
@@ -253,16 +257,25 @@ class SlideSummary:
     steps: Mapping[str, str]  # a StepState, or "interrupted": left running by a dead run
     last_done: str | None
     errors: Mapping[str, str | None]
+    codes: Mapping[str, str] = field(default_factory=dict)  # the failed steps' kinds
     warning: str | None = None  # what `tile` found suspect (SlideRecord.warning)
     # The stain normalisation fitted for the slide, per step (StainFitRecord.as_dict()).
     stain_fits: Mapping[str, Mapping[str, object]] = field(default_factory=dict)
+
+    @property
+    def left_out(self) -> bool:
+        """Its only failures are the main job leaving it out by design (a fluorescence
+        slide): nothing to fix, as the run's summary said."""
+        return bool(self.errors) and all(self.codes.get(step) == LEFT_OUT
+                                         for step in self.errors)
 
     def as_dict(self) -> dict[str, object]:
         return {"slide": self.slide, "path": self.path, "mpp": self.mpp,
                 "tiles_total": self.tiles_total, "tiles_tissue": self.tiles_tissue,
                 "tiles_measured": self.tiles_measured, "tiles_kept": self.tiles_kept,
                 "steps": dict(self.steps), "last_done": self.last_done,
-                "errors": dict(self.errors), "warning": self.warning,
+                "errors": dict(self.errors), "codes": dict(self.codes),
+                "left_out": self.left_out, "warning": self.warning,
                 "stain_fits": {k: dict(v) for k, v in self.stain_fits.items()}}
 
 

@@ -1,6 +1,6 @@
 """Manifest schema and its migrations. Bump SCHEMA_VERSION and add a migration for each change."""
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 
 # Version 1. Coordinates are level-0 pixels, top-left. Filter metrics are NULL until measured;
 # `keep` is NULL until the filter step has judged the tile.
@@ -99,4 +99,7 @@ MIGRATIONS: dict[int, str] = {
         params   TEXT NOT NULL,
         created  TEXT NOT NULL,
         PRIMARY KEY (slide_id, step));""",
+    # Version 4: steps.code, a failure's kind (errors.LEFT_OUT, errors.NO_MPP, ...), so that
+    # `status` tells a slide left out by design from a failed one, as the run's summary did.
+    3: "ALTER TABLE steps ADD COLUMN code TEXT;",
 }
