@@ -250,6 +250,48 @@ def test_the_main_jobs_output_folder_is_its_stitched_slides(cli, translated, ki6
                for c in data["caveats"]), data["caveats"]
 
 
+def test_a_folder_of_stitched_slides_gives_one_models_slides(translated, tmp_path):
+    """WS/outputs, or an OUT used for two markers, holds several models' virtual slides: one
+    set would mix them, so --marker chooses, as it does for a workspace."""
+    import shutil
+
+    import tifffile
+
+    from stainctl.errors import UsageError
+    from stainctl.evaluate.sources import open_set
+
+    [slide] = sorted(translated.glob("*.demo-ki67.ome.tiff"))
+    folder = tmp_path / "two"
+    folder.mkdir()
+    shutil.copy(slide, folder / slide.name)
+    other = folder / slide.name.replace("demo-ki67", "other-ki67")
+    shutil.copy(slide, other)
+    description = str(tifffile.tiffcomment(other)).replace("demo-ki67", "other-ki67")
+    tifffile.tiffcomment(other, description.encode())  # UTF-8: the OME XML says "µm"
+    options = SourceOptions(tile_size=256, tile_mpp=0.5)
+    with pytest.raises(UsageError, match=r"2 models \(demo-ki67, other-ki67\); choose one "
+                                         "with --marker"):
+        open_set(folder, options, fake=True)
+    one = open_set(translated, options, fake=True)
+    chosen = open_set(folder, SourceOptions(tile_size=256, tile_mpp=0.5, marker="other-ki67"),
+                      fake=True)
+    assert chosen.kind == "slide" and len(chosen) == len(one) > 0
+    with pytest.raises(UsageError, match=f"holds no her2 virtual slide .*{other.name}"):
+        open_set(folder, SourceOptions(tile_size=256, tile_mpp=0.5, marker="her2"), fake=True)
+
+
+def test_seams_the_default_metrics_cannot_measure_are_no_caveat(cli, translated,
+                                                                  ki67_ome_paths):
+    """Seams are among the default metrics: a workspace's tiles (no stitched borders) left
+    them out with a caveat telling the user to give stitched slides, on nearly every run."""
+    r = cli("evaluate", "--real", ki67_ome_paths[0], "--fake", translated / "workspace",
+            "--marker", "demo-ki67", "--tile-size", "256", "--tile-mpp", "0.5", "--json")
+    assert r.exit_code == 0, r.output
+    data = json.loads(r.stdout)
+    assert "seams" in data["settings"]["metrics"]
+    assert not any(c.startswith("seams:") for c in data["caveats"]), data["caveats"]
+
+
 def test_workspace_real_set_is_the_kept_tiles(translated):
     ws = translated / "workspace"
     from stainctl.evaluate.sources import open_set

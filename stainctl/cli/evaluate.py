@@ -28,7 +28,9 @@ def evaluate(
              "Bland-Altman bias and limits; classes: weighted F1 with a bootstrap 95 % CI, "
              "per-class recall).")] = None,
     marker: Annotated[str | None, typer.Option(
-        "--marker", "-m", help="Whose translated tiles a --fake workspace gives.")] = None,
+        "--marker", "-m", help="Whose translated tiles a --fake workspace gives, and whose "
+        "virtual slides a --fake folder of stitched slides (the main job's OUTPUT) gives.")]
+    = None,
     metrics: Annotated[str | None, typer.Option(
         autocompletion=complete.metrics,
         help="Comma-separated: fid, cropfid, kid, encoder, stain, paired, seams, colour (Lab "

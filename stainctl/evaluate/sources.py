@@ -72,20 +72,34 @@ def open_set(path: str | Path, options: SourceOptions, *, fake: bool) -> ImageSe
     if Workspace.exists_at(p):
         return _workspace_set(p, options, fake=fake)
     if p.is_dir():
-        stitched = _stitched_in(p)
+        stitched = _stitched_in(p, options.marker)
         if stitched:
             return _slide_set(stitched, options, label=p.name, path=p)
         return _folder_set(p)
     return _slide_set([p], options, label=p.name, path=p)
 
 
-def _stitched_in(folder: Path) -> list[Path]:
-    """The slides stainctl stitched, directly in `folder` (the main job's OUT, WS/outputs).
-    Such a folder is read as those slides: as a folder of images it gave each whole slide as one
-    image, beside its thumbnail, its H&E | IHC side-by-side PNG and the workspace's H&E
-    thumbnails and tissue masks."""
-    return [f for f in sorted(folder.iterdir())
-            if f.suffix.lower() in (".tif", ".tiff") and "grid" in stitched_annotations(f)]
+def _stitched_in(folder: Path, marker: str | None) -> list[Path]:
+    """The slides stainctl stitched, directly in `folder` (the main job's OUT, WS/outputs), of
+    `marker` when given (named `KEY.<marker>.ome.tiff`, as a workspace's are found). Such a
+    folder is read as those slides: as a folder of images it gave each whole slide as one image,
+    beside its thumbnail, its H&E | IHC side-by-side PNG and the workspace's H&E thumbnails and
+    tissue masks. Slides of several models without `marker` are refused: one set would mix
+    them."""
+    found = [(f, a) for f in sorted(folder.iterdir()) if f.suffix.lower() in (".tif", ".tiff")
+             and "grid" in (a := stitched_annotations(f))]
+    if marker:
+        chosen = [f for f, _ in found if f".{marker}." in f.name]
+        if found and not chosen:
+            raise UsageError(f"{folder} holds no {marker} virtual slide (it holds "
+                             f"{', '.join(f.name for f, _ in found)}); give the --marker they "
+                             "were translated with")
+        return chosen
+    models = sorted({a.get("model", "?") for _, a in found})
+    if len(models) > 1:
+        raise UsageError(f"{folder} holds virtual slides of {len(models)} models "
+                         f"({', '.join(models)}); choose one with --marker")
+    return [f for f, _ in found]
 
 
 def read_image(path: Path) -> np.ndarray:
