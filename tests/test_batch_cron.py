@@ -53,8 +53,24 @@ def test_a_port_that_is_not_a_dask_scheduler_is_one_message(reply: bytes | None)
     from stainctl.errors import UsageError
 
     with _listener(reply) as address, pytest.raises(UsageError) as err:
-        probe(address, timeout=1.0)
+        probe(address, timeout=1.0, answer=1.0)
     assert address in str(err.value) and "not answer as a Dask scheduler" in str(err.value)
+    if reply is None:  # silence may be a busy scheduler as well as the wrong port
+        assert "within 1 s" in str(err.value) and "overloaded" in str(err.value)
+
+
+def test_a_tls_scheduler_is_not_expected_to_greet_first(monkeypatch) -> None:
+    """Over TLS the client speaks first: an address without a scheme on a cluster whose Dask
+    configuration says tls got "does not answer as a Dask scheduler" from a silent listener."""
+    import dask.config
+
+    from stainctl.cluster.connect import probe
+
+    with _listener(None) as address:
+        host_port = address.split("://", 1)[1]
+        with dask.config.set({"distributed.comm.default-scheme": "tls"}):
+            probe(host_port, timeout=1.0, answer=1.0)  # listening is all it can check
+        probe(address.replace("tcp://", "tls://"), timeout=1.0, answer=1.0)
 
 
 def test_a_real_scheduler_passes_the_probe() -> None:

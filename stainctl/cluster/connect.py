@@ -24,10 +24,12 @@ def unreachable(address: str, why: str) -> UsageError:
     return UsageError(f"cannot reach the Dask scheduler at {address} ({why}); {HOW_TO_START}")
 
 
-def probe(address: str, timeout: float = 5.0) -> None:
+def probe(address: str, timeout: float = 5.0, answer: float = 15.0) -> None:
     """Fail at once, with the message, when nothing listens at a tcp:// address (the Dask
-    client would retry until its timeout)."""
-    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    client would retry until its timeout), or when what listens there does not greet as a Dask
+    scheduler within `answer` seconds (the client would wait for it without end)."""
+    scheme = address.split("://", 1)[0] if "://" in address else _default_scheme()
+    parts = urlsplit(address if "://" in address else f"{scheme}://{address}")
     if parts.scheme not in ("tcp", "tls", "ws", "wss"):
         return  # inproc:// and others: the client says
     try:
@@ -41,8 +43,17 @@ def probe(address: str, timeout: float = 5.0) -> None:
     except OSError as err:
         raise unreachable(address, err.strerror or str(err)) from None
     with sock:
-        if parts.scheme == "tcp":
-            _expect_dask(sock, address)
+        if parts.scheme == "tcp":  # over TLS or websockets the client speaks first
+            sock.settimeout(answer)
+            _expect_dask(sock, address, answer)
+
+
+def _default_scheme() -> str:
+    """The scheme Dask gives an address written without one (`host:8786`): tcp, unless the
+    cluster's Dask configuration says tls."""
+    import dask.config
+
+    return str(dask.config.get("distributed.comm.default-scheme", default="tcp"))
 
 
 # A Dask scheduler speaks first: its handshake message, prefixed by its length as a
@@ -50,9 +61,10 @@ def probe(address: str, timeout: float = 5.0) -> None:
 # there (the dashboard's port 8787, a web server) says nothing or another protocol, and the
 # Dask client then waits without end or dies on a nonsense length (seen: a 3 EiB allocation).
 _MAX_HANDSHAKE = 1 << 24
+_CHECK_PORT = ("check the port: the scheduler's is 8786 by default, its dashboard's 8787")
 
 
-def _expect_dask(sock: socket.socket, address: str) -> None:
+def _expect_dask(sock: socket.socket, address: str, answer: float) -> None:
     head = b""
     try:
         while len(head) < 8:
@@ -60,13 +72,16 @@ def _expect_dask(sock: socket.socket, address: str) -> None:
             if not chunk:
                 break
             head += chunk
-    except OSError:  # the timeout: nothing was said
+    except TimeoutError:
+        raise unreachable(address, f"something listens there but it did not answer as a Dask "
+                          f"scheduler within {answer:g} s (a scheduler greets first); "
+                          f"{_CHECK_PORT}, or whether the scheduler is overloaded") from None
+    except OSError:  # reset: not a scheduler either
         pass
     length = int.from_bytes(head, "little") if len(head) == 8 else 0
     if not 0 < length <= _MAX_HANDSHAKE:
         raise unreachable(address, "something listens there but it does not answer as a Dask "
-                          "scheduler; check the port: the scheduler's is 8786 by default, its "
-                          "dashboard's 8787") from None
+                          f"scheduler; {_CHECK_PORT}") from None
 
 
 @contextmanager
