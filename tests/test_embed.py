@@ -67,6 +67,25 @@ def test_embeddings_are_the_encoders_tokens_in_float16(cli, tmp_path, models, cm
     assert status["steps"]["embed:tiny-uni2h"] == "done"
 
 
+def test_an_unreachable_scheduler_stops_embed_before_any_slide_is_marked(cli, tmp_path,
+                                                                          models, cmu1_path):
+    """Before: every slide was marked running before the client failed to connect, so
+    `status` then showed them as interrupted."""
+    import socket
+
+    ws = tmp_path / "ws"
+    _filtered(cli, ws, cmu1_path)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    r = cli("embed", "-w", ws, "--encoder", "tiny-uni2h", env={"STAINCTL_SCHEDULER": address})
+    assert r.exit_code == 2, r.output
+    [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert address in line and "dask scheduler" in line
+    status = json.loads(cli("status", "-w", ws, "--json").stdout)["slides"][0]
+    assert not any(step.startswith("embed") for step in status["steps"]), status["steps"]
+
+
 def test_wrong_resolution_fails_the_slide_not_the_batch(cli, tmp_path, models, cmu1_path):
     ws = tmp_path / "ws"
     assert cli("tile", cmu1_path, "-w", ws, "--target-mpp", "1.0").exit_code == 0

@@ -103,6 +103,10 @@ def embed_slides(ws: Workspace, options: EmbedOptions,
     if not ready:
         raise UsageError(f"nothing to embed in {ws.root}: no slide has been filtered; run "
                          "`stainctl filter -w WS` first")
+    if options.scheduler:  # unreachable: say so before any slide is marked running
+        from stainctl.cluster.connect import probe
+
+        probe(options.scheduler)
     return EmbedStep(ws, progress, options, card, directory, weights).run(ready)
 
 
