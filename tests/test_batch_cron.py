@@ -117,6 +117,25 @@ def test_status_counts_a_left_out_slide_as_the_run_did(cli, tmp_path, dapi_path)
     assert data["slides"][0]["codes"] == {"tile": "dark"}
 
 
+def test_a_full_disk_under_a_tiled_slides_thumbnail_is_named(cli, tmp_path, cmu1_path) -> None:
+    """`tile` wrote its thumbnail with cv2.imwrite: on a full disk libpng printed 'Write
+    Error' and the slide's line guessed "disk full or not writable?". /dev/full stands in for
+    the disk under the thumbnail's temporary (this process's pid: a live writer's is kept)."""
+    import os
+
+    from stainctl.workspace import Workspace
+
+    ws = Workspace.open(tmp_path / "ws", create=True)
+    final = ws.thumbnail_path(cmu1_path.stem)
+    ws.close()
+    final.parent.mkdir(parents=True)
+    (final.parent / f".{final.stem}.tmp-{os.getpid()}{final.suffix}").symlink_to("/dev/full")
+    r = cli("tile", cmu1_path, "-w", tmp_path / "ws")
+    assert r.exit_code == 1, r.output
+    assert f"disk full while writing {final}; free space and run again" in r.stderr, r.stderr
+    assert "libpng" not in r.stderr
+
+
 def test_a_full_disk_under_the_side_by_side_png_is_named(tmp_path, cmu1_path, capfd) -> None:
     """The main job on a full output disk: before, the side-by-side PNG's failure was `could
     not write PATH` with libpng's `Write Error` lines on stderr and no cause; now the error is

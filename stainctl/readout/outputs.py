@@ -22,6 +22,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stainctl.workspace.atomic import atomic_bytes
+
 if TYPE_CHECKING:
     from stainctl.readout.measure import TileReadout
     from stainctl.readout.records import SlideReadout
@@ -184,9 +186,3 @@ def grid_png(values: np.ndarray) -> bytes:
     return bytes(data.tobytes())
 
 
-def atomic_bytes(path: Path, data: bytes) -> None:
-    """`data` written to `path` whole or not at all."""
-    from stainctl.workspace.atomic import atomic_path
-
-    with atomic_path(path) as tmp:  # a killed run's temporary is cleared by the next
-        tmp.write_bytes(data)

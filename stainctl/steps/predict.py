@@ -122,12 +122,12 @@ class PredictStep(SlideStep[SlideRecord, Path]):
 
         from stainctl.align.heads import tile_probabilities
         from stainctl.readout.outputs import (
-            atomic_bytes,
             grid_png,
             tile_feature,
             tile_grid,
             write_feature_collection,
         )
+        from stainctl.workspace.atomic import atomic_bytes
 
         slide, card, classes = plan.slide, self.card, self.heads.config.classes
         files = self.ws.embedding_files(slide.key, card.encoder)

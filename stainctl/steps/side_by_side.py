@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
-from stainctl.workspace import atomic_path
+from stainctl.workspace import atomic_bytes
 
 if TYPE_CHECKING:
     import pyvips
@@ -97,11 +97,7 @@ def side_by_side(slide_path: str, slide_mpp: float, output: Path, thumbnail: Pat
                            [cv2.IMWRITE_PNG_COMPRESSION, 6])
     if not ok:
         raise OSError(f"could not encode {path}")
-    with atomic_path(path) as tmp:
-        try:
-            tmp.write_bytes(png.tobytes())
-        except OSError as err:  # named by the final path, not the temporary
-            raise OSError(err.errno, err.strerror, str(path)) from err
+    atomic_bytes(path, png.tobytes())
     return path
 
 

@@ -23,7 +23,7 @@ from stainctl.workspace import (
     StepRecord,
     TileCell,
     Workspace,
-    atomic_path,
+    atomic_bytes,
 )
 
 if TYPE_CHECKING:
@@ -196,10 +196,12 @@ def _save_png(ws: Workspace, slide_id: int, path: Path, image: NDArray[np.uint8]
               kind: str) -> None:
     import cv2
 
-    with atomic_path(path) as tmp:
-        bgr = image[..., ::-1] if image.ndim == 3 else image
-        if not cv2.imwrite(str(tmp), bgr):
-            raise SlideError(path, "could not write the PNG (disk full or not writable?)")
+    # Encoded in memory: cv2.imwrite hid a full disk's cause (see side_by_side).
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1] if image.ndim == 3
+                                                        else image))
+    if not ok:
+        raise SlideError(path, "could not encode the PNG")
+    atomic_bytes(path, png.tobytes())
     ws.manifest.record_artifact(slide_id, kind, ws.relative(path))
 
 

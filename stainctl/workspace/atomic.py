@@ -34,6 +34,16 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
             tmp.unlink()
 
 
+def atomic_bytes(final: str | os.PathLike[str], data: bytes) -> None:
+    """`data` written to `final` whole or not at all. An OSError (a full disk) names `final`,
+    not the temporary: a message must say which file to free space for."""
+    with atomic_path(final) as tmp:
+        try:
+            tmp.write_bytes(data)
+        except OSError as err:
+            raise OSError(err.errno, err.strerror, os.fspath(final)) from err
+
+
 TEMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[^.]*)?")
 
 
