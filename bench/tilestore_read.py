@@ -53,7 +53,7 @@ def child(path: Path, how: str) -> None:
     """Decode every tile of the store on this (main) thread, then encode them again."""
     import numcodecs.blosc
 
-    from stainctl.workspace.tilestore import TileStore
+    from stainctl.workspace.tilestore import TileStore, chunk_file
 
     store = TileStore.open(path, writable=False)
     present = np.argwhere(store.written())
@@ -61,7 +61,7 @@ def child(path: Path, how: str) -> None:
     if how == "pool":
         numcodecs.blosc.use_threads = None  # numcodecs' default
         blosc = numcodecs.blosc.Blosc()
-        blobs = [(path / "c" / str(r) / str(c) / "0" / "0" / "0") for r, c in present]
+        blobs = [chunk_file(path, int(c), int(r)) for r, c in present]
 
         def decode(r: int, c: int, i: int) -> None:
             blosc.decode(blobs[i].read_bytes(), out=out)

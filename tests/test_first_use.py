@@ -340,3 +340,16 @@ def test_one_slide_given_twice_with_different_pixel_sizes_across_arguments_fails
         expand_slides([str(listing), str(other)])
     [req] = expand_slides([str(listing), str(listing)])  # the same list twice agrees with itself
     assert req.mpp == 0.25
+
+
+def test_a_slide_given_twice_across_arguments_is_counted_once_with_a_line(tmp_path, cmu1_path,
+                                                                          caplog):
+    from stainctl.slide.inputs import expand_slides
+
+    listing = tmp_path / "slides.csv"
+    listing.write_text(f"path\n{cmu1_path}\n")
+    with caplog.at_level("INFO", logger="stainctl.slide.inputs"):
+        [req] = expand_slides([str(listing), str(cmu1_path)])
+    assert req.path == cmu1_path
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{cmu1_path} is given twice ({cmu1_path}); counted once"]

@@ -34,10 +34,13 @@ def expand_slides(args: list[str], mpp: float | None = None) -> list[SlideReques
     for arg in args:
         for req in _expand_one(arg, mpp):
             first = found.setdefault(req.path, req)
+            if first is req:
+                continue
             if (first.mpp, first.error) != (req.mpp, req.error):
                 # Which one wins would be a silent guess (two lists, or a list and the slide).
                 raise UsageError(f"{req.path} is given twice with different pixel sizes "
                                  f"({_size(first)} and {_size(req)}); give each slide once")
+            log.info("%s is given twice (%s); counted once", req.path, arg)
     if not found:
         raise UsageError(f"no slides found in: {' '.join(args)}")
     return list(found.values())
