@@ -8,6 +8,7 @@ import typer
 
 from stainctl.cli import options as opt
 from stainctl.cli.output import Batch, Output, run_batch
+from stainctl.steps import MAIN_JOB_MIN_TISSUE
 
 if TYPE_CHECKING:
     from stainctl.steps.report import BatchResult
@@ -24,8 +25,9 @@ def tile(
     overlap: Annotated[int, typer.Option(help="Overlap between tiles in pixels.")] = 0,
     min_tissue: Annotated[float, typer.Option(
         help="Keep tiles with at least this tissue fraction. The main job (`translate "
-             "SLIDES`) uses 0.05, so its virtual slides cover the edges of the tissue: give "
-             "0.05 to tile a workspace for `translate -w` the same way.")] = 0.25,
+             f"SLIDES`) uses {MAIN_JOB_MIN_TISSUE}, so its virtual slides cover the edges of "
+             f"the tissue: give {MAIN_JOB_MIN_TISSUE} to tile a workspace for `translate -w` "
+             "the same way.")] = 0.25,
     tissue_threshold: Annotated[int, typer.Option(
         help="HSV saturation (0-255) above which a thumbnail pixel is tissue.")] = 15,
     allow_dark: Annotated[bool, typer.Option(

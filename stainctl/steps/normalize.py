@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 from stainctl.errors import LEFT_OUT, UsageError
 from stainctl.normalize import CLASSICAL, METHODS
 from stainctl.slide.inputs import SlideRequest
+from stainctl.steps import MAIN_JOB_MIN_TISSUE
 from stainctl.steps.lifecycle import SlidePlan
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.steps.translate import TranslateOptions, TranslateStep, TranslateWork
@@ -189,7 +190,7 @@ def run_normalize_job(ws: Workspace, requests: list[SlideRequest], options: Norm
     # A bad reference (uniform, glass only, no haematoxylin) stops before any slide is added.
     reference = load_reference(options.target, options.target_mpp)
     grid = GridParams(target_mpp=options.target_mpp, tile_size=grid_tile_size(options),
-                      min_tissue=0.05)
+                      min_tissue=MAIN_JOB_MIN_TISSUE)
     pyramid = pyramid or PyramidOptions()
     max_read = max_thumbnail_read or DEFAULT_MAX_READ_GPX
     tally = ChainTally()

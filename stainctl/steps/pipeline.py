@@ -16,6 +16,7 @@ from stainctl.errors import LEFT_OUT
 from stainctl.slide.grid import GridParams
 from stainctl.slide.inputs import SlideRequest
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
+from stainctl.steps import MAIN_JOB_MIN_TISSUE
 from stainctl.steps.report import BatchResult, Progress, SilentProgress, SlideOutcome
 from stainctl.steps.translate import TranslateOptions
 from stainctl.stitch.pyramid import PyramidOptions
@@ -79,10 +80,8 @@ def run_main_job(ws: Workspace, requests: list[SlideRequest], options: Translate
     # say so before tiling anything.
     check_installed(required_cards(card, directory), directory, verify=True)
     options = dataclasses.replace(options, marker=card.name)
-    # A low tissue threshold: an edge tile with a little tissue is still translated, so the
-    # virtual slide covers the whole section.
     grid = GridParams(target_mpp=card.input_mpp, tile_size=grid_tile_size(card, options),
-                      min_tissue=0.05)
+                      min_tissue=MAIN_JOB_MIN_TISSUE)
     pyramid = pyramid or PyramidOptions()
     tally = ChainTally()
     steps = [
