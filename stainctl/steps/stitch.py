@@ -159,9 +159,16 @@ class StitchStep(SlideStep[StitchJob, StitchWork]):
         m.record_artifact(slide.id, "stitched", self.ws.relative(res.path), plan.phash)
         m.record_artifact(slide.id, "stitched_thumbnail", self.ws.relative(res.thumbnail),
                           plan.phash)
+        message = (f"{job.marker}: {res.width} x {res.height} px at {res.mpp:.4g} µm/px -> "
+                   f"{res.path}")
+        if overlay is None and slide.mpp and abs(res.mpp / slide.mpp - 1) > 0.1:
+            # At the model's resolution, not the slide's: say why the sizes differ, and how to
+            # get a slide that overlays the H&E pixel for pixel.
+            message += (f" (the H&E is {slide.width} x {slide.height} px at {slide.mpp:.4g} "
+                        f"µm/px: `stainctl stitch -w {self.ws.root} -o {res.path.parent} "
+                        "--level0 --force` matches its pixels)")
         return SlideOutcome(
-            slide.key, slide.path, "done",
-            f"{job.marker}: {res.width} x {res.height} px at {res.mpp:.4g} µm/px -> {res.path}",
+            slide.key, slide.path, "done", message,
             {"marker": job.marker, "output": str(res.path), "thumbnail": str(res.thumbnail),
              "width": res.width, "height": res.height, "mpp": res.mpp, "tiles": res.tiles})
 
