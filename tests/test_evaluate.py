@@ -280,6 +280,16 @@ def test_a_folder_of_stitched_slides_gives_one_models_slides(translated, tmp_pat
         open_set(folder, SourceOptions(tile_size=256, tile_mpp=0.5, marker="her2"), fake=True)
 
 
+def test_marker_may_be_the_stain_as_translate_takes_it(cli, translated, ki67_ome_paths):
+    """`translate --marker ki67` names its outputs after the model (demo-ki67); evaluate
+    --marker ki67 refused them: "holds no ki67 virtual slide"."""
+    for fake in (translated, translated / "workspace"):
+        r = cli("evaluate", "--real", ki67_ome_paths[0], "--fake", fake, "--marker", "ki67",
+                "--metrics", "stain", "--tile-size", "256", "--tile-mpp", "0.5", "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["fakes"][0]["kind"] in ("slide", "workspace")
+
+
 def test_seams_the_default_metrics_cannot_measure_are_no_caveat(cli, translated,
                                                                   ki67_ome_paths):
     """Seams are among the default metrics: a workspace's tiles (no stitched borders) left

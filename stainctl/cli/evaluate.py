@@ -111,7 +111,8 @@ def evaluate(
                 m.strip() for m in metrics.split(",") if m.strip()),
             strict=metrics is not None,
             seeds=seeds, crops=crops, crop_size=crop_size, max_images=max_images,
-            source=SourceOptions(tile_size, tile_mpp, min_tissue, marker),
+            source=SourceOptions(tile_size, tile_mpp, min_tissue,
+                                 _model_name(marker, models_dir)),
             inception_weights=inception_weights, encoder=encoder, models_dir=models_dir,
             pairs_csv=pairs, register=not no_register, dab_threshold=dab_threshold,
             batch_size=batch_size, device=device)
@@ -160,3 +161,19 @@ def _human(data: dict[str, Any]) -> None:
     from stainctl.cli.render import metrics_table
 
     metrics_table(data)
+
+
+def _model_name(marker: str | None, models_dir: Path | None) -> str | None:
+    """--marker as translate reads it: a stain (`ki67`) means the model that makes it, whose
+    name a workspace's stores and the stitched slides carry. A name no card knows stays as
+    given (a workspace made with a model not installed here)."""
+    if not marker:
+        return marker
+    from stainctl.errors import StainctlError
+    from stainctl.models.lookup import marker_card
+    from stainctl.models.registry import models_dir as directory
+
+    try:
+        return marker_card(marker, directory(models_dir)).name
+    except StainctlError:
+        return marker
