@@ -342,6 +342,22 @@ def test_one_slide_given_twice_with_different_pixel_sizes_across_arguments_fails
     assert req.mpp == 0.25
 
 
+def test_a_bad_mpp_row_repeated_across_arguments_is_one_slide_or_a_clear_refusal(tmp_path,
+                                                                                cmu1_path):
+    """The same bad row in two lists was refused as "given twice with different pixel sizes
+    (its metadata's and its metadata's)": the rows' errors, naming their own list, differed."""
+    from stainctl.errors import UsageError
+    from stainctl.slide.inputs import expand_slides
+
+    one, two = tmp_path / "one.csv", tmp_path / "two.csv"
+    for listing in (one, two):
+        listing.write_text(f"path,mpp\n{cmu1_path},abc\n")
+    [req] = expand_slides([str(one), str(two)])
+    assert req.error is not None and str(one) in req.error  # fails alone, as the first row
+    with pytest.raises(UsageError, match="an mpp that is not a number and its metadata's"):
+        expand_slides([str(one), str(cmu1_path)])
+
+
 def test_a_slide_given_twice_across_arguments_is_counted_once_with_a_line(tmp_path, cmu1_path,
                                                                           caplog):
     from stainctl.slide.inputs import expand_slides

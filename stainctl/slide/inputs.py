@@ -36,7 +36,8 @@ def expand_slides(args: list[str], mpp: float | None = None) -> list[SlideReques
             first = found.setdefault(req.path, req)
             if first is req:
                 continue
-            if (first.mpp, first.error) != (req.mpp, req.error):
+            # The errors name their own list and line: whether each has one is what must agree.
+            if (first.mpp, first.error is None) != (req.mpp, req.error is None):
                 # Which one wins would be a silent guess (two lists, or a list and the slide).
                 raise UsageError(f"{req.path} is given twice with different pixel sizes "
                                  f"({_size(first)} and {_size(req)}); give each slide once")
@@ -47,6 +48,8 @@ def expand_slides(args: list[str], mpp: float | None = None) -> list[SlideReques
 
 
 def _size(req: SlideRequest) -> str:
+    if req.error is not None:
+        return "an mpp that is not a number"
     return "its metadata's" if req.mpp is None else f"{req.mpp:g} µm/px"
 
 
