@@ -10,6 +10,7 @@ Coordinates here are pixels of the output canvas at the grid's target mpp, not l
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import uuid
@@ -307,12 +308,13 @@ class TileStore:
         return out
 
 
+@functools.cache
 def _blosc() -> Blosc:
-    """numcodecs' Blosc, decoding on the calling thread. Called from a main thread, Blosc would
-    decode each tile with its own pool of threads, slower in both wall and CPU time for tiles of
-    this size (1,600 tiles: 0.36 s against 0.25 s, `bench/tilestore_read.py`), and the callers
-    already spread tiles over threads or processes. The switch is process-wide: encoding, as
-    zarr's writer does, was measured no slower without the pool."""
+    """numcodecs' Blosc (made once), decoding on the calling thread. Called from a main thread,
+    Blosc would decode each tile with its own pool of threads, slower in both wall and CPU time
+    for tiles of this size (1,600 tiles: 0.36 s against 0.25 s, `bench/tilestore_read.py`),
+    and the callers already spread tiles over threads or processes. The switch is
+    process-wide: encoding, as zarr's writer does, was measured no slower without the pool."""
     import numcodecs.blosc
 
     numcodecs.blosc.use_threads = False
