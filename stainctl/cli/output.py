@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
 
-from stainctl.errors import LEFT_OUT, StainctlError, UsageError
+from stainctl.errors import StainctlError, UsageError
 
 if TYPE_CHECKING:
     from stainctl.steps.report import BatchResult, Progress
@@ -68,10 +68,9 @@ class Output:
         else:  # --quiet prints errors: a failed slide is one, else exit 1 came without a word
             for s in data.get("slides", []):
                 if isinstance(s, dict) and s.get("state") == "failed":
-                    # As the summary table labels it: a fluorescence slide is left out, not
-                    # failed (nothing to fix).
-                    label = "left out" if s.get("code") == LEFT_OUT else "failed"
-                    typer.echo(f"{label}: {s.get('slide')}: {s.get('message')}", err=True)
+                    # As the summary table labels it: a fluorescence slide is "left out".
+                    typer.echo(f"{s.get('label')}: {s.get('slide')}: {s.get('message')}",
+                               err=True)
 
 
 def run_command(out: Output, body: Callable[[], int], manifest: Path | None = None) -> NoReturn:

@@ -85,8 +85,8 @@ class BatchResult:
             "ok": not self.failed,
             # A failed slide's next step, as the summary gives it but as a sentence of its own
             # (errors.HINTS, said of one slide): the summary's fragment follows "N slide(s) ".
-            "slides": [{**vars(s), "hint": slide_hint(s.code)} if s.state == "failed"
-                       else vars(s)
+            "slides": [{**vars(s), "label": s.label,
+                        **({"hint": slide_hint(s.code)} if s.state == "failed" else {})}
                        for s in self.slides],
         }
 
