@@ -78,8 +78,31 @@ def test_a_real_scheduler_passes_the_probe() -> None:
 
     from stainctl.cluster.connect import probe
 
-    with LocalCluster(n_workers=0, processes=False, dashboard_address=None) as cluster:
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None,
+                      protocol="tcp://") as cluster:
+        # In-process clusters speak inproc:// by default, which the probe leaves alone.
+        assert cluster.scheduler_address.startswith("tcp://")
         probe(cluster.scheduler_address, timeout=5.0)
+
+
+def test_a_scheduler_that_answered_is_not_probed_again(monkeypatch) -> None:
+    """The main job's steps each probe before their work: once is enough per process."""
+    import socket as socket_module
+
+    from distributed import LocalCluster
+
+    from stainctl.cluster import connect
+
+    monkeypatch.setattr(connect, "_ANSWERED", set())  # what earlier tests' probes kept
+    calls: list[object] = []
+    real = socket_module.create_connection
+    monkeypatch.setattr(connect.socket, "create_connection",
+                        lambda *a, **k: calls.append(a) or real(*a, **k))
+    with LocalCluster(n_workers=0, processes=False, dashboard_address=None,
+                      protocol="tcp://") as cluster:
+        for _ in range(3):
+            connect.probe(cluster.scheduler_address, timeout=5.0)
+    assert len(calls) == 1
 
 
 def test_quiet_names_a_fluorescence_slide_left_out_as_the_table_does(cli, tmp_path,

@@ -27,7 +27,11 @@ def unreachable(address: str, why: str) -> UsageError:
 def probe(address: str, timeout: float = 5.0, answer: float = 15.0) -> None:
     """Fail at once, with the message, when nothing listens at a tcp:// address (the Dask
     client would retry until its timeout), or when what listens there does not greet as a Dask
-    scheduler within `answer` seconds (the client would wait for it without end)."""
+    scheduler within `answer` seconds (the client would wait for it without end). An address
+    that answered once in this process is not probed again (the main job's steps each check it
+    before their work)."""
+    if address in _ANSWERED:
+        return
     scheme = address.split("://", 1)[0] if "://" in address else _default_scheme()
     parts = urlsplit(address if "://" in address else f"{scheme}://{address}")
     if parts.scheme not in ("tcp", "tls", "ws", "wss"):
@@ -46,6 +50,10 @@ def probe(address: str, timeout: float = 5.0, answer: float = 15.0) -> None:
         if parts.scheme == "tcp":  # over TLS or websockets the client speaks first
             sock.settimeout(answer)
             _expect_dask(sock, address, answer)
+    _ANSWERED.add(address)
+
+
+_ANSWERED: set[str] = set()
 
 
 def _default_scheme() -> str:
