@@ -415,7 +415,7 @@ def test_the_canvas_process_yields_to_the_encoder(tmp_path, cmu1):
 
     lay = _layout(cmu1, 256, 32, 16)
     store = _store(tmp_path / "s.zarr", cmu1, lay)
-    with CanvasProcess(store, BG) as child:
+    with CanvasProcess(store, BG, store.written()) as child:
         first = next(child.blocks())  # by then the child has lowered its priority
         assert first.shape[1:] == (lay.width, 3)
         pid = child._child.pid
@@ -584,6 +584,20 @@ def test_stitch_command_writes_records_and_skips(cli, tmp_path, cmu1):
     other = json.loads(cli("stitch", "-w", ws, "--json", "-o", tmp_path / "o").stdout)
     assert other["slides"][0]["state"] == "done"
     assert (tmp_path / "o" / "CMU-1-Small-Region.he.ome.tiff").exists()
+
+
+def test_stitch_lists_the_stores_tiles_once(cli, tmp_path, cmu1, monkeypatch):
+    """The plan, the stitch and the canvas child each listed the store's chunk files (a stat
+    per tile: slow on a network filesystem); the plan's list now travels with the work, and
+    the child receives it from the stitch process."""
+    ws = tmp_path / "ws"
+    _tiled_workspace(cli, ws)
+    _translate_identity(ws, "he", cmu1)
+    calls: list[int] = []
+    real = TileStore.written
+    monkeypatch.setattr(TileStore, "written", lambda self: calls.append(1) or real(self))
+    assert cli("stitch", "-w", ws).exit_code == 0
+    assert len(calls) == 1
 
 
 def test_stitch_refuses_incomplete_tiles_and_bad_options(cli, tmp_path, cmu1):

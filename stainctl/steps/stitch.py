@@ -17,6 +17,9 @@ from stainctl.stitch.pyramid import PyramidOptions
 from stainctl.workspace import SlideRecord, StepRecord, Workspace
 
 if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
+
     from stainctl.stitch.stitcher import Overlay
     from stainctl.workspace.tilestore import StoreLayout, TileStore
 
@@ -82,6 +85,7 @@ def output_path(ws: Workspace, options: StitchOptions, key: str, marker: str) ->
 class StitchWork:
     store: TileStore
     background: tuple[int, int, int]
+    written: NDArray[np.bool_]  # the store's tiles present, read once for the plan and the stitch
 
 
 class StitchStep(SlideStep[StitchJob, StitchWork]):
@@ -119,7 +123,7 @@ class StitchStep(SlideStep[StitchJob, StitchWork]):
                   "background": list(background), "output": str(item.output),
                   "store": store.generation, "tiles": int(written.sum())}
         return SlidePlan(item=item, slide=slide, step=self.step_name(item), params=params,
-                         work=StitchWork(store, background), previous=previous)
+                         work=StitchWork(store, background, written), previous=previous)
 
     def up_to_date(self, plan: SlidePlan[StitchJob, StitchWork]) -> bool:
         return plan.done_before and plan.item.output.exists()
@@ -154,7 +158,8 @@ class StitchStep(SlideStep[StitchJob, StitchWork]):
                        "grid": _grid_annotation(store.layout, overlay)}
         res = stitch_store(store, job.output, options=self.options.pyramid,
                            background=plan.work.background, name=image_name(slide.key, job.marker),
-                           annotations=annotations, overlay=overlay)
+                           annotations=annotations, overlay=overlay,
+                           written=plan.work.written)
         m = self.manifest
         m.record_artifact(slide.id, "stitched", self.ws.relative(res.path), plan.phash)
         m.record_artifact(slide.id, "stitched_thumbnail", self.ws.relative(res.thumbnail),

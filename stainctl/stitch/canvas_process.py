@@ -54,13 +54,15 @@ class CanvasProcess:
     wide), plus the child's two decoded tiles and its interpreter.
     """
 
-    def __init__(self, store: TileStore, background: tuple[int, int, int], *,
-                 slots: int = SLOTS, nice: int = NICE) -> None:
+    def __init__(self, store: TileStore, background: tuple[int, int, int],
+                 written: np.ndarray) -> None:
+        """`written`: the store's tiles present (`TileStore.written()`), read once by the
+        caller and handed to the child."""
         self.store = store
         self.background = background
-        self.nice = nice
+        self.written = written
         lay = store.layout
-        self.shape = (slots, lay.side, lay.width, 3)
+        self.shape = (SLOTS, lay.side, lay.width, 3)
         self._child: subprocess.Popen[bytes] | None = None
         self._ring: np.ndarray | None = None
         self._map: mmap.mmap | None = None
@@ -82,8 +84,7 @@ class CanvasProcess:
             opened += [up_r, up_w]
             r, g, b = self.background
             cmd = [sys.executable, "-m", "stainctl.stitch.canvas_process", str(self.store.path),
-                   f"{r},{g},{b}", str(self.shape[0]), str(self.nice), str(fd), str(down_r),
-                   str(up_w)]
+                   f"{r},{g},{b}", str(fd), str(down_r), str(up_w)]
             self._child = subprocess.Popen(cmd, pass_fds=(fd, down_r, up_w))
         except BaseException:
             for f in opened:
@@ -96,6 +97,7 @@ class CanvasProcess:
             os.close(f)
         self._to_child = Connection(down_w, readable=False)
         self._from_child = Connection(up_r, writable=False)
+        self._to_child.send(self.written)  # the child's first message; a few KB
         self._ring = np.frombuffer(self._map, np.uint8).reshape(self.shape)
         return self
 
@@ -180,13 +182,13 @@ class _Ring:
         return int(slot), int(row)
 
 
-def _child(store_path: str, background: str, slots: int, nice: int, ring_fd: int, inbox_fd: int,
+def _child(store_path: str, background: str, ring_fd: int, inbox_fd: int,
            outbox_fd: int) -> int:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    os.nice(nice)
+    os.nice(NICE)
     import numpy as np
 
     from stainctl.workspace.tilestore import TileStore
@@ -198,11 +200,12 @@ def _child(store_path: str, background: str, slots: int, nice: int, ring_fd: int
 
         store = TileStore.open(Path(store_path), writable=False)
         lay = store.layout
-        shape = (slots, lay.side, lay.width, 3)
+        shape = (SLOTS, lay.side, lay.width, 3)
+        written = inbox.recv()
         ring = _Ring(np.frombuffer(mmap.mmap(ring_fd, int(np.prod(shape))), np.uint8)
                      .reshape(shape), inbox)
         rgb = tuple(int(v) for v in background.split(","))
-        canvas = Canvas(store, (rgb[0], rgb[1], rgb[2]), bands=ring.next_band)
+        canvas = Canvas(store, (rgb[0], rgb[1], rgb[2]), written, bands=ring.next_band)
         for i, block in enumerate(canvas.blocks()):
             slot, row = ring.locate(block)
             ring.last[slot] = i
@@ -234,4 +237,4 @@ def _send(outbox: Connection, message: object) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(_child(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:8])))
+    sys.exit(_child(sys.argv[1], sys.argv[2], *map(int, sys.argv[3:6])))

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -51,17 +50,21 @@ class StitchResult:
 
 def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
                  background: tuple[int, int, int], name: str, annotations: dict[str, str],
-                 overlay: Overlay | None = None, in_process: bool = False) -> StitchResult:
+                 overlay: Overlay | None = None, in_process: bool = False,
+                 written: np.ndarray | None = None) -> StitchResult:
     """`in_process`: blend on a thread of this process rather than in a child process (what
-    platforms without memfd do)."""
+    platforms without memfd do). `written`: `store.written()`, when the caller has read it."""
     from stainctl.stitch import canvas_process
+    from stainctl.stitch.stream import BlockSource
 
-    written = store.written()
+    written = store.written() if written is None else written
+    lay = store.layout
     with contextlib.ExitStack() as stack:
         blocks = None
         if canvas_process.available() and not in_process:
             try:
-                child = stack.enter_context(canvas_process.CanvasProcess(store, background))
+                child = stack.enter_context(
+                    canvas_process.CanvasProcess(store, background, written))
                 blocks = child.blocks()
             except OSError as err:  # no process or memory to spare: blend on a thread instead
                 log.debug("canvas process not started (%s); blending on a thread", err)
@@ -70,26 +73,13 @@ def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
             from stainctl.stitch.stream import prefetch
 
             blocks = prefetch(Canvas(store, background, written).blocks())
-        path, thumb, width, height, mpp = _save(store, blocks, output, options=options,
-                                                name=name, annotations=annotations,
-                                                overlay=overlay)
+        source = BlockSource(lay.width, lay.height, blocks)
+        # The canvas' buffers go as soon as the save is over, before the child is stopped.
+        stack.callback(source.release)
+        path, thumb, width, height, mpp = _save_source(
+            source, output, lay.mpp, options=options, name=name, annotations=annotations,
+            overlay=overlay)
     return StitchResult(path, thumb, width, height, mpp, int(written.sum()))
-
-
-def _save(store: TileStore, blocks: Iterator[np.ndarray], output: Path, *,
-          options: PyramidOptions, name: str, annotations: dict[str, str],
-          overlay: Overlay | None) -> tuple[Path, Path, int, int, float]:
-    """The pyramid and its thumbnail from the canvas' `blocks`: (output, thumbnail, width,
-    height, mpp)."""
-    from stainctl.stitch.stream import BlockSource
-
-    lay = store.layout
-    source = BlockSource(lay.width, lay.height, blocks)
-    try:
-        return _save_source(source, output, lay.mpp, options=options, name=name,
-                            annotations=annotations, overlay=overlay)
-    finally:
-        source.release()  # the canvas' buffers can go as soon as the save is over
 
 
 def _save_source(source: BlockSource, output: Path, mpp: float, *, options: PyramidOptions,
