@@ -17,7 +17,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl.slide.thumbnail import DEFAULT_MAX_READ_GPX
-from stainctl.workspace import atomic_bytes
+from stainctl.workspace import atomic_png
 
 if TYPE_CHECKING:
     import pyvips
@@ -91,13 +91,7 @@ def side_by_side(slide_path: str, slide_mpp: float, output: Path, thumbnail: Pat
     width = max(top.shape[1], bottom.shape[1])
     sheet = np.vstack([_pad(top, width), np.full((GAP, width, 3), 255, np.uint8),
                        _pad(bottom, width)])
-    # Encoded in memory and written by Python: cv2.imwrite on a full disk printed libpng's
-    # "Write Error" on stderr and returned False, hiding the cause (ENOSPC) from the message.
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(sheet[..., ::-1]),
-                           [cv2.IMWRITE_PNG_COMPRESSION, 6])
-    if not ok:
-        raise OSError(f"could not encode {path}")
-    atomic_bytes(path, png.tobytes())
+    atomic_png(path, sheet, compression=6)
     return path
 
 

@@ -23,7 +23,7 @@ from stainctl.workspace import (
     StepRecord,
     TileCell,
     Workspace,
-    atomic_bytes,
+    atomic_png,
 )
 
 if TYPE_CHECKING:
@@ -194,14 +194,7 @@ def _layout(slide: Slide, options: TileOptions, slide_id: int, phash: str,
 
 def _save_png(ws: Workspace, slide_id: int, path: Path, image: NDArray[np.uint8],
               kind: str) -> None:
-    import cv2
-
-    # Encoded in memory: cv2.imwrite hid a full disk's cause (see side_by_side).
-    ok, png = cv2.imencode(".png", np.ascontiguousarray(image[..., ::-1] if image.ndim == 3
-                                                        else image))
-    if not ok:
-        raise SlideError(path, "could not encode the PNG")
-    atomic_bytes(path, png.tobytes())
+    atomic_png(path, image)
     ws.manifest.record_artifact(slide_id, kind, ws.relative(path))
 
 

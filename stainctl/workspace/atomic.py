@@ -8,8 +8,13 @@ import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from stainctl.workspace.lock import pid_alive
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import NDArray
 
 
 @contextlib.contextmanager
@@ -42,6 +47,23 @@ def atomic_bytes(final: str | os.PathLike[str], data: bytes) -> None:
             tmp.write_bytes(data)
         except OSError as err:
             raise OSError(err.errno, err.strerror, os.fspath(final)) from err
+
+
+def atomic_png(final: str | os.PathLike[str], image: NDArray[np.uint8],
+               compression: int | None = None) -> None:
+    """An RGB (or grey) uint8 image written to `final` as PNG, whole or not at all; zlib level
+    `compression`, else OpenCV's default. Encoded in memory and written by Python: cv2.imwrite
+    on a full disk printed libpng's "Write Error" and returned False, hiding the cause (ENOSPC)
+    from the message."""
+    import cv2
+    import numpy as np
+
+    bgr = image[..., ::-1] if image.ndim == 3 else image
+    params = [] if compression is None else [cv2.IMWRITE_PNG_COMPRESSION, compression]
+    ok, png = cv2.imencode(".png", np.ascontiguousarray(bgr), params)
+    if not ok:
+        raise OSError(f"could not encode {final} as PNG")
+    atomic_bytes(final, png.tobytes())
 
 
 TEMP_NAME = re.compile(r"\..+\.tmp-\d+(\.[^.]*)?")
