@@ -50,7 +50,15 @@ def mosaic_block() -> np.ndarray:
 
 
 def build_slide(path: Path, width: int, height: int) -> None:
-    import pyvips
+    """A pyramidal JPEG TIFF (512-px tiles, 0.5 µm/px) of the repeated block: pyvips where it is
+    installed, else tifffile + imagecodecs (the GPU machine has no libvips)."""
+    try:
+        import pyvips
+    except ImportError:
+        tmp = path.with_suffix(".tmp.tif")
+        write_pyramid(tmp, width, height, compression="jpeg")
+        os.replace(tmp, path)
+        return
 
     img = pyvips.Image.new_from_array(mosaic_block(), interpretation="srgb")
     img = img.replicate(-(-width // img.width), -(-height // img.height)).crop(0, 0, width, height)
@@ -59,6 +67,30 @@ def build_slide(path: Path, width: int, height: int) -> None:
     img.tiffsave(str(tmp), tile=True, tile_width=512, tile_height=512, pyramid=True,
                  compression="jpeg", Q=90, xres=2000.0, yres=2000.0, bigtiff=True)
     os.replace(tmp, path)
+
+
+def write_pyramid(path: Path, width: int, height: int, compression: str | None = None) -> None:
+    """A tiled pyramidal TIFF (pages, 512-px tiles, 0.5 µm/px, levels 4x apart) of the repeated
+    block, written with tifffile alone: uncompressed needs no codec library to read back."""
+    import cv2
+    import tifffile
+
+    block = mosaic_block()
+    reps = (-(-height // block.shape[0]), -(-width // block.shape[1]), 1)
+    level = np.ascontiguousarray(np.tile(block, reps)[:height, :width])
+    extra = {"compressionargs": {"level": 90}} if compression == "jpeg" else {}
+    with tifffile.TiffWriter(path, bigtiff=True) as tw:
+        for i in range(4):
+            if i:
+                level = cv2.resize(level, (level.shape[1] // 4, level.shape[0] // 4),
+                                   interpolation=cv2.INTER_AREA)
+            px_per_cm = 20000 / 4**i
+            tw.write(level, tile=(512, 512), photometric="rgb", compression=compression,
+                     subfiletype=1 if i else 0, resolution=(px_per_cm, px_per_cm),
+                     resolutionunit="CENTIMETER", metadata=None, maxworkers=os.cpu_count(),
+                     **extra)
+            if min(level.shape[:2]) < 2048:
+                break
 
 
 def peak_rss_mb() -> float:

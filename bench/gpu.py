@@ -448,31 +448,6 @@ def part_fast(b: Bench) -> None:
     _translate_step(b)
 
 
-def _write_pyramid(path: Path, width: int, height: int) -> None:
-    """An uncompressed tiled pyramidal TIFF (pages, 512-px tiles, 0.5 µm/px) of mirrored CMU-1
-    blocks: real tissue; read by stainctl's direct reader, no codec library needed."""
-    import cv2
-    import tifffile
-
-    sys.path.insert(0, str(ROOT / "bench"))
-    from _common import mosaic_block
-
-    block = mosaic_block()
-    reps = (-(-height // block.shape[0]), -(-width // block.shape[1]), 1)
-    level = np.ascontiguousarray(np.tile(block, reps)[:height, :width])
-    with tifffile.TiffWriter(path, bigtiff=True) as tw:
-        for i in range(4):
-            if i:
-                level = cv2.resize(level, (level.shape[1] // 4, level.shape[0] // 4),
-                                   interpolation=cv2.INTER_AREA)
-            px_per_cm = 20000 / 4**i
-            tw.write(level, tile=(512, 512), photometric="rgb", compression=None,
-                     subfiletype=1 if i else 0, resolution=(px_per_cm, px_per_cm),
-                     resolutionunit="CENTIMETER", metadata=None)
-            if min(level.shape[:2]) < 2048:
-                break
-
-
 def _run(args: list[str]) -> float:
     t = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "stainctl", *args, "-q"],
@@ -489,7 +464,10 @@ def _translate_step(b: Bench) -> None:
     with tempfile.TemporaryDirectory(prefix="stainctl-gpu-") as tmp:
         slide, ws = Path(tmp) / "mosaic.tif", Path(tmp) / "ws"
         t = time.perf_counter()
-        _write_pyramid(slide, side, side)
+        sys.path.insert(0, str(ROOT / "bench"))
+        from _common import write_pyramid
+
+        write_pyramid(slide, side, side)
         b.add("fast", f"built {side} x {side} px uncompressed pyramid of CMU-1 tissue (s)",
               f"{time.perf_counter() - t:.1f}")
         _run(["tile", str(slide), "-w", str(ws), "--min-tissue", "0.05"])

@@ -12,7 +12,7 @@ CPU (default):
       "One thread" means one core: each worker process is pinned to its own core (its reader
       and writer threads too, cluster/pin.py), torch on one thread. Each run also records each
       worker's CPU seconds over the wall time, the driver's, and which shards each worker ran.
-GPU (`--device cuda`, one in-process engine, no Dask or dask-cuda needed, ~90 s):
+GPU (`--device cuda`, one in-process engine, no Dask, dask-cuda or pyvips needed, ~90 s):
   tiles/s and the fraction of the wall time the GPU is busy, for the fast engine (target >= 85 %)
   and for the full-size pixcell engine with random weights (PixCell-1024, SD3.5 VAE, UNI2-h);
   busy = the CUDA-event time of the engine's calls over the wall time, and the mean of
@@ -350,7 +350,8 @@ def gpu_part(args: argparse.Namespace, slide: Path, width: int, height: int) -> 
 
     from stainctl.engines.pixcell.engine import PixCellEngine
 
-    parts = build(1024, "cuda", with_encoder=True)  # random full-size weights
+    with torch.device("cuda"):  # random full-size weights, initialised on the GPU: seconds
+        parts = build(1024, "cuda", with_encoder=True)
     card = ModelCard("bench", "marker", "pixcell", 0.5, 1024, "", "", "", marker="x")
     pix = PixCellEngine(card, parts, EngineOptions(device="cuda", steps=20, guidance=1.2,
                                                    dtype="bf16"), "cuda")
