@@ -75,7 +75,7 @@ declare -A CMD=(
     [normalize]="python3 bench/normalize.py --device cuda"
     [demo]="${DEMO_CMD:-STAINCTL_DIRECT_READ=0 sh bench/demo_retrain.sh cuda 2000 16}"
 )
-declare -A LIMIT=([gpu]=240 [scale]=120 [histdist]=150 [normalize]=120 [demo]=300)
+declare -A LIMIT=([gpu]=200 [scale]=120 [histdist]=150 [normalize]=120 [demo]=300)
 summary=()
 for arg in "$@"; do
     name=${arg%%=*}
