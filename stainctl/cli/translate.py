@@ -48,7 +48,8 @@ def translate(
         help="Classifier-free guidance scale (pixcell); <= 1 skips the unconditional "
              "pass.")] = 1.2,
     seed: Annotated[int, opt.tile_seed("pixcell, histdist")] = 0,
-    dtype: Annotated[str, opt.diffusion_dtype("pixcell, histdist")] = "auto",
+    dtype: Annotated[str, opt.diffusion_dtype(
+        "pixcell, histdist; the fast engine: auto is fp32")] = "auto",
     inversion_steps: Annotated[int | None, typer.Option(
         help="DDIM inversion steps (histdist; default 100).")] = None,
     eta: Annotated[str | None, typer.Option(
