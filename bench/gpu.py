@@ -280,6 +280,19 @@ def part_pixcell(b: Bench) -> None:
         sec = b.timed(sampler(n)) / n
         b.add("pixcell", f"engine, as shipped, sampler s/tile (batch {n})",
               f"{sec:.3f} ({naive_s / sec:.2f}x naive)")
+    for sampler_name in ("dpm++-karras", "unipc"):  # item 4's few-step samplers: speed only
+        if b.left() < 40:
+            break
+        few = min(8, steps)
+
+        def run_few(k: int = few, name: str = sampler_name) -> Any:
+            return sample_latents(tr, config.scheduler, cond[:batch], uncond, noise[:batch], k,
+                                  1.2, engine.dtype, sampler=name)
+
+        run_few(2)
+        sec = b.timed(run_few) / batch
+        b.add("pixcell", f"engine, as shipped, --steps {few} --sampler {sampler_name}, "
+              f"sampler s/tile (batch {batch})", f"{sec:.3f}")
     # The whole tile path as translate runs it: UNI2-h tokens, the flow, sampling and decode.
     if b.left() > 25:
         seeds = list(range(batch))
