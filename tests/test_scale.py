@@ -265,7 +265,7 @@ def test_shards_are_whole_batches_and_cover_every_tile_once():
     from stainctl.steps.translate_cluster import shard_size
     from stainctl.steps.translate_work import shards
 
-    size = shard_size(TranslateOptions(marker=MARKER, batch_size=8, shard_tiles=10))
+    size = shard_size(TranslateOptions(marker=MARKER, batch_size=8, shard_tiles=10), 8)
     assert size == 16
     tiles = np.arange(37 * 4).reshape(37, 4)
     parts = list(shards(tiles, size))

@@ -51,8 +51,8 @@ def default_mpp(note: str = "") -> Any:
     return typer.Option(help=f"µm/px of images that do not record it (PNG, JPEG){note}.")
 
 
-def readers(consumer: str) -> Any:
-    return typer.Option(help=f"Threads reading tiles ahead of the {consumer}.")
+def readers(consumer: str, note: str = "") -> Any:
+    return typer.Option(help=f"Threads reading tiles ahead of the {consumer}{note}.")
 
 
 def scheduler(help: str = "Address of a running Dask scheduler (tcp://host:8786) whose "

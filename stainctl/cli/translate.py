@@ -33,8 +33,10 @@ def translate(
         "Workspace; default with SLIDES: OUTPUT/workspace.")] = None,
     models_dir: opt.ModelsDir = None,
     device: opt.Device = "auto",
-    batch_size: Annotated[int, typer.Option(help="Tiles per forward pass.")] = 8,
-    readers: Annotated[int, opt.readers("model")] = 2,
+    batch_size: Annotated[int | None, typer.Option(
+        help="Tiles per forward pass; default 8, 64 for the fast engine on a GPU.")] = None,
+    readers: Annotated[int | None, opt.readers(
+        "model", "; default 2, up to 8 on a GPU")] = None,
     fmt: Annotated[Format, opt.pyramid_format("; with SLIDES")] = "ome-tiff",
     mpp: opt.Mpp = None,
     steps: Annotated[int | None, typer.Option(

@@ -117,12 +117,20 @@ class EngineShape:
     input_side: int | None
     deterministic: bool
     settings: dict[str, object]
+    # Where --batch-size and --readers are not given: what suits this engine where it runs.
+    batch_size: int = 8
+    readers: int = 2
 
     @classmethod
     def of(cls, engine: Engine) -> EngineShape:
+        import os
+
+        gpu = engine.device.type == "cuda"
         return cls(margin=engine.margin, multiple=engine.multiple,
                    input_side=engine.input_side, deterministic=engine.deterministic,
-                   settings=dict(engine.settings()))
+                   settings=dict(engine.settings()),
+                   batch_size=int(getattr(engine, "gpu_batch", 8)) if gpu else 8,
+                   readers=max(2, min(8, os.cpu_count() or 2)) if gpu else 2)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -44,8 +44,10 @@ class TranslateOptions:
     marker: str  # a marker model's name, or a stain (ki67, ck7...) with an installed model
     models_dir: Path | None = None
     device: str = "auto"
-    batch_size: int = 8
-    readers: int = 2
+    # None: the engine's (EngineShape): 8 tiles and 2 readers on a CPU; on a GPU the engine's
+    # batch (fast: 64) and up to 8 readers.
+    batch_size: int | None = None
+    readers: int | None = None
     force: bool = False
     # Diffusion engines (pixcell, histdist): sampling, and the seed each tile's noise is derived
     # from; steps None: the engine's default (pixcell 20, histdist 100).
@@ -75,7 +77,8 @@ class TranslateOptions:
     def __post_init__(self) -> None:
         from stainctl.normalize import CLASSICAL
 
-        if self.batch_size < 1 or self.readers < 1 or self.shard_tiles < 1:
+        given = [v for v in (self.batch_size, self.readers) if v is not None]
+        if min([*given, self.shard_tiles]) < 1:
             raise UsageError("--batch-size, --readers and --shard-tiles must be at least 1")
         if self.scheduler and self.devices:
             raise UsageError("give --scheduler or --devices, not both: --devices starts its "
@@ -285,11 +288,21 @@ class TranslateStep(SlideStep[SlideRecord, TranslateWork]):
         t0 = time.perf_counter()
         n = translate_tiles(engine, source, store, tiles, present=present, slide_key=s.key,
                             margin0=self.margin0(work), seed=options.seed,
-                            batch_size=options.batch_size, readers=options.readers,
+                            batch_size=self.batch_size, readers=self.readers,
                             advance=self.progress.advance)
         return self.finished(plan, n, time.perf_counter() - t0)
 
     # --- shared with the cluster run (translate_cluster.py) -----------------------------------
+    @property
+    def batch_size(self) -> int:
+        assert self.shape is not None
+        return self.options.batch_size or self.shape.batch_size
+
+    @property
+    def readers(self) -> int:
+        assert self.shape is not None
+        return self.options.readers or self.shape.readers
+
     @staticmethod
     def margin0(work: TranslateWork) -> float:
         """The context margin in level-0 px."""

@@ -103,10 +103,9 @@ def worker_shape(client: Client, key: EngineKey) -> EngineShape:
     return shape
 
 
-def shard_size(options: TranslateOptions) -> int:
+def shard_size(options: TranslateOptions, batch_size: int) -> int:
     """--shard-tiles rounded up to whole batches: a shard's batches are the in-process run's."""
-    b = options.batch_size
-    return -(-options.shard_tiles // b) * b
+    return -(-options.shard_tiles // batch_size) * batch_size
 
 
 def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
@@ -130,7 +129,7 @@ def run_on_cluster(step: TranslateStep, plans: Iterator[Plan]
             """Create the store and submit its shards; the outcome when nothing is left."""
             plan = state.plan
             _, tiles, present = step.open_store(plan, background)
-            size = shard_size(options)
+            size = shard_size(options, step.batch_size)
             for i, part in enumerate(shards(tiles, size)):
                 if present[i * size:(i + 1) * size].all():
                     continue  # written by an earlier run
@@ -208,4 +207,4 @@ def _shard(step: TranslateStep, plan: Plan, key: EngineKey, index: int,
     return ShardTask(slide_id=plan.slide.id, slide_key=plan.slide.key, shard=index, engine=key,
                      source=step.source(work), store=str(work.store),
                      margin0=step.margin0(work), tiles=np.ascontiguousarray(tiles),
-                     seed=options.seed, batch_size=options.batch_size, readers=options.readers)
+                     seed=options.seed, batch_size=step.batch_size, readers=step.readers)
