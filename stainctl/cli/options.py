@@ -31,6 +31,20 @@ def diffusion_dtype(engines: str) -> Any:
                              f"({engines}).")
 
 
+def compile_network(engines: str) -> Any:
+    """--compile/--no-compile of the diffusion `engines` (unset: auto, compile on a GPU)."""
+    return typer.Option("--compile/--no-compile",
+                        help="torch.compile the diffusion transformer's blocks: faster on a "
+                             "GPU after seconds of compiling (the default there, falling back "
+                             "to uncompiled if compiling fails); never by default on a CPU "
+                             f"({engines}).")
+
+
+def compile_mode(flag: bool | None) -> str:
+    """EngineOptions.compile of the --compile/--no-compile flag (None: not given)."""
+    return "auto" if flag is None else "on" if flag else "off"
+
+
 def tile_seed(engines: str) -> Any:
     """--seed of engines whose noise is drawn per tile."""
     return typer.Option(help="Seed; each tile's noise derives from it, the slide and the tile, so "
