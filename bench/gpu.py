@@ -333,7 +333,7 @@ def _compiled(b: Bench, engine: Any, variant: Callable[..., None]) -> None:
     t = time.perf_counter()
     engine.compile_blocks()
     try:
-        variant("engine as shipped on CUDA (compiled blocks)", reserve=45)
+        variant("as shipped on CUDA (compiled blocks)", reserve=45)
         b.add("pixcell", "engine's compile: compile + warm-up + timed run (s)",
               f"{time.perf_counter() - t:.1f}")
     finally:
