@@ -169,3 +169,11 @@ def test_the_compile_flag_reaches_the_engine_options(cli, tmp_path: Path, monkey
     r = cli("translate", "-w", tmp_path / "ws", "--marker", "demo-ki67", *flags)
     assert "captured" in r.output
     assert [o.compile for o in seen] == [mode]
+
+
+def test_compile_and_no_compile_together_are_refused(cli, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    r = cli("translate", CMU1, "--marker", "demo-ki67", "-o", tmp_path / "out", "--compile",
+            "--no-compile")
+    assert r.exit_code == 2
+    assert "give --compile or --no-compile, not both" in r.output
+    assert not (tmp_path / "out" / "workspace").exists()

@@ -31,18 +31,26 @@ def diffusion_dtype(engines: str) -> Any:
                              f"({engines}).")
 
 
-def compile_network(engines: str) -> Any:
-    """--compile/--no-compile of the diffusion `engines` (unset: auto, compile on a GPU)."""
-    return typer.Option("--compile/--no-compile",
-                        help="torch.compile the diffusion transformer's blocks: faster on a "
-                             "GPU after seconds of compiling (the default there, falling back "
-                             "to uncompiled if compiling fails); never by default on a CPU "
-                             f"({engines}).")
+def compile_flag(engines: str) -> Any:
+    """--compile of the diffusion `engines` (with --no-compile; neither: auto, on a GPU)."""
+    return typer.Option("--compile", help="torch.compile the diffusion transformer's blocks on "
+                                          f"a CPU too (default: on a GPU only) ({engines}).")
 
 
-def compile_mode(flag: bool | None) -> str:
-    """EngineOptions.compile of the --compile/--no-compile flag (None: not given)."""
-    return "auto" if flag is None else "on" if flag else "off"
+def no_compile_flag(engines: str) -> Any:
+    return typer.Option("--no-compile",
+                        help="Do not torch.compile the diffusion transformer's blocks (by "
+                             "default they are on a GPU: faster after seconds of compiling, "
+                             f"and uncompiled if compiling fails) ({engines}).")
+
+
+def compile_mode(on: bool, off: bool) -> str:
+    """EngineOptions.compile of the --compile and --no-compile flags."""
+    from stainctl.errors import UsageError
+
+    if on and off:
+        raise UsageError("give --compile or --no-compile, not both")
+    return "on" if on else "off" if off else "auto"
 
 
 def tile_seed(engines: str) -> Any:

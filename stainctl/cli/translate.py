@@ -49,7 +49,8 @@ def translate(
              "pass.")] = 1.2,
     seed: Annotated[int, opt.tile_seed("pixcell, histdist")] = 0,
     dtype: Annotated[str, opt.diffusion_dtype("pixcell, histdist")] = "auto",
-    compile_blocks: Annotated[bool | None, opt.compile_network("pixcell")] = None,
+    compile_on: Annotated[bool, opt.compile_flag("pixcell")] = False,
+    compile_off: Annotated[bool, opt.no_compile_flag("pixcell")] = False,
     inversion_steps: Annotated[int | None, typer.Option(
         help="DDIM inversion steps (histdist; default 100).")] = None,
     eta: Annotated[str | None, typer.Option(
@@ -115,7 +116,7 @@ def translate(
             normalize_to=normalize_to, normalize_method=normalize_method,
             inversion_steps=inversion_steps, eta=eta, inversion_eta=inversion_eta,
             prediction=prediction_type, latent_norm=latent_norm, structure=structure,
-            compile=opt.compile_mode(compile_blocks))
+            compile=opt.compile_mode(compile_on, compile_off))
 
 
     def step_alone() -> Batch:
