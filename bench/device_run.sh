@@ -8,7 +8,7 @@
 # those travel as wheels in .whl/ (name `.whl` in the run's `carry`), installed with --no-deps
 # into /tmp/site. The data folder travels as ./shared (the checkout's own, ignored by git);
 # tests and benches look for ../shared, so it is linked there. All output goes to
-# $OUT/device.log; bench/RESULTS.md (with what the parts appended) and the appended text alone
+# $OUT/device.log; bench/RESULTS.md (with what the parts added to their sections) and the added lines alone
 # (RESULTS.new.md) are copied to $OUT at the end. A part that fails or times out is reported
 # and the next one runs.
 #
@@ -106,8 +106,8 @@ for arg in "$@"; do
 done
 
 cp bench/RESULTS.md "$OUT/RESULTS.md" 2>/dev/null
-if [ -f /tmp/RESULTS.before.md ]; then
-    tail -c +$(( $(stat -c %s /tmp/RESULTS.before.md) + 1 )) bench/RESULTS.md >"$OUT/RESULTS.new.md"
+if [ -f /tmp/RESULTS.before.md ]; then  # what the parts added (inside their sections)
+    diff /tmp/RESULTS.before.md bench/RESULTS.md | sed -n 's/^> //p' >"$OUT/RESULTS.new.md"
 fi
 log ""
 log "== summary ($(( $(date +%s) - start )) s in all)"

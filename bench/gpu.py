@@ -283,6 +283,19 @@ def part_pixcell(b: Bench) -> None:
         sec = b.timed(sampler(n)) / n
         b.add("pixcell", f"engine, uncompiled, sampler s/tile (batch {n})",
               f"{sec:.3f} ({naive_s / sec:.2f}x naive)")
+    for sampler_name in ("dpm++-karras", "unipc"):  # item 4's few-step samplers: speed only
+        if b.left() < 40:
+            break
+        few = min(8, steps)
+
+        def run_few(k: int = few, name: str = sampler_name) -> Any:
+            return sample_latents(tr, config.scheduler, cond[:batch], uncond, noise[:batch], k,
+                                  1.2, engine.dtype, sampler=name)
+
+        run_few(2)
+        sec = b.timed(run_few) / batch
+        b.add("pixcell", f"engine, uncompiled, --steps {few} --sampler {sampler_name}, "
+              f"sampler s/tile (batch {batch})", f"{sec:.3f}")
     # The whole tile path as translate runs it: UNI2-h tokens, the flow, sampling and decode.
     if b.left() > 25:
         seeds = list(range(batch))
@@ -456,23 +469,30 @@ def part_fast(b: Bench) -> None:
         return batch * reps / b.timed(lambda: [fn() for _ in range(reps)])
 
     r = rate(lambda: engine.translate(tiles))
-    b.add("fast", f"engine.translate, fp32 as shipped, batch {batch} of {side}-px tiles "
-          "(host -> GPU -> host), tiles/s", f"{r:.0f}")
+    layout = "channels-last" if engine.channels_last else "NCHW"
+    b.add("fast", f"engine.translate, fp32 as shipped ({layout}), batch {batch} of {side}-px "
+          "tiles (host -> GPU -> host), tiles/s", f"{r:.0f}")
+    if batch > 8:  # translate's default --batch-size
+        r = 8 * reps / b.timed(lambda: [engine.translate(tiles[:8]) for _ in range(reps)])
+        b.add("fast", "engine.translate, batch 8 (translate's default), tiles/s", f"{r:.0f}")
     if b.cuda:
+        half = load_engine(get_card("demo-ki67", SHIPPED), SHIPPED,
+                           EngineOptions(device=str(b.device), dtype="bf16"))
+        r = rate(lambda: half.translate(tiles))
+        b.add("fast", "engine.translate, --dtype bf16, tiles/s", f"{r:.0f}")
+        half.close()
         x = torch.from_numpy(tiles).to(b.device).permute(0, 3, 1, 2).float() / 127.5 - 1
         marker = torch.full((batch,), engine.index, dtype=torch.long, device=b.device)
         with torch.inference_mode():
-            r1 = rate(lambda: gen(x, marker))
-            b.add("fast", "generator alone, fp32, tiles/s", f"{r1:.0f}")
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                r2 = rate(lambda: gen(x, marker))
-            b.add("fast", "generator alone, bf16 autocast, tiles/s", f"{r2:.0f}")
-            gen.to(memory_format=torch.channels_last)
-            xc = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                r3 = rate(lambda: gen(xc, marker))
-            b.add("fast", "generator alone, bf16 autocast + channels-last, tiles/s", f"{r3:.0f}")
-            gen.to(memory_format=torch.contiguous_format)
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                gen.to(memory_format=fmt)
+                xf = x.contiguous(memory_format=fmt)
+                name = "NCHW" if fmt == torch.contiguous_format else "channels-last"
+                r1 = rate(lambda xf=xf: gen(xf, marker))
+                b.add("fast", f"generator alone, fp32, {name}, tiles/s", f"{r1:.0f}")
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    r2 = rate(lambda xf=xf: gen(xf, marker))
+                b.add("fast", f"generator alone, bf16 autocast, {name}, tiles/s", f"{r2:.0f}")
     engine.close()
     if b.left() < 30:
         b.add("fast", "translate step", "skipped (time budget)")
@@ -519,6 +539,42 @@ def _translate_step(b: Bench) -> None:
         b.notes.append(f"fast: translate step {n / net:.0f} tiles/s after start-up "
                        f"(target >= 500: {'met' if n / net >= 500 else 'missed'}), "
                        f"{n / sec:.0f} tiles/s with it.")
+        if b.left() > 45:  # the same step with translate's default --batch-size and --readers
+            sec = _run(["translate", "-w", str(ws), "--marker", "demo-ki67", "--device",
+                        str(b.device), "--force"])
+            b.add("fast", "the same step with the default --batch-size 8 --readers 2, "
+                  "start-up subtracted, tiles/s", f"{n / max(sec - noop, 1e-9):.0f}")
+        _step_parts(b, slide, side, n, Path(tmp) / "alone.zarr")
+
+
+def _step_parts(b: Bench, slide: Path, side: int, n: int, store_path: Path) -> None:
+    """The step's host work alone, on the same slide and as many tiles, in this process:
+    reading the 576-px inputs (as many reader threads and batches as the step) and writing
+    the translated tiles to a tile store (its writer threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from scale import make_store, tile_grid
+
+    from stainctl.slide.tiles import TileSource, read_batches
+    from stainctl.steps.translate_work import WRITERS
+    from stainctl.workspace.tilestore import TileStore
+
+    tiles = tile_grid(side, side, 512, n)
+    source = TileSource(str(slide), 576, 576)
+    for readers in sorted({2, b.args.readers}):
+        t = time.perf_counter()
+        batches = list(read_batches(source, tiles[:, 2:] - 32, b.args.fast_batch, readers))
+        b.add("fast", f"step's reading alone ({readers} reader threads), tiles/s",
+              f"{n / (time.perf_counter() - t):.0f}")
+    make_store(store_path, side, side, 512, 32)
+    store = TileStore.open(store_path)
+    t = time.perf_counter()
+    with ThreadPoolExecutor(WRITERS) as pool:
+        list(pool.map(lambda i: store.write(int(tiles[i, 0]), int(tiles[i, 1]),
+                                            batches[i // len(batches[0])][i % len(batches[0])]),
+                      range(n)))
+    b.add("fast", f"step's writing alone ({WRITERS} writer threads), tiles/s",
+          f"{n / (time.perf_counter() - t):.0f}")
 
 
 # --------------------------------------------------------------------------- report

@@ -118,6 +118,49 @@ def test_store_round_trip_resume_and_mismatch(tmp_path, cmu1):
         TileStore.open(tmp_path / "missing.zarr")
 
 
+def test_direct_writes_are_the_chunk_files_zarr_writes(tmp_path, cmu1, monkeypatch):
+    """translate writes chunk files itself (zarr's write path capped a GPU's throughput): the
+    same bytes as zarr's, read back by zarr, from many threads at once, and a failed write
+    names the store's file and leaves nothing under it."""
+    import errno
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import zarr
+
+    from stainctl.workspace.tilestore import chunk_file
+
+    lay = _layout(cmu1, 256, 32, 16)
+    direct = TileStore.create(tmp_path / "d.zarr", lay, {"marker": "he"})
+    via_zarr = TileStore.create(tmp_path / "z.zarr", lay, {"marker": "he"})
+    assert direct._direct
+    via_zarr._direct = False
+    cells = [(c, r) for r in range(lay.rows) for c in range(lay.cols)]
+    tiles = {cell: _crop(cmu1, *lay.origin(*cell), lay.side) for cell in cells}
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda cell: direct.write(*cell, tiles[cell]), cells))
+    for cell in cells[:3]:
+        via_zarr.write(*cell, tiles[cell])
+        assert chunk_file(tmp_path / "d.zarr", *cell).read_bytes() == \
+            chunk_file(tmp_path / "z.zarr", *cell).read_bytes()
+    array = zarr.open_array(str(tmp_path / "d.zarr"), mode="r")
+    for (c, r), tile in tiles.items():
+        assert np.array_equal(array[r, c], tile)
+    assert direct.written().all()
+    assert not [p for p in (tmp_path / "d.zarr").rglob("*") if p.name.endswith(".partial")]
+    direct.write(0, 0, np.zeros_like(tiles[0, 0]))  # a black tile is a written tile
+    assert direct.written()[0, 0] and not direct.read(0, 0).any()
+
+    def full_disk(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left") as err:
+        direct.write(1, 1, tiles[1, 1])
+    assert err.value.filename == str(chunk_file(tmp_path / "d.zarr", 1, 1))
+    assert not [p for p in (tmp_path / "d.zarr").rglob("*") if p.name.endswith(".partial")]
+
+
 def test_read_only_open_reads_the_metadata_without_zarr(tmp_path, cmu1):
     """Stitching opens its store read-only from zarr.json alone (importing zarr was ~0.2 s of
     the process's start-up); anything not laid out as `create` makes it goes through zarr."""

@@ -130,6 +130,32 @@ def test_engine_output_is_deterministic_on_real_tiles(models, cmu1_path):
     assert np.abs(a[0].astype(int) - tiles[0]).mean() > 5  # it did change the image
 
 
+def test_fast_engine_gpu_layout_and_reduced_precision_give_the_same_tiles(models, cmu1_path):
+    """The GPU path (channels-last network, NHWC in and out without host transposes) and an
+    asked-for bf16, run here on the CPU: the same tiles as the shipped fp32 layout, up to
+    rounding."""
+    import torch
+
+    from stainctl.engines.base import EngineOptions, load_engine
+    from stainctl.models.registry import get_card
+
+    card = get_card("test-ki67", models)
+    tiles = np.stack([load_image(cmu1_path, 0.5)[y:y + 576, 400:976] for y in (300, 700)])
+    plain = load_engine(card, models, EngineOptions(device="cpu"))
+    assert plain.dtype == torch.float32 and not plain.channels_last  # auto: fp32 on any device
+    ref = plain.translate(tiles, [0, 1])
+    gpu_like = load_engine(card, models, EngineOptions(device="cpu"))
+    gpu_like.generator.to(memory_format=torch.channels_last)
+    gpu_like.channels_last = True
+    out = gpu_like.translate(tiles, [0, 1])
+    assert out.shape == tiles.shape and out.flags.c_contiguous
+    assert np.abs(out.astype(int) - ref).max() <= 1
+    half = load_engine(card, models, EngineOptions(device="cpu", dtype="bf16"))
+    assert half.dtype == torch.bfloat16
+    diff = np.abs(half.translate(tiles, [0, 1]).astype(int) - ref)
+    assert 0 < diff.mean() < 3  # it ran in bf16 (not bit-identical) and stays close
+
+
 @pytest.mark.slow
 def test_the_shipped_model_stains_tissue_and_leaves_glass_alone(tmp_path, cmu1_path):
     from stainctl.engines.fast.engine import load_fast_engine

@@ -48,7 +48,8 @@ def translate(
         help="Classifier-free guidance scale (pixcell); <= 1 skips the unconditional "
              "pass.")] = 1.2,
     seed: Annotated[int, opt.tile_seed("pixcell, histdist")] = 0,
-    dtype: Annotated[str, opt.diffusion_dtype("pixcell, histdist")] = "auto",
+    dtype: Annotated[str, opt.diffusion_dtype(
+        "pixcell, histdist; the fast engine: auto is fp32")] = "auto",
     compile_on: Annotated[bool, opt.compile_flag("pixcell")] = False,
     compile_off: Annotated[bool, opt.no_compile_flag("pixcell")] = False,
     inversion_steps: Annotated[int | None, typer.Option(
