@@ -31,6 +31,28 @@ def diffusion_dtype(engines: str) -> Any:
                              f"({engines}).")
 
 
+def compile_flag(engines: str) -> Any:
+    """--compile of the diffusion `engines` (with --no-compile; neither: auto, on a GPU)."""
+    return typer.Option("--compile", help="torch.compile the diffusion transformer's blocks on "
+                                          f"a CPU too (default: on a GPU only) ({engines}).")
+
+
+def no_compile_flag(engines: str) -> Any:
+    return typer.Option("--no-compile",
+                        help="Do not torch.compile the diffusion transformer's blocks (by "
+                             "default they are on a GPU: faster after seconds of compiling, "
+                             f"and uncompiled if compiling fails) ({engines}).")
+
+
+def compile_mode(on: bool, off: bool) -> str:
+    """EngineOptions.compile of the --compile and --no-compile flags."""
+    from stainctl.errors import UsageError
+
+    if on and off:
+        raise UsageError("give --compile or --no-compile, not both")
+    return "on" if on else "off" if off else "auto"
+
+
 def tile_seed(engines: str) -> Any:
     """--seed of engines whose noise is drawn per tile."""
     return typer.Option(help="Seed; each tile's noise derives from it, the slide and the tile, so "

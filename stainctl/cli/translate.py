@@ -52,6 +52,8 @@ def translate(
     seed: Annotated[int, opt.tile_seed("pixcell, histdist")] = 0,
     dtype: Annotated[str, opt.diffusion_dtype(
         "pixcell, histdist; the fast engine: auto is fp32")] = "auto",
+    compile_on: Annotated[bool, opt.compile_flag("pixcell")] = False,
+    compile_off: Annotated[bool, opt.no_compile_flag("pixcell")] = False,
     inversion_steps: Annotated[int | None, typer.Option(
         help="DDIM inversion steps (histdist; default 100).")] = None,
     eta: Annotated[str | None, typer.Option(
@@ -116,7 +118,8 @@ def translate(
             devices=Devices.parse(devices) if devices else None, shard_tiles=shard_tiles,
             normalize_to=normalize_to, normalize_method=normalize_method,
             inversion_steps=inversion_steps, eta=eta, inversion_eta=inversion_eta,
-            prediction=prediction_type, latent_norm=latent_norm, structure=structure)
+            prediction=prediction_type, latent_norm=latent_norm, structure=structure,
+            compile=opt.compile_mode(compile_on, compile_off))
 
 
     def step_alone() -> Batch:

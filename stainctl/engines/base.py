@@ -30,6 +30,9 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 SAMPLERS = ("dpm++", "dpm++-karras", "unipc")
 # Where HistDiST standardises the inverted latent: at its end (published), every step, never.
 LATENT_NORMS = ("inversion", "steps", "none")
+# torch.compile of a diffusion engine's network (`--compile/--no-compile`): auto compiles on a
+# CUDA device, where it was measured to help (bench/RESULTS.md), and never on a CPU.
+COMPILE_MODES = ("auto", "on", "off")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,6 +54,7 @@ class EngineOptions:
     prediction: str | None = None
     latent_norm: str = "inversion"  # inversion, steps or none
     structure: float | None = None  # pixcell: invert up to this fraction of the schedule
+    compile: str = "auto"  # one of COMPILE_MODES (pixcell; the others ignore it)
 
     def __post_init__(self) -> None:
         from stainctl.engines.ddim import PREDICTIONS, eta_schedule
@@ -74,6 +78,13 @@ class EngineOptions:
                              f"got {self.sampler}")
         if self.dtype not in DTYPES:
             raise UsageError(f"--dtype must be auto, bf16, fp16 or fp32, got {self.dtype}")
+        if self.compile not in COMPILE_MODES:
+            raise UsageError(f"compile must be one of {', '.join(COMPILE_MODES)}, "
+                             f"got {self.compile}")
+
+    def compiles(self, device: torch.device) -> bool:
+        """Whether an engine running on `device` compiles its network."""
+        return self.compile == "on" or (self.compile == "auto" and device.type == "cuda")
 
 
 class Engine(Protocol):

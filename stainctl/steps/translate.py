@@ -73,6 +73,7 @@ class TranslateOptions:
     prediction: str | None = None
     latent_norm: str = "inversion"
     structure: float | None = None
+    compile: str = "auto"  # torch.compile of the network (engines.base.COMPILE_MODES)
 
     def __post_init__(self) -> None:
         from stainctl.normalize import CLASSICAL
@@ -97,7 +98,8 @@ class TranslateOptions:
                              guidance=self.guidance, sampler=self.sampler,
                              inversion_steps=self.inversion_steps, eta=self.eta,
                              inversion_eta=self.inversion_eta, prediction=self.prediction,
-                             latent_norm=self.latent_norm, structure=self.structure)
+                             latent_norm=self.latent_norm, structure=self.structure,
+                             compile=self.compile)
 
 
 def grid_tile_size(card: ModelCard, options: TranslateOptions) -> int:
