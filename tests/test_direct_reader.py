@@ -234,3 +234,28 @@ def test_strip_bytes_covers_the_stored_tiles_a_strip_of_reads_touches() -> None:
     assert slide.direct.strip_bytes(len(slide.level_dimensions), width, side) is None
     slide.close()
     assert slide.direct is None or slide.direct.strip_bytes(0, width, side) is None
+
+
+def test_reader_threads_decode_on_their_own_thread(cmu1_path, monkeypatch: pytest.MonkeyPatch
+                                                   ) -> None:
+    """A region touching many stored tiles goes to the shared decode pool only from the main
+    thread (thumbnail strips); a reader thread (translate's, embed's) decodes it itself: eight
+    readers handing their tiles to the pool's four threads read half as fast."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    slide = open_slide(cmu1_path)
+    assert slide.direct is not None and slide.direct.serves(0)
+    used: list[int] = []
+    real = direct._pool
+
+    def counted() -> object:
+        used.append(1)
+        return real()
+
+    monkeypatch.setattr(direct, "_pool", counted)
+    on_main = slide.read_region(100, 100, 0, 600, 600)  # 240-px stored tiles: 4 x 4 of them
+    assert used == [1]
+    slide.direct.forget()
+    with ThreadPoolExecutor(1) as pool:
+        on_reader = pool.submit(slide.read_region, 100, 100, 0, 600, 600).result()
+    assert used == [1] and np.array_equal(on_reader, on_main)

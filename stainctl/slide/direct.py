@@ -42,8 +42,10 @@ PHOTOMETRICS = {1, 2, 6}  # min-is-black, RGB, YCbCr
 # OpenSlide vendors whose levels are plain TIFF pages that OpenSlide reads tile by tile.
 VENDORS = {"aperio", "generic-tiff", "hamamatsu"}
 CACHE_BYTES = 64 << 20
-# A region touching at least this many stored tiles is decoded on the shared pool (thumbnail
-# strips); smaller ones on the caller's thread, which is already one of several readers.
+# A region touching at least this many stored tiles, read from the main thread (thumbnail
+# strips), is decoded on the shared pool. Reader threads decode on their own thread whatever
+# the region: a grid tile with its context touches 3 x 3 stored tiles, and handing those to
+# the pool's 4 threads from 8 readers halved reading (~700 against ~1400 tiles/s on 2 cores).
 PARALLEL_TILES = 8
 
 
@@ -203,7 +205,7 @@ class DirectReader:
             if x1 > x0 and y1 > y0:
                 out[y0 - y:y1 - y, x0 - x:x1 - x] = tile[y0 - ty:y1 - ty, x0 - tx:x1 - tx]
 
-        if len(spots) >= PARALLEL_TILES:
+        if len(spots) >= PARALLEL_TILES and threading.current_thread() is threading.main_thread():
             list(_pool().map(paste, spots))
         else:
             for spot in spots:
