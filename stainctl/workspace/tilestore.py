@@ -14,7 +14,6 @@ import contextlib
 import functools
 import os
 import shutil
-import threading
 import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
@@ -264,7 +263,8 @@ class TileStore:
         blob = _blosc().encode(np.ascontiguousarray(tile))
         final = chunk_file(self.path, col, row)
         final.parent.mkdir(parents=True, exist_ok=True)
-        tmp = final.with_name(f".0.{os.getpid()}-{threading.get_ident()}.partial")
+        # Unique across threads, processes and the hosts of a cluster sharing the store.
+        tmp = final.with_name(f".0.{uuid.uuid4().hex}.partial")
         try:
             with open(tmp, "wb") as fh:
                 fh.write(blob)
