@@ -108,7 +108,8 @@ class PixCellEngine:
             for i, block in enumerate(self.eager_blocks):
                 blocks[i] = torch.compile(block, dynamic=False, backend=COMPILE_BACKEND)
         except Exception as err:  # no dynamo on this Python, an unknown backend
-            self._fall_back(err)
+            self.uncompile_blocks()
+            self._warn_fell_back(err)
 
     def uncompile_blocks(self) -> None:
         """Put the blocks as built back (eager from here on)."""
@@ -119,8 +120,7 @@ class PixCellEngine:
             blocks[i] = block
         self.eager_blocks = None
 
-    def _fall_back(self, err: Exception) -> None:
-        self.uncompile_blocks()
+    def _warn_fell_back(self, err: Exception) -> None:
         root: BaseException = err  # dynamo wraps the backend's error (BackendCompilerFailed)
         while isinstance(getattr(root, "inner_exception", None), BaseException):
             root = root.inner_exception  # type: ignore[attr-defined]
@@ -135,14 +135,22 @@ class PixCellEngine:
         """sample() with the compiled blocks; if it raises (compiling happens in the first call:
         no C compiler, no triton, an unsupported op), once: the eager blocks back and sample()
         again from the same noise, so the batch gives the tiles eager gives. An error that is
-        not compile's raises again from the eager run."""
+        not compile's (eager fails too: out of memory, a bug) raises from the eager run and
+        leaves the blocks compiled for the next batch."""
         if not self.compiled:
             return sample()
         try:
             return sample()
         except Exception as err:
-            self._fall_back(err)
-            return sample()
+            failed = err
+        self.uncompile_blocks()
+        try:
+            out = sample()
+        except Exception:
+            self.compile_blocks()
+            raise
+        self._warn_fell_back(failed)
+        return out
 
     def tokens(self, tiles: np.ndarray) -> Any:
         """Conditioning tokens (B, T, D) of H&E tiles: UNI2-h, then the flow to IHC style."""
