@@ -152,6 +152,8 @@ def test_fast_engine_gpu_layout_and_reduced_precision_give_the_same_tiles(models
     assert np.abs(out.astype(int) - ref).max() <= 1
     half = load_engine(card, models, EngineOptions(device="cpu", dtype="bf16"))
     assert half.dtype == torch.bfloat16
+    # Its pixels differ, so its tiles are recorded apart (a change makes the slide again).
+    assert plain.settings() == {} and half.settings() == {"dtype": "bfloat16"}
     diff = np.abs(half.translate(tiles, [0, 1]).astype(int) - ref)
     assert 0 < diff.mean() < 3  # it ran in bf16 (not bit-identical) and stays close
 

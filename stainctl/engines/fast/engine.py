@@ -52,7 +52,13 @@ class FastEngine:
         self.multiple = 2 ** len(generator.config.widths)
 
     def settings(self) -> Mapping[str, object]:
-        return {}  # the model alone makes the pixels
+        import torch
+
+        # The model makes the pixels, and a reduced precision changes them (recorded, so a
+        # change makes the slide again); fp32 records nothing, as before --dtype applied here.
+        if self.dtype == torch.float32:
+            return {}
+        return {"dtype": str(self.dtype).removeprefix("torch.")}
 
     def close(self) -> None:
         self.generator.to("cpu")
