@@ -259,3 +259,37 @@ def test_reader_threads_decode_on_their_own_thread(cmu1_path, monkeypatch: pytes
     with ThreadPoolExecutor(1) as pool:
         on_reader = pool.submit(slide.read_region, 100, 100, 0, 600, 600).result()
     assert used == [1] and np.array_equal(on_reader, on_main)
+
+
+def test_read_batches_share_each_batch_and_read_a_bounded_way_ahead(cmu1_path) -> None:
+    """Batches come in order with the tiles `TileSource.read` gives; the readers share each
+    batch, and however many there are, at most AHEAD batches are read beyond the one the
+    consumer holds (a thread per batch held readers + 2 batches)."""
+    import threading
+    import time
+
+    from stainctl.slide.tiles import AHEAD, TileSource, read_batches
+
+    base = TileSource(str(cmu1_path), 256.0, 128)
+    coords = np.array([(100 + 70 * i, 200 + 90 * (i % 5)) for i in range(23)], np.int64)
+    expected = np.stack([base.read(int(x), int(y)) for x, y in coords])
+    reads: list[int] = []
+    lock = threading.Lock()
+
+    class Counted(TileSource):
+        def read(self, x: int, y: int) -> np.ndarray:
+            with lock:
+                reads.append(x)
+            return super().read(x, y)
+
+    source = Counted(str(cmu1_path), 256.0, 128)
+    for readers in (3, 8):
+        reads.clear()
+        got = []
+        for k, batch in enumerate(read_batches(source, coords, 4, readers)):
+            time.sleep(0.05)  # a slow consumer: readers run ahead as far as they may
+            with lock:
+                assert len(reads) <= 4 * (k + 1 + AHEAD)
+            got.append(batch)
+        assert [len(b) for b in got] == [4, 4, 4, 4, 4, 3]
+        assert np.array_equal(np.concatenate(got), expected)

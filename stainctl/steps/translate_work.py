@@ -176,8 +176,9 @@ def translate_tiles(engine: Engine, source: TileSource, store: TileStore,
                            for (col, row), tile, m in zip(cells, out, missing, strict=True)
                            if m)
             done += int(missing.sum())
-            # Bound the tiles held in memory, and raise a failed write early.
-            pending = _drain(pending, keep=2 * batch_size * writers)
+            # Bound the tiles held in memory (two batches' worth, not a multiple of the writers:
+            # 1,024 tiles, ~1 GB, at a GPU's 64-tile batches), and raise a failed write early.
+            pending = _drain(pending, keep=max(2 * batch_size, 4 * writers))
             heap.trim()  # what the batch freed goes back: RSS flat with the slide area
             if advance is not None:
                 advance(int(missing.sum()))
