@@ -157,3 +157,25 @@ def install_pixcell(models: Path, name: str = "tiny-pixcell-ki67", marker: str =
     (target / "card.toml").write_text(
         MARKER.format(name=name, kind="marker", marker=marker, mpp=mpp) + _weights(*roles))
     return target / "card.toml"
+
+
+def tiny_engine(models: Path, steps: int, **sampling: object):  # type: ignore[no-untyped-def]
+    """The installed tiny pixcell model (`install_pixcell`) loaded on the CPU at `steps`."""
+    from stainctl.engines.base import EngineOptions
+    from stainctl.engines.pixcell.engine import load_pixcell_engine
+    from stainctl.models.registry import get_card
+
+    options = EngineOptions(**{"device": "cpu", "steps": steps, **sampling})  # type: ignore[arg-type]
+    return load_pixcell_engine(get_card("tiny-pixcell-ki67", models), models, options)
+
+
+def cmu1_tiles(n: int = 2, side: int = 256):  # type: ignore[no-untyped-def]
+    """`n` real H&E tiles of `side` px from the CMU-1 sample, each shifted a little."""
+    import cv2
+    import numpy as np
+    import openslide
+    from conftest import CMU1
+
+    region = openslide.OpenSlide(CMU1).read_region((600, 900), 0, (side * 4, side * 4))
+    small = cv2.resize(np.asarray(region)[..., :3], (side, side), interpolation=cv2.INTER_AREA)
+    return np.stack([np.roll(small, 16 * i, axis=1) for i in range(n)])

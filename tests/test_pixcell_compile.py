@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CMU1
-from pixcell_helpers import install_pixcell
+from pixcell_helpers import cmu1_tiles, install_pixcell, tiny_engine
 
 from stainctl.engines.base import EngineOptions
 from stainctl.errors import UsageError
@@ -34,20 +34,10 @@ def _fresh_dynamo():  # type: ignore[no-untyped-def]
 
 
 def _engine(models: Path, **sampling: object):  # type: ignore[no-untyped-def]
-    from stainctl.engines.pixcell.engine import load_pixcell_engine
-    from stainctl.models.registry import get_card
-
-    options = EngineOptions(**{"device": "cpu", "steps": 3, **sampling})  # type: ignore[arg-type]
-    return load_pixcell_engine(get_card("tiny-pixcell-ki67", models), models, options)
+    return tiny_engine(models, 3, **sampling)
 
 
-def _tiles(n: int = 2, side: int = 256) -> np.ndarray:
-    import cv2
-    import openslide
-
-    region = openslide.OpenSlide(CMU1).read_region((600, 900), 0, (side * 4, side * 4))
-    small = cv2.resize(np.asarray(region)[..., :3], (side, side), interpolation=cv2.INTER_AREA)
-    return np.stack([np.roll(small, 16 * i, axis=1) for i in range(n)])
+_tiles = cmu1_tiles
 
 
 def _is_compiled(module: torch.nn.Module) -> bool:
