@@ -158,7 +158,8 @@ def test_fast_engine_gpu_layout_and_reduced_precision_give_the_same_tiles(models
     assert 0 < diff.mean() < 3  # it ran in bf16 (not bit-identical) and stays close
 
 
-def test_batch_size_and_readers_default_to_what_suits_the_engine_where_it_runs(models):
+def test_batch_size_and_readers_default_to_what_suits_the_engine_where_it_runs(models,
+                                                                              monkeypatch):
     """Unset, --batch-size and --readers come from the engine's shape: 8 and 2 on a CPU; on a
     GPU the fast engine's 64 (measured 1.7x the engine's throughput at 8 on an H200) and more
     readers. Given, they win; below 1 they are refused."""
@@ -175,6 +176,9 @@ def test_batch_size_and_readers_default_to_what_suits_the_engine_where_it_runs(m
     engine.device = torch.device("cuda")  # the shape only reads where it runs
     gpu = EngineShape.of(engine)
     assert gpu.batch_size == 64 and 2 <= gpu.readers <= 8
+    # The readers follow the cores this process may use (a cpuset), not the host's.
+    monkeypatch.setattr("stainctl.cluster.pin.available_cores", lambda: (0, 1, 2))
+    assert EngineShape.of(engine).readers == 3
     options = TranslateOptions(marker="test-ki67")
     assert options.batch_size is None and options.readers is None
     assert TranslateOptions(marker="test-ki67", batch_size=3).batch_size == 3
