@@ -27,6 +27,12 @@ def available_cores() -> tuple[int, ...]:
     return tuple(range(os.cpu_count() or 1))
 
 
+def io_threads(cap: int = 8) -> int:
+    """Threads for a pool that reads or writes tiles: the cores this process may use, at least
+    2 (reads and writes wait on the disk too) and at most `cap`."""
+    return max(2, min(cap, len(available_cores())))
+
+
 def core_sets(workers: int, cores: Collection[int]) -> list[tuple[int, ...]] | None:
     """`cores` cut into `workers` disjoint runs as even as they can be (the first ones get the
     spare cores), or None when there are fewer cores than workers (they cannot each have one)."""

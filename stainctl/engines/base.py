@@ -134,14 +134,14 @@ class EngineShape:
 
     @classmethod
     def of(cls, engine: Engine) -> EngineShape:
-        from stainctl.cluster.pin import available_cores  # a worker's cpuset, not the host's
+        from stainctl.cluster.pin import io_threads  # a worker's cpuset, not the host's
 
         gpu = engine.device.type == "cuda"
         return cls(margin=engine.margin, multiple=engine.multiple,
                    input_side=engine.input_side, deterministic=engine.deterministic,
                    settings=dict(engine.settings()),
                    batch_size=int(getattr(engine, "gpu_batch", 8)) if gpu else 8,
-                   readers=max(2, min(8, len(available_cores()))) if gpu else 2)
+                   readers=io_threads() if gpu else 2)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -25,7 +25,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from stainctl import heap
-from stainctl.cluster.pin import available_cores
+from stainctl.cluster.pin import io_threads
 from stainctl.engines.base import EngineOptions, EngineShape, tile_seed
 from stainctl.errors import SlideError
 from stainctl.slide.tiles import TileSource
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 # Threads writing finished tiles to the store: a chunk costs ~6 ms (compression and a rename),
 # so a GPU at hundreds of tiles/s needs several.
-WRITERS = max(2, min(8, len(available_cores())))  # this process's cpuset, not the host's
+WRITERS = io_threads()  # this process's cpuset, not the host's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -150,13 +150,12 @@ def translate_tiles(engine: Engine, source: TileSource, store: TileStore,
                     margin0: float, seed: int, batch_size: int, readers: int,
                     writers: int = WRITERS, advance: Callable[[int], None] | None = None) -> int:
     """Translate `tiles` ((n, 4): col, row, level-0 x, y) into `store`, all but those `present`
-    already: read on `readers` threads sharing each batch (at most two batches ahead), write
-    on `writers` threads. The same code in process
-    and on a worker. Batches are always the same runs of `batch_size` tiles from the start of
-    `tiles` (a batch with some tiles present is translated whole, and only the missing ones are
-    written): a network's pixels depend on the batch a tile is in (by one grey level on CPU), so
-    a resumed or re-run shard gives exactly the uninterrupted run's tiles. Returns the number
-    of tiles written."""
+    already: read on `readers` threads sharing each batch (at most two batches ahead), write on
+    `writers` threads. The same code in process and on a worker. Batches are always the same
+    runs of `batch_size` tiles from the start of `tiles` (a batch with some tiles present is
+    translated whole, and only the missing ones are written): a network's pixels depend on the
+    batch a tile is in (by one grey level on CPU), so a resumed or re-run shard gives exactly
+    the uninterrupted run's tiles. Returns the number of tiles written."""
     from stainctl.slide.tiles import read_batches
 
     starts = [i for i in range(0, len(tiles), batch_size)
