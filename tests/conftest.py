@@ -22,6 +22,15 @@ OME_KI67 = [DATA / "tiles" / "ihc" / "OS-2-ndpi_Ki67.ome.tif",
 PNG_IHC = DATA / "tiles" / "ihc" / "skimage_ihc_FHL2-DAB_colon.png"
 
 
+def free_port() -> int:
+    """A local TCP port nothing listens on (once this returns): an unreachable scheduler."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _real_data_present() -> None:
     assert CMU1.exists(), f"real test data missing: expected {DATA} beside the checkout"

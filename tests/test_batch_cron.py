@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import pytest
+from conftest import free_port
 
 
 @contextmanager
@@ -59,7 +60,7 @@ def test_a_port_that_is_not_a_dask_scheduler_is_one_message(reply: bytes | None)
         assert "within 1 s" in str(err.value) and "overloaded" in str(err.value)
 
 
-def test_a_tls_scheduler_is_not_expected_to_greet_first(monkeypatch) -> None:
+def test_a_tls_scheduler_is_not_expected_to_greet_first() -> None:
     """Over TLS the client speaks first: an address without a scheme on a cluster whose Dask
     configuration says tls got "does not answer as a Dask scheduler" from a silent listener."""
     import dask.config
@@ -87,15 +88,13 @@ def test_a_real_scheduler_passes_the_probe() -> None:
 
 def test_a_scheduler_that_answered_is_not_probed_again(monkeypatch) -> None:
     """The main job's steps each probe before their work: once is enough per process."""
-    import socket as socket_module
-
     from distributed import LocalCluster
 
     from stainctl.cluster import connect
 
     monkeypatch.setattr(connect, "_ANSWERED", set())  # what earlier tests' probes kept
     calls: list[object] = []
-    real = socket_module.create_connection
+    real = socket.create_connection
     monkeypatch.setattr(connect.socket, "create_connection",
                         lambda *a, **k: calls.append(a) or real(*a, **k))
     with LocalCluster(n_workers=0, processes=False, dashboard_address=None,
@@ -120,8 +119,6 @@ def test_quiet_names_a_fluorescence_slide_left_out_as_the_table_does(cli, tmp_pa
 def test_status_counts_a_left_out_slide_as_the_run_did(cli, tmp_path, dapi_path) -> None:
     """`status --json` counted the fluorescence slide the main job left out under "failed",
     where the run's summary said "0 failed, 1 left out"; its kind now stays in the manifest."""
-    import json
-
     assert cli("translate", dapi_path, "--marker", "demo-ki67", "-o", tmp_path / "out",
                "-q").exit_code == 1
     r = cli("status", "-w", tmp_path / "out" / "workspace", "--json")
@@ -186,9 +183,7 @@ def test_filter_force_with_an_unreachable_scheduler_keeps_the_metrics(cli, tmp_p
     ws = tmp_path / "ws"
     assert cli("tile", cmu1_path, "-w", ws, "-q").exit_code == 0
     assert cli("filter", "-w", ws, "-q").exit_code == 0
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"  # nothing listens once closed
+    address = f"tcp://127.0.0.1:{free_port()}"
     r = cli("filter", "-w", ws, "--force", "--scheduler", address)
     assert r.exit_code == 2 and address in r.stderr, r.output
     r = cli("status", "-w", ws, "--json")

@@ -14,6 +14,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import free_port
 from models_helpers import install_tiny
 
 from stainctl.models.encoders import load_encoder
@@ -71,13 +72,10 @@ def test_an_unreachable_scheduler_stops_embed_before_any_slide_is_marked(cli, tm
                                                                           models, cmu1_path):
     """Before: every slide was marked running before the client failed to connect, so
     `status` then showed them as interrupted."""
-    import socket
 
     ws = tmp_path / "ws"
     _filtered(cli, ws, cmu1_path)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     r = cli("embed", "-w", ws, "--encoder", "tiny-uni2h", env={"STAINCTL_SCHEDULER": address})
     assert r.exit_code == 2, r.output
     [line] = [ln for ln in r.stderr.splitlines() if ln.strip()]

@@ -110,21 +110,20 @@ def test_ome_image_is_named_for_the_virtual_slide(main_job):
     assert "of CMU-1-Small-Region.svs" in description and "not a real stain" in description
 
 
-def test_a_slide_finer_than_the_model_says_how_to_match_its_pixels(tmp_path, he_ome_path):
+def test_a_slide_finer_than_the_model_says_how_to_match_its_pixels(cli, tmp_path, he_ome_path):
     """The OS-1 crop is 0.227 µm/px; the demo model works at 0.5, so its virtual slide is half
     the size of the H&E, which the done line left unexplained. The command it gives makes one
     that overlays the H&E pixel for pixel."""
     import shlex
 
     out = tmp_path / "out"
-    r = CliRunner().invoke(app, ["translate", str(he_ome_path), "--marker", "demo-ki67", "-o",
-                                 str(out)], catch_exceptions=False)
+    r = cli("translate", he_ome_path, "--marker", "demo-ki67", "-o", out)
     assert r.exit_code == 0, r.output
     [line] = [ln for ln in r.stdout.splitlines() if ln.strip().startswith("done")]
     assert "500 x 500 px at 0.5 µm/px" in line and "the H&E is 1101 x 1101 px at 0.2271" in line
     command = shlex.split(line.split("`")[1])
     assert command[:2] == ["stainctl", "stitch"] and "--level0" in command
-    r = CliRunner().invoke(app, command[1:], catch_exceptions=False)
+    r = cli(*command[1:])
     assert r.exit_code == 0, r.output
     [output] = out.glob("*.ome.tiff")
     with tifffile.TiffFile(output) as tif:

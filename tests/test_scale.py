@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tifffile
-from conftest import CMU1, OME_HE
+from conftest import CMU1, OME_HE, free_port
 
 MARKER = "demo-ki67"
 SLIDES = [CMU1, OME_HE]  # the CMU-1 sample and the OS-1 crop
@@ -207,19 +206,13 @@ def test_a_slide_the_workers_cannot_see_fails_alone(cli, tmp_path, cluster, monk
     assert "cannot see" in failed["message"] and str(slides / CMU1.name) in failed["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("command", [
     ["translate", str(CMU1), "-o", "{tmp}/out"],
     ["filter", "-w", "{tmp}/ws"],
     ["normalize", str(CMU1), "--target", str(OME_HE), "-o", "{tmp}/out"],
 ])
 def test_an_unreachable_scheduler_is_one_message_and_exit_2(cli, tmp_path, command, cli_ws):
-    address = f"tcp://127.0.0.1:{_free_port()}"
+    address = f"tcp://127.0.0.1:{free_port()}"
     args = [a.format(tmp=tmp_path) for a in command]
     # The variable a cron job sets, for every distributed command.
     r = cli(*args, env={"STAINCTL_SCHEDULER": address, **_env(tmp_path)})

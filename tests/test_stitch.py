@@ -22,7 +22,13 @@ from stainctl.stitch.blend import Canvas, ramps
 from stainctl.stitch.pyramid import PyramidOptions
 from stainctl.stitch.stitcher import Overlay, stitch_store
 from stainctl.workspace import SlideRecord
-from stainctl.workspace.tilestore import StoreError, StoreLayout, TileStore, create_for_slide
+from stainctl.workspace.tilestore import (
+    StoreError,
+    StoreLayout,
+    TileStore,
+    chunk_file,
+    create_for_slide,
+)
 
 BG = (245, 245, 245)
 
@@ -214,7 +220,7 @@ for _ in range(3):
     store.read_into(1, 1, out)
 after = threads()
 numcodecs.blosc.use_threads = None  # the default
-blob = (Path({str(tmp_path / "s.zarr")!r}) / "c/1/1/0/0/0").read_bytes()
+blob = Path({str(chunk_file(tmp_path / "s.zarr", 1, 1))!r}).read_bytes()
 numcodecs.blosc.Blosc().decode(blob, out=out)
 print(before, after, threads())
 """
