@@ -327,13 +327,13 @@ def part_compile(b: Bench) -> None:
     """torch.compile of each transformer block (regional: the 28 identical blocks share one
     compiled graph, so compiling costs seconds, not minutes), on the pixcell part's networks,
     with whatever time is left."""
-    if b.compile_job is None:
+    job, b.compile_job = b.compile_job, None  # the pixcell networks go with it, run or not
+    if job is None:
         b.add("compile", "torch.compile", "not run (the pixcell part did not finish)")
         return
     if b.args.no_compile or not (b.cuda or b.args.smoke):
         b.add("compile", "torch.compile", "not run (--no-compile, or a CPU)")
         return
-    job, b.compile_job = b.compile_job, None  # the pixcell networks go with it
     job()
 
 
@@ -564,8 +564,9 @@ def _translate_step(b: Bench) -> None:
 
 def _step_parts(b: Bench, slide: Path, side: int, n: int, store_path: Path) -> None:
     """The step's host work alone, on the same slide and as many tiles, in this process:
-    reading the 576-px inputs (as many reader threads and batches as the step) and writing
-    the translated tiles to a tile store (its writer threads)."""
+    reading the 576-px inputs (batches of --fast-batch, the fast engine's GPU default, with a
+    CPU's 2 reader threads and a GPU's default) and writing the translated tiles to a tile
+    store (the step's writer threads)."""
     from concurrent.futures import ThreadPoolExecutor
 
     from scale import make_store, tile_grid
@@ -576,7 +577,9 @@ def _step_parts(b: Bench, slide: Path, side: int, n: int, store_path: Path) -> N
 
     tiles = tile_grid(side, side, 512, n)
     source = TileSource(str(slide), 576, 576)
-    for readers in sorted({2, b.args.readers}):
+    from stainctl.cluster.pin import io_threads
+
+    for readers in sorted({2, io_threads()}):  # a CPU's default, and a GPU's (EngineShape)
         t = time.perf_counter()
         batches = list(read_batches(source, tiles[:, 2:] - 32, b.args.fast_batch, readers))
         b.add("fast", f"step's reading alone ({readers} reader threads), tiles/s",
@@ -623,7 +626,6 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="pixcell tiles a batch")
     ap.add_argument("--embed-batch", type=int, default=256, help="UNI2-h crops a batch")
     ap.add_argument("--fast-batch", type=int, default=64, help="fast-engine tiles a batch")
-    ap.add_argument("--readers", type=int, default=8, help="translate's reader threads")
     ap.add_argument("--slide-px", type=int, default=24576, help="side of the synthetic slide")
     ap.add_argument("--budget", type=float, default=175.0, help="seconds for the whole run")
     ap.add_argument("--no-compile", action="store_true")

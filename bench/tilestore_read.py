@@ -6,7 +6,8 @@ This script fills a store with tiles of real tissue (the CMU-1 mosaic of bench/_
 576-px tiles translate writes at 512 px with 32 px of context), then, each in a fresh process so
 that no pool is left over from an earlier run, decodes every tile on the main thread with the
 pool ("pool") or without it ("store", what `TileStore.read_into` does), rounds alternating.
-It also times encoding the same tiles, as zarr's writer does. Figures are medians of wall and
+It also times encoding, as translate's writer does (the last decoded tile, encoded a quarter as
+many times as there are tiles). Figures are medians of wall and
 CPU seconds; the ratio is that of the medians.
 
     python bench/tilestore_read.py [--tiles 1600] [--rounds 4] [--record]
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -32,14 +34,16 @@ SIDE = 576
 
 
 def fill(path: Path, tiles: int) -> None:
-    from stainctl.workspace.tilestore import StoreLayout, TileStore
+    from scale import make_store
+
+    from stainctl.workspace.tilestore import TileStore
 
     cols = 40
     rows = -(-tiles // cols)
     stride = SIDE - 64  # a 512-px grid tile with 32 px of context on each side
-    layout = StoreLayout(cols * stride, rows * stride, 0.5, cols, rows, stride, 0, 32)
-    assert layout.side == SIDE
-    store = TileStore.create(path, layout, {"model": "identity"})
+    make_store(path, cols * stride, rows * stride, stride, 32)
+    store = TileStore.open(path)
+    assert store.layout.side == SIDE
     block = mosaic_block()
     bh, bw = block.shape[:2]
     for i in range(tiles):
@@ -113,7 +117,7 @@ def main() -> None:
         med["store"]["decode_s"] / med["pool"]["decode_s"], 2)
     result["decode_cpu_ratio_store_vs_pool"] = round(
         med["store"]["decode_cpu_s"] / med["pool"]["decode_cpu_s"], 2)
-    result["cpu"] = f"{platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores"
+    result["cpu"] = f"{platform.machine()}, {len(os.sched_getaffinity(0))} cores"
     print(json.dumps(result, indent=2))
     if args.record:
         p, s = med["pool"], med["store"]
