@@ -7,16 +7,17 @@ tiles it with `stainctl tile` (512-px grid tiles), and fills a tile store as `tr
   * floor: pyvips writes the same raster from an in-memory image (the fastest libvips can write
     this pyramid: no tiles to read, no blending), in a subprocess that builds the raster once and
     saves it once per round (its own peak RSS is reported);
-  * streamed floor: the same raster saved through stainctl's own streaming source
-    (`stainctl.stitch.stream.BlockSource`, what keeps stitch's memory bounded), by the same
-    subprocess: what streaming alone costs, with no tiles to read or blend;
-  * stainctl: the real CLI (`stitch --force`), one subprocess per round, with its peak RSS.
+  * streamed floor: the same raster streamed into libvips through stainctl's source
+    (`stainctl.stitch.stream.BlockSource`, the path `stitch --level0` takes), by the same
+    subprocess: what streaming into libvips costs, with no tiles to read or blend;
+  * stainctl: the real CLI (`stitch --force`: the canvas child and stainctl's own pyramid
+    writer, docs/adr/0004), one subprocess per round, with its peak RSS.
 Both write OME-TIFF, pyramid in SubIFDs, JPEG Q90, 512-px tiles. The three alternate round by round
 (stitch, floor, streamed, stitch, ...), after one untimed stitch that puts the store in the page
 cache, so that a change in the machine's load hits both; figures are medians over the rounds with
 their spread, the ratio is that of the medians (each round's own ratio is listed too). Wall and
-CPU seconds are both reported: on two cores libvips' encoder keeps both busy, so stitch's own CPU
-adds to the floor's time. The slide is then built again at twice the area and stitched once, to
+CPU seconds are both reported: on two cores the encoder keeps both busy, so the canvas' CPU adds
+to the encoding's. The slide is then built again at twice the area and stitched once, to
 show RSS does not grow. Target (issue 21): within 1.2x of the floor, peak RSS flat in the area.
 
     python bench/stitch.py [--width 40000 --height 30000] [--rounds 3] [--no-double]

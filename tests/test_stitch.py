@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import signal
 import sqlite3
@@ -413,6 +414,58 @@ def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
         assert np.abs(back.astype(int) - region).max() <= 1, comp
 
 
+def test_the_pyramid_writer_writes_what_libvips_writes(tmp_path, cmu1):
+    """stainctl's writer (tifffile + imagecodecs) against libvips' tiffsave of the same raster,
+    an odd-sized real slide given in uneven row blocks: the same levels, and at every level the
+    same decoded pixels (JPEG: the same libjpeg-turbo, tables and RGB; lossless: exact)."""
+    import pyvips
+    import tifffile
+
+    from stainctl.stitch.pyramid import save_pyramid
+    from stainctl.stitch.tiffwriter import write_pyramid
+
+    h, w = cmu1.shape[:2]
+    for comp in ("jpeg", "deflate"):
+        options = PyramidOptions("ome-tiff", comp)
+        ours, theirs = tmp_path / f"ours-{comp}.ome.tif", tmp_path / f"vips-{comp}.ome.tif"
+        n = write_pyramid((cmu1[y:y + 333] for y in range(0, h, 333)), w, h, ours, mpp=0.5,
+                          description="x", options=options)
+        save_pyramid(pyvips.Image.new_from_array(cmu1, interpretation="srgb"), theirs, 0.5,
+                     "x", options)
+        with tifffile.TiffFile(ours) as a, tifffile.TiffFile(theirs) as b:
+            mine, vips = a.series[0].levels, b.series[0].levels
+            assert n == len(mine) == len(vips) == _levels(w, h, 512) == 4
+            for x, y in zip(mine, vips, strict=True):
+                assert x.shape == y.shape
+                assert np.array_equal(x.asarray(), y.asarray()), (comp, x.shape)
+            assert a.pages[0].photometric == b.pages[0].photometric == 2  # RGB, not YCbCr
+
+
+def test_the_pyramid_writer_copes_with_reused_blocks(tmp_path, cmu1):
+    """The canvas' blocks live in a ring: one is overwritten once two more are taken. A writer
+    that kept a block longer would write the later block's pixels in its place."""
+    import tifffile
+
+    from stainctl.stitch.tiffwriter import write_pyramid
+
+    h, w = cmu1.shape[:2]
+    ring = np.empty((2, 200, w, 3), np.uint8)
+
+    def blocks():
+        for i, y in enumerate(range(0, h, 200)):
+            rows = cmu1[y:y + 200]
+            slot = ring[i % 2, :len(rows)]
+            slot[:] = rows
+            yield slot
+
+    out = tmp_path / "ring.tif"
+    write_pyramid(blocks(), w, h, out, mpp=0.5, description="x",
+                  options=PyramidOptions("tiff", "none", tile=256))
+    with tifffile.TiffFile(out) as tif:
+        assert np.array_equal(tif.pages[0].asarray(), cmu1)
+        assert len(tif.pages) == _levels(w, h, 256)  # plain TIFF: the levels are pages
+
+
 def canvas_processes(under: Path) -> list[str]:
     """Pids of running canvas child processes (stainctl/stitch/canvas_process.py) of stores
     under `under` (other tests or benchmarks may stitch at the same time)."""
@@ -717,12 +770,21 @@ def test_level0_from_the_command_and_a_full_disk(cli, tmp_path, cmu1, monkeypatc
     assert tiffslide.TiffSlide(out).dimensions == (2220, 2967)
 
     import pyvips
+    import tifffile
 
     def full(*args, **kwargs):
         raise pyvips.Error("unable to call tiffsave", "TIFFWrite: No space left on device")
 
+    def full_file(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(self.filehandle.path))
+
+    # Both writers: stainctl's own (the model's resolution) and libvips (--level0).
     monkeypatch.setattr(pyvips.Image, "tiffsave", full, raising=False)
-    r = cli("stitch", "-w", ws, "--force", "--json")
-    assert r.exit_code == 1
-    assert "disk full" in json.loads(r.stdout)["slides"][0]["message"]
-    assert not list((ws / "outputs").glob(".*tmp-*"))
+    monkeypatch.setattr(tifffile.TiffWriter, "write", full_file)
+    for extra in ([], ["--level0", "-o", out]):
+        r = cli("stitch", "-w", ws, "--force", "--json", *extra)
+        assert r.exit_code == 1
+        message = json.loads(r.stdout)["slides"][0]["message"]
+        assert "disk full" in message
+        assert not list((ws / "outputs").glob(".*tmp-*")) and not list(tmp_path.glob(".*tmp-*"))
+    assert ".tmp-" not in message  # the output is named, not its temporary

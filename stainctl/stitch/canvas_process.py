@@ -1,10 +1,9 @@
 """The blended canvas made in a child process, at a lower priority, handed over in shared memory.
 
-Why a process: libvips' pyramid encoder leaves part of the machine idle (the in-memory floor keeps
-~1.6 of 2 cores busy), and the canvas needs ~3.5 s of CPU per 1.2 gigapixels. On a thread of the
-stitch process it competed with the encoder for the cores and for the interpreter lock (libvips'
-read callback needs it), which slowed the save by more than the canvas' own CPU time. In a child
-at nice 10 the canvas runs when the encoder leaves a core idle (bench/RESULTS.md, stitch).
+Why a process: the canvas needs ~3.5 s of CPU per 1.2 gigapixels. On a thread of the stitch
+process it competed with the pyramid encoder (then libvips) for the cores and for the interpreter
+lock, which slowed the save by more than the canvas' own CPU time. In a child at nice 10 the
+canvas runs when the encoder leaves a core idle (bench/RESULTS.md, stitch).
 
 The child (`python -m stainctl.stitch.canvas_process`) blends band rows straight into a ring of
 `SLOTS` band buffers in a memfd both processes map, and sends (slot, first row, rows) for each

@@ -1,4 +1,5 @@
-"""Saving a (streamed) image as a tiled pyramidal TIFF with libvips, and its thumbnail.
+"""The options of a pyramidal TIFF output; saving a (streamed) image as one with libvips (what
+`--level0` resamples and writes; stitch's own canvas goes through `tiffwriter`), and the thumbnail.
 
 OME-TIFF keeps the reduced levels in SubIFDs (tiffslide, QuPath, Bio-Formats read them; OpenSlide
 sees level 0 only); plain TIFF keeps them as pages, which OpenSlide reads (docs/NOTES.md).

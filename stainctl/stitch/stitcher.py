@@ -1,8 +1,9 @@
 """One tile store in, one pyramidal slide (and its thumbnail) out, in bounded memory.
 
 The blended canvas is produced band by band by a child process (`canvas_process`; a thread where
-that is not available) and streamed into libvips, which encodes the pyramid; the output is written
-under a temporary name and renamed when complete.
+that is not available) and written by stainctl's pyramid writer (`tiffwriter`, ADR 0004); an
+output resampled to the slide's level 0 is streamed into libvips instead, which resamples and
+writes it. The output is written under a temporary name and renamed when complete.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from stainctl.workspace.atomic import atomic_path, remove_stale
 from stainctl.workspace.tilestore import TileStore
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import numpy as np
 
     from stainctl.stitch.stream import BlockSource
@@ -54,32 +57,66 @@ def stitch_store(store: TileStore, output: Path, *, options: PyramidOptions,
                  written: np.ndarray | None = None) -> StitchResult:
     """`in_process`: blend on a thread of this process rather than in a child process (what
     platforms without memfd do). `written`: `store.written()`, when the caller has read it."""
-    from stainctl.stitch import canvas_process
-    from stainctl.stitch.stream import BlockSource
-
     written = store.written() if written is None else written
     lay = store.layout
     with contextlib.ExitStack() as stack:
-        blocks = None
-        if canvas_process.available() and not in_process:
-            try:
-                child = stack.enter_context(
-                    canvas_process.CanvasProcess(store, background, written))
-                blocks = child.blocks()
-            except OSError as err:  # no process or memory to spare: blend on a thread instead
-                log.debug("canvas process not started (%s); blending on a thread", err)
-        if blocks is None:
-            from stainctl.stitch.blend import Canvas
-            from stainctl.stitch.stream import prefetch
+        blocks = _canvas_blocks(stack, store, background, written, in_process)
+        if overlay is None:
+            path, thumb = _write_canvas(blocks, output, lay.width, lay.height, lay.mpp,
+                                        options=options, name=name, annotations=annotations)
+            width, height, mpp = lay.width, lay.height, lay.mpp
+        else:  # resampled to the slide's level 0: libvips resamples and writes
+            from stainctl.stitch.stream import BlockSource
 
-            blocks = prefetch(Canvas(store, background, written).blocks())
-        source = BlockSource(lay.width, lay.height, blocks)
-        # The canvas' buffers go as soon as the save is over, before the child is stopped.
-        stack.callback(source.release)
-        path, thumb, width, height, mpp = _save_source(
-            source, output, lay.mpp, options=options, name=name, annotations=annotations,
-            overlay=overlay)
+            source = BlockSource(lay.width, lay.height, blocks)
+            # The canvas' buffers go as soon as the save is over, before the child is stopped.
+            stack.callback(source.release)
+            path, thumb, width, height, mpp = _save_source(
+                source, output, lay.mpp, options=options, name=name, annotations=annotations,
+                overlay=overlay)
     return StitchResult(path, thumb, width, height, mpp, int(written.sum()))
+
+
+def _canvas_blocks(stack: contextlib.ExitStack[Any], store: TileStore,
+                   background: tuple[int, int, int], written: np.ndarray,
+                   in_process: bool) -> Iterator[np.ndarray]:
+    """The blended canvas' row blocks, in order: from a child process where one starts, else
+    from a thread of this one."""
+    from stainctl.stitch import canvas_process
+
+    if canvas_process.available() and not in_process:
+        try:
+            child = stack.enter_context(canvas_process.CanvasProcess(store, background, written))
+            return child.blocks()
+        except OSError as err:  # no process or memory to spare: blend on a thread instead
+            log.debug("canvas process not started (%s); blending on a thread", err)
+    from stainctl.stitch.blend import Canvas
+    from stainctl.stitch.stream import prefetch
+
+    return prefetch(Canvas(store, background, written).blocks())
+
+
+def _write_canvas(blocks: Iterator[np.ndarray], output: Path, width: int, height: int,
+                  mpp: float, *, options: PyramidOptions, name: str,
+                  annotations: dict[str, str]) -> tuple[Path, Path]:
+    """The canvas at its own resolution, written by stainctl's pyramid writer (ADR 0004)."""
+    from stainctl.stitch.tiffwriter import write_pyramid
+
+    description = _description(name, width, height, mpp, options, annotations)
+    thumb = options.thumbnail(output)
+    remove_stale(output)
+    remove_stale(thumb)
+    with atomic_path(output) as tmp:
+        try:
+            write_pyramid(blocks, width, height, tmp, mpp=mpp, description=description,
+                          options=options)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:  # name the output, not its temporary
+                raise OSError(errno.ENOSPC, "No space left on device", str(output)) from err
+            raise
+        with atomic_path(thumb) as tmp_thumb:
+            save_thumbnail(tmp, tmp_thumb)
+    return output, thumb
 
 
 def _save_source(source: BlockSource, output: Path, mpp: float, *, options: PyramidOptions,
