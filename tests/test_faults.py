@@ -349,8 +349,11 @@ STITCH_SLOWLY = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, cmu1_path):
+# Both pyramid writers: stainctl's own, and libvips (reading the canvas through a callback).
+@pytest.mark.parametrize(("sig", "extra"), [(signal.SIGINT, []), (signal.SIGTERM, []),
+                                            (signal.SIGTERM, ["--level0"])])
+def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, extra,
+                                                            cmu1_path):
     from test_stitch import _tiled_workspace, _translate_identity, canvas_processes
 
     from stainctl.slide.reader import open_slide
@@ -360,7 +363,8 @@ def test_a_signal_while_stitch_writes_the_pyramid_stops_it(cli, tmp_path, sig, c
     slide = open_slide(cmu1_path)
     _translate_identity(ws, "he", slide.read_region(0, 0, 0, *slide.dimensions))
     out = tmp_path / "out"
-    code, sent, stderr = _run_until(["stitch", "-w", ws, "-o", out], "writing the pyramid", sig,
+    code, sent, stderr = _run_until(["stitch", "-w", ws, "-o", out, *extra],
+                                    "writing the pyramid", sig,
                                     script=STITCH_SLOWLY)
     assert sent
     assert code == 128 + sig, stderr

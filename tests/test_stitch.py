@@ -282,8 +282,8 @@ def test_band_buffers_are_reused_only_once_their_blocks_are_gone(tmp_path, cmu1)
 
 
 def test_the_heap_is_trimmed_band_by_band(tmp_path, cmu1, monkeypatch):
-    # What a band freed (libvips' strips, blend temporaries) must not pile up in malloc's arenas
-    # with the slide's area (stainctl/heap.py): the canvas asks for a trim after every band.
+    # What a band freed (the encoder's buffers, blend temporaries) must not pile up in malloc's
+    # arenas with the slide's area (stainctl/heap.py): the canvas asks for a trim after every band.
     from stainctl import heap
 
     calls = []
@@ -334,7 +334,7 @@ def test_blended_tile_borders_show_no_seam_and_hard_ones_do(tmp_path, cmu1):
 # --- pyramid output -----------------------------------------------------------------------
 def _levels(width: int, height: int, tile: int) -> int:
     n = 1
-    while max(width, height) > tile:
+    while max(width, height) > tile and min(width, height) > 1:
         width, height, n = width // 2, height // 2, n + 1
     return n
 
@@ -425,20 +425,29 @@ def test_the_pyramid_writer_writes_what_libvips_writes(tmp_path, cmu1):
     from stainctl.stitch.tiffwriter import write_pyramid
 
     h, w = cmu1.shape[:2]
-    for comp in ("jpeg", "deflate"):
-        options = PyramidOptions("ome-tiff", comp)
-        ours, theirs = tmp_path / f"ours-{comp}.ome.tif", tmp_path / f"vips-{comp}.ome.tif"
-        n = write_pyramid((cmu1[y:y + 333] for y in range(0, h, 333)), w, h, ours, mpp=0.5,
+    thin = np.ascontiguousarray(cmu1[:3, :300])  # a level's height reaches 1 before the tile
+    cases = [(cmu1, PyramidOptions("ome-tiff", "jpeg"), 4, 2),  # Q90: RGB
+             (cmu1, PyramidOptions("ome-tiff", "jpeg", 80), 4, 6),  # below 90: YCbCr 4:2:0
+             (cmu1, PyramidOptions("ome-tiff", "deflate"), 4, 2),
+             (thin, PyramidOptions("ome-tiff", "none", tile=16), 2, 2)]
+    for i, (image, options, levels, photometric) in enumerate(cases):
+        h, w = image.shape[:2]
+        ours, theirs = tmp_path / f"ours-{i}.ome.tif", tmp_path / f"vips-{i}.ome.tif"
+        n = write_pyramid((image[y:y + 333] for y in range(0, h, 333)), w, h, ours, mpp=0.5,
                           description="x", options=options)
-        save_pyramid(pyvips.Image.new_from_array(cmu1, interpretation="srgb"), theirs, 0.5,
+        save_pyramid(pyvips.Image.new_from_array(image, interpretation="srgb"), theirs, 0.5,
                      "x", options)
         with tifffile.TiffFile(ours) as a, tifffile.TiffFile(theirs) as b:
             mine, vips = a.series[0].levels, b.series[0].levels
-            assert n == len(mine) == len(vips) == _levels(w, h, 512) == 4
+            assert n == len(mine) == len(vips) == _levels(w, h, options.tile) == levels
             for x, y in zip(mine, vips, strict=True):
                 assert x.shape == y.shape
-                assert np.array_equal(x.asarray(), y.asarray()), (comp, x.shape)
-            assert a.pages[0].photometric == b.pages[0].photometric == 2  # RGB, not YCbCr
+                assert np.array_equal(x.asarray(), y.asarray()), (options, x.shape)
+                # Each level carries its own pixel size: 2e4 px/cm at level 0's 0.5 µm/px.
+                xres = x.keyframe.tags["XResolution"].value
+                assert xres[0] / xres[1] == pytest.approx(2e4 * x.shape[1] / w, rel=1e-6)
+            assert a.pages[0].photometric == b.pages[0].photometric == photometric
+        assert ours.stat().st_size < 1.05 * theirs.stat().st_size, options
 
 
 def test_the_pyramid_writer_copes_with_reused_blocks(tmp_path, cmu1):
@@ -495,7 +504,7 @@ def test_the_canvas_process_stitches_what_a_thread_does(tmp_path, cmu1):
     lay = _layout(cmu1, 256, 32, 16)
     offsets = np.random.default_rng(2).integers(-40, 40, (lay.rows, lay.cols))
     store = _store(tmp_path / "s.zarr", cmu1, lay, offsets=offsets, skip={(3, 4), (4, 4)})
-    # More band rows than ring slots: slots are refilled while libvips still reads the canvas.
+    # More band rows than ring slots: slots are refilled while the writer still reads the canvas.
     assert lay.rows > 2 * canvas_process.SLOTS
     outputs = {}
     for in_process in (False, True):
@@ -523,7 +532,8 @@ def test_the_canvas_process_yields_to_the_encoder(tmp_path, cmu1):
         pid = child._child.pid
         assert os.getpriority(os.PRIO_PROCESS, pid) == os.getpriority(os.PRIO_PROCESS, 0) + NICE
         # Same session: under autogroup scheduling a session of its own would be a group with
-        # its own full share of the CPU, and the lower priority would not count against libvips.
+        # its own full share of the CPU, and the lower priority would not count against the
+        # encoder.
         assert os.getsid(pid) == os.getsid(0)
     assert not canvas_processes(tmp_path)
 
@@ -775,16 +785,26 @@ def test_level0_from_the_command_and_a_full_disk(cli, tmp_path, cmu1, monkeypatc
     def full(*args, **kwargs):
         raise pyvips.Error("unable to call tiffsave", "TIFFWrite: No space left on device")
 
-    def full_file(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(self.filehandle.path))
+    writes = tifffile.FileHandle.write
 
-    # Both writers: stainctl's own (the model's resolution) and libvips (--level0).
-    monkeypatch.setattr(pyvips.Image, "tiffsave", full, raising=False)
-    monkeypatch.setattr(tifffile.TiffWriter, "write", full_file)
-    for extra in ([], ["--level0", "-o", out]):
-        r = cli("stitch", "-w", ws, "--force", "--json", *extra)
+    def fills_up(self, data):  # the disk fills in the middle of level 0's tiles
+        fills_up.calls += 1
+        if fills_up.calls > 12:
+            raise OSError(errno.ENOSPC, "No space left on device", self.path)
+        return writes(self, data)
+
+    fills_up.calls = 0
+    # Both writers: stainctl's own (the model's resolution) and libvips (--level0); each
+    # message names the output, not its temporary.
+    final = ws / "outputs" / "CMU-1-Small-Region.he.ome.tiff"
+    for extra, target, name in (([], tifffile.FileHandle, "write"),
+                                (["--level0", "-o", out], pyvips.Image, "tiffsave")):
+        with monkeypatch.context() as m:
+            m.setattr(target, name, fills_up if name == "write" else full, raising=False)
+            r = cli("stitch", "-w", ws, "--force", "--json", *extra)
         assert r.exit_code == 1
         message = json.loads(r.stdout)["slides"][0]["message"]
         assert "disk full" in message
+        assert str(out if extra else final) in message and ".tmp-" not in message
         assert not list((ws / "outputs").glob(".*tmp-*")) and not list(tmp_path.glob(".*tmp-*"))
-    assert ".tmp-" not in message  # the output is named, not its temporary
+    assert fills_up.calls > 12

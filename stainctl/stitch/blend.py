@@ -54,7 +54,7 @@ class Canvas:
         # cv2.blendLinear wants weight maps of the blended block's size. Rows are blended in
         # chunks of ROW_CHUNK columns: the maps stay in cache (full-width maps were 20 MB read
         # per band) and OpenCV runs each chunk on this thread instead of waking its thread pool
-        # against libvips' encoder.
+        # against the pyramid encoder.
         self._w_cols = (np.tile(out, (lay.side, 1)), np.tile(fade_in, (lay.side, 1)))
         chunk = min(ROW_CHUNK, lay.width)
         self._w_rows = (np.repeat(out[:, None], chunk, 1), np.repeat(fade_in[:, None], chunk, 1))
@@ -83,7 +83,7 @@ class Canvas:
             last = s - o if r < lay.rows - 1 else s
             yield from _clip_rows(band[first:last], top + first, lay.height)
             previous = band
-            heap.trim()  # libvips' freed strips and the blends' temporaries go back
+            heap.trim()  # the encoder's freed buffers and the blends' temporaries go back
 
     def _band(self, r: int) -> np.ndarray:
         """Row r of tiles blended left to right: (side, width, 3), band row 0 at canvas y

@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 # shares the terminal's process group; the stitch stops and then kills it), and heavy imports
 # would widen the window before that. Not a session of its own: with the kernel's autogroup
 # scheduling, a new session is a new group with a full share of the CPU, and nice 10 would no
-# longer yield to libvips (measured: the save ~0.7 s slower).
+# longer yield to the encoder (measured with libvips: the save ~0.7 s slower).
 
-SLOTS = 4  # band buffers: the canvas' current and previous band, and HELD blocks in libvips
+SLOTS = 4  # band buffers: the canvas' current and previous band, and the writer's HELD blocks
 NICE = 10  # nice 5 still slowed the save by ~1 s in 3 runs; 10 and 19 did not (RESULTS.md)
 
 

@@ -1,4 +1,5 @@
-"""Feeding row blocks to libvips without writing the canvas anywhere.
+"""Feeding row blocks to libvips without writing the canvas anywhere (`stitch --level0`, which
+libvips resamples and writes; the canvas at its own resolution goes through `tiffwriter`).
 
 libvips can build a pyramid from a sequential source while holding only a few tile rows. We hand it
 a seekable custom source that reads as an uncompressed, stripped BigTIFF: the header is made by

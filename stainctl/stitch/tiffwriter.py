@@ -9,9 +9,9 @@ as pages (plain TIFF, which OpenSlide reads). Memory holds two bands per level, 
 slide's height.
 
 Why not libvips, which wrote these pyramids before: on 2 cores its in-memory save alone kept ~1.6
-cores busy, and streaming the canvas into it made stitch 1.3x that save; this writer, canvas
-included, measured 0.9x it, with the same level-0 pixels and file size (bench/RESULTS.md, stitch).
-libvips still writes when the output is resampled to the slide's level 0 (`--level0`).
+cores busy, and streaming the canvas into it made stitch 1.3x that save; with this writer the
+whole stitch process measured 1.09x it, with the same pixels at every level (bench/RESULTS.md,
+stitch). libvips still writes when the output is resampled to the slide's level 0 (`--level0`).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ Encoder = Callable[[np.ndarray], bytes]
 
 
 def level_shapes(width: int, height: int, tile: int) -> list[tuple[int, int]]:
-    """(width, height) of each level: halved, rounding down, until one tile holds the level
-    (the levels libvips' `pyramid=True` makes)."""
+    """(width, height) of each level: halved, rounding down, until one tile holds the level or a
+    side is down to one pixel (the levels libvips' `pyramid=True` makes)."""
     shapes = [(width, height)]
-    while max(shapes[-1]) > tile:
+    while max(shapes[-1]) > tile and min(shapes[-1]) > 1:
         w, h = shapes[-1]
-        shapes.append((max(1, w // 2), max(1, h // 2)))
+        shapes.append((w // 2, h // 2))
     return shapes
 
 
@@ -44,18 +44,23 @@ def tile_codec(options: PyramidOptions) -> tuple[Encoder, dict[str, Any]]:
     import imagecodecs
 
     if options.compression == "jpeg":
-        # RGB without chroma subsampling, as libvips writes at Q >= 90 (docs/NOTES.md): the
-        # same libjpeg-turbo, the same tables, so the same decoded pixels.
+        # What libvips writes (docs/NOTES.md), from the same libjpeg-turbo with the same tables,
+        # so the same decoded pixels: RGB without chroma subsampling at Q >= 90, YCbCr 4:2:0
+        # below (2.6x smaller at Q 80).
         q = options.quality
+        rgb = q >= 90
+        space, sampling = ("rgb", "444") if rgb else ("ycbcr", "420")
 
         def jpeg(tile: np.ndarray) -> bytes:
-            return bytes(imagecodecs.jpeg8_encode(tile, level=q, outcolorspace="rgb",
-                                                  subsampling="444"))
+            return bytes(imagecodecs.jpeg8_encode(tile, level=q, outcolorspace=space,
+                                                  subsampling=sampling))
 
-        # Photometric RGB, as libvips: tifffile would tag JPEG tiles YCbCr (2 x 2) otherwise,
-        # and OpenSlide, which follows the tag, would show false colours.
-        return jpeg, {"compression": "jpeg", "subsampling": (1, 1),
-                      "compressionargs": {"outcolorspace": "RGB"}}
+        # The tags must say which: OpenSlide follows them (RGB-encoded tiles tagged YCbCr, as
+        # tifffile tags JPEG by default, show in false colours).
+        if rgb:
+            return jpeg, {"compression": "jpeg", "subsampling": (1, 1),
+                          "compressionargs": {"outcolorspace": "RGB"}}
+        return jpeg, {"compression": "jpeg", "subsampling": (2, 2)}
     if options.compression == "none":
         return (lambda tile: tile.tobytes()), {"compression": None}
     encode: Callable[[Any], Any] = (imagecodecs.lzw_encode if options.compression == "lzw"
@@ -232,6 +237,8 @@ def write_pyramid(blocks: Iterable[np.ndarray], width: int, height: int, path: P
                       resolution=(per_cm, per_cm), resolutionunit="CENTIMETER",
                       subifds=len(reduced) if ome else None, **common)
             for level in reduced:
+                # Each level's own pixel size (libvips repeated level 0's on every level).
+                res = (per_cm * level.width / width, per_cm * level.height / height)
                 tif.write(level.encoded(), shape=(level.height, level.width, 3),
-                          subfiletype=1, **common)
+                          subfiletype=1, resolution=res, resolutionunit="CENTIMETER", **common)
     return len(shapes)
