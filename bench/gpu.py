@@ -498,11 +498,39 @@ def part_fast(b: Bench) -> None:
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     r2 = rate(lambda xf=xf: gen(xf, marker))
                 b.add("fast", f"generator alone, bf16 autocast, {name}, tiles/s", f"{r2:.0f}")
+        _transfers(b, tiles, rate)
     engine.close()
     if b.left() < 30:
         b.add("fast", "translate step", "skipped (time budget)")
         return
     _translate_step(b)
+
+
+def _transfers(b: Bench, tiles: np.ndarray, rate: Callable[[Callable[[], Any]], float]) -> None:
+    """The batch's copies alone, each way, from and into pageable memory (what engine.translate
+    does now: the readers' numpy batch in, a fresh tensor out) and pinned memory: whether
+    pinned host buffers would lift engine.translate (network alone ~3,400 tiles/s, the whole
+    call ~890) is for the next device run to see."""
+    import torch
+
+    def upload(src: Any) -> None:
+        src.to(b.device, non_blocking=True)
+        torch.cuda.synchronize()
+
+    try:  # measurements for later: a failure here must not cost the step's figures
+        host = torch.from_numpy(tiles)
+        pinned = host.pin_memory()
+        on_gpu = host.to(b.device)
+        for name, src in (("pageable", host), ("pinned", pinned)):
+            r = rate(lambda src=src: upload(src))
+            b.add("fast", f"host -> GPU copy of the batch, {name}, tiles/s", f"{r:.0f}")
+        r = rate(lambda: on_gpu.cpu())
+        b.add("fast", "GPU -> host copy of the batch into a new pageable tensor, tiles/s",
+              f"{r:.0f}")
+        r = rate(lambda: pinned.copy_(on_gpu))
+        b.add("fast", "GPU -> host copy of the batch into a pinned buffer, tiles/s", f"{r:.0f}")
+    except Exception as err:
+        b.add("fast", "host <-> GPU copies", f"failed: {type(err).__name__}: {err}"[:200])
 
 
 def _run(args: list[str], report: list[float] | None = None) -> float:
