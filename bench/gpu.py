@@ -507,28 +507,42 @@ def part_fast(b: Bench) -> None:
 
 
 def _transfers(b: Bench, tiles: np.ndarray, rate: Callable[[Callable[[], Any]], float]) -> None:
-    """The batch's copies alone, each way, from and into pageable memory (what engine.translate
-    does now: the readers' numpy batch in, a fresh tensor out) and pinned memory: whether
-    pinned host buffers would lift engine.translate (network alone ~3,400 tiles/s, the whole
-    call ~890) is for the next device run to see."""
+    """The batch's copies alone, each way: as engine.translate does them now (the readers'
+    pageable numpy batch in, a fresh pageable tensor out), and through pinned buffers, with and
+    without the host copies into and out of them that a pinned engine would need unless the
+    readers wrote straight into pinned memory. engine.translate runs at ~890 tiles/s where its
+    network alone runs at ~3,400: whether pinned buffers would lift it is for the next device
+    run to see."""
     import torch
 
-    def upload(src: Any) -> None:
-        src.to(b.device, non_blocking=True)
+    def upload(src: Any, fill: Any = None) -> None:
+        if fill is not None:
+            src.copy_(fill)  # the readers' batch into the pinned buffer
+        src.to(b.device, non_blocking=src.is_pinned())
         torch.cuda.synchronize()
+
+    def download(dst: Any, src: Any, out: bool) -> None:
+        dst.copy_(src)
+        if out:
+            dst.numpy().copy()  # the result out of the buffer before it is reused
 
     try:  # measurements for later: a failure here must not cost the step's figures
         host = torch.from_numpy(tiles)
         pinned = host.pin_memory()
         on_gpu = host.to(b.device)
-        for name, src in (("pageable", host), ("pinned", pinned)):
-            r = rate(lambda src=src: upload(src))
-            b.add("fast", f"host -> GPU copy of the batch, {name}, tiles/s", f"{r:.0f}")
-        r = rate(lambda: on_gpu.cpu())
-        b.add("fast", "GPU -> host copy of the batch into a new pageable tensor, tiles/s",
-              f"{r:.0f}")
-        r = rate(lambda: pinned.copy_(on_gpu))
-        b.add("fast", "GPU -> host copy of the batch into a pinned buffer, tiles/s", f"{r:.0f}")
+        for what, fn in (
+                ("host -> GPU copy of the batch from pageable memory (as now)",
+                 lambda: upload(host)),
+                ("host -> GPU copy of the batch from a pinned buffer", lambda: upload(pinned)),
+                ("host -> GPU copy of the batch through a pinned buffer (host copy in included)",
+                 lambda: upload(pinned, host)),
+                ("GPU -> host copy of the batch into a new pageable tensor (as now)",
+                 lambda: on_gpu.cpu()),
+                ("GPU -> host copy of the batch into a pinned buffer",
+                 lambda: download(pinned, on_gpu, False)),
+                ("GPU -> host copy of the batch through a pinned buffer (host copy out included)",
+                 lambda: download(pinned, on_gpu, True))):
+            b.add("fast", f"{what}, tiles/s", f"{rate(fn):.0f}")
     except Exception as err:
         b.add("fast", "host <-> GPU copies", f"failed: {type(err).__name__}: {err}"[:200])
 

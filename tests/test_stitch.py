@@ -383,13 +383,14 @@ def test_ome_tiff_round_trip_read_by_tiffslide(tmp_path, cmu1):
     assert max(thumb.shape[:2]) == 1024
 
 
-def test_plain_tiff_levels_are_read_by_openslide(tmp_path, cmu1):
+@pytest.mark.parametrize("quality", [90, 80])  # JPEG tiles in RGB, and in YCbCr 4:2:0
+def test_plain_tiff_levels_are_read_by_openslide(tmp_path, cmu1, quality):
     import openslide
 
     lay = _layout(cmu1, 256, 32, 16)
     store = _store(tmp_path / "s.zarr", cmu1, lay)
     res = stitch_store(store, tmp_path / "out.tif",
-                       options=PyramidOptions("tiff", "jpeg", 90, 256), background=BG,
+                       options=PyramidOptions("tiff", "jpeg", quality, 256), background=BG,
                        name="CMU-1", annotations={"marker": "he", "model": "identity"})
     slide = openslide.OpenSlide(res.path)
     assert slide.dimensions == (cmu1.shape[1], cmu1.shape[0])
@@ -397,7 +398,7 @@ def test_plain_tiff_levels_are_read_by_openslide(tmp_path, cmu1):
     assert float(slide.properties["openslide.mpp-x"]) == pytest.approx(0.499, rel=0.01)
     assert slide.properties["openslide.vendor"] == "generic-tiff"
     back = np.asarray(slide.read_region((0, 0), 0, slide.dimensions).convert("RGB"))
-    assert cv2.PSNR(back, cmu1) > 35
+    assert cv2.PSNR(back, cmu1) > (35 if quality == 90 else 30)
 
 
 def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
@@ -417,7 +418,7 @@ def test_lossless_compressions_keep_pixels(tmp_path, cmu1):
 def test_the_pyramid_writer_writes_what_libvips_writes(tmp_path, cmu1):
     """stainctl's writer (tifffile + imagecodecs) against libvips' tiffsave of the same raster,
     an odd-sized real slide given in uneven row blocks: the same levels, and at every level the
-    same decoded pixels (JPEG: the same libjpeg-turbo, tables and RGB; lossless: exact)."""
+    same decoded pixels (JPEG: the same libjpeg-turbo and tables; lossless: exact)."""
     import pyvips
     import tifffile
 
@@ -440,12 +441,14 @@ def test_the_pyramid_writer_writes_what_libvips_writes(tmp_path, cmu1):
         with tifffile.TiffFile(ours) as a, tifffile.TiffFile(theirs) as b:
             mine, vips = a.series[0].levels, b.series[0].levels
             assert n == len(mine) == len(vips) == _levels(w, h, options.tile) == levels
-            for x, y in zip(mine, vips, strict=True):
+            for k, (x, y) in enumerate(zip(mine, vips, strict=True)):
                 assert x.shape == y.shape
                 assert np.array_equal(x.asarray(), y.asarray()), (options, x.shape)
-                # Each level carries its own pixel size: 2e4 px/cm at level 0's 0.5 µm/px.
-                xres = x.keyframe.tags["XResolution"].value
-                assert xres[0] / xres[1] == pytest.approx(2e4 * x.shape[1] / w, rel=1e-6)
+                # Each level carries its own pixel size: 2e4 px/cm at level 0's 0.5 µm/px,
+                # halved per level, the same across and down (square pixels).
+                for tag in ("XResolution", "YResolution"):
+                    num, den = x.keyframe.tags[tag].value
+                    assert num / den == pytest.approx(2e4 / 2**k, rel=1e-9), (tag, k)
             assert a.pages[0].photometric == b.pages[0].photometric == photometric
         assert ours.stat().st_size < 1.05 * theirs.stat().st_size, options
 
@@ -782,7 +785,8 @@ def test_level0_from_the_command_and_a_full_disk(cli, tmp_path, cmu1, monkeypatc
     import pyvips
     import tifffile
 
-    def full(*args, **kwargs):
+    def full(image, path, *args, **kwargs):  # libvips had begun the file when the disk filled
+        Path(path).write_bytes(b"II*\0")
         raise pyvips.Error("unable to call tiffsave", "TIFFWrite: No space left on device")
 
     writes = tifffile.FileHandle.write

@@ -236,9 +236,10 @@ def write_pyramid(blocks: Iterable[np.ndarray], width: int, height: int, path: P
             tif.write(level0(), shape=(height, width, 3), description=description.encode(),
                       resolution=(per_cm, per_cm), resolutionunit="CENTIMETER",
                       subifds=len(reduced) if ome else None, **common)
-            for level in reduced:
-                # Each level's own pixel size (libvips repeated level 0's on every level).
-                res = (per_cm * level.width / width, per_cm * level.height / height)
+            for k, level in enumerate(reduced, 1):
+                # Each level's own pixel size, 2^k level-0 pixels (an odd last row or column
+                # is left out, not spread); libvips repeated level 0's on every level.
+                res = (per_cm / 2**k, per_cm / 2**k)
                 tif.write(level.encoded(), shape=(level.height, level.width, 3),
                           subfiletype=1, resolution=res, resolutionunit="CENTIMETER", **common)
     return len(shapes)
