@@ -613,13 +613,13 @@ def _step_parts(b: Bench, slide: Path, side: int, n: int, store_path: Path) -> N
 
     from scale import make_store, tile_grid
 
+    from stainctl.cluster.pin import io_threads
     from stainctl.slide.tiles import TileSource, read_batches
-    from stainctl.steps.translate_work import WRITERS
     from stainctl.workspace.tilestore import TileStore
 
     tiles = tile_grid(side, side, 512, n)
     source = TileSource(str(slide), 576, 576)
-    from stainctl.cluster.pin import io_threads
+    writers = io_threads()  # translate's writer threads where it runs
 
     for readers in sorted({2, io_threads()}):  # a CPU's default, and a GPU's (EngineShape)
         t = time.perf_counter()
@@ -629,11 +629,11 @@ def _step_parts(b: Bench, slide: Path, side: int, n: int, store_path: Path) -> N
     make_store(store_path, side, side, 512, 32)
     store = TileStore.open(store_path)
     t = time.perf_counter()
-    with ThreadPoolExecutor(WRITERS) as pool:
+    with ThreadPoolExecutor(writers) as pool:
         list(pool.map(lambda i: store.write(int(tiles[i, 0]), int(tiles[i, 1]),
                                             batches[i // len(batches[0])][i % len(batches[0])]),
                       range(n)))
-    b.add("fast", f"step's writing alone ({WRITERS} writer threads), tiles/s",
+    b.add("fast", f"step's writing alone ({writers} writer threads), tiles/s",
           f"{n / (time.perf_counter() - t):.0f}")
 
 

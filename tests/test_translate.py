@@ -187,6 +187,41 @@ def test_batch_size_and_readers_default_to_what_suits_the_engine_where_it_runs(m
             TranslateOptions(marker="test-ki67", **bad)
 
 
+def test_writer_threads_are_counted_where_the_tiles_are_translated(tmp_path, cmu1_path,
+                                                                   monkeypatch):
+    """A shard made on the driver leaves its writer count to the worker: counted on the driver,
+    a 2-core login node would give a 16-core GPU worker 2 writers."""
+    import concurrent.futures
+
+    import stainctl.steps.translate_work as work
+    from stainctl.slide.tiles import TileSource
+    from stainctl.workspace.tilestore import StoreLayout, TileStore
+
+    assert work.ShardTask.__dataclass_fields__["writers"].default is None
+    pools: list[int] = []
+
+    class Pool(concurrent.futures.ThreadPoolExecutor):
+        def __init__(self, workers, **kwargs):
+            pools.append(workers)
+            super().__init__(workers, **kwargs)
+
+    class Identity:
+        def translate(self, tiles, seeds):
+            return tiles.copy()
+
+    monkeypatch.setattr(work, "ThreadPoolExecutor", Pool)
+    monkeypatch.setattr(work, "io_threads", lambda: 3)  # this process's cores
+    store = TileStore.create(tmp_path / "s.zarr", StoreLayout(512, 256, 0.5, 2, 1, 256, 0, 0),
+                             {"model": "identity"})
+    tiles = np.array([[0, 0, 0, 0], [1, 0, 256, 0]], np.int64)
+    for writers, expected in ((None, 3), (5, 5)):
+        n = work.translate_tiles(Identity(), TileSource(str(cmu1_path), 256, 256), store, tiles,
+                                 present=np.zeros(2, bool), slide_key="s", margin0=0.0, seed=0,
+                                 batch_size=2, readers=1, writers=writers)
+        assert n == 2 and pools[-1] == expected
+    assert store.written().sum() == 2
+
+
 @pytest.mark.slow
 def test_the_shipped_model_stains_tissue_and_leaves_glass_alone(tmp_path, cmu1_path):
     from stainctl.engines.fast.engine import load_fast_engine

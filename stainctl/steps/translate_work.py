@@ -35,9 +35,6 @@ if TYPE_CHECKING:
     from stainctl.workspace.tilestore import TileStore
 
 log = logging.getLogger(__name__)
-# Threads writing finished tiles to the store: a chunk costs ~6 ms (compression and a rename),
-# so a GPU at hundreds of tiles/s needs several.
-WRITERS = io_threads()  # this process's cpuset, not the host's
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -78,7 +75,9 @@ class ShardTask:
     seed: int
     batch_size: int
     readers: int
-    writers: int = WRITERS
+    # Threads writing finished tiles; None: as many as the worker's cores allow (io_threads),
+    # counted where the shard runs, not on the driver that made the task.
+    writers: int | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,14 +147,17 @@ def run_shard(task: ShardTask) -> WorkResult:
 def translate_tiles(engine: Engine, source: TileSource, store: TileStore,
                     tiles: NDArray[np.int64], *, present: NDArray[np.bool_], slide_key: str,
                     margin0: float, seed: int, batch_size: int, readers: int,
-                    writers: int = WRITERS, advance: Callable[[int], None] | None = None) -> int:
+                    writers: int | None = None,
+                    advance: Callable[[int], None] | None = None) -> int:
     """Translate `tiles` ((n, 4): col, row, level-0 x, y) into `store`, all but those `present`
     already: read on `readers` threads sharing each batch (at most two batches ahead), write on
-    `writers` threads. The same code in process and on a worker. Batches are always the same
-    runs of `batch_size` tiles from the start of `tiles` (a batch with some tiles present is
-    translated whole, and only the missing ones are written): a network's pixels depend on the
-    batch a tile is in (by one grey level on CPU), so a resumed or re-run shard gives exactly
-    the uninterrupted run's tiles. Returns the number of tiles written."""
+    `writers` threads (None: `io_threads()`, this process's cores; a chunk costs ~6 ms of
+    compression and a rename, so a GPU at hundreds of tiles/s needs several). The same code in
+    process and on a worker. Batches are always the same runs of `batch_size` tiles from the
+    start of `tiles` (a batch with some tiles present is translated whole, and only the missing
+    ones are written): a network's pixels depend on the batch a tile is in (by one grey level on
+    CPU), so a resumed or re-run shard gives exactly the uninterrupted run's tiles. Returns the
+    number of tiles written."""
     from stainctl.slide.tiles import read_batches
 
     starts = [i for i in range(0, len(tiles), batch_size)
@@ -165,6 +167,7 @@ def translate_tiles(engine: Engine, source: TileSource, store: TileStore,
     pick = np.concatenate([np.arange(i, min(i + batch_size, len(tiles))) for i in starts])
     coords = np.round(tiles[pick, 2:] - margin0).astype(np.int64)
     done = 0
+    writers = writers or io_threads()
     with ThreadPoolExecutor(writers, thread_name_prefix="tile-writer") as pool:
         pending: list[Future[None]] = []
         for start, batch in zip(starts, read_batches(source, coords, batch_size, readers),
