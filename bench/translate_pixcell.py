@@ -55,7 +55,8 @@ def naive(parts: Any, tokens: Any, noise: Any, steps: int, guidance: float, dtyp
     """One tile at a time, conditional and unconditional passes separately."""
     import torch
 
-    from stainctl.engines.pixcell.sampling import autocast, make_scheduler
+    from stainctl.engines.pixcell.sampling import make_scheduler
+    from stainctl.engines.precision import autocast
 
     tr, vae = parts.transformer, parts.vae
     uncond = tr.uncond_embedding.float()[None]
@@ -110,9 +111,9 @@ def main() -> None:
     from stainctl.engines.pixcell.sampling import (
         decode_latents,
         initial_noise,
-        resolve_dtype,
         sample_latents,
     )
+    from stainctl.engines.precision import resolve_dtype
     from stainctl.models.card import ModelCard
     from stainctl.models.torch_compat import prepare_torchvision
 

@@ -28,7 +28,7 @@ class FastEngine:
                  dtype: str = "auto") -> None:
         import torch
 
-        from stainctl.engines.pixcell.sampling import resolve_dtype
+        from stainctl.engines.precision import resolve_dtype
 
         self.card = card
         self.device = torch.device(device)
@@ -71,7 +71,7 @@ class FastEngine:
         if h % self.multiple or w % self.multiple:
             raise ModelError(f"the fast engine needs tiles a multiple of {self.multiple} px, "
                              f"got {w} x {h}")
-        from stainctl.engines.pixcell.sampling import autocast
+        from stainctl.engines.precision import autocast
 
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
         # NHWC seen as NCHW: a channels-last view, no copy.

@@ -40,7 +40,7 @@ class HistDiSTEngine:
         import torch
 
         from stainctl.engines.ddim import eta_schedule
-        from stainctl.engines.pixcell.sampling import resolve_dtype
+        from stainctl.engines.precision import resolve_dtype
 
         unknown = set(card.architecture) - ARCHITECTURE_KEYS
         if unknown:
@@ -167,7 +167,7 @@ def load_histdist_engine(card: ModelCard, directory: Path,
     import torch
 
     from stainctl.engines.histdist.phikon import load_phikon
-    from stainctl.engines.pixcell.sampling import resolve_dtype
+    from stainctl.engines.precision import resolve_dtype
     from stainctl.models.encoders import resolve_device
     from stainctl.models.registry import get_card
     from stainctl.models.weights import resolve

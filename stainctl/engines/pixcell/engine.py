@@ -67,7 +67,7 @@ class PixCellEngine:
                  device: str = "cpu") -> None:
         import torch
 
-        from stainctl.engines.pixcell.sampling import resolve_dtype
+        from stainctl.engines.precision import resolve_dtype
 
         self.card, self.parts, self.sampling = card, parts, sampling
         self.device = torch.device(device)
@@ -316,7 +316,7 @@ def load_parts(card: ModelCard, directory: Path, device: str = "cpu",
 
 def load_pixcell_engine(card: ModelCard, directory: Path,
                         options: EngineOptions | None = None) -> PixCellEngine:
-    from stainctl.engines.pixcell.sampling import resolve_dtype
+    from stainctl.engines.precision import resolve_dtype
     from stainctl.models.encoders import resolve_device
 
     sampling = options or EngineOptions(device="cpu")

@@ -9,29 +9,13 @@ is generated the same whatever batch it falls in, and a resumed run repeats an u
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
+from stainctl.engines.precision import autocast
 from stainctl.errors import UsageError
-
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype == "fp16" and device.type != "cuda":
-        raise UsageError("--dtype fp16 needs a GPU; on a CPU use bf16 or fp32")
-    return DTYPES[dtype]
-
-
-def autocast(device: torch.device, dtype: torch.dtype) -> Any:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, int, int]) -> torch.Tensor:

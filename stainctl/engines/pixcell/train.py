@@ -167,7 +167,8 @@ def train_pixcell_lora(base: ModelCard, parts: PixCellParts, data: TrainingSet,
                        echo: Any = None) -> PixCellLoraResult:
     import torch
 
-    from stainctl.engines.pixcell.sampling import autocast, make_scheduler
+    from stainctl.engines.pixcell.sampling import make_scheduler
+    from stainctl.engines.precision import autocast
     from stainctl.models.lora import adapter_state, attach, save_adapter
 
     parts.vae.to("cpu")  # latents are cached: free the device for the transformer

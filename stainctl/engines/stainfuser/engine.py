@@ -100,7 +100,7 @@ class StainFuserEngine:
                  device: str = "cpu") -> None:
         import torch
 
-        from stainctl.engines.pixcell.sampling import resolve_dtype
+        from stainctl.engines.precision import resolve_dtype
 
         self.card, self.parts, self.sampling = card, parts, sampling
         self.device = torch.device(device)
@@ -136,7 +136,7 @@ class StainFuserEngine:
         self.parts.networks.to("cpu")
 
     def _autocast(self) -> Any:
-        from stainctl.engines.pixcell.sampling import autocast
+        from stainctl.engines.precision import autocast
 
         return autocast(self.device, self.dtype)
 
@@ -184,7 +184,7 @@ def load_stainfuser_engine(card: ModelCard, directory: Path,
                            options: EngineOptions | None = None) -> StainFuserEngine:
     import torch
 
-    from stainctl.engines.pixcell.sampling import resolve_dtype
+    from stainctl.engines.precision import resolve_dtype
     from stainctl.models.encoders import resolve_device
     from stainctl.models.weights import resolve
 
