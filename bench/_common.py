@@ -71,7 +71,8 @@ def build_slide(path: Path, width: int, height: int) -> None:
 
 def write_pyramid(path: Path, width: int, height: int, compression: str | None = None) -> None:
     """A tiled pyramidal TIFF (pages, 512-px tiles, 0.5 µm/px, levels 4x apart) of the repeated
-    block, written with tifffile alone: uncompressed needs no codec library to read back."""
+    block, written with tifffile alone (no libvips on the GPU machine); uncompressed unless
+    `compression` is given."""
     import cv2
     import tifffile
 

@@ -4,20 +4,23 @@ Parts, each timed after its own warm-up, all networks at full size with random w
 not depend on their values), bf16:
   * matmul: the bf16 matrix-product ceiling of this GPU (8192^3), the yardstick for the rest;
   * pixcell: PixCell-1024 at 1024 px, 20 steps, guidance 1.2: s/tile of the sampler for the naive
-    loop (one tile, separate unconditional pass) against the engine's batched sampler, then the
-    engine with each attention kernel forced (flash, cuDNN, memory-efficient), with fused QKV
-    projections, with `torch.compile` of the transformer blocks as the engine ships it on CUDA,
-    and with both (the compiled rows time-boxed); the FLOPs of a
-    tile counted by torch's flop counter, and the fraction of the compute floor (those FLOPs at
-    the matmul ceiling) reached; the whole tile path (UNI2-h tokens, flow, sampling, decode);
+    loop (one tile, separate unconditional pass) against the engine's batched sampler (batch 1,
+    4, 8, 16; 8 steps with the few-step samplers), then the engine with each attention kernel
+    forced (flash, cuDNN, memory-efficient), with fused QKV projections, with `torch.compile` of
+    the transformer blocks as the engine ships it on CUDA, and with both (the compiled rows
+    time-boxed); the FLOPs of a tile counted by torch's flop counter, and the fraction of the
+    compute floor (those FLOPs at the matmul ceiling) reached; the whole tile path (UNI2-h
+    tokens, flow, sampling, decode);
   * vae: the SD3.5 VAE decode of one 1024-px tile (s/tile);
   * embed: UNI2-h crops/s (autocast as `embed` runs it, bf16 weights, and the whole encode path
     from uint8 tiles in host memory); issue 21's target >= 300 crops/s;
   * fast: the demo-ki67 fast engine on 576-px inputs (512-px tiles + 32 px context) from real
-    tissue, in memory (fp32 as shipped, bf16 autocast, channels-last), then through the
-    `translate` step itself (`stainctl tile` + `stainctl translate -w WS`, whole processes,
-    reading and writing overlapped as the step does them) on a pyramid of real CMU-1 tissue built
-    here; target >= 500 tiles/s.
+    tissue, in memory (fp32 as shipped at the GPU batch and at batch 8, `--dtype bf16`, the
+    network alone in NCHW and channels-last), the batch's host <-> GPU copies (pageable and
+    pinned, each way), then through the `translate` step itself (`stainctl tile` + `stainctl
+    translate -w WS`, whole processes, reading and writing overlapped as the step does them; also
+    at a CPU's --batch-size 8 --readers 2) on a pyramid of real CMU-1 tissue built here, and the
+    step's reading and writing alone; target >= 500 tiles/s.
 A markdown block with the device name and the command is printed and appended to the results
 file; a part that fails or runs out of the time budget is recorded as such and the others go on.
 
@@ -49,6 +52,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing (the GPU machine)
+sys.path.insert(0, str(ROOT / "bench"))  # the other benchmarks' helpers (_common, scale, ...)
 SAMPLE = ROOT / "stainctl" / "samples" / "CMU-1-Small-Region.svs"
 # compile right after pixcell: its shipped-engine row is the one a user's run depends on (it ran
 # out of the budget when it came last).
@@ -213,10 +217,9 @@ def _tile_flops(transformer: Any, x: Any, tokens: Any, steps: int) -> float:
 
 
 def part_pixcell(b: Bench) -> None:
-    from stainctl.engines.pixcell.sampling import initial_noise, sample_latents
-
-    sys.path.insert(0, str(ROOT / "bench"))
     from translate_pixcell import naive  # the public scripts' loop
+
+    from stainctl.engines.pixcell.sampling import initial_noise, sample_latents
 
     t = time.perf_counter()
     engine = _build_pixcell(b)
@@ -570,7 +573,6 @@ def _translate_step(b: Bench) -> None:
     with tempfile.TemporaryDirectory(prefix="stainctl-gpu-") as tmp:
         slide, ws = Path(tmp) / "mosaic.tif", Path(tmp) / "ws"
         t = time.perf_counter()
-        sys.path.insert(0, str(ROOT / "bench"))
         from _common import write_pyramid
 
         write_pyramid(slide, side, side)
@@ -713,7 +715,6 @@ def main() -> None:
     text = report(b, failures)
     print("\n" + text, flush=True)
     if args.results:
-        sys.path.insert(0, str(ROOT / "bench"))
         from _common import add_to_results
 
         add_to_results("GPU figures (issue 21, item 3)", text, Path(args.results))

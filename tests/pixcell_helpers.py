@@ -159,14 +159,15 @@ def install_pixcell(models: Path, name: str = "tiny-pixcell-ki67", marker: str =
     return target / "card.toml"
 
 
-def tiny_engine(models: Path, steps: int, **sampling: object):  # type: ignore[no-untyped-def]
-    """The installed tiny pixcell model (`install_pixcell`) loaded on the CPU at `steps`."""
+def tiny_engine(models: Path, steps: int = 3, name: str = "tiny-pixcell-ki67",  # type: ignore[no-untyped-def]
+                **sampling: object):
+    """An installed tiny pixcell model (`install_pixcell`) loaded on the CPU at `steps`."""
     from stainctl.engines.base import EngineOptions
     from stainctl.engines.pixcell.engine import load_pixcell_engine
     from stainctl.models.registry import get_card
 
     options = EngineOptions(**{"device": "cpu", "steps": steps, **sampling})  # type: ignore[arg-type]
-    return load_pixcell_engine(get_card("tiny-pixcell-ki67", models), models, options)
+    return load_pixcell_engine(get_card(name, models), models, options)
 
 
 def cmu1_tiles(n: int = 2, side: int = 256):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 from conftest import free_port
@@ -137,11 +138,18 @@ def test_status_counts_a_left_out_slide_as_the_run_did(cli, tmp_path, dapi_path)
     assert data["slides"][0]["codes"] == {"tile": "dark"}
 
 
+def _full_disk_under(final: Path) -> None:
+    """/dev/full under the temporary this process writes `final` through (a live writer's
+    temporary is kept, so the write reaches it)."""
+    from stainctl.workspace.atomic import temp_path
+
+    temp_path(final).symlink_to("/dev/full")
+
+
 def test_a_full_disk_under_a_tiled_slides_thumbnail_is_named(cli, tmp_path, cmu1_path) -> None:
     """`tile` wrote its thumbnail with cv2.imwrite: on a full disk libpng printed 'Write
     Error' and the slide's line guessed "disk full or not writable?". /dev/full stands in for
     the disk under the thumbnail's temporary (this process's pid: a live writer's is kept)."""
-    import os
 
     from stainctl.workspace import Workspace
 
@@ -149,7 +157,7 @@ def test_a_full_disk_under_a_tiled_slides_thumbnail_is_named(cli, tmp_path, cmu1
     final = ws.thumbnail_path(cmu1_path.stem)
     ws.close()
     final.parent.mkdir(parents=True)
-    (final.parent / f".{final.stem}.tmp-{os.getpid()}{final.suffix}").symlink_to("/dev/full")
+    _full_disk_under(final)
     r = cli("tile", cmu1_path, "-w", tmp_path / "ws")
     assert r.exit_code == 1, r.output
     assert f"disk full while writing {final}; free space and run again" in r.stderr, r.stderr
@@ -162,13 +170,12 @@ def test_a_full_disk_under_the_side_by_side_png_is_named(tmp_path, cmu1_path, ca
     ENOSPC naming the PNG, as every other disk-full message. /dev/full stands in for the disk:
     the temporary the PNG is written through is a link to it."""
     import errno
-    import os
 
     from stainctl.steps.side_by_side import side_by_side, side_by_side_path
 
     thumbnail = tmp_path / "cmu.demo-ki67.png"
     final = side_by_side_path(thumbnail)
-    (tmp_path / f".{final.stem}.tmp-{os.getpid()}{final.suffix}").symlink_to("/dev/full")
+    _full_disk_under(final)
     with pytest.raises(OSError) as err:
         side_by_side(str(cmu1_path), 0.499, cmu1_path, thumbnail, "demo-ki67")
     assert err.value.errno == errno.ENOSPC and err.value.filename == str(final)

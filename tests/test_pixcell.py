@@ -13,8 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CMU1
-from pixcell_helpers import install_pixcell, tiny_parts
+from pixcell_helpers import cmu1_tiles, install_pixcell, tiny_engine, tiny_parts
 
 from stainctl.engines.pixcell.config import FLOW, TRANSFORMER, PixCellConfig
 from stainctl.engines.pixcell.flow import FlowMLP, translate_tokens
@@ -24,25 +23,6 @@ from stainctl.engines.pixcell.transformer import token_grid_embedding
 @pytest.fixture
 def models(use_models):
     return use_models(install_pixcell)
-
-
-def _engine(models: Path, name: str = "tiny-pixcell-ki67", **sampling):
-    from stainctl.engines.base import EngineOptions
-    from stainctl.engines.pixcell.engine import load_pixcell_engine
-    from stainctl.models.registry import get_card
-
-    return load_pixcell_engine(get_card(name, models), models,
-                               EngineOptions(**{"device": "cpu", "steps": 3, **sampling}))
-
-
-def _cmu1_tiles(n: int = 2, side: int = 256) -> np.ndarray:
-    import cv2
-    import openslide
-
-    region = openslide.OpenSlide(CMU1).read_region((600, 900), 0, (side * 4, side * 4))
-    small = cv2.resize(np.asarray(region)[..., :3], (side, side),  # 2 µm/px from 0.5
-                       interpolation=cv2.INTER_AREA)
-    return np.stack([np.roll(small, 16 * i, axis=1) for i in range(n)])
 
 
 def test_full_size_architecture_matches_the_release():
@@ -85,7 +65,7 @@ def test_released_lora_checkpoint_is_merged_exactly(models):
     from stainctl.engines.pixcell.lora import released_lora_tensors
     from stainctl.models.weights import load_state_dict
 
-    base = _engine(models, "tiny-pixcell-ki67")  # loaded with its LoRA
+    base = tiny_engine(models, name="tiny-pixcell-ki67")  # loaded with its LoRA
     _, plain, _, _ = tiny_parts()
     lora = released_lora_tensors(load_state_dict(models / "tiny-pixcell-ki67" / "lora.pth"))
     assert len(lora) == 2 * 4 * 2  # A and B for q, k, v, out of 2 layers
@@ -100,8 +80,8 @@ def test_released_lora_checkpoint_is_merged_exactly(models):
 
 
 def test_batched_guidance_and_per_tile_seeds(models):
-    engine = _engine(models)
-    tiles = _cmu1_tiles(3)
+    engine = tiny_engine(models)
+    tiles = cmu1_tiles(3)
     seen = []
     hook = engine.parts.transformer.register_forward_pre_hook(
         lambda _m, args, kwargs: seen.append(args[0].shape[0]), with_kwargs=True)
@@ -118,20 +98,20 @@ def test_batched_guidance_and_per_tile_seeds(models):
 
 
 def test_guidance_one_skips_the_unconditional_pass(models):
-    engine = _engine(models, guidance=1.0)
+    engine = tiny_engine(models, guidance=1.0)
     seen = []
     engine.parts.transformer.register_forward_pre_hook(
         lambda _m, args: seen.append(args[0].shape[0]))
-    engine.translate(_cmu1_tiles(2), [1, 2])
+    engine.translate(cmu1_tiles(2), [1, 2])
     assert seen == [2] * 3
 
 
 def test_no_flow_variant_conditions_on_the_he_tokens(tmp_path):
     models = tmp_path / "models"
     install_pixcell(models, "tiny-noflow", with_flow=False)
-    engine = _engine(models, "tiny-noflow")
+    engine = tiny_engine(models, name="tiny-noflow")
     assert engine.parts.flow is None
-    tiles = _cmu1_tiles(1)
+    tiles = cmu1_tiles(1)
     assert torch.equal(engine.tokens(tiles), engine.parts.encoder.encode(tiles))
     assert engine.translate(tiles, [3]).shape == (1, 256, 256, 3)
 
@@ -318,7 +298,7 @@ def test_training_latents_are_what_the_sampler_decodes():
 
     config, _, vae, _ = tiny_parts()
     vae.eval()
-    stats = torch.from_numpy(encode_latents(vae, _cmu1_tiles(2), "cpu").astype(np.float32))
+    stats = torch.from_numpy(encode_latents(vae, cmu1_tiles(2), "cpu").astype(np.float32))
     c = stats.shape[1] // 2
     stats[:, c:] = 0  # no sampling spread: the training latent is the normalised mean
     x0 = training_latents(stats, config.latents, torch.Generator().manual_seed(0))

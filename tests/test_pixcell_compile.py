@@ -33,13 +33,6 @@ def _fresh_dynamo():  # type: ignore[no-untyped-def]
     torch._dynamo.reset()
 
 
-def _engine(models: Path, **sampling: object):  # type: ignore[no-untyped-def]
-    return tiny_engine(models, 3, **sampling)
-
-
-_tiles = cmu1_tiles
-
-
 def _is_compiled(module: torch.nn.Module) -> bool:
     return isinstance(module, torch._dynamo.eval_frame.OptimizedModule)
 
@@ -58,7 +51,7 @@ def test_auto_compiles_on_cuda_only_and_a_bad_mode_is_refused() -> None:
 
 
 def test_auto_does_not_compile_on_a_cpu(models: Path) -> None:
-    engine = _engine(models)
+    engine = tiny_engine(models)
     assert not engine.compiled
     assert not any(_is_compiled(b) for b in engine.parts.transformer.transformer_blocks)
     assert "compile" not in engine.settings()
@@ -78,12 +71,12 @@ def test_compiled_blocks_give_the_tiles_of_eager(models: Path, monkeypatch, back
         return lookup_backend(backend)(gm, example_inputs)
 
     monkeypatch.setattr(pixcell, "COMPILE_BACKEND", counting)
-    tiles, seeds = _tiles(3), [5, 6, 7]
-    eager = _engine(models, compile="off").translate(tiles, seeds)
-    engine = _engine(models, compile="on")
+    tiles, seeds = cmu1_tiles(3), [5, 6, 7]
+    eager = tiny_engine(models, compile="off").translate(tiles, seeds)
+    engine = tiny_engine(models, compile="on")
     blocks = engine.parts.transformer.transformer_blocks
     assert engine.compiled and all(_is_compiled(b) for b in blocks)
-    assert engine.settings() == _engine(models, compile="off").settings()  # not recorded
+    assert engine.settings() == tiny_engine(models, compile="off").settings()  # not recorded
     out = engine.translate(tiles, seeds)
     assert graphs, "the blocks were not compiled"
     assert engine.compiled  # still: nothing failed
@@ -106,10 +99,10 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(
 
     monkeypatch.setattr(pixcell, "COMPILE_BACKEND",
                         broken if where == "first call" else "no-such-backend")
-    tiles, seeds = _tiles(2), [3, 4]
-    eager = _engine(models, compile="off").translate(tiles, seeds)
+    tiles, seeds = cmu1_tiles(2), [3, 4]
+    eager = tiny_engine(models, compile="off").translate(tiles, seeds)
     with caplog.at_level(logging.WARNING, logger=ENGINE_LOG):
-        engine = _engine(models, compile="on")
+        engine = tiny_engine(models, compile="on")
         first = engine.translate(tiles, seeds)
         again = engine.translate(tiles[:1], seeds[:1])
     assert not engine.compiled
@@ -120,7 +113,7 @@ def test_a_failing_compile_falls_back_to_eager_with_one_warning(
     assert ("no working C compiler" if where == "first call" else "no-such-backend") \
         in warnings[0]
     assert np.array_equal(first, eager)  # the batch gives what eager gives
-    assert np.array_equal(again[0], _engine(models, compile="off").translate(tiles[:1],
+    assert np.array_equal(again[0], tiny_engine(models, compile="off").translate(tiles[:1],
                                                                             seeds[:1])[0])
 
 
@@ -128,7 +121,7 @@ def test_an_error_that_is_not_compiles_still_raises(models: Path, monkeypatch) -
     import stainctl.engines.pixcell.engine as pixcell
 
     monkeypatch.setattr(pixcell, "COMPILE_BACKEND", "eager")
-    engine = _engine(models, compile="on")
+    engine = tiny_engine(models, compile="on")
     calls: list[int] = []
 
     def bad_step(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -137,7 +130,7 @@ def test_an_error_that_is_not_compiles_still_raises(models: Path, monkeypatch) -
 
     monkeypatch.setattr("stainctl.engines.pixcell.sampling.sample_latents", bad_step)
     with pytest.raises(ValueError, match="scheduler bug"):
-        engine.translate(_tiles(1), [1])
+        engine.translate(cmu1_tiles(1), [1])
     # Retried once uncompiled; eager failing too says the error is not compile's, so the
     # compiled blocks stay for the next batch (one out-of-memory batch must not turn them off).
     assert len(calls) == 2 and engine.compiled

@@ -24,13 +24,6 @@ def models(use_models):  # type: ignore[no-untyped-def]
     return use_models(install_pixcell)
 
 
-def _engine(models: Path, **sampling: object):  # type: ignore[no-untyped-def]
-    return tiny_engine(models, 8, **sampling)
-
-
-_tiles = cmu1_tiles
-
-
 def test_each_sampler_places_eight_steps_its_own_way() -> None:
     schedules = {}
     for sampler in SAMPLERS:
@@ -48,11 +41,11 @@ def test_each_sampler_places_eight_steps_its_own_way() -> None:
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
 def test_eight_step_sampling_runs_one_batched_pass_per_step(models: Path, sampler: str) -> None:
-    engine = _engine(models, sampler=sampler)
+    engine = tiny_engine(models, 8, sampler=sampler)
     seen: list[int] = []
     hook = engine.parts.transformer.register_forward_pre_hook(
         lambda _m, args: seen.append(args[0].shape[0]))
-    tiles = _tiles(2)
+    tiles = cmu1_tiles(2)
     out = engine.translate(tiles, [5, 6])
     hook.remove()
     assert seen == [4] * 8  # 8 steps, conditional + unconditional of 2 tiles in one pass
@@ -68,8 +61,8 @@ def test_eight_step_sampling_runs_one_batched_pass_per_step(models: Path, sample
 def test_samplers_give_different_latents(models: Path) -> None:
     from stainctl.engines.pixcell.sampling import initial_noise, sample_latents
 
-    engine = _engine(models)
-    cond = engine.tokens(_tiles(1))
+    engine = tiny_engine(models, 8)
+    cond = engine.tokens(cmu1_tiles(1))
     tr = engine.parts.transformer
     noise = initial_noise([3], (engine.parts.config.latent_channels, 32, 32))
     z = {s: sample_latents(tr, engine.parts.config.scheduler, cond, tr.uncond_embedding.float(),

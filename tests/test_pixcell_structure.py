@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
-from pixcell_helpers import install_pixcell
-from test_pixcell import _cmu1_tiles
+from pixcell_helpers import cmu1_tiles, install_pixcell, tiny_engine
 
 
 @pytest.fixture
@@ -16,46 +13,38 @@ def models(use_models):
     return use_models(install_pixcell)
 
 
-def _engine(models: Path, **sampling):
-    from stainctl.engines.base import EngineOptions
-    from stainctl.engines.pixcell.engine import load_pixcell_engine
-    from stainctl.models.registry import get_card
-
-    return load_pixcell_engine(get_card("tiny-pixcell-ki67", models), models,
-                               EngineOptions(**{"device": "cpu", "steps": 20, **sampling}))
-
-
 def test_small_structure_stays_close_to_the_vae_round_trip(models):
     from stainctl.engines.pixcell.sampling import decode_latents, encode_latents
 
-    tiles = _cmu1_tiles(2)
-    plain = _engine(models)
+    tiles = cmu1_tiles(2)
+    plain = tiny_engine(models, 20)
     vae = plain.parts.vae
     round_trip = decode_latents(vae, encode_latents(vae, torch.from_numpy(tiles), torch.float32),
                                 torch.float32).numpy().astype(int)
     ordinary = plain.translate(tiles, [3, 4]).astype(int)
     far = np.abs(ordinary - round_trip).mean()
-    small = _engine(models, structure=0.05).translate(tiles, [3, 4]).astype(int)
-    middle = _engine(models, structure=0.5).translate(tiles, [3, 4]).astype(int)
+    small = tiny_engine(models, 20, structure=0.05).translate(tiles, [3, 4]).astype(int)
+    middle = tiny_engine(models, 20, structure=0.5).translate(tiles, [3, 4]).astype(int)
     assert far > 20  # generation from noise is not the input tile
     assert np.abs(small - round_trip).mean() < far / 20
     assert np.abs(small - round_trip).mean() < np.abs(middle - round_trip).mean() < far
 
 
 def test_structure_one_is_ordinary_generation_with_the_same_seed(models):
-    tiles = _cmu1_tiles(2)
-    ordinary = _engine(models).translate(tiles, [3, 4])
-    assert np.array_equal(_engine(models, structure=1.0).translate(tiles, [3, 4]), ordinary)
+    tiles = cmu1_tiles(2)
+    ordinary = tiny_engine(models, 20).translate(tiles, [3, 4])
+    structured = tiny_engine(models, 20, structure=1.0).translate(tiles, [3, 4])
+    assert np.array_equal(structured, ordinary)
 
 
 def test_structure_with_eta_is_seeded_per_tile_and_recorded(models):
-    tiles = _cmu1_tiles(2)
-    engine = _engine(models, structure=0.5, eta="cosine-20")
+    tiles = cmu1_tiles(2)
+    engine = tiny_engine(models, 20, structure=0.5, eta="cosine-20")
     out = engine.translate(tiles, [3, 4])
     assert np.array_equal(engine.translate(tiles, [3, 4]), out)
     assert not np.array_equal(engine.translate(tiles, [3, 5])[1], out[1])
     assert engine.settings()["structure"] == 0.5 and engine.settings()["eta"] == "cosine-20"
-    assert "structure" not in _engine(models).settings()  # older stores stay valid
+    assert "structure" not in tiny_engine(models, 20).settings()  # older stores stay valid
 
 
 def test_structure_out_of_range_is_a_usage_error(cli, tmp_path, cmu1_path):

@@ -129,13 +129,10 @@ def test_direct_writes_are_the_chunk_files_zarr_writes(tmp_path, cmu1, monkeypat
     """translate writes chunk files itself (zarr's write path capped a GPU's throughput): the
     same bytes as zarr's, read back by zarr, from many threads at once, and a failed write
     names the store's file and leaves nothing under it."""
-    import errno
     import os
     from concurrent.futures import ThreadPoolExecutor
 
     import zarr
-
-    from stainctl.workspace.tilestore import chunk_file
 
     lay = _layout(cmu1, 256, 32, 16)
     direct = TileStore.create(tmp_path / "d.zarr", lay, {"marker": "he"})
@@ -425,7 +422,6 @@ def test_the_pyramid_writer_writes_what_libvips_writes(tmp_path, cmu1):
     from stainctl.stitch.pyramid import save_pyramid
     from stainctl.stitch.tiffwriter import write_pyramid
 
-    h, w = cmu1.shape[:2]
     thin = np.ascontiguousarray(cmu1[:3, :300])  # a level's height reaches 1 before the tile
     cases = [(cmu1, PyramidOptions("ome-tiff", "jpeg"), 4, 2),  # Q90: RGB
              (cmu1, PyramidOptions("ome-tiff", "jpeg", 80), 4, 6),  # below 90: YCbCr 4:2:0
@@ -591,8 +587,6 @@ def test_a_canvas_process_that_cannot_start_leaves_the_blending_to_a_thread(
 
 
 def test_a_failure_in_the_canvas_process_fails_the_stitch_as_on_a_thread(tmp_path, cmu1):
-    from stainctl.workspace.tilestore import chunk_file
-
     lay = _layout(cmu1, 256, 32, 16)
     store = _store(tmp_path / "s.zarr", cmu1, lay)
     chunk_file(store.path, 2, 6).write_bytes(b"not a blosc chunk")
@@ -801,10 +795,10 @@ def test_level0_from_the_command_and_a_full_disk(cli, tmp_path, cmu1, monkeypatc
     # Both writers: stainctl's own (the model's resolution) and libvips (--level0); each
     # message names the output, not its temporary.
     final = ws / "outputs" / "CMU-1-Small-Region.he.ome.tiff"
-    for extra, target, name in (([], tifffile.FileHandle, "write"),
-                                (["--level0", "-o", out], pyvips.Image, "tiffsave")):
+    for extra, target, name, fake in (([], tifffile.FileHandle, "write", fills_up),
+                                      (["--level0", "-o", out], pyvips.Image, "tiffsave", full)):
         with monkeypatch.context() as m:
-            m.setattr(target, name, fills_up if name == "write" else full, raising=False)
+            m.setattr(target, name, fake, raising=False)
             r = cli("stitch", "-w", ws, "--force", "--json", *extra)
         assert r.exit_code == 1
         message = json.loads(r.stdout)["slides"][0]["message"]

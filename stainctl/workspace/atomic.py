@@ -28,7 +28,7 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     remove_stale(final)
-    tmp = final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
+    tmp = temp_path(final)
     try:
         yield tmp
         if not tmp.exists():
@@ -37,6 +37,11 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+
+
+def temp_path(final: Path) -> Path:
+    """The temporary `atomic_path` writes `final` through in this process."""
+    return final.with_name(f".{final.stem}.tmp-{os.getpid()}{final.suffix}")
 
 
 def atomic_bytes(final: str | os.PathLike[str], data: bytes) -> None:
