@@ -354,6 +354,22 @@ def test_a_coloured_background_is_warned_about_and_normal_slides_are_not(
     assert "WARNING" not in r.stderr
 
 
+def test_tiles_enlarged_from_a_coarse_slide_are_warned_about(cli, tmp_path, cmu1_path):
+    # A 5 µm/px image tiled at 0.5 µm/px went through the main job without a word and came out
+    # blurred and unstained. Up to 2x is the ordinary case (a 20x scan for a 40x model).
+    ws = tmp_path / "ws"
+    r = cli("tile", cmu1_path, "--mpp", "2", "-w", ws, "--json")
+    assert r.exit_code == 0, r.output
+    [out] = json.loads(r.stdout)["slides"]
+    assert "has 2 µm/px" in out["details"]["warning"] and "enlarged 4.0x" in out["message"]
+    assert "--mpp" in out["details"]["warning"]
+    [row] = json.loads(cli("status", "-w", ws, "--json").stdout)["slides"]
+    assert "enlarged 4.0x" in row["warning"]  # kept for every later step and `status`
+    r = cli("tile", cmu1_path, "--mpp", "1.0", "-w", tmp_path / "ws2", "--json")
+    [out] = json.loads(r.stdout)["slides"]
+    assert "warning" not in out["details"], out
+
+
 def test_rejection_reasons_say_when_a_tile_failed_several_tests():
     from stainctl.steps.filter import _reasons
 

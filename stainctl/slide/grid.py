@@ -21,6 +21,21 @@ import numpy as np
 # How far (relative) a target µm/px may be from a level's for tiles to be read from that level
 # as they are stored: the margin `Slide.best_level` allows when it picks a level.
 SNAP_TOLERANCE = 0.01
+# Tiles enlarged more than this from the slide's finest pixels carry no detail the model expects
+# (a 5 µm/px image tiled at 0.5 µm/px: each slide pixel becomes 10 x 10): said, not refused.
+ENLARGE_LIMIT = 2.0
+
+
+def enlargement_warning(slide_mpp: float, target_mpp: float) -> str | None:
+    """A warning when the grid's pixels are much finer than the slide's level 0, else None."""
+    factor = slide_mpp / target_mpp
+    if factor <= ENLARGE_LIMIT:
+        return None
+    return (f"the slide has {slide_mpp:.3g} µm/px and its tiles are made at {target_mpp:.3g} "
+            f"µm/px, each enlarged {factor:.1f}x: they lack the detail a model at that "
+            "resolution expects, so a virtual stain of them will be blurred and may show no "
+            "stain; check the slide's pixel size (--mpp, a CSV's mpp column) or use a scan at "
+            f"{target_mpp:.3g} µm/px or finer")
 
 
 @dataclass(frozen=True)

@@ -111,9 +111,12 @@ class TileStep(SlideStep[SlideRequest, TileWork]):
                                                _reporter(key, self.progress))
         finally:
             slide.close()
+        from stainctl.slide.grid import enlargement_warning
         from stainctl.slide.tissue import colour_warning
 
-        warning = colour_warning(thumb)  # logged once, with the outcome (lifecycle._report)
+        # Logged once, with the outcome (lifecycle._report); kept for every later step's line.
+        found = [colour_warning(thumb), enlargement_warning(slide.require_mpp(), grid.target_mpp)]
+        warning = "; ".join(w for w in found if w) or None
         m.set_slide_warning(slide_id, warning)
 
         _save_png(self.ws, slide_id, self.ws.thumbnail_path(key), thumb, "thumbnail")
