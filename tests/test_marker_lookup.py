@@ -66,6 +66,18 @@ def test_a_stain_one_installed_model_makes_is_that_model(use_models):
         marker_card("pr", directory)
 
 
+def test_the_other_makers_of_a_stain_are_named_as_installed_or_to_pull(use_models, caplog):
+    # "using demo-ki67 (also made by histdist-ki67, pixcell-mist-ki67)" read as if those were
+    # ready to use: neither has its weights here.
+    directory = use_models()
+    card(directory, "ki67-site", "ki67")
+    with caplog.at_level("INFO", logger="stainctl.models.lookup"):
+        assert marker_card("ki67", directory).name == "ki67-site"
+    [line] = [r.getMessage() for r in caplog.records if "also made by" in r.getMessage()]
+    assert "demo-ki67 (installed)" in line
+    assert "histdist-ki67, pixcell-mist-ki67 once pulled with `stainctl models pull NAME`" in line
+
+
 def test_a_model_that_is_no_marker_model_says_so(use_models):
     with pytest.raises(ModelError, match="uni2-h is an encoder model, not a marker model"):
         marker_card("uni2-h", use_models())

@@ -67,9 +67,15 @@ def marker_card(marker: str, directory: Path) -> ModelCard:
     own = [c for c in installed if not is_shipped(c)]
     candidates = own or installed
     if len(candidates) == 1:
-        if len(makers) > 1:
+        others = [c for c in makers if c is not candidates[0]]
+        ready = [c.name for c in others if c in installed]
+        missing = [c.name for c in others if c not in installed]
+        also = ([f"{', '.join(ready)} (installed)"] if ready else []) + (
+            [f"{', '.join(missing)} once pulled with `stainctl models pull NAME`"] if missing
+            else [])
+        if also:
             log.info("--marker %s: using %s (also made by %s)", marker, candidates[0].name,
-                     ", ".join(c.name for c in makers if c is not candidates[0]))
+                     "; ".join(also))
         return candidates[0]
     if len(candidates) > 1:
         raise ModelError(
